@@ -1,0 +1,42 @@
+# The README's two commands: `make demo` and `make test`. Both create .venv and install everything pinned.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PORT ?= 4200
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export KEYSTEP_ROOT := $(CURDIR)
+
+.PHONY: install demo test bench serve deploy clean
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, pinned: the CPU wheel (an unpinned torch would pull GBs of CUDA packages)
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(VENV)/bin/keystep run configs/demo.yaml
+
+test: install
+	$(PY) -m pytest -q
+
+bench: install
+	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+# A local Prefect server (telemetry off) and a process worker; Ctrl-C stops both.
+serve: install
+	$(VENV)/bin/prefect server start --host 127.0.0.1 --port $(PORT) & server=$$!; \
+	trap "kill $$server" EXIT; \
+	until curl -sf http://127.0.0.1:$(PORT)/api/health >/dev/null; do sleep 1; done; \
+	PREFECT_API_URL=http://127.0.0.1:$(PORT)/api $(VENV)/bin/prefect worker start --pool keystep-process --type process
+
+deploy: install
+	PREFECT_API_URL=http://127.0.0.1:$(PORT)/api $(VENV)/bin/prefect --no-prompt deploy --all
+
+clean:
+	rm -rf .keystep .keystep-micro .keystep-gsm8k

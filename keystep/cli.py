@@ -1,0 +1,114 @@
+"""The `keystep` command.
+
+    keystep run CONFIG [--set section.key=value]... [--workspace DIR]
+    keystep results [--workspace DIR] [--format table|json]
+    keystep config [CONFIG] [--set ...]        print the resolved config as YAML
+
+`run` calls the distill flow in this process: against the Prefect server in PREFECT_API_URL if set, else an
+ephemeral one. User mistakes (bad config, unknown key, missing file) exit 2 with one line, no traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from keystep.config import ConfigError, load_config, parse_value
+
+
+def _overrides(pairs: list[str]) -> dict:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set '{pair}': expected section.key=value, e.g. --set train.epochs=3")
+        out[key.strip()] = parse_value(value)
+    return out
+
+
+def _config(args):
+    overrides = _overrides(args.set or [])
+    if getattr(args, "workspace", None):
+        overrides["storage.workspace"] = args.workspace
+    return load_config(args.config, overrides)
+
+
+def check_inputs(config) -> None:
+    """Fail before any work if a dataset file named in the config is missing."""
+    specs = [("data.train", config.data.train)] + [(f"data.eval[{i}]", s) for i, s in enumerate(config.data.eval)]
+    for key, spec in specs:
+        if spec.source in ("gsm8k", "svamp", "file") and not Path(spec.path).is_file():
+            raise ConfigError(f"config key '{key}.path': file '{spec.path}' not found (cwd {Path.cwd()})")
+
+
+def cmd_run(args) -> int:
+    config = _config(args)
+    check_inputs(config)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from flows.distill import distill
+    from tasks.evaluate import results_table
+    from storage.workspace import Workspace
+
+    summary = distill(config=config)
+    rows = Workspace(config.storage.workspace).catalog().query("latest_results", eval_fp=summary["eval_fp"])
+    print(results_table(rows))
+    print(f"\nreport: {summary['report']}\nworkspace: {summary['workspace']}")
+    return 0
+
+
+def cmd_results(args) -> int:
+    from storage.catalog import Catalog
+    from tasks.evaluate import results_table
+
+    path = Path(args.workspace or ".keystep") / "catalog.duckdb"
+    if not path.exists():
+        raise ConfigError(f"no catalog at '{path}'; run `keystep run CONFIG` first or pass --workspace DIR")
+    rows = Catalog(path).query("latest_results", eval_fp=None)
+    if args.format == "json":
+        print(json.dumps(rows, indent=2, default=str))
+    else:
+        print(results_table(rows))
+    return 0
+
+
+def cmd_config(args) -> int:
+    import yaml
+
+    print(yaml.safe_dump(_config(args).model_dump(mode="json"), sort_keys=False), end="")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="keystep", description="Chain-of-thought distillation as a Prefect pipeline.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the distill flow on a config")
+    run.add_argument("config", help="YAML preset, e.g. configs/demo.yaml")
+    run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    run.add_argument("--workspace", help="workspace folder (default: storage.workspace, .keystep)")
+    run.set_defaults(fn=cmd_run)
+    res = sub.add_parser("results", help="print the latest evaluation results from the catalog")
+    res.add_argument("--workspace", help="workspace folder (default .keystep)")
+    res.add_argument("--format", choices=["table", "json"], default="table")
+    res.set_defaults(fn=cmd_results)
+    cfg = sub.add_parser("config", help="print the resolved config")
+    cfg.add_argument("config", nargs="?", help="YAML preset (default: the built-in default)")
+    cfg.add_argument("--set", action="append", metavar="KEY=VALUE")
+    cfg.add_argument("--workspace")
+    cfg.set_defaults(fn=cmd_config)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ConfigError, ValueError, FileNotFoundError) as err:
+        # user mistakes (including ones found inside a stage) get one line, not a traceback
+        print(f"keystep: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,193 @@
+"""The one config model, `DistillConfig`, and YAML preset loading.
+
+Each stage owns a small section; the whole model is the `distill` flow's parameter, so the Prefect UI renders
+it as a form. Unknown keys and bad values fail at once (`extra="forbid"`), and `ConfigError` names the key.
+The defaults are the built-in offline default (synthetic data, reference teacher, tiny student from scratch,
+CPU); method hyper-parameters take the papers' values.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+KPOD_PROMPT = "Q: {question}\nA: Let's think step by step."
+ANSWER_PHRASE = "Therefore, the answer is {answer}."
+
+
+class ConfigError(ValueError):
+    """A user mistake in a config: the message names the key or path and what to do."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DatasetSpec(Section):
+    name: str = Field("synthetic", description="Label used in the catalog and the results table.")
+    source: Literal["synthetic:arith", "gsm8k", "svamp", "file", "hub"] = Field(
+        "synthetic:arith",
+        description="Loader: synthetic:arith generator, gsm8k / svamp files, a generic file, or a Hugging Face hub id.",
+    )
+    path: str | None = Field(None, description="File (gsm8k, svamp, file) or hub id / local dataset dir (hub).")
+    split: str = Field("train", description="Split label; for hub sources also the split to load.")
+    limit: int | None = Field(None, ge=1, description="Keep only the first N valid examples (None = all).")
+    # generic loader column mapping
+    question_field: str = Field("question", description="file/hub: column holding the question.")
+    answer_field: str = Field("answer", description="file/hub: column holding the gold answer.")
+    rationale_field: str | None = Field(None, description="file/hub: column holding a reference rationale, if any.")
+    choices_field: str | None = Field(None, description="file/hub: column holding answer choices, if any.")
+    answer_type: Literal["number", "choice", "text"] = Field("number", description="How gold answers are normalised and compared.")
+    # synthetic:arith
+    n: int = Field(2000, ge=1, description="synthetic:arith: number of problems to generate.")
+    seed: int = Field(0, description="synthetic:arith: generator seed (same seed, same problems).")
+    min_steps: int = Field(1, ge=1, le=5, description="synthetic:arith: fewest arithmetic steps per problem.")
+    max_steps: int = Field(5, ge=1, le=5, description="synthetic:arith: most arithmetic steps per problem.")
+    max_operand: int = Field(20, ge=2, description="synthetic:arith: largest operand drawn for + and -.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "DatasetSpec":
+        if self.source in ("gsm8k", "svamp", "file", "hub") and not self.path:
+            raise ValueError(f"source {self.source!r} needs 'path' (a file path or hub id)")
+        if self.min_steps > self.max_steps:
+            raise ValueError("min_steps must be <= max_steps")
+        return self
+
+
+class DataConfig(Section):
+    train: DatasetSpec = Field(default_factory=lambda: DatasetSpec(name="synthetic", n=2000, seed=0),
+                               description="The dataset the teacher labels and the student trains on.")
+    eval: list[DatasetSpec] = Field(
+        default_factory=lambda: [DatasetSpec(name="synthetic", split="test", n=300, seed=1)],
+        description="Evaluation sets (in-distribution and out-of-distribution).",
+    )
+
+
+class TeacherConfig(Section):
+    backend: Literal["reference"] = Field(
+        "reference", description="Rationale source; 'reference' uses the dataset's own rationales (offline default).")
+    prompt_template: str = Field(KPOD_PROMPT, description="Prompt before the rationale (KPOD zero-shot CoT); {question} is filled in.")
+    answer_template: str = Field(ANSWER_PHRASE, description="Sentence appended after the rationale; {answer} is filled in.")
+    n_samples: int = Field(1, ge=1, description="Rationales per question.")
+    keep_only_correct: bool = Field(True, description="Train only on rationales whose extracted answer matches gold.")
+
+
+class StepsConfig(Section):
+    split_sentences: bool = Field(True, description="After newlines and numbered items, also split at sentence ends.")
+    max_steps: int | None = Field(None, ge=1, description="Merge trailing steps so that no rationale has more than this many.")
+
+
+class StudentConfig(Section):
+    model: str = Field("scratch", description="'scratch' (tiny Llama-style model + BPE tokenizer trained on the corpus) or an HF causal LM path / hub id.")
+    vocab_size: int = Field(1024, ge=260, description="scratch: BPE vocabulary size.")
+    hidden_size: int = Field(128, ge=16, description="scratch: model width.")
+    num_layers: int = Field(4, ge=1, description="scratch: transformer blocks.")
+    num_heads: int = Field(4, ge=1, description="scratch: attention heads (hidden_size must divide evenly).")
+    intermediate_size: int = Field(512, ge=16, description="scratch: MLP width.")
+    max_length: int = Field(256, ge=32, description="Longest sequence (prompt + rationale + answer) in tokens.")
+    seed: int = Field(0, description="scratch: weight initialisation seed.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "StudentConfig":
+        if self.hidden_size % self.num_heads:
+            raise ValueError("hidden_size must be divisible by num_heads")
+        return self
+
+
+class TrainConfig(Section):
+    loss: Literal["std_cot"] = Field("std_cot", description="Std-CoT: plain NLL on rationale + answer.")
+    epochs: int = Field(10, ge=1, description="Passes over the training rationales.")
+    batch_size: int = Field(32, ge=1, description="Sequences per micro-batch.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimiser step.")
+    lr: float = Field(3e-3, gt=0, description="Peak AdamW learning rate.")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Fraction of steps with linear warm-up.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine decay floor as a fraction of lr.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    seed: int = Field(0, description="Data order and dropout seed.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' uses CUDA (bf16) when present, else CPU.")
+
+
+class EvalConfig(Section):
+    max_new_tokens: int = Field(96, ge=1, description="Greedy decoding length limit.")
+    batch_size: int = Field(64, ge=1, description="Prompts per generation batch.")
+    tolerance: float = Field(1e-4, ge=0, description="Relative tolerance for numeric answers.")
+    include_untrained: bool = Field(True, description="Also evaluate the student before training, as a baseline.")
+
+
+class StorageConfig(Section):
+    workspace: str = Field(".keystep", description="Folder for the catalog, models, checkpoints and cached results.")
+
+
+class DistillConfig(Section):
+    data: DataConfig = Field(default_factory=DataConfig, description="Datasets to distil on and evaluate on.")
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="Teacher rationale generation.")
+    steps: StepsConfig = Field(default_factory=StepsConfig, description="Rationale step splitting.")
+    student: StudentConfig = Field(default_factory=StudentConfig, description="The student model.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Student training.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation.")
+    storage: StorageConfig = Field(default_factory=StorageConfig, description="Where results live.")
+
+
+def _describe(err: ValidationError) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key; check the spelling against `keystep config --show` or configs/demo.yaml"
+    return f"config key '{key}': {msg}"
+
+
+def parse_value(text: str) -> Any:
+    """A --set value: YAML scalars/lists (so 3, 0.1, true, null, [a, b] work), else the raw string."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(raw: dict, overrides: dict[str, Any]) -> dict:
+    """Apply dotted-key overrides ({"train.epochs": 3}) to a raw config dict."""
+    raw = dict(raw)
+    for dotted, value in overrides.items():
+        node = raw
+        parts = dotted.split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"config key '{dotted}': '{part}' is not a section")
+            node[part] = child = dict(child)
+            node = child
+        node[parts[-1]] = value
+    return raw
+
+
+def build_config(raw: dict | None = None, overrides: dict[str, Any] | None = None) -> DistillConfig:
+    raw = apply_overrides(raw or {}, overrides or {})
+    try:
+        return DistillConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_describe(err)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> DistillConfig:
+    raw: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file '{p}' not found; pass a YAML preset such as configs/demo.yaml")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file '{p}' is not valid YAML: {err}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file '{p}' must hold a mapping of sections (data, teacher, ...)")
+    try:
+        return build_config(raw, overrides)
+    except ConfigError as err:
+        where = f"{path}: " if path else ""
+        raise ConfigError(f"{where}{err}") from None

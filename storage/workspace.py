@@ -1,0 +1,66 @@
+"""Workspace layout: every path a stage writes, derived from the workspace root and a fingerprint.
+
+    <workspace>/catalog.duckdb          the catalog
+    <workspace>/models/<fp>/            student init (HF model dir + tokenizer)
+    <workspace>/checkpoints/<fp>/epoch-N/  per-epoch training checkpoints (HF dir + optimizer state)
+    <workspace>/reports/<fp>.md         markdown reports
+    <workspace>/prefect-results/        Prefect's persisted task results (the task cache)
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+from storage.catalog import Catalog
+
+
+class Workspace:
+    def __init__(self, root: str | Path):
+        self.root = Path(root).expanduser().resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def catalog_path(self) -> Path:
+        return self.root / "catalog.duckdb"
+
+    def catalog(self) -> Catalog:
+        return Catalog(self.catalog_path)
+
+    def model_dir(self, fp: str) -> Path:
+        return self.root / "models" / fp
+
+    def checkpoint_dir(self, fp: str, epoch: int) -> Path:
+        return self.root / "checkpoints" / fp / f"epoch-{epoch}"
+
+    def checkpoints_root(self, fp: str) -> Path:
+        return self.root / "checkpoints" / fp
+
+    def report_path(self, fp: str) -> Path:
+        return self.root / "reports" / f"{fp}.md"
+
+    @property
+    def results_dir(self) -> Path:
+        return self.root / "prefect-results"
+
+    @property
+    def block_name(self) -> str:
+        """Name of the Prefect LocalFileSystem block that stores this workspace's task results."""
+        return "keystep-" + hashlib.sha256(str(self.root).encode()).hexdigest()[:12]
+
+
+def publish_dir(tmp: Path, final: Path) -> None:
+    """Atomically move a fully written temp folder into place (a killed run leaves no half-written dir)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+def temp_dir_for(final: Path) -> Path:
+    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp

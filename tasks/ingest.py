@@ -1,0 +1,326 @@
+"""Ingest stage: load a dataset into canonical examples in the catalog.
+
+Input: a `DatasetSpec` (synthetic:arith | gsm8k | svamp | file | hub). Output: rows in `datasets`,
+`examples` and `bad_rows` under the dataset fingerprint (which includes the file's content hash, so an
+edited file is a new dataset version). Bad rows (empty question, missing/unparseable answer, duplicate)
+are counted per reason, stored with their raw text and reported; nothing is dropped silently.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import random
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from keystep.config import ConfigError, DatasetSpec
+from storage.fingerprint import content_hash, file_hash, fingerprint
+from tasks.answers import normalise
+
+CODE_VERSION = "1"
+
+
+@dataclass
+class Example:
+    question: str
+    answer: str
+    answer_value: float | None
+    answer_type: str
+    reference_rationale: str | None = None
+    choices: list[str] | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def example_id(self) -> str:
+        return content_hash(self.question.strip() + "\n" + self.answer)
+
+
+# --------------------------------------------------------------------------------------------------
+# synthetic:arith — multi-step arithmetic word problems with ground-truth key tokens
+# --------------------------------------------------------------------------------------------------
+NAMES = ["Mia", "Tom", "Ava", "Leo", "Zoe", "Sam", "Ivy", "Max", "Eva", "Ben", "Lily", "Noah"]
+ITEMS = ["apples", "marbles", "stickers", "coins", "books", "pencils", "cards", "shells"]
+# question phrase, rationale lead-in; {n} is the operand
+ADD = [("{p} buys {n} more {item}.", "After buying {n} more"), ("{p} finds {n} more {item}.", "Finding {n} more"),
+       ("A friend gives {p} {n} {item}.", "With the {n} from a friend")]
+SUB = [("{p} gives away {n} {item}.", "After giving away {n}"), ("{p} loses {n} {item}.", "Losing {n}"),
+       ("{p} sells {n} {item}.", "After selling {n}")]
+MUL = [("Then the number of {item} becomes {n} times as large.", "Growing {n} times"),
+       ("{p} ends up with {n} times as many {item}.", "With {n} times as many")]
+FILLER = ["so {p} now has", "which means {p} has", "so the total is", "leaving"]
+OPS = {"+": ADD, "-": SUB, "*": MUL}
+
+
+def _digits(x: int) -> int:
+    return len(str(abs(x)))
+
+
+def _one_problem(rng: random.Random, n_steps: int, max_operand: int) -> Example:
+    person, item = rng.choice(NAMES), rng.choice(ITEMS)
+    value = rng.randint(2, max_operand)
+    q_parts = [f"{person} has {value} {item}."]
+    sentences: list[tuple[str, list[tuple[int, int]]]] = []  # (sentence, key spans within it)
+    complexities = []
+    for _ in range(n_steps):
+        choices = ["+", "-"] + (["*"] if value <= 12 else [])
+        op = rng.choice(choices)
+        if op == "+":
+            n = rng.randint(1, max_operand)
+            result = value + n
+        elif op == "-":
+            if value < 2:
+                op, n, result = "+", rng.randint(1, max_operand), None
+                result = value + n
+            else:
+                n = rng.randint(1, value - 1)
+                result = value - n
+        else:
+            n = rng.randint(2, 4)
+            result = value * n
+        q_tpl, r_tpl = rng.choice(OPS[op])
+        q_parts.append(q_tpl.format(p=person, n=n, item=item))
+        lead = r_tpl.format(n=n)
+        filler = rng.choice(FILLER).format(p=person)
+        sym = {"+": "+", "-": "-", "*": "x"}[op]
+        eq = f"{value} {sym} {n} = {result}"
+        sentence = f"{lead}, {filler} {eq} {item}."
+        eq_at = sentence.index(eq)
+        spans, pos = [], eq_at
+        for tok in eq.split(" "):  # operands, operator, '=', result are the key tokens
+            spans.append((pos, pos + len(tok)))
+            pos += len(tok) + 1
+        sentences.append((sentence, spans))
+        complexities.append(_digits(value) + _digits(n) + _digits(result) + (2 if op == "*" else 0))
+        value = result
+    q_parts.append(f"How many {item} does {person} have now?")
+    rationale, key_spans = "", []
+    for sentence, spans in sentences:
+        offset = len(rationale) + (1 if rationale else 0)
+        rationale = f"{rationale} {sentence}" if rationale else sentence
+        key_spans += [[offset + a, offset + b] for a, b in spans]
+    return Example(question=" ".join(q_parts), answer=str(value), answer_value=float(value), answer_type="number",
+                   reference_rationale=rationale,
+                   meta={"n_steps": n_steps, "key_spans": key_spans, "step_complexity": complexities})
+
+
+def generate_arith(n: int, seed: int, min_steps: int = 1, max_steps: int = 5, max_operand: int = 20) -> list[Example]:
+    """Deterministic: the same arguments give the same problems in the same order."""
+    rng = random.Random(f"arith-{seed}")
+    seen, out = set(), []
+    attempts = 0
+    while len(out) < n and attempts < 50 * n:
+        attempts += 1
+        ex = _one_problem(rng, rng.randint(min_steps, max_steps), max_operand)
+        if ex.question in seen:
+            continue
+        seen.add(ex.question)
+        out.append(ex)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# file loaders: each yields (row_index, raw_row_dict) and lets `canonicalise` judge the row
+# --------------------------------------------------------------------------------------------------
+_CALC_MARK = re.compile(r"<<[^<>]*>>")
+
+
+def _read_records(path: Path) -> Iterator[tuple[int, Any]]:
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        with open(path) as fh:
+            for i, line in enumerate(fh):
+                if not line.strip():
+                    continue
+                try:
+                    yield i, json.loads(line)
+                except json.JSONDecodeError as err:
+                    yield i, _BadRecord(f"invalid JSON: {err.msg}", line.strip())
+    elif suffix == ".json":
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"file '{path}' is not valid JSON (line {err.lineno}: {err.msg})") from None
+        if isinstance(data, dict):  # {"data": [...]} or {"train": [...]}
+            lists = [v for v in data.values() if isinstance(v, list)]
+            data = lists[0] if len(lists) == 1 else None
+        if not isinstance(data, list):
+            raise ConfigError(f"file '{path}' must hold a JSON list of records")
+        yield from enumerate(data)
+    elif suffix == ".csv":
+        with open(path, newline="") as fh:
+            yield from enumerate(csv.DictReader(fh))
+    elif suffix == ".parquet":
+        import pyarrow.parquet as pq
+        yield from enumerate(pq.read_table(path).to_pylist())
+    else:
+        raise ConfigError(f"file '{path}': unsupported format '{suffix}'; use .jsonl, .json, .csv or .parquet")
+
+
+@dataclass
+class _BadRecord:
+    reason: str
+    raw: str
+
+
+def _gsm8k_row(row: dict) -> dict:
+    text = str(row.get("answer", ""))
+    rationale, _, final = text.rpartition("####")
+    if not _:
+        return {"question": row.get("question"), "answer": None, "rationale": None}
+    rationale = _CALC_MARK.sub("", rationale).strip()
+    return {"question": row.get("question"), "answer": final.strip(), "rationale": rationale}
+
+
+def _svamp_row(row: dict) -> dict:
+    body, q = str(row.get("Body", "")).strip(), str(row.get("Question", "")).strip()
+    if body and not body.endswith((".", "?", "!")):
+        body += "."
+    return {"question": f"{body} {q}".strip(), "answer": row.get("Answer"), "rationale": None}
+
+
+def _mapped_row(spec: DatasetSpec, row: dict) -> dict:
+    return {"question": row.get(spec.question_field), "answer": row.get(spec.answer_field),
+            "rationale": row.get(spec.rationale_field) if spec.rationale_field else None,
+            "choices": row.get(spec.choices_field) if spec.choices_field else None}
+
+
+def _hub_records(spec: DatasetSpec) -> Iterator[tuple[int, Any]]:
+    import datasets  # only needed for hub sources
+    try:
+        if Path(spec.path).exists():  # a local dataset folder (data files or save_to_disk output)
+            p = Path(spec.path)
+            ds = (datasets.load_from_disk(str(p)) if (p / "dataset_info.json").exists() or (p / "dataset_dict.json").exists()
+                  else datasets.load_dataset(str(p), split=spec.split))
+            if isinstance(ds, datasets.DatasetDict):
+                ds = ds[spec.split]
+        else:
+            ds = datasets.load_dataset(spec.path, split=spec.split)
+    except Exception as err:  # noqa: BLE001 - any loader failure is a user-facing config problem
+        raise ConfigError(f"config key 'data.*.path': cannot load hub dataset '{spec.path}' split "
+                          f"'{spec.split}': {type(err).__name__}: {str(err)[:200]}") from None
+    yield from enumerate(ds)
+
+
+def canonicalise(spec: DatasetSpec, records) -> tuple[list[Example], list[dict]]:
+    """Turn raw records into Examples; every rejected row becomes a bad-row record with its reason."""
+    examples, bad, seen = [], [], set()
+    for idx, raw in records:
+        if isinstance(raw, _BadRecord):
+            bad.append({"row_index": idx, "reason": raw.reason, "raw": raw.raw[:2000]})
+            continue
+        if spec.limit is not None and len(examples) >= spec.limit:
+            break
+        if not isinstance(raw, dict):
+            bad.append({"row_index": idx, "reason": "not a record", "raw": str(raw)[:2000]})
+            continue
+        row = {"gsm8k": _gsm8k_row, "svamp": _svamp_row}.get(spec.source, lambda r: _mapped_row(spec, r))(raw)
+        raw_text = json.dumps(raw, default=str)[:2000]
+        question = str(row.get("question") or "").strip()
+        if not question:
+            bad.append({"row_index": idx, "reason": "empty question", "raw": raw_text})
+            continue
+        if row.get("answer") is None or str(row.get("answer")).strip() == "":
+            bad.append({"row_index": idx, "reason": "missing answer", "raw": raw_text})
+            continue
+        answer_type = "number" if spec.source in ("gsm8k", "svamp") else spec.answer_type
+        try:
+            answer, value = normalise(row["answer"], answer_type)
+        except ValueError as err:
+            bad.append({"row_index": idx, "reason": f"unparseable answer ({err})", "raw": raw_text})
+            continue
+        choices = row.get("choices")
+        ex = Example(question=question, answer=answer, answer_value=value, answer_type=answer_type,
+                     reference_rationale=(str(row["rationale"]).strip() or None) if row.get("rationale") else None,
+                     choices=list(choices) if isinstance(choices, (list, tuple)) else None,
+                     meta={"row_index": idx})
+        if ex.example_id in seen:
+            bad.append({"row_index": idx, "reason": "duplicate", "raw": raw_text})
+            continue
+        seen.add(ex.example_id)
+        examples.append(ex)
+    return examples, bad
+
+
+def load_examples(spec: DatasetSpec) -> tuple[list[Example], list[dict]]:
+    if spec.source == "synthetic:arith":
+        exs = generate_arith(spec.n, spec.seed, spec.min_steps, spec.max_steps, spec.max_operand)
+        return exs[: spec.limit] if spec.limit else exs, []
+    if spec.source == "hub":
+        return canonicalise(spec, _hub_records(spec))
+    path = Path(spec.path)
+    if not path.is_file():
+        raise ConfigError(f"config key 'data.*.path': file '{path}' (dataset '{spec.name}') not found")
+    return canonicalise(spec, _read_records(path))
+
+
+def dataset_fingerprint(spec: DatasetSpec, exclude_fp: str | None = None) -> str:
+    """Includes the file content hash, so an edited file is a new dataset version."""
+    extra: dict[str, Any] = {"exclude": exclude_fp}
+    if spec.source in ("gsm8k", "svamp", "file") and spec.path and Path(spec.path).exists():
+        extra["content"] = file_hash(spec.path)
+    elif spec.source == "hub" and spec.path and Path(spec.path).exists():
+        extra["content"] = file_hash(spec.path)
+    return fingerprint("ingest", spec, code_version=CODE_VERSION, extra=extra)
+
+
+def ingest(catalog, spec: DatasetSpec, fp: str, exclude_ids: set[str] | None = None) -> dict:
+    """Load `spec` and write it to the catalog; examples whose id is in `exclude_ids` (the training set,
+    for an evaluation set) are reported as 'overlaps training set' rather than silently evaluated on."""
+    done = catalog.stage_output(fp)
+    if done:
+        return done["summary"]
+    examples, bad = load_examples(spec)
+    if exclude_ids:
+        kept = []
+        for ex in examples:
+            if ex.example_id in exclude_ids:
+                bad.append({"row_index": ex.meta.get("row_index", -1), "reason": "overlaps training set",
+                            "raw": ex.question[:2000]})
+            else:
+                kept.append(ex)
+        examples = kept
+    reasons = Counter(b["reason"].split(" (")[0] for b in bad)
+    rows = [{"dataset_fp": fp, "example_id": ex.example_id, "row_index": i, "question": ex.question,
+             "answer": ex.answer, "answer_value": ex.answer_value, "answer_type": ex.answer_type,
+             "choices_json": json.dumps(ex.choices) if ex.choices else None,
+             "reference_rationale": ex.reference_rationale, "source": spec.source, "split": spec.split,
+             "meta_json": json.dumps(ex.meta)} for i, ex in enumerate(examples)]
+    summary = {"dataset_fp": fp, "name": spec.name, "split": spec.split, "n_examples": len(rows),
+               "n_bad": len(bad), "bad_reasons": dict(reasons)}
+    with catalog.transaction() as con:
+        for table in ("examples", "bad_rows", "datasets"):
+            con.execute(f"delete from {table} where dataset_fp = ?", [fp])
+        catalog.insert(con, "examples", rows)
+        catalog.insert(con, "bad_rows", [{"dataset_fp": fp, **b} for b in bad])
+        catalog.insert(con, "datasets", [{
+            "dataset_fp": fp, "name": spec.name, "source": spec.source, "path": spec.path, "split": spec.split,
+            "content_hash": content_hash(json.dumps([r["example_id"] for r in rows])),
+            "n_examples": len(rows), "n_bad": len(bad), "bad_reasons_json": json.dumps(dict(reasons))}])
+        catalog.record_stage(con, fp, stage="ingest", code_version=CODE_VERSION, config=spec,
+                             upstream=[], summary=summary)
+    return summary
+
+
+# ---- Prefect wrapper ------------------------------------------------------------------------------
+from prefect import get_run_logger  # noqa: E402
+
+from storage.workspace import Workspace  # noqa: E402
+from tasks.prefect_stage import stage_task  # noqa: E402
+
+
+@stage_task("ingest")
+def ingest_task(workspace: str, spec: DatasetSpec, fp: str, exclude_dataset_fp: str | None = None) -> dict:
+    catalog = Workspace(workspace).catalog()
+    exclude = None
+    if exclude_dataset_fp:
+        exclude = {r["example_id"] for r in catalog.query("examples_of_dataset", dataset_fp=exclude_dataset_fp)}
+    summary = ingest(catalog, spec, fp, exclude)
+    logger = get_run_logger()
+    logger.info("dataset %s/%s: %d examples", spec.name, spec.split, summary["n_examples"])
+    if summary["n_bad"]:
+        logger.warning("dataset %s/%s: %d rows rejected %s (stored in table bad_rows, dataset_fp=%s)",
+                       spec.name, spec.split, summary["n_bad"], summary["bad_reasons"], fp)
+    return summary
