@@ -1,0 +1,115 @@
+import json
+
+import pytest
+
+from keystep.config import ConfigError, DatasetSpec
+from tasks.ingest import dataset_fingerprint, generate_arith, ingest, load_examples
+from tests.conftest import SHARED_DATA
+
+
+def test_synthetic_is_deterministic_and_marks_key_tokens():
+    a = generate_arith(50, seed=3)
+    b = generate_arith(50, seed=3)
+    assert [x.question for x in a] == [x.question for x in b]
+    assert [x.question for x in a] != [x.question for x in generate_arith(50, seed=4)]
+    for ex in a:
+        r = ex.reference_rationale
+        assert len(ex.meta["step_complexity"]) == ex.meta["n_steps"]
+        assert r.count(".") == ex.meta["n_steps"]  # one sentence per step
+        keys = [r[s:e] for s, e in ex.meta["key_spans"]]
+        assert len(keys) == 5 * ex.meta["n_steps"]  # a op b = c per step
+        assert all(k.isdigit() or k in "+-x=" for k in keys)
+        assert keys[-1] == ex.answer  # the last result is the answer
+        # filler words around the numbers are not key tokens
+        assert any(w.isalpha() for w in r.split())
+
+
+def test_synthetic_steps_range():
+    exs = generate_arith(200, seed=0, min_steps=2, max_steps=4)
+    assert {e.meta["n_steps"] for e in exs} == {2, 3, 4}
+
+
+@pytest.mark.skipif(not SHARED_DATA.exists(), reason="shared data not present")
+def test_gsm8k_loader_strips_calculator_marks():
+    spec = DatasetSpec(name="gsm8k", source="gsm8k", path=str(SHARED_DATA / "gsm8k/test.jsonl"), limit=50)
+    exs, bad = load_examples(spec)
+    assert len(exs) == 50 and not bad
+    assert exs[0].answer == "18"  # Janet's ducks
+    assert all("<<" not in e.reference_rationale and "####" not in e.reference_rationale for e in exs)
+
+
+@pytest.mark.skipif(not SHARED_DATA.exists(), reason="shared data not present")
+def test_svamp_loader_joins_body_and_question():
+    spec = DatasetSpec(name="svamp", source="svamp", path=str(SHARED_DATA / "svamp/SVAMP.json"))
+    exs, bad = load_examples(spec)
+    assert len(exs) + len(bad) == 1000
+    assert exs[0].question.startswith("Each pack of dvds costs 76 dollars") and exs[0].question.endswith("each pack?")
+    assert exs[0].answer == "51" and exs[0].reference_rationale is None
+    assert all(b["reason"] == "duplicate" for b in bad)
+
+
+def test_generic_loader_counts_every_bad_row(tmp_path):
+    path = tmp_path / "d.jsonl"
+    rows = [{"q": "What is 2+2?", "a": "4 (apples)"}, {"q": "", "a": "1"}, {"q": "No answer?"},
+            {"q": "Bad?", "a": "many"}, {"q": "What is 2+2?", "a": "4"}]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n{not json\n")
+    spec = DatasetSpec(name="d", source="file", path=str(path), question_field="q", answer_field="a")
+    exs, bad = load_examples(spec)
+    assert [e.answer for e in exs] == ["4"]
+    reasons = sorted(b["reason"].split(" (")[0] for b in bad)
+    assert reasons == ["duplicate", "empty question", "invalid JSON: Expecting property name enclosed in double quotes",
+                       "missing answer", "unparseable answer"]
+    assert {b["row_index"] for b in bad} == {1, 2, 3, 4, 5}
+
+
+@pytest.mark.parametrize("fmt", ["csv", "json", "parquet"])
+def test_generic_formats(tmp_path, fmt):
+    rows = [{"question": f"q{i}?", "answer": str(i), "why": f"because {i}"} for i in range(5)]
+    path = tmp_path / f"d.{fmt}"
+    if fmt == "csv":
+        path.write_text("question,answer,why\n" + "\n".join(f"{r['question']},{r['answer']},{r['why']}" for r in rows))
+    elif fmt == "json":
+        path.write_text(json.dumps(rows))
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    exs, bad = load_examples(DatasetSpec(name="d", source="file", path=str(path), rationale_field="why"))
+    assert [e.answer for e in exs] == ["0", "1", "2", "3", "4"] and not bad
+    assert exs[2].reference_rationale == "because 2"
+
+
+def test_hub_loader_on_a_local_dataset_folder(tmp_path):
+    import datasets
+    ds = datasets.Dataset.from_list([{"question": "q1?", "answer": "3"}, {"question": "q2?", "answer": "x"}])
+    ds.save_to_disk(str(tmp_path / "hubds"))
+    exs, bad = load_examples(DatasetSpec(name="h", source="hub", path=str(tmp_path / "hubds")))
+    assert [e.answer for e in exs] == ["3"] and len(bad) == 1
+
+
+def test_missing_file_names_the_path(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_examples(DatasetSpec(name="d", source="file", path=str(tmp_path / "x.jsonl")))
+
+
+def test_ingest_stores_examples_and_bad_rows(catalog, tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"question": "a?", "answer": "1"}\n{"question": "b?", "answer": ""}\n')
+    spec = DatasetSpec(name="d", source="file", path=str(path))
+    fp = dataset_fingerprint(spec)
+    summary = ingest(catalog, spec, fp)
+    assert summary["n_examples"] == 1 and summary["bad_reasons"] == {"missing answer": 1}
+    assert catalog.execute("select count(*) as n from bad_rows where dataset_fp = ?", [fp])[0]["n"] == 1
+    # an edited file is a new dataset version
+    path.write_text('{"question": "a?", "answer": "2"}\n')
+    assert dataset_fingerprint(spec) != fp
+
+
+def test_eval_overlap_with_train_is_reported_not_silent(catalog):
+    train = DatasetSpec(n=30, seed=0, max_steps=1, max_operand=3)
+    tfp = dataset_fingerprint(train)
+    ingest(catalog, train, tfp)
+    ids = {r["example_id"] for r in catalog.query("examples_of_dataset", dataset_fp=tfp)}
+    ev = DatasetSpec(n=30, seed=0, max_steps=1, max_operand=3, split="test")  # same problems
+    s = ingest(catalog, ev, dataset_fingerprint(ev, tfp), ids)
+    assert s["n_examples"] == 0 and s["bad_reasons"] == {"overlaps training set": 30}

@@ -1,0 +1,66 @@
+from keystep.config import DatasetSpec, TeacherConfig
+from tasks.ingest import dataset_fingerprint, ingest
+from tasks.teacher import GenerationResult, ReferenceTeacher, generate_rationales, generation_fingerprint, training_target
+
+
+class CountingTeacher(ReferenceTeacher):
+    def __init__(self, cfg, fail_every=0):
+        super().__init__(cfg)
+        self.requests = 0
+        self.fail_every = fail_every
+
+    def generate(self, requests):
+        self.requests += len(requests)
+        out = super().generate(requests)
+        if self.fail_every:
+            out = [GenerationResult(text="", status="ok") if i % self.fail_every == 0 else r for i, r in enumerate(out)]
+        return out
+
+
+def test_reference_rationales_stored_with_correctness(catalog):
+    spec = DatasetSpec(n=20, seed=0)
+    dfp = dataset_fingerprint(spec)
+    ingest(catalog, spec, dfp)
+    cfg = TeacherConfig()
+    s = generate_rationales(catalog, cfg, dfp, generation_fingerprint(cfg, dfp))
+    assert s["n"] == 20 and s["n_correct"] == 20 and s["correct_rate"] == 1.0
+    row = catalog.execute("select * from rationales limit 1")[0]
+    assert row["text"].endswith(f"Therefore, the answer is {row['extracted_answer']}.")
+    assert row["prompt"].startswith("Q: ") and row["prompt"].endswith("Let's think step by step.")
+
+
+def test_missing_reference_is_a_failed_row_not_a_crash(catalog, tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"question": "a?", "answer": "1", "r": "1 is it."}\n{"question": "b?", "answer": "2"}\n')
+    spec = DatasetSpec(name="d", source="file", path=str(path), rationale_field="r")
+    dfp = dataset_fingerprint(spec)
+    ingest(catalog, spec, dfp)
+    cfg = TeacherConfig()
+    s = generate_rationales(catalog, cfg, dfp, generation_fingerprint(cfg, dfp))
+    assert s["n_ok"] == 1 and s["n_failed"] == 1 and s["failure_reasons"] == ["no reference rationale in dataset"]
+
+
+def test_empty_output_kept_as_failed_with_reason(catalog):
+    spec = DatasetSpec(n=6, seed=0)
+    dfp = dataset_fingerprint(spec)
+    ingest(catalog, spec, dfp)
+    cfg = TeacherConfig()
+    s = generate_rationales(catalog, cfg, dfp, generation_fingerprint(cfg, dfp), backend=CountingTeacher(cfg, fail_every=2))
+    assert s["n_failed"] == 3 and s["failure_reasons"] == ["empty response"]
+
+
+def test_new_dataset_version_asks_only_for_new_items(catalog):
+    cfg = TeacherConfig()
+    small, big = DatasetSpec(n=20, seed=0), DatasetSpec(n=22, seed=0)  # same generator: big = small + 2 new
+    for spec, expected in ((small, 20), (big, 2)):
+        dfp = dataset_fingerprint(spec)
+        ingest(catalog, spec, dfp)
+        backend = CountingTeacher(cfg)
+        generate_rationales(catalog, cfg, dfp, generation_fingerprint(cfg, dfp), backend=backend)
+        assert backend.requests == expected
+
+
+def test_training_target_appends_answer_once():
+    cfg = TeacherConfig()
+    assert training_target("3 + 4 = 7.", "7", cfg) == "3 + 4 = 7. Therefore, the answer is 7."
+    assert training_target("x. Therefore, the answer is 7.", "7", cfg) == "x. Therefore, the answer is 7."

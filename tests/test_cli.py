@@ -1,0 +1,45 @@
+import json
+import subprocess
+import sys
+
+from tests.conftest import ROOT
+
+
+def keystep(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", "keystep.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_unknown_key_exits_2_with_one_line():
+    r = keystep("run", "configs/micro.yaml", "--set", "train.epochz=3")
+    assert r.returncode == 2
+    assert "train.epochz" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_missing_config_file():
+    r = keystep("run", "configs/nope.yaml")
+    assert r.returncode == 2 and "configs/nope.yaml" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_missing_dataset_file_named_before_any_work(tmp_path):
+    r = keystep("run", "configs/micro.yaml", "--set", "data.train={source: file, path: /no/such.jsonl}",
+                "--workspace", str(tmp_path / "ws"))
+    assert r.returncode == 2
+    assert "data.train.path" in r.stderr and "/no/such.jsonl" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "ws" / "catalog.duckdb").exists()
+
+
+def test_bad_set_syntax():
+    r = keystep("run", "configs/micro.yaml", "--set", "train.epochs")
+    assert r.returncode == 2 and "section.key=value" in r.stderr
+
+
+def test_results_without_catalog(tmp_path):
+    r = keystep("results", "--workspace", str(tmp_path))
+    assert r.returncode == 2 and "no catalog" in r.stderr
+
+
+def test_config_prints_resolved_yaml():
+    r = keystep("config", "configs/demo.yaml", "--set", "train.epochs=2")
+    assert r.returncode == 0 and "epochs: 2" in r.stdout

@@ -1,0 +1,57 @@
+from pathlib import Path
+
+import pytest
+
+from keystep.config import ConfigError, DistillConfig, load_config
+
+PRESETS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.name)
+def test_every_preset_loads(preset):
+    cfg = load_config(preset)
+    assert isinstance(cfg, DistillConfig)
+
+
+def test_presets_exist():
+    assert {"demo.yaml", "gsm8k.yaml", "micro.yaml"} <= {p.name for p in PRESETS}
+
+
+def test_default_is_the_offline_demo():
+    cfg = DistillConfig()
+    assert cfg.data.train.source == "synthetic:arith"
+    assert cfg.teacher.backend == "reference"
+    assert cfg.student.model == "scratch"
+
+
+def test_unknown_key_is_named(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  epochz: 3\n")
+    with pytest.raises(ConfigError, match=r"train\.epochz.*unknown key"):
+        load_config(p)
+
+
+def test_bad_value_is_named():
+    with pytest.raises(ConfigError, match=r"train\.epochs"):
+        load_config(None, {"train.epochs": 0})
+    with pytest.raises(ConfigError, match=r"student.*divisible"):
+        load_config(None, {"student.hidden_size": 30, "student.num_heads": 4})
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_overrides_apply_dotted_keys():
+    cfg = load_config(None, {"train.epochs": 3, "data.train.n": 10})
+    assert cfg.train.epochs == 3 and cfg.data.train.n == 10
+
+
+def test_file_source_needs_path():
+    with pytest.raises(ConfigError, match="needs 'path'"):
+        load_config(None, {"data.train": {"source": "gsm8k"}})
