@@ -1,0 +1,73 @@
+"""A real local Prefect server and process worker: deploy from prefect.yaml, run the demo deployment with the
+micro config through the worker, and check the run completed and the catalog holds its results."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_demo_deployment_runs_through_a_real_worker(tmp_path):
+    port = free_port()
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_API_URL": f"http://127.0.0.1:{port}/api", "KEYSTEP_ROOT": str(ROOT)}
+    prefect = [sys.executable, "-m", "prefect"]
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    procs = []
+
+    def start(name, args):
+        out = open(logs / f"{name}.log", "w")
+        procs.append(subprocess.Popen(prefect + args, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT))
+
+    def run(args, timeout=300):
+        r = subprocess.run(prefect + args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        assert r.returncode == 0, f"prefect {' '.join(args)} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+        return r
+
+    try:
+        start("server", ["server", "start", "--host", "127.0.0.1", "--port", str(port)])
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, (logs / "server.log").read_text()[-3000:]
+                time.sleep(1)
+        run(["work-pool", "create", "keystep-process", "--type", "process"])
+        run(["--no-prompt", "deploy", "--name", "demo"])
+        start("worker", ["worker", "start", "--pool", "keystep-process", "--type", "process"])
+        ws = tmp_path / "ws"
+        params = {"preset": "configs/micro.yaml", "overrides": {"storage.workspace": str(ws)}}
+        r = run(["deployment", "run", "distill/demo", "--params", json.dumps(params), "--watch",
+                 "--watch-timeout", "500"], timeout=560)
+        assert "Completed" in r.stdout, r.stdout[-3000:]
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+    from storage.catalog import Catalog
+    cat = Catalog(ws / "catalog.duckdb")
+    assert [r["status"] for r in cat.execute("select status from runs")] == ["completed"]
+    results = cat.query("latest_results", eval_fp=None)
+    assert {r["model_label"] for r in results} == {"student", "untrained"}
+    assert cat.execute("select count(*) as n from predictions")[0]["n"] > 0
