@@ -11,8 +11,6 @@ import json
 from collections import defaultdict
 from typing import Callable
 
-import torch
-
 from keystep.config import EvalConfig, TeacherConfig
 from storage.fingerprint import fingerprint
 from tasks.answers import extract_answer, is_correct
@@ -23,9 +21,10 @@ from tasks.train import pick_device
 CODE_VERSION = "1"
 
 
-@torch.no_grad()
 def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int, device: str,
                     on_batch: Callable[[int, int], None] | None = None) -> list[str]:
+    import torch
+
     tokenizer.padding_side = "left"
     model.eval()
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -35,8 +34,12 @@ def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int, b
         idx = order[start:start + batch_size]
         # the student was trained on "<bos> prompt target <eos>"; add the BOS the same way here
         enc = tokenizer([bos + prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        # never decode past the model's context (a scratch student has a short one)
+        room = getattr(model.config, "max_position_embeddings", None)
+        new_tokens = max(1, min(max_new_tokens, room - enc["input_ids"].shape[1])) if room else max_new_tokens
+        with torch.no_grad():
+            out = model.generate(**enc, max_new_tokens=new_tokens, do_sample=False, num_beams=1,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
         texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
         for i, text in zip(idx, texts):
             outputs[i] = text.strip()

@@ -14,9 +14,7 @@ import math
 import random
 import time
 from pathlib import Path
-from typing import Callable
-
-import torch
+from typing import TYPE_CHECKING, Callable
 
 from keystep.config import TeacherConfig, TrainConfig
 from storage.fingerprint import fingerprint
@@ -27,8 +25,13 @@ from tasks.teacher import format_prompt, training_target
 CODE_VERSION = "1"
 IGNORE = -100
 
+if TYPE_CHECKING:
+    import torch
+
 
 def pick_device(setting: str) -> str:
+    import torch
+
     if setting == "cuda" and not torch.cuda.is_available():
         raise ValueError("config key 'train.device': 'cuda' requested but no CUDA device is visible; use 'auto' or 'cpu'")
     return "cuda" if setting in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
@@ -49,7 +52,9 @@ def encode_example(tokenizer, prompt: str, target: str, max_length: int) -> tupl
     return ids[:max_length], labels[:max_length], truncated
 
 
-def collate(batch: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+def collate(batch: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, "torch.Tensor"]:
+    import torch
+
     width = max(len(ids) for ids, _ in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
@@ -74,6 +79,8 @@ def train_fingerprint(cfg: TrainConfig, student_fp: str, steps_fp: str, generati
 def train_student(catalog, cfg: TrainConfig, teacher_cfg: TeacherConfig, generation: dict, init_dir: str,
                   ckpt_root: Path, fp: str, max_length: int, run_config: dict,
                   on_epoch: Callable[[int, int, dict], None] | None = None) -> dict:
+    import torch  # imported here: a cached run of the flow never needs it
+
     done = catalog.stage_output(fp)
     if done and Path(done["summary"]["final_dir"]).exists():
         return done["summary"]
