@@ -6,9 +6,11 @@ after `generate` recomputes nothing upstream.
 """
 from __future__ import annotations
 
+import time
+
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, unmapped
 from prefect.context import get_run_context
 
 from keystep.config import DistillConfig, build_config, load_config
@@ -18,12 +20,31 @@ from tasks.ingest import dataset_fingerprint, ingest_task
 from tasks.prefect_stage import in_workspace
 from tasks.steps import split_steps_task, steps_fingerprint
 from tasks.student import init_student_task, student_fingerprint
-from tasks.teacher import generate_task, generation_fingerprint
+from tasks.teacher import finish_task, generation_fingerprint, plan_task, shard_task
+from tasks.teacher_backends import open_endpoint
 from tasks.train import train_fingerprint, train_task
 
 
 def _ws(config: DistillConfig) -> Workspace:
     return Workspace(config.storage.workspace)
+
+
+def generate_rationales(config: DistillConfig, ws: Workspace, dataset_fp: str) -> dict[str, Any]:
+    """plan (here) -> shards (mapped over the task runner: threads, Dask or Ray) -> finish (here, cached)."""
+    fp = generation_fingerprint(config.teacher, dataset_fp)
+    finish = in_workspace(finish_task, ws)
+    if ws.catalog().stage_output(fp):  # already generated: only the cached finish step runs
+        return finish(str(ws.root), config.teacher, dataset_fp, fp)
+    t0 = time.perf_counter()
+    plan = plan_task(str(ws.root), config.teacher, dataset_fp)
+    if plan["shards"]:
+        with open_endpoint(config.teacher, ws.root / "logs" / f"vllm-{plan['teacher_fp']}.log") as endpoint:
+            futures = shard_task.map(unmapped(config.teacher), plan["shards"], unmapped(endpoint))
+            futures.wait()
+            failed = [f for f in futures if f.state.is_failed()]
+            if failed:
+                failed[0].result()  # re-raise the first shard's error (finished parts stay in the spool)
+    return finish(str(ws.root), config.teacher, dataset_fp, fp, time.perf_counter() - t0)
 
 
 @flow(name="generate", log_prints=True)
@@ -37,8 +58,7 @@ def generate(config: DistillConfig = DistillConfig()) -> dict[str, Any]:
     for spec in config.data.eval:
         fp = dataset_fingerprint(spec, exclude_fp=train_fp)
         eval_ds.append(ingest(str(ws.root), spec, fp, exclude_dataset_fp=train_fp))
-    gen = in_workspace(generate_task, ws)(str(ws.root), config.teacher, train_fp,
-                                          generation_fingerprint(config.teacher, train_fp))
+    gen = generate_rationales(config, ws, train_fp)
     return {"train_dataset": train_ds, "eval_datasets": eval_ds, "generation": gen}
 
 

@@ -65,13 +65,60 @@ class DataConfig(Section):
     )
 
 
+class FewShotExample(Section):
+    question: str = Field(description="Demonstration question.")
+    rationale: str = Field(description="Demonstration rationale.")
+    answer: str = Field(description="Demonstration answer.")
+
+
+# Teacher settings that change how requests are sent, not what is generated: left out of the teacher
+# fingerprint, so retuning them never re-pays for stored rationales.
+TEACHER_OPERATIONAL = {"base_url", "api_key_env", "api_key_secret", "concurrency", "timeout_s", "max_retries",
+                       "max_consecutive_failures", "commit_every", "shards", "vllm_python", "vllm_args",
+                       "server_start_timeout_s", "cost_per_1k_prompt_tokens", "cost_per_1k_completion_tokens"}
+
+
 class TeacherConfig(Section):
-    backend: Literal["reference"] = Field(
-        "reference", description="Rationale source; 'reference' uses the dataset's own rationales (offline default).")
+    backend: Literal["reference", "openai", "vllm"] = Field(
+        "reference", description="'reference' uses the dataset's own rationales (offline default); 'openai' any "
+        "OpenAI-compatible endpoint (vllm serve, OpenAI, ...); 'vllm' in-process vllm.LLM if importable, else a "
+        "vLLM server that keystep starts from teacher.vllm_python.")
+    model: str | None = Field(None, description="openai/vllm: model name (endpoint) or model folder (vllm).")
+    base_url: str | None = Field(None, description="openai: endpoint base URL, e.g. http://127.0.0.1:8000/v1.")
+    api: Literal["completions", "chat"] = Field("completions", description="openai/vllm server: completions or chat API (chat applies the model's chat template).")
+    api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the API key (never stored).")
+    api_key_secret: str | None = Field(None, description="Name of a Prefect Secret block holding the API key (overrides api_key_env).")
     prompt_template: str = Field(KPOD_PROMPT, description="Prompt before the rationale (KPOD zero-shot CoT); {question} is filled in.")
     answer_template: str = Field(ANSWER_PHRASE, description="Sentence appended after the rationale; {answer} is filled in.")
-    n_samples: int = Field(1, ge=1, description="Rationales per question.")
+    system_prompt: str | None = Field(None, description="chat: optional system message.")
+    few_shot: list[FewShotExample] = Field(default_factory=list, description="Demonstrations placed before the question.")
+    n_samples: int = Field(1, ge=1, description="Rationales per question (sample index 0..n-1).")
+    temperature: float = Field(0.0, ge=0, description="Sampling temperature (0 = greedy).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
+    max_tokens: int = Field(256, ge=1, description="Longest rationale in tokens.")
+    stop: list[str] = Field(default_factory=lambda: ["\nQ:"], description="Stop sequences.")
+    seed: int | None = Field(0, description="Sampling seed: per request (seed + sample index) for openai, LLM(seed=...) for vllm.")
+    per_request_seed: bool = Field(True, description="openai: send a per-request seed (turn off for servers that reject it).")
     keep_only_correct: bool = Field(True, description="Train only on rationales whose extracted answer matches gold.")
+    concurrency: int = Field(16, ge=1, description="openai: requests in flight at once.")
+    timeout_s: float = Field(120.0, gt=0, description="openai: per-request timeout in seconds.")
+    max_retries: int = Field(5, ge=0, description="openai: retries (exponential backoff + jitter) on 429, 5xx, timeouts, connection errors.")
+    max_consecutive_failures: int = Field(20, ge=1, description="Fail the task after this many requests in a row fail after retries (finished work is kept).")
+    commit_every: int = Field(64, ge=1, description="Commit finished rationales to the catalog every N results.")
+    shards: int = Field(1, ge=1, description="Split generation into N shards mapped over the task runner (Dask/Ray spread them).")
+    vllm_python: str | None = Field(None, description="vllm: Python of a separate vLLM environment; keystep starts a server with it.")
+    vllm_args: list[str] = Field(default_factory=list, description="vllm: extra arguments for the vLLM server.")
+    server_start_timeout_s: float = Field(600.0, gt=0, description="vllm: how long to wait for the server's health check.")
+    cost_per_1k_prompt_tokens: float | None = Field(None, ge=0, description="Optional price for the cost estimate.")
+    cost_per_1k_completion_tokens: float | None = Field(None, ge=0, description="Optional price for the cost estimate.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "TeacherConfig":
+        if self.backend == "openai" and not (self.base_url and self.model):
+            raise ValueError("backend 'openai' needs teacher.base_url and teacher.model")
+        if self.backend == "vllm" and not self.model:
+            raise ValueError("backend 'vllm' needs teacher.model (a model folder or hub id)")
+        return self
 
 
 class StepsConfig(Section):

@@ -20,8 +20,15 @@ def stage_task(name: str, **options):
     return task(name=name, cache_key_fn=by_fingerprint, persist_result=True, **options)
 
 
+_SAVED: set[tuple[str, str]] = set()
+
+
 def in_workspace(stage, workspace: Workspace):
     """The stage task with its results stored under `workspace` (a saved block, as Prefect requires)."""
-    block = LocalFileSystem(basepath=str(workspace.results_dir))
-    block.save(workspace.block_name, overwrite=True)
+    from prefect.settings import PREFECT_API_URL
+
+    key = (str(PREFECT_API_URL.value()), workspace.block_name)  # one save per server and workspace
+    if key not in _SAVED:
+        LocalFileSystem(basepath=str(workspace.results_dir)).save(workspace.block_name, overwrite=True)
+        _SAVED.add(key)
     return stage.with_options(result_storage=f"local-file-system/{workspace.block_name}")

