@@ -1,0 +1,69 @@
+"""Teacher client throughput: keystep's openai backend against a local OpenAI-protocol server that answers
+every request after 50 ms. Ideal = concurrency / latency requests/s; goal: achieved >= 0.90 x ideal.
+
+The server runs in its own process (python -m keystep.fake_openai) so it does not share the client's GIL.
+Details also give the whole teacher stage (plan, shards, Parquet spool, catalog ingest) for the same work.
+"""
+import json
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from keystep.config import DatasetSpec, TeacherConfig  # noqa: E402
+from storage.catalog import Catalog  # noqa: E402
+from tasks.ingest import dataset_fingerprint, ingest  # noqa: E402
+from tasks.teacher import generate_rationales, generation_fingerprint  # noqa: E402
+from tasks.teacher_backends import GenerationRequest, OpenAITeacher, free_port  # noqa: E402
+
+LATENCY, CONCURRENCY, N = 0.05, 16, 2000
+
+
+def main() -> None:
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "keystep.fake_openai", "--port", str(port), "--latency", str(LATENCY)],
+                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.2)
+        cfg = TeacherConfig(backend="openai", base_url=f"http://127.0.0.1:{port}/v1", model="fake", concurrency=CONCURRENCY,
+                            timeout_s=30, commit_every=256)
+        requests = [GenerationRequest(example_id=str(i), sample_index=0, prompt=f"Q: What is {i} + 1?\nA:",
+                                      question="", answer="", answer_type="number") for i in range(N)]
+        backend = OpenAITeacher(cfg, api_key=None)
+        list(backend.generate(requests[:64]))  # warm-up: connections, imports
+        t0 = time.perf_counter()
+        got = sum(1 for _ in backend.generate(requests))
+        client_s = time.perf_counter() - t0
+        with tempfile.TemporaryDirectory() as tmp:
+            catalog = Catalog(Path(tmp) / "c.duckdb")
+            spec = DatasetSpec(n=N, seed=7)
+            dfp = dataset_fingerprint(spec)
+            ingest(catalog, spec, dfp)
+            t0 = time.perf_counter()
+            stage = generate_rationales(catalog, cfg, dfp, generation_fingerprint(cfg, dfp))
+            stage_s = time.perf_counter() - t0
+    finally:
+        server.terminate()
+    assert got == N and stage["n"] == N
+    ideal = CONCURRENCY / LATENCY
+    achieved = N / client_s
+    print(json.dumps({"bench": "teacher_client", "metric": "requests/s through the openai backend",
+                      "value": round(achieved, 1), "baseline": ideal, "ratio": round(achieved / ideal, 3),
+                      "goal": "ratio >= 0.90 (baseline = concurrency / latency)", "met": achieved / ideal >= 0.90,
+                      "details": {"requests": N, "concurrency": CONCURRENCY, "latency_s": LATENCY,
+                                  "whole_stage_requests_per_s": round(N / stage_s, 1),
+                                  "whole_stage_ratio": round(N / stage_s / ideal, 3)}}))
+
+
+if __name__ == "__main__":
+    main()
