@@ -126,6 +126,32 @@ class StepsConfig(Section):
     max_steps: int | None = Field(None, ge=1, description="Merge trailing steps so that no rationale has more than this many.")
 
 
+class MasksConfig(Section):
+    """KPOD §4.1 token weighting: which rationale tokens matter for predicting the answer."""
+    uniform: bool = Field(False, description="Ablation: no token weighting (every weight 1; the module is not trained).")
+    alpha: float = Field(0.5, ge=0, description="Weight of the mask-size penalty Lm = mean(m) (paper: 0.5).")
+    gumbel_tau: float = Field(0.5, gt=0, description="Gumbel-sigmoid temperature.")
+    n_prefixes: int = Field(2, ge=1, description="Rationale prefixes (cut points at step ends) sampled per example for Lp.")
+    attention_heads: int = Field(4, ge=1, description="Heads of the weighting module's self-attention layer.")
+    mlp_hidden: int = Field(128, ge=1, description="Hidden width of the 2-layer weighting MLP.")
+    predictor: str = Field("scratch", description="Answer predictor: 'scratch' (tiny causal LM), or an HF model folder / hub id.")
+    predictor_kind: Literal["causal", "seq2seq"] = Field("causal", description="HF predictor type (seq2seq = FlanT5 as in the paper).")
+    predictor_hidden: int = Field(128, ge=16, description="scratch predictor: width.")
+    predictor_layers: int = Field(2, ge=1, description="scratch predictor: transformer blocks.")
+    epochs: int = Field(4, ge=1, description="Passes over the rationales when learning the masks.")
+    batch_size: int = Field(32, ge=1, description="Examples per step.")
+    lr: float = Field(2e-3, gt=0, description="AdamW learning rate.")
+    top_k: int = Field(8, ge=1, description="Keypoints per rationale: the top-k tokens by weight.")
+    seed: int = Field(0, description="Initialisation, prefix sampling and Gumbel noise seed.")
+
+
+class DifficultyConfig(Section):
+    """KPOD §4.2 step difficulty under the student before distillation."""
+    weighted: bool = Field(True, description="Weight token NLLs by softmax-within-step of the token weights (False: plain mean NLL per step).")
+    warmup_epochs: int = Field(1, ge=0, description="scratch student: epochs of Std-CoT warm-up so the scoring model is not random noise (0 = none).")
+    batch_tokens: int = Field(8192, ge=64, description="Token budget per scoring batch (length-bucketed).")
+
+
 class StudentConfig(Section):
     model: str = Field("scratch", description="'scratch' (tiny Llama-style model + BPE tokenizer trained on the corpus) or an HF causal LM path / hub id.")
     vocab_size: int = Field(1024, ge=260, description="scratch: BPE vocabulary size.")
@@ -172,6 +198,8 @@ class DistillConfig(Section):
     data: DataConfig = Field(default_factory=DataConfig, description="Datasets to distil on and evaluate on.")
     teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="Teacher rationale generation.")
     steps: StepsConfig = Field(default_factory=StepsConfig, description="Rationale step splitting.")
+    masks: MasksConfig = Field(default_factory=MasksConfig, description="KPOD token weighting (keypoints).")
+    difficulty: DifficultyConfig = Field(default_factory=DifficultyConfig, description="KPOD step difficulty.")
     student: StudentConfig = Field(default_factory=StudentConfig, description="The student model.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Student training.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation.")

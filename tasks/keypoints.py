@@ -1,0 +1,339 @@
+"""Token-weights stage (KPOD §4.1): learn which rationale tokens matter for predicting the answer.
+
+Input: kept rationales, their steps (token spans) and the student before distillation (its input embeddings
+and tokenizer). Output: table `token_weights` — per kept rationale, one weight in [0, 1] per rationale token
+of the student's training sequence (`token_start` = index of the first rationale token in
+`<bos> prompt target <eos>`), and `keypoints` (the top-k token indices). The answer sentence is not part of
+the rationale: the KPOD loss gives it weight 1.
+
+Module (§4.1, eq. 1-3): e = Att(Emb(r)) — the student's frozen input embeddings and one self-attention
+layer; w_j = sigmoid(MLP(e_j)) with a 2-layer MLP; m_j = GumbelSigmoid(w_j), straight-through hard mask.
+The answer predictor sees the *masked embeddings* m_j·Emb(r_j) + (1-m_j)·e_mask, so the gradient of Lp
+reaches the MLP and the attention layer (replacing token ids after a hard threshold would cut it).
+Loss (§4.1, eq. 4-6): L = Lp + α·Lm, Lp = Σ_k -log P(y | x, r[m]_<k) over sampled prefixes k ending at step
+boundaries (the paper sums all prefixes), Lm = mean(m).
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+from keystep.config import MasksConfig, TeacherConfig
+from storage.fingerprint import fingerprint
+
+if TYPE_CHECKING:
+    import torch
+
+CODE_VERSION = "1"
+
+
+@dataclass
+class EncodedRationale:
+    rationale_id: str
+    ids: list[int]            # <bos> prompt target <eos>, as the student trains on it
+    rationale_start: int      # first rationale token
+    rationale_end: int        # one past the last rationale token (the answer sentence follows)
+    step_ends: list[int]      # token index one past each rationale step
+    answer: str
+    char_spans: list[tuple[int, int]]  # per token: char span in the target text (for evaluation against marks)
+
+
+def encode_rationales(tokenizer, teacher_cfg: TeacherConfig, rows: list[dict], steps: dict[str, list[dict]],
+                      max_length: int) -> list[EncodedRationale]:
+    """Tokenise each kept rationale exactly as training does and locate the rationale and its steps."""
+    from tasks.teacher import format_prompt, training_target
+
+    out = []
+    for r in rows:
+        prompt = format_prompt(teacher_cfg, r["question"])
+        target = training_target(r["text"], r["answer"], teacher_cfg)
+        phrase = teacher_cfg.answer_template.format(answer=r["answer"])
+        rationale_chars = len(target) - len(phrase)
+        shift = len(prompt) + 1
+        enc = tokenizer(prompt + " " + target, return_offsets_mapping=True, add_special_tokens=False)
+        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        ids = bos + enc["input_ids"] + [tokenizer.eos_token_id]
+        offs = [(0, 0)] * len(bos) + [(a - shift, b - shift) for a, b in enc["offset_mapping"]] + [(len(target), len(target))]
+        # a rationale token ends inside the rationale (a byte-level token carries its leading space, so the
+        # token " T" of "Therefore" starts one char early and must not count)
+        r_tokens = [i for i, (a, b) in enumerate(offs) if 0 < b <= rationale_chars and i >= len(bos)]
+        if not r_tokens or len(ids) > max_length:
+            continue
+        start, end = r_tokens[0], r_tokens[-1] + 1
+        ends = sorted({min(max(s["token_end"] + len(bos), start + 1), end) for s in steps.get(r["rationale_id"], [])
+                       if s["token_end"] is not None and s["token_start"] + len(bos) < end})
+        out.append(EncodedRationale(r["rationale_id"], ids, start, end, ends or [end], r["answer"], offs))
+    return out
+
+
+def gumbel_sigmoid(logits: "torch.Tensor", tau: float, hard: bool = True) -> "torch.Tensor":
+    """Relaxed Bernoulli sample; with `hard`, a 0/1 mask whose gradient is the relaxed sample's (straight-through)."""
+    import torch
+
+    u = torch.rand_like(logits).clamp(1e-6, 1 - 1e-6)
+    soft = torch.sigmoid((logits + torch.log(u) - torch.log1p(-u)) / tau)
+    if not hard:
+        return soft
+    return (soft > 0.5).to(soft.dtype) - soft.detach() + soft
+
+
+def build_modules(cfg: MasksConfig, embedding, tokenizer):
+    """(weighter, predictor) as torch modules; `embedding` is the student's input embedding (kept frozen)."""
+    import torch
+    from torch import nn
+
+    dim = embedding.embedding_dim
+
+    class TokenWeighter(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding.from_pretrained(embedding.weight.detach().clone(), freeze=True)
+            self.att = nn.MultiheadAttention(dim, cfg.attention_heads, batch_first=True)
+            self.norm = nn.LayerNorm(dim)
+            self.mlp = nn.Sequential(nn.Linear(dim, cfg.mlp_hidden), nn.GELU(), nn.Linear(cfg.mlp_hidden, 1))
+            self.e_mask = nn.Parameter(torch.zeros(dim))
+
+        def forward(self, ids, pad):
+            x = self.emb(ids)
+            a, _ = self.att(x, x, x, key_padding_mask=~pad, need_weights=False)
+            e = self.norm(x + a)                  # e = Att(Emb(r)), with the layer's residual
+            return x, self.mlp(e).squeeze(-1)     # token embeddings, logits of w
+
+    class AnswerPredictor(nn.Module):
+        """Predicts the answer sentence from [question; masked rationale prefix] given as embeddings."""
+
+        def __init__(self):
+            super().__init__()
+            from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+            if cfg.predictor == "scratch":
+                heads = max(1, cfg.predictor_hidden // 32)
+                self.lm = LlamaForCausalLM(LlamaConfig(
+                    vocab_size=len(tokenizer), hidden_size=cfg.predictor_hidden, intermediate_size=4 * cfg.predictor_hidden,
+                    num_hidden_layers=cfg.predictor_layers, num_attention_heads=heads, num_key_value_heads=heads,
+                    max_position_embeddings=2048, tie_word_embeddings=True))
+                self.tok, self.kind = tokenizer, "causal"
+            else:
+                loader = AutoModelForSeq2SeqLM if cfg.predictor_kind == "seq2seq" else AutoModelForCausalLM
+                self.lm = loader.from_pretrained(cfg.predictor)
+                self.tok, self.kind = AutoTokenizer.from_pretrained(cfg.predictor), cfg.predictor_kind
+            width = self.lm.get_input_embeddings().embedding_dim
+            self.proj = nn.Linear(dim, width) if width != dim else nn.Identity()  # embedding sizes may differ
+
+        def loss(self, prefixes: list, answers: list[str]):
+            dev = prefixes[0].device
+            emb = self.lm.get_input_embeddings()
+            if self.kind == "seq2seq":
+                enc, mask = _pad([self.proj(p) for p in prefixes])
+                labels = self.tok(answers, return_tensors="pt", padding=True).input_ids.to(dev)
+                labels[labels == self.tok.pad_token_id] = -100
+                return self.lm(inputs_embeds=enc, attention_mask=mask, labels=labels).loss
+            rows, labels = [], []
+            for p, ans in zip(prefixes, answers):
+                ans_ids = torch.tensor(self.tok(" " + ans, add_special_tokens=False).input_ids + [self.tok.eos_token_id], device=dev)
+                rows.append(torch.cat([self.proj(p), emb(ans_ids)]))
+                labels.append(torch.cat([torch.full((len(p),), -100, device=dev), ans_ids]))
+            seq, mask = _pad(rows)
+            lab = torch.full(mask.shape, -100, dtype=torch.long, device=dev)
+            for i, lb in enumerate(labels):
+                lab[i, : len(lb)] = lb
+            return self.lm(inputs_embeds=seq, attention_mask=mask, labels=lab).loss
+
+    return TokenWeighter(), AnswerPredictor()
+
+
+def _pad(rows: list) -> tuple:
+    import torch
+
+    width = max(len(r) for r in rows)
+    out = rows[0].new_zeros((len(rows), width, rows[0].shape[-1]))
+    mask = torch.zeros((len(rows), width), dtype=torch.long, device=rows[0].device)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+        mask[i, : len(r)] = 1
+    return out, mask
+
+
+def _batch_ids(items: list[EncodedRationale], pad_id: int):
+    import torch
+
+    width = max(len(it.ids) for it in items)
+    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    pad = torch.zeros((len(items), width), dtype=torch.bool)
+    for i, it in enumerate(items):
+        ids[i, : len(it.ids)] = torch.tensor(it.ids)
+        pad[i, : len(it.ids)] = True
+    return ids, pad
+
+
+def mask_losses(weighter, predictor, items: list[EncodedRationale], cfg: MasksConfig, pad_id: int, rng: random.Random):
+    """(L, Lp, Lm) for one batch: §4.1 eq. 4-6 with `n_prefixes` sampled cut points per example."""
+    import torch
+
+    ids, pad = _batch_ids(items, pad_id)
+    x, logits = weighter(ids, pad)
+    m = gumbel_sigmoid(logits, cfg.gumbel_tau)
+    masked = m.unsqueeze(-1) * x + (1 - m.unsqueeze(-1)) * weighter.e_mask  # masked embeddings, not masked ids
+    prefixes, answers, lm_terms = [], [], []
+    for i, it in enumerate(items):
+        r = slice(it.rationale_start, it.rationale_end)
+        lm_terms.append(m[i, r])
+        for cut in rng.sample(it.step_ends, min(cfg.n_prefixes, len(it.step_ends))):
+            # question unmasked, rationale masked up to the cut point k
+            prefixes.append(torch.cat([x[i, : it.rationale_start], masked[i, it.rationale_start:cut]]))
+            answers.append(it.answer)
+    lp = predictor.loss(prefixes, answers)
+    lm = torch.cat(lm_terms).mean()
+    return lp + cfg.alpha * lm, lp, lm
+
+
+def train_masks(cfg: MasksConfig, embedding, tokenizer, items: list[EncodedRationale],
+                on_epoch: Callable[[int, dict], None] | None = None):
+    import torch
+
+    torch.manual_seed(cfg.seed)
+    weighter, predictor = build_modules(cfg, embedding, tokenizer)
+    params = [p for p in list(weighter.parameters()) + list(predictor.parameters()) if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    rng = random.Random(cfg.seed)
+    history = []
+    for epoch in range(1, cfg.epochs + 1):
+        order = list(range(len(items)))
+        rng.shuffle(order)
+        sums = {"loss": 0.0, "lp": 0.0, "lm": 0.0}
+        n = 0
+        for b in range(0, len(order), cfg.batch_size):
+            loss, lp, lm = mask_losses(weighter, predictor, [items[j] for j in order[b:b + cfg.batch_size]], cfg,
+                                       tokenizer.pad_token_id, rng)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            for k, v in (("loss", loss), ("lp", lp), ("lm", lm)):
+                sums[k] += v.item()
+            n += 1
+        metrics = {"epoch": epoch, **{k: v / max(n, 1) for k, v in sums.items()}}
+        history.append(metrics)
+        if on_epoch:
+            on_epoch(epoch, metrics)
+    return weighter, history
+
+
+def infer_weights(weighter, items: list[EncodedRationale], pad_id: int, batch_size: int = 64) -> list[list[float]]:
+    """w_j = sigmoid(MLP(e_j)) for the rationale tokens of each item (no noise at inference)."""
+    import torch
+
+    weighter.eval()
+    out = []
+    with torch.no_grad():
+        for b in range(0, len(items), batch_size):
+            chunk = items[b:b + batch_size]
+            ids, pad = _batch_ids(chunk, pad_id)
+            _, logits = weighter(ids, pad)
+            w = torch.sigmoid(logits)
+            out += [w[i, it.rationale_start:it.rationale_end].tolist() for i, it in enumerate(chunk)]
+    return out
+
+
+def keypoints(weights: list[float], top_k: int) -> list[int]:
+    """Indices (within the rationale) of the top-k weighted tokens, in text order."""
+    return sorted(sorted(range(len(weights)), key=lambda j: -weights[j])[:top_k])
+
+
+def weights_fingerprint(cfg: MasksConfig, steps_fp: str, student_fp: str) -> str:
+    return fingerprint("token-weights", cfg, [steps_fp, student_fp], CODE_VERSION)
+
+
+def shaded_html(tokenizer, items: list[EncodedRationale], weights: list[list[float]], limit: int = 12) -> str:
+    """Sample rationales with every token shaded by its weight, for a person to see what was learned."""
+    import html
+
+    parts = ["<h2>Token weights (darker = more weight)</h2>"]
+    for it, w in list(zip(items, weights))[:limit]:
+        spans = []
+        for j, tid in enumerate(it.ids[it.rationale_start:it.rationale_end]):
+            text = html.escape(tokenizer.decode([tid]))
+            spans.append(f'<span title="{w[j]:.2f}" style="background: rgba(220, 60, 20, {w[j]:.2f})">{text}</span>')
+        parts.append(f"<p style='font-family: monospace'>{''.join(spans)}</p>")
+    return "\n".join(parts)
+
+
+def shaded_markdown(tokenizer, items: list[EncodedRationale], weights: list[list[float]], top_k: int, limit: int = 8) -> str:
+    lines = ["# Keypoints", "", f"Rationale tokens with their weight; the top-{top_k} keypoints in **bold**.", ""]
+    for it, w in list(zip(items, weights))[:limit]:
+        keep = set(keypoints(w, top_k))
+        toks = [tokenizer.decode([t]) for t in it.ids[it.rationale_start:it.rationale_end]]
+        lines.append("- " + "".join(f"**{t.strip()}**" if j in keep and t.strip() else t for j, t in enumerate(toks)))
+        lines.append("  `" + " ".join(f"{x:.2f}" for x in w) + "`")
+    return "\n".join(lines) + "\n"
+
+
+def learn_token_weights(catalog, cfg: MasksConfig, teacher_cfg: TeacherConfig, generation: dict, steps_fp: str,
+                        model_dir: str, max_length: int, fp: str, report_dir=None,
+                        on_epoch: Callable[[int, dict], None] | None = None) -> dict:
+    done = catalog.stage_output(fp)
+    if done:
+        return done["summary"]
+    from tasks.student import load_student
+
+    model, tokenizer = load_student(model_dir)
+    rows = catalog.query("kept_rationales", dataset_fp=generation["dataset_fp"], teacher_fp=generation["teacher_fp"],
+                         only_correct=teacher_cfg.keep_only_correct)
+    steps: dict[str, list[dict]] = {}
+    for s in catalog.query("steps_of_rationales", steps_fp=steps_fp):
+        steps.setdefault(s["rationale_id"], []).append(s)
+    items = encode_rationales(tokenizer, teacher_cfg, rows, steps, max_length)
+    history: list[dict] = []
+    if cfg.uniform:  # ablation: no token weighting
+        weights = [[1.0] * (it.rationale_end - it.rationale_start) for it in items]
+    else:
+        weighter, history = train_masks(cfg, model.get_input_embeddings(), tokenizer, items, on_epoch)
+        weights = infer_weights(weighter, items, tokenizer.pad_token_id)
+    table = [{"weights_fp": fp, "rationale_id": it.rationale_id, "token_start": it.rationale_start, "weights": w,
+              "keypoints": keypoints(w, cfg.top_k)} for it, w in zip(items, weights)]
+    kept = sum(x >= 0.5 for w in weights for x in w)
+    total = sum(len(w) for w in weights)
+    summary = {"weights_fp": fp, "n_rationales": len(items), "n_skipped": len(rows) - len(items),
+               "mean_weight": sum(map(sum, weights)) / max(total, 1), "kept_fraction": kept / max(total, 1),
+               "history": history, "uniform": cfg.uniform}
+    if report_dir is not None:
+        report_dir.mkdir(parents=True, exist_ok=True)
+        (report_dir / f"{fp}.html").write_text(shaded_html(tokenizer, items, weights))
+        summary["html"] = str(report_dir / f"{fp}.html")
+        summary["markdown"] = shaded_markdown(tokenizer, items, weights, cfg.top_k)
+    with catalog.transaction() as con:
+        con.execute("delete from token_weights where weights_fp = ?", [fp])
+        catalog.insert(con, "token_weights", table)
+        catalog.record_stage(con, fp, stage="token-weights", code_version=CODE_VERSION, config=cfg,
+                             upstream=[steps_fp], summary={k: v for k, v in summary.items() if k != "markdown"})
+    return summary
+
+
+def load_weights(catalog, fp: str) -> dict[str, tuple[int, list[float]]]:
+    return {r["rationale_id"]: (r["token_start"], list(r["weights"])) for r in catalog.query("token_weights_of", weights_fp=fp)}
+
+
+# ---- Prefect wrapper ------------------------------------------------------------------------------
+from prefect import get_run_logger  # noqa: E402
+from prefect.artifacts import create_link_artifact, create_markdown_artifact  # noqa: E402
+
+from storage.workspace import Workspace  # noqa: E402
+from tasks.prefect_stage import stage_task  # noqa: E402
+
+
+@stage_task("token-weights", tags=["gpu"])
+def token_weights_task(workspace: str, cfg: MasksConfig, teacher_cfg: TeacherConfig, generation: dict, steps: dict,
+                       student: dict, max_length: int, fp: str) -> dict:
+    ws = Workspace(workspace)
+    logger = get_run_logger()
+    summary = learn_token_weights(
+        ws.catalog(), cfg, teacher_cfg, generation, steps["steps_fp"], student["model_dir"], max_length, fp,
+        report_dir=ws.root / "reports",
+        on_epoch=lambda e, m: logger.info("masks epoch %d: L %.3f Lp %.3f Lm %.3f", e, m["loss"], m["lp"], m["lm"]))
+    if summary.get("markdown"):
+        create_markdown_artifact(key="keypoints", markdown=summary["markdown"], description="learned token weights")
+        create_link_artifact(key="keypoints-html", link=f"file://{summary['html']}", description="shaded rationales (HTML)")
+    return {k: v for k, v in summary.items() if k != "markdown"}

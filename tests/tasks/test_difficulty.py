@@ -1,0 +1,52 @@
+import math
+
+import pytest
+
+from keystep.config import DifficultyConfig, MasksConfig
+from tasks.difficulty import buckets, difficulty_fingerprint, score_difficulty, step_difficulties, token_nll
+from tasks.keypoints import EncodedRationale, learn_token_weights, weights_fingerprint
+from tests.tasks.test_keypoints import CFG, setup
+
+
+def item(n_tokens=10, start=2, ends=(5, 8)):
+    return EncodedRationale("r", list(range(n_tokens)), start, ends[-1], list(ends), "1", [(0, 0)] * n_tokens)
+
+
+def test_weighted_difficulty_is_softmax_within_step_times_nll():
+    it = item()
+    nll = [float(j) for j in range(9)]  # nll of token j is at index j-1 -> value j-1
+    w = [0.0, 1.0, 0.0, 0.5, 0.5, 0.5]  # rationale tokens 2..7
+    (d1, n1), (d2, n2) = step_difficulties(it, nll, w, weighted=True)
+    z = math.exp(0) + math.exp(1) + math.exp(0)
+    assert n1 == 3 and d1 == pytest.approx((1 * 1 + math.e * 2 + 1 * 3) / z)
+    assert n2 == 3 and d2 == pytest.approx((4 + 5 + 6) / 3)  # equal weights: the mean
+    (u1, _), _ = step_difficulties(it, nll, w, weighted=False)
+    assert u1 == pytest.approx(2.0)  # unweighted ablation: plain mean
+
+
+def test_buckets_cover_every_item_once_and_respect_the_budget():
+    items = [item(n) for n in (12, 40, 8, 33, 20, 9, 50)]
+    batches = buckets(items, batch_tokens=80)
+    assert sorted(i for b in batches for i in b) == list(range(7))
+    assert all(max(len(items[i].ids) for i in b) * len(b) <= 80 or len(b) == 1 for b in batches)
+
+
+def test_bucketed_scoring_equals_fixed_padding(tmp_path):
+    *_, model, tok, items = setup(tmp_path)
+    a = token_nll(model, items, 512, "cpu")
+    b = token_nll(model, items, 512, "cpu", bucketed=False, fixed_width=max(len(i.ids) for i in items))
+    assert all(x == pytest.approx(y, abs=1e-4) for ra, rb in zip(a, b) for x, y in zip(ra, rb))
+
+
+def test_stage_scores_every_rationale_step(tmp_path):
+    ws, cfg, cat, gen, st, sfp, model, tok, items = setup(tmp_path)
+    wfp = weights_fingerprint(CFG, sfp, st["student_fp"])
+    learn_token_weights(cat, CFG, cfg.teacher, gen, sfp, st["model_dir"], cfg.student.max_length, wfp)
+    dcfg = DifficultyConfig(warmup_epochs=1)
+    fp = difficulty_fingerprint(dcfg, wfp, st["student_fp"])
+    s = score_difficulty(cat, dcfg, cfg.teacher, gen, sfp, wfp, st["model_dir"], ws.checkpoints_root(f"{fp}-warmup"),
+                         True, cfg.student.max_length, fp)
+    rows = cat.query("difficulty_of", difficulty_fp=fp)
+    assert s["n_steps"] == len(rows) == sum(len([e for e in it.step_ends if e > it.rationale_start]) for it in items)
+    assert all(r["difficulty"] > 0 for r in rows)
+    assert "warmup" in s["scoring_model"] or "epoch-1" in s["scoring_model"]
