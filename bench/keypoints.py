@@ -5,7 +5,7 @@
    Goal >= 0.85.
 2. Spearman correlation between step difficulty (§4.2, on the training rationales) and the generator's step
    complexity. Goal >= 0.3.
-Usage: python bench/keypoints.py [N_TRAIN]
+Usage: python bench/keypoints.py [N_TRAIN] [section.key=value ...]
 """
 import json
 import sys
@@ -33,8 +33,11 @@ def main() -> None:
     from scipy.stats import spearmanr
     from sklearn.metrics import roc_auc_score
 
+    from keystep.config import parse_value
+
     n_train = int(sys.argv[1]) if len(sys.argv) > 1 else 1000
-    cfg = load_config(ROOT / "configs" / "demo.yaml", {"data.train.n": n_train})
+    overrides = {k: parse_value(v) for k, _, v in (a.partition("=") for a in sys.argv[2:])}
+    cfg = load_config(ROOT / "configs" / "demo.yaml", {"data.train.n": n_train, **overrides})
     with tempfile.TemporaryDirectory() as tmp:
         ws = Workspace(tmp)
         cat = ws.catalog()
@@ -95,7 +98,7 @@ def main() -> None:
                       "met": bool(auc >= 0.85 and rho >= 0.3),
                       "details": {"auc_uniform": 0.5, "auc_digits_only": round(auc_digits, 4),
                                   "spearman_difficulty_vs_complexity": round(float(rho), 4), "n_steps_scored": len(d_vals),
-                                  "n_train": len(train_items), "n_heldout": len(test_items), "key_token_rate": sum(labels) / len(labels),
+                                  "n_train": len(train_items), "overrides": overrides, "n_heldout": len(test_items), "key_token_rate": sum(labels) / len(labels),
                                   "mask_history": history}}))
 
 

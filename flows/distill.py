@@ -15,8 +15,10 @@ from prefect.context import get_run_context
 
 from keystep.config import DistillConfig, build_config, load_config
 from storage.workspace import Workspace
+from tasks.difficulty import difficulty_fingerprint, difficulty_task
 from tasks.evaluate import eval_fingerprint, evaluate_task, publish_summary
 from tasks.ingest import dataset_fingerprint, ingest_task
+from tasks.keypoints import token_weights_task, weights_fingerprint
 from tasks.prefect_stage import in_workspace
 from tasks.steps import split_steps_task, steps_fingerprint
 from tasks.student import init_student_task, student_fingerprint
@@ -71,7 +73,17 @@ def prepare(config: DistillConfig = DistillConfig(), generated: dict[str, Any] |
     student = in_workspace(init_student_task, ws)(str(ws.root), config.student, config.teacher.keep_only_correct, gen, s_fp)
     st_fp = steps_fingerprint(config.steps, gen["fingerprint"], s_fp)
     steps = in_workspace(split_steps_task, ws)(str(ws.root), config.steps, config.teacher, gen, student, st_fp)
-    return {**generated, "student": student, "steps": steps}
+    out = {**generated, "student": student, "steps": steps}
+    if config.masks.compute:  # KPOD §4.1-4.2: token weights, then step difficulty
+        w_fp = weights_fingerprint(config.masks, st_fp, s_fp)
+        weights = in_workspace(token_weights_task, ws)(str(ws.root), config.masks, config.teacher, gen, steps, student,
+                                                       config.student.max_length, w_fp)
+        d_fp = difficulty_fingerprint(config.difficulty, w_fp, s_fp)
+        out["token_weights"] = weights
+        out["difficulty"] = in_workspace(difficulty_task, ws)(
+            str(ws.root), config.difficulty, config.teacher, gen, steps, weights, student,
+            config.student.model == "scratch", config.student.max_length, d_fp)
+    return out
 
 
 @flow(name="train", log_prints=True)

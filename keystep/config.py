@@ -128,6 +128,7 @@ class StepsConfig(Section):
 
 class MasksConfig(Section):
     """KPOD §4.1 token weighting: which rationale tokens matter for predicting the answer."""
+    compute: bool = Field(False, description="Run token weighting and step difficulty in the prepare phase (KPOD needs them; the Std-CoT baseline does not).")
     uniform: bool = Field(False, description="Ablation: no token weighting (every weight 1; the module is not trained).")
     alpha: float = Field(0.5, ge=0, description="Weight of the mask-size penalty Lm = mean(m) (paper: 0.5).")
     gumbel_tau: float = Field(0.5, gt=0, description="Gumbel-sigmoid temperature.")
@@ -139,6 +140,8 @@ class MasksConfig(Section):
     predictor_hidden: int = Field(128, ge=16, description="scratch predictor: width.")
     predictor_layers: int = Field(2, ge=1, description="scratch predictor: transformer blocks.")
     epochs: int = Field(4, ge=1, description="Passes over the rationales when learning the masks.")
+    predictor_warmup_epochs: int = Field(1, ge=0, description="Epochs training the answer predictor on unmasked rationales first, so it can use them before the mask penalty applies (otherwise the masks collapse to empty).")
+    init_keep: float = Field(0.9, gt=0, lt=1, description="Initial weight of every token (bias of the MLP's output), so masks start open.")
     batch_size: int = Field(32, ge=1, description="Examples per step.")
     lr: float = Field(2e-3, gt=0, description="AdamW learning rate.")
     top_k: int = Field(8, ge=1, description="Keypoints per rationale: the top-k tokens by weight.")

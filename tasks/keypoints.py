@@ -94,6 +94,7 @@ def build_modules(cfg: MasksConfig, embedding, tokenizer):
             self.att = nn.MultiheadAttention(dim, cfg.attention_heads, batch_first=True)
             self.norm = nn.LayerNorm(dim)
             self.mlp = nn.Sequential(nn.Linear(dim, cfg.mlp_hidden), nn.GELU(), nn.Linear(cfg.mlp_hidden, 1))
+            nn.init.constant_(self.mlp[2].bias, math.log(cfg.init_keep / (1 - cfg.init_keep)))  # masks start open
             self.e_mask = nn.Parameter(torch.zeros(dim))
 
         def forward(self, ids, pad):
@@ -115,6 +116,10 @@ def build_modules(cfg: MasksConfig, embedding, tokenizer):
                     vocab_size=len(tokenizer), hidden_size=cfg.predictor_hidden, intermediate_size=4 * cfg.predictor_hidden,
                     num_hidden_layers=cfg.predictor_layers, num_attention_heads=heads, num_key_value_heads=heads,
                     max_position_embeddings=2048, tie_word_embeddings=True))
+                if cfg.predictor_hidden == dim:
+                    # read and write in the student's embedding space: predicting a token that appears in the
+                    # rationale is then a copy, not a per-token mapping learned from scratch
+                    self.lm.get_input_embeddings().weight.data.copy_(embedding.weight.detach())
                 self.tok, self.kind = tokenizer, "causal"
             else:
                 loader = AutoModelForSeq2SeqLM if cfg.predictor_kind == "seq2seq" else AutoModelForCausalLM
@@ -169,13 +174,15 @@ def _batch_ids(items: list[EncodedRationale], pad_id: int):
     return ids, pad
 
 
-def mask_losses(weighter, predictor, items: list[EncodedRationale], cfg: MasksConfig, pad_id: int, rng: random.Random):
-    """(L, Lp, Lm) for one batch: §4.1 eq. 4-6 with `n_prefixes` sampled cut points per example."""
+def mask_losses(weighter, predictor, items: list[EncodedRationale], cfg: MasksConfig, pad_id: int, rng: random.Random,
+                unmasked: bool = False):
+    """(L, Lp, Lm) for one batch: §4.1 eq. 4-6 with `n_prefixes` sampled cut points per example.
+    `unmasked` (predictor warm-up): every token visible, only Lp."""
     import torch
 
     ids, pad = _batch_ids(items, pad_id)
     x, logits = weighter(ids, pad)
-    m = gumbel_sigmoid(logits, cfg.gumbel_tau)
+    m = torch.ones_like(logits) if unmasked else gumbel_sigmoid(logits, cfg.gumbel_tau)
     masked = m.unsqueeze(-1) * x + (1 - m.unsqueeze(-1)) * weighter.e_mask  # masked embeddings, not masked ids
     prefixes, answers, lm_terms = [], [], []
     for i, it in enumerate(items):
@@ -187,7 +194,7 @@ def mask_losses(weighter, predictor, items: list[EncodedRationale], cfg: MasksCo
             answers.append(it.answer)
     lp = predictor.loss(prefixes, answers)
     lm = torch.cat(lm_terms).mean()
-    return lp + cfg.alpha * lm, lp, lm
+    return (lp, lp, lm) if unmasked else (lp + cfg.alpha * lm, lp, lm)
 
 
 def train_masks(cfg: MasksConfig, embedding, tokenizer, items: list[EncodedRationale],
@@ -200,14 +207,16 @@ def train_masks(cfg: MasksConfig, embedding, tokenizer, items: list[EncodedRatio
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     rng = random.Random(cfg.seed)
     history = []
-    for epoch in range(1, cfg.epochs + 1):
+    warm = cfg.predictor_warmup_epochs
+    for epoch in range(1, warm + cfg.epochs + 1):
+        unmasked = epoch <= warm  # first teach the predictor to read rationales, then learn the masks
         order = list(range(len(items)))
         rng.shuffle(order)
         sums = {"loss": 0.0, "lp": 0.0, "lm": 0.0}
         n = 0
         for b in range(0, len(order), cfg.batch_size):
             loss, lp, lm = mask_losses(weighter, predictor, [items[j] for j in order[b:b + cfg.batch_size]], cfg,
-                                       tokenizer.pad_token_id, rng)
+                                       tokenizer.pad_token_id, rng, unmasked=unmasked)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -215,7 +224,8 @@ def train_masks(cfg: MasksConfig, embedding, tokenizer, items: list[EncodedRatio
             for k, v in (("loss", loss), ("lp", lp), ("lm", lm)):
                 sums[k] += v.item()
             n += 1
-        metrics = {"epoch": epoch, **{k: v / max(n, 1) for k, v in sums.items()}}
+        metrics = {"epoch": epoch, "phase": "predictor warm-up" if unmasked else "masks",
+                   **{k: v / max(n, 1) for k, v in sums.items()}}
         history.append(metrics)
         if on_epoch:
             on_epoch(epoch, metrics)

@@ -11,7 +11,7 @@ from tests.conftest import micro_config
 STAGES = {"ingest", "teacher-rationales", "student-init", "steps", "train-student", "evaluate"}
 
 
-def stage_runs(before: set) -> tuple[dict, set]:
+def stage_runs(before: set, extra: set = frozenset()) -> tuple[dict, set]:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.sorting import TaskRunSort
 
@@ -23,7 +23,7 @@ def stage_runs(before: set) -> tuple[dict, set]:
     executed, cached = [], []
     for r in runs:
         stage = r.name.rsplit("-", 1)[0]
-        if stage not in STAGES or r.state.state_details.child_flow_run_id:  # skip subflow placeholders
+        if stage not in STAGES | extra or r.state.state_details.child_flow_run_id:  # skip subflow placeholders
             continue
         (cached if r.state.name == "Cached" else executed).append(stage)
     return {"executed": sorted(executed), "cached": sorted(cached)}, before | {r.id for r in runs}
@@ -70,3 +70,24 @@ def test_phase_flow_alone_reuses_upstream(prefect_api, tmp_path):
     counts, _ = stage_runs(seen)
     assert counts["executed"] == ["steps", "student-init"]
     assert sorted(counts["cached"]) == ["ingest", "ingest", "teacher-rationales"]
+
+
+@pytest.mark.slow
+def test_a_mask_setting_change_recomputes_masks_and_difficulty_never_the_teacher(prefect_api, tmp_path):
+    from flows.distill import prepare
+    from storage.workspace import Workspace
+
+    seen: set = set()
+    base = {"masks.compute": True, "masks.epochs": 1, "masks.predictor_warmup_epochs": 1, "student.max_length": 256}
+    first = prepare(config=micro_config(tmp_path / "ws", **base))
+    counts, seen = stage_runs(seen, extra={"token-weights", "step-difficulty"})
+    assert {"token-weights", "step-difficulty", "teacher-rationales"} <= set(counts["executed"])
+    assert first["token_weights"]["n_rationales"] == first["steps"]["n_rationales"]
+
+    prepare(config=micro_config(tmp_path / "ws", **{**base, "masks.alpha": 0.25}))
+    counts, seen = stage_runs(seen, extra={"token-weights", "step-difficulty"})
+    assert counts["executed"] == ["step-difficulty", "token-weights"]
+    assert "teacher-rationales" in counts["cached"]
+    cat = Workspace(tmp_path / "ws").catalog()
+    assert cat.execute("select count(distinct weights_fp) as n from token_weights")[0]["n"] == 2
+    assert cat.execute("select count(distinct difficulty_fp) as n from step_difficulty")[0]["n"] == 2

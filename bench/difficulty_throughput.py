@@ -1,0 +1,62 @@
+"""Step-difficulty scoring throughput: length-bucketed batches (keystep) vs a naive loop that pads every
+sequence to the model's max length in dataset order, same token budget per batch, same model and data.
+Goal: >= 1.5x real (non-padding) tokens/s. Both give the same NLLs (tests/tasks/test_difficulty.py).
+"""
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from keystep.config import load_config  # noqa: E402
+from storage.workspace import Workspace  # noqa: E402
+from tasks import ingest, keypoints, steps, student, teacher  # noqa: E402
+from tasks.difficulty import token_nll  # noqa: E402
+
+
+def main() -> None:
+    import torch
+
+    cfg = load_config(ROOT / "configs" / "demo.yaml", {"data.train.max_steps": 5})
+    with tempfile.TemporaryDirectory() as tmp:
+        ws = Workspace(tmp)
+        cat = ws.catalog()
+        dfp = ingest.dataset_fingerprint(cfg.data.train)
+        ingest.ingest(cat, cfg.data.train, dfp)
+        gfp = teacher.generation_fingerprint(cfg.teacher, dfp)
+        gen = {**teacher.generate_rationales(cat, cfg.teacher, dfp, gfp), "fingerprint": gfp}
+        rows = cat.query("kept_rationales", dataset_fp=dfp, teacher_fp=gen["teacher_fp"], only_correct=True)
+        sfp = student.student_fingerprint(cfg.student, gfp)
+        st = student.init_student(cat, cfg.student, [r["question"] + " " + r["text"] for r in rows], ws.model_dir(sfp), sfp)
+        model, tok = student.load_student(st["model_dir"])
+        sp = steps.steps_fingerprint(cfg.steps, gfp, sfp)
+        steps.split_rationales(cat, cfg.steps, cfg.teacher, gen, st["model_dir"], sp)
+        step_rows = {}
+        for s in cat.query("steps_of_rationales", steps_fp=sp):
+            step_rows.setdefault(s["rationale_id"], []).append(s)
+        max_len = 256
+        items = keypoints.encode_rationales(tok, cfg.teacher, rows, step_rows, max_len)
+        real = sum(len(it.ids) for it in items)
+        torch.set_num_threads(2)
+        token_nll(model, items[:64], 4096, "cpu")  # warm-up
+        timings = {"bucketed": [], "naive": []}
+        for _ in range(2):  # alternate, keep the best of each
+            t0 = time.perf_counter()
+            token_nll(model, items, 4096, "cpu")
+            timings["bucketed"].append(real / (time.perf_counter() - t0))
+            t0 = time.perf_counter()
+            token_nll(model, items, 4096, "cpu", bucketed=False, fixed_width=max_len)
+            timings["naive"].append(real / (time.perf_counter() - t0))
+    b, n = max(timings["bucketed"]), max(timings["naive"])
+    print(json.dumps({"bench": "difficulty_throughput", "metric": "scored tokens/s (length-bucketed)", "value": round(b),
+                      "baseline": round(n), "ratio": round(b / n, 3), "goal": "ratio >= 1.5 (baseline = fixed padding to max length)",
+                      "met": b / n >= 1.5, "details": {"sequences": len(items), "real_tokens": real, "max_length": max_len,
+                                                       "mean_length": round(real / len(items), 1), "batch_tokens": 4096,
+                                                       "runs": {k: [round(x) for x in v] for k, v in timings.items()}}}))
+
+
+if __name__ == "__main__":
+    main()
