@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from keystep.config import DifficultyConfig, TeacherConfig, TrainConfig
 from storage.fingerprint import fingerprint
-from tasks.keypoints import EncodedRationale, encode_rationales, load_weights
+from tasks.keypoints import EncodedRationale, load_encoded, load_weights
 
 if TYPE_CHECKING:
     import torch
@@ -119,12 +119,7 @@ def score_difficulty(catalog, cfg: DifficultyConfig, teacher_cfg: TeacherConfig,
         scoring_dir = warm["final_dir"]
     device = pick_device("auto")
     model, tokenizer = load_student(scoring_dir, device=device)
-    rows = catalog.query("kept_rationales", dataset_fp=generation["dataset_fp"], teacher_fp=generation["teacher_fp"],
-                         only_correct=teacher_cfg.keep_only_correct)
-    steps: dict[str, list[dict]] = {}
-    for s in catalog.query("steps_of_rationales", steps_fp=steps_fp):
-        steps.setdefault(s["rationale_id"], []).append(s)
-    items = encode_rationales(tokenizer, teacher_cfg, rows, steps, max_length)
+    _, items = load_encoded(catalog, tokenizer, teacher_cfg, generation, steps_fp, max_length)
     weights = load_weights(catalog, weights_fp)
     nll = token_nll(model, items, cfg.batch_tokens, device)
     table = []

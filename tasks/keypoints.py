@@ -69,6 +69,17 @@ def encode_rationales(tokenizer, teacher_cfg: TeacherConfig, rows: list[dict], s
     return out
 
 
+def load_encoded(catalog, tokenizer, teacher_cfg: TeacherConfig, generation: dict, steps_fp: str,
+                 max_length: int) -> tuple[list[dict], list[EncodedRationale]]:
+    """(kept rationale rows, their encodings) for a generation and a steps output."""
+    rows = catalog.query("kept_rationales", dataset_fp=generation["dataset_fp"], teacher_fp=generation["teacher_fp"],
+                         only_correct=teacher_cfg.keep_only_correct)
+    steps: dict[str, list[dict]] = {}
+    for s in catalog.query("steps_of_rationales", steps_fp=steps_fp):
+        steps.setdefault(s["rationale_id"], []).append(s)
+    return rows, encode_rationales(tokenizer, teacher_cfg, rows, steps, max_length)
+
+
 def gumbel_sigmoid(logits: "torch.Tensor", tau: float, hard: bool = True) -> "torch.Tensor":
     """Relaxed Bernoulli sample; with `hard`, a 0/1 mask whose gradient is the relaxed sample's (straight-through)."""
     import torch
@@ -290,12 +301,7 @@ def learn_token_weights(catalog, cfg: MasksConfig, teacher_cfg: TeacherConfig, g
     from tasks.student import load_student
 
     model, tokenizer = load_student(model_dir)
-    rows = catalog.query("kept_rationales", dataset_fp=generation["dataset_fp"], teacher_fp=generation["teacher_fp"],
-                         only_correct=teacher_cfg.keep_only_correct)
-    steps: dict[str, list[dict]] = {}
-    for s in catalog.query("steps_of_rationales", steps_fp=steps_fp):
-        steps.setdefault(s["rationale_id"], []).append(s)
-    items = encode_rationales(tokenizer, teacher_cfg, rows, steps, max_length)
+    rows, items = load_encoded(catalog, tokenizer, teacher_cfg, generation, steps_fp, max_length)
     history: list[dict] = []
     if cfg.uniform:  # ablation: no token weighting
         weights = [[1.0] * (it.rationale_end - it.rationale_start) for it in items]
