@@ -5,7 +5,8 @@ Measured at concurrency 4, 8 and 16, each beside a bare httpx client (no retries
 server, because on a 2-core machine client and server together saturate near 300 requests/s: at 16 in
 flight (ideal 320/s) even the bare client cannot reach 0.9. The headline figure is concurrency 8.
 
-The server runs in its own process (python -m keystep.fake_openai) so it does not share the client's GIL.
+The server runs in its own process (python -m keystep.fake_openai --raw: bare asyncio HTTP, a fraction of a
+millisecond per request) so it neither shares the client's GIL nor adds its own overhead to the measurement.
 Details also give the whole teacher stage (plan, shards, Parquet spool, catalog ingest) for the same work.
 """
 import asyncio
@@ -48,7 +49,7 @@ async def bare_client(base_url: str, concurrency: int) -> float:
 
 def main() -> None:
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "keystep.fake_openai", "--port", str(port), "--latency", str(LATENCY)],
+    server = subprocess.Popen([sys.executable, "-m", "keystep.fake_openai", "--port", str(port), "--latency", str(LATENCY), "--raw"],
                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         for _ in range(100):

@@ -136,13 +136,53 @@ class FakeOpenAI:
         self._thread.join(timeout=10)
 
 
+async def serve_raw(port: int, latency_s: float) -> None:
+    """Benchmark server: bare asyncio HTTP/1.1 with keep-alive, /v1/completions only, no faults. Its own cost per
+    request is a fraction of a millisecond, so a client benchmark measures the client, not the server."""
+    import json
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        n = 0
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":", 1)[1])
+                body = json.loads(await reader.readexactly(length)) if length else {}
+                if latency_s:
+                    await asyncio.sleep(latency_s)
+                n += 1
+                text = " So the result follows. Therefore, the answer is 1."
+                payload = json.dumps({"id": f"cmpl-{n}", "object": "text_completion", "created": 0,
+                                      "model": body.get("model", "fake"),
+                                      "choices": [{"index": 0, "text": text, "finish_reason": "stop", "logprobs": None}],
+                                      "usage": {"prompt_tokens": 8, "completion_tokens": 9, "total_tokens": 17}}).encode()
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: "
+                             + str(len(payload)).encode() + b"\r\n\r\n" + payload)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", port)
+    async with server:
+        await server.serve_forever()
+
+
 def main() -> None:
     import uvicorn
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--latency", type=float, default=0.0)
+    parser.add_argument("--raw", action="store_true", help="bare asyncio server for client benchmarks")
     args = parser.parse_args()
+    if args.raw:
+        import uvloop
+
+        uvloop.run(serve_raw(args.port, args.latency))
+        return
     # uvloop + httptools keep the server's own per-request cost low (it shares 2 cores with the client)
     uvicorn.run(FakeOpenAI(latency_s=args.latency).app(), host="127.0.0.1", port=args.port, log_level="warning",
                 loop="uvloop", http="httptools", access_log=False)
