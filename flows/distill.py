@@ -6,6 +6,7 @@ after `generate` recomputes nothing upstream.
 """
 from __future__ import annotations
 
+import json
 import time
 
 from typing import Any
@@ -128,7 +129,6 @@ def distill(config: DistillConfig = DistillConfig(), preset: str | None = None,
     ws = _ws(config)
     catalog = ws.catalog()
     run_id = str(get_run_context().flow_run.id)
-    import json
     catalog.execute("insert or replace into runs (run_id, flow_run_id, config_json, status) values (?, ?, ?, 'running')",
                     [run_id, run_id, json.dumps(config.model_dump(mode="json"))])
     try:

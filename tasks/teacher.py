@@ -206,8 +206,9 @@ def finish_generation(catalog, cfg: TeacherConfig, dataset_fp: str, fp: str, wal
 def generate_rationales(catalog, cfg: TeacherConfig, dataset_fp: str, fp: str, backend=None,
                         endpoint: str | None = None) -> dict:
     """plan -> shards -> finish in this process (what the generate flow does, without Prefect)."""
-    if catalog.stage_output(fp):
-        return catalog.stage_output(fp)["summary"]
+    done = catalog.stage_output(fp)
+    if done:
+        return done["summary"]
     t0 = time.perf_counter()
     plan = plan_generation(catalog, cfg, dataset_fp)
     for path in plan["shards"]:

@@ -95,7 +95,7 @@ def train_student(catalog, cfg: TrainConfig, teacher_cfg: TeacherConfig, generat
                          "teacher.keep_only_correct")
     start_epoch = last_whole_epoch(ckpt_root)
     model_dir = ckpt_root / f"epoch-{start_epoch}" if start_epoch else Path(init_dir)
-    model, tokenizer = load_student(model_dir if start_epoch else init_dir, device=device)
+    model, tokenizer = load_student(model_dir, device=device)
     data, n_truncated = [], 0
     for r in rows:
         ids, labels, truncated = encode_example(tokenizer, format_prompt(teacher_cfg, r["question"]),
