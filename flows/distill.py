@@ -16,6 +16,7 @@ from prefect.context import get_run_context
 
 from keystep.config import DistillConfig, build_config, load_config
 from storage.workspace import Workspace
+from tasks.curriculum import curriculum_fingerprint, curriculum_task
 from tasks.difficulty import difficulty_fingerprint, difficulty_task
 from tasks.evaluate import eval_fingerprint, evaluate_task, publish_summary
 from tasks.ingest import dataset_fingerprint, ingest_task
@@ -67,7 +68,8 @@ def generate(config: DistillConfig = DistillConfig()) -> dict[str, Any]:
 
 @flow(name="prepare", log_prints=True)
 def prepare(config: DistillConfig = DistillConfig(), generated: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Build the student before distillation (tokenizer + model) and split the rationales into steps."""
+    """Build the student before distillation (tokenizer + model) and split the rationales into steps; for KPOD
+    also token weights (§4.1), step difficulty (§4.2) and the curriculum (§4.3)."""
     generated = generated or generate(config)
     ws, gen = _ws(config), generated["generation"]
     s_fp = student_fingerprint(config.student, gen["fingerprint"])
@@ -75,7 +77,7 @@ def prepare(config: DistillConfig = DistillConfig(), generated: dict[str, Any] |
     st_fp = steps_fingerprint(config.steps, gen["fingerprint"], s_fp)
     steps = in_workspace(split_steps_task, ws)(str(ws.root), config.steps, config.teacher, gen, student, st_fp)
     out = {**generated, "student": student, "steps": steps}
-    if config.masks.compute:  # KPOD §4.1-4.2: token weights, then step difficulty
+    if config.masks.compute or config.train.loss == "kpod":  # KPOD §4.1-4.2: token weights, then step difficulty
         w_fp = weights_fingerprint(config.masks, st_fp, s_fp)
         weights = in_workspace(token_weights_task, ws)(str(ws.root), config.masks, config.teacher, gen, steps, student,
                                                        config.student.max_length, w_fp)
@@ -84,6 +86,10 @@ def prepare(config: DistillConfig = DistillConfig(), generated: dict[str, Any] |
         out["difficulty"] = in_workspace(difficulty_task, ws)(
             str(ws.root), config.difficulty, config.teacher, gen, steps, weights, student,
             config.student.model == "scratch", config.student.max_length, d_fp)
+    if config.train.loss == "kpod":
+        c_fp = curriculum_fingerprint(config.curriculum, d_fp, config.train.epochs)
+        out["curriculum"] = in_workspace(curriculum_task, ws)(str(ws.root), config.curriculum, config.teacher, gen,
+                                                              out["difficulty"], config.train.epochs, c_fp)
     return out
 
 
@@ -92,11 +98,17 @@ def train(config: DistillConfig = DistillConfig(), prepared: dict[str, Any] | No
     """Train the student on the prepared rationales; resumes from the last whole epoch."""
     prepared = prepared or prepare(config)
     ws = _ws(config)
+    kpod = None
+    if config.train.loss == "kpod":
+        cur = prepared["curriculum"]
+        kpod = {"weights_fp": prepared["token_weights"]["weights_fp"], "steps_fp": prepared["steps"]["steps_fp"],
+                "shards_dir": cur["shards_dir"], "stages": cur["stages"]}
     fp = train_fingerprint(config.train, prepared["student"]["student_fp"], prepared["steps"]["steps_fp"],
-                           prepared["generation"]["fingerprint"])
+                           prepared["generation"]["fingerprint"],
+                           [kpod["weights_fp"], prepared["curriculum"]["curriculum_fp"]] if kpod else None)
     trained = in_workspace(train_task, ws)(str(ws.root), config.train, config.teacher, prepared["generation"],
                                            prepared["student"], fp, config.student.max_length,
-                                           config.model_dump(mode="json"))
+                                           config.model_dump(mode="json"), kpod)
     return {**prepared, "train": trained}
 
 
@@ -110,7 +122,7 @@ def evaluate(config: DistillConfig = DistillConfig(), trained: dict[str, Any] | 
     result = in_workspace(evaluate_task, ws)(str(ws.root), config.eval, config.teacher, trained["train"],
                                              trained["student"], datasets, fp, config.train.device)
     report = publish_summary(str(ws.root), config.data.train.name, fp, trained["generation"],
-                             [trained["train_dataset"], *datasets], trained["train"])
+                             [trained["train_dataset"], *datasets], trained["train"], trained.get("curriculum"))
     return {**trained, "evaluation": result, "report": report}
 
 

@@ -155,6 +155,21 @@ class DifficultyConfig(Section):
     batch_tokens: int = Field(8192, ge=64, description="Token budget per scoring batch (length-bucketed).")
 
 
+class CurriculumConfig(Section):
+    """KPOD §4.3 progressive curriculum: which examples give up one more input step at each stage."""
+    progressive: bool = Field(True, description="False = ablation 'no progressive schedule': every stage trains on whole rationales.")
+    diversity: bool = Field(True, description="False = ablation 'no diversity term' (β = 0).")
+    beta: float = Field(12.0, ge=0, description="β, weight of the cluster-diversity term Σ_k sqrt(|C_k ∩ S|) (paper: 12).")
+    clusters: int = Field(5, ge=1, description="K, K-means clusters of the questions (paper: 5).")
+    step_size: int = Field(1, ge=1, description="Δs, input steps an example gives up when selected (paper: 1).")
+    pace: float = Field(0.5, gt=0, description="p in the budget D(t) = u·t^(p+1)/(p+1) + C0 (paper: 0.5).")
+    start_fraction: float = Field(0.3, ge=0, le=1, description="C0 as a fraction of the total difficulty B (paper: 0.3).")
+    embedding: Literal["tfidf", "sentence-transformers"] = Field("tfidf", description="Question embedding for the clusters: TF-IDF + SVD, or a sentence-embedding model (needs sentence-transformers).")
+    embedding_model: str | None = Field(None, description="sentence-transformers: model folder or hub id.")
+    svd_dim: int = Field(64, ge=2, description="tfidf: truncated-SVD dimensions.")
+    seed: int = Field(0, description="K-means and SVD seed.")
+
+
 class StudentConfig(Section):
     model: str = Field("scratch", description="'scratch' (tiny Llama-style model + BPE tokenizer trained on the corpus) or an HF causal LM path / hub id.")
     vocab_size: int = Field(1024, ge=260, description="scratch: BPE vocabulary size.")
@@ -173,7 +188,9 @@ class StudentConfig(Section):
 
 
 class TrainConfig(Section):
-    loss: Literal["std_cot"] = Field("std_cot", description="Std-CoT: plain NLL on rationale + answer.")
+    loss: Literal["std_cot", "kpod"] = Field("std_cot", description="'std_cot': plain NLL on rationale + answer. 'kpod': "
+                                             "token-weighted NLL on the rationale + NLL on the answer, stage by stage "
+                                             "through the curriculum (computes token weights and difficulty).")
     epochs: int = Field(10, ge=1, description="Passes over the training rationales.")
     batch_size: int = Field(32, ge=1, description="Sequences per micro-batch.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimiser step.")
@@ -203,6 +220,7 @@ class DistillConfig(Section):
     steps: StepsConfig = Field(default_factory=StepsConfig, description="Rationale step splitting.")
     masks: MasksConfig = Field(default_factory=MasksConfig, description="KPOD token weighting (keypoints).")
     difficulty: DifficultyConfig = Field(default_factory=DifficultyConfig, description="KPOD step difficulty.")
+    curriculum: CurriculumConfig = Field(default_factory=CurriculumConfig, description="KPOD progressive curriculum (train.loss: kpod).")
     student: StudentConfig = Field(default_factory=StudentConfig, description="The student model.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Student training.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation.")

@@ -118,17 +118,22 @@ class Catalog:
 
     # -- rows --------------------------------------------------------------------------------------
     @staticmethod
-    def insert(con, table: str, rows: list[dict[str, Any]]) -> int:
-        """Bulk insert by column name through Arrow (fast for thousands of rows)."""
-        if not rows:
+    def insert(con, table: str, rows: list[dict[str, Any]] | dict[str, list]) -> int:
+        """Bulk insert by column name through Arrow: a list of row dicts, or a dict of columns (for big tables)."""
+        tbl = pa.table(rows) if isinstance(rows, dict) else pa.Table.from_pylist(rows)
+        if not tbl.num_rows:
             return 0
-        tbl = pa.Table.from_pylist(rows)
         con.register("_keystep_rows", tbl)
         try:
             con.execute(f"insert into {table} by name select * from _keystep_rows")
         finally:
             con.unregister("_keystep_rows")
-        return len(rows)
+        return tbl.num_rows
+
+    @staticmethod
+    def copy_to(con, name: str, target: Path, **params: Any) -> None:
+        """Run a `copy (...) to '{target}'` query file: DuckDB writes the Parquet files itself."""
+        con.execute(sql(name).replace("{target}", str(target).replace("'", "''")), params)
 
     def query(self, name: str, **params: Any) -> list[dict[str, Any]]:
         with self.connect() as con:

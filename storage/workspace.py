@@ -3,6 +3,7 @@
     <workspace>/catalog.duckdb          the catalog
     <workspace>/models/<fp>/            student init (HF model dir + tokenizer)
     <workspace>/checkpoints/<fp>/epoch-N/  per-epoch training checkpoints (HF dir + optimizer state)
+    <workspace>/curricula/<fp>/stage=N/  curriculum Parquet shards (KPOD §4.3)
     <workspace>/reports/<fp>.md         markdown reports
     <workspace>/prefect-results/        Prefect's persisted task results (the task cache)
 """
@@ -36,6 +37,10 @@ class Workspace:
 
     def checkpoints_root(self, fp: str) -> Path:
         return self.root / "checkpoints" / fp
+
+    def curriculum_dir(self, fp: str) -> Path:
+        """Parquet shards of a curriculum, one `stage=N/` folder per stage."""
+        return self.root / "curricula" / fp
 
     def report_path(self, fp: str) -> Path:
         return self.root / "reports" / f"{fp}.md"

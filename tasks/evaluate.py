@@ -128,6 +128,8 @@ def summary_markdown(config_name: str, results: list[dict], teacher: dict, datas
     if hist:
         lines += ["", "## Training", "", f"- device {train['device']}, {train['n_examples']} sequences, "
                   f"{train['n_truncated']} truncated, resumed from epoch {train['resumed_from_epoch']}",
+                  f"- loss: {train.get('loss', 'std_cot')}"
+                  + (", curriculum stage by epoch: " + ", ".join(str(h["stage"]) for h in hist) if hist[0].get("stage") else ""),
                   "- loss by epoch: " + ", ".join(f"{h['loss']:.3f}" for h in hist),
                   f"- final checkpoint: `{train['final_dir']}`"]
     return "\n".join(lines) + "\n"
@@ -165,9 +167,14 @@ def evaluate_task(workspace: str, cfg: EvalConfig, teacher_cfg: TeacherConfig, t
     return summary
 
 
-def publish_summary(workspace: str, name: str, eval_fp: str, teacher: dict, datasets: list[dict], train: dict) -> str:
+def publish_summary(workspace: str, name: str, eval_fp: str, teacher: dict, datasets: list[dict], train: dict,
+                    curriculum: dict | None = None) -> str:
+    """The run's markdown report (<workspace>/reports/<eval fp>.md, also a Prefect artifact); for KPOD runs it
+    includes the curriculum's per-stage table and plots (PNG files beside the report)."""
     ws = Workspace(workspace)
     text = summary_markdown(name, ws.catalog().query("latest_results", eval_fp=eval_fp), teacher, datasets, train)
+    if curriculum:
+        text += "\n" + curriculum["markdown"]
     path = ws.report_path(eval_fp)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)

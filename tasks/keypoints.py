@@ -139,14 +139,16 @@ def build_modules(cfg: MasksConfig, embedding, tokenizer):
             width = self.lm.get_input_embeddings().embedding_dim
             self.proj = nn.Linear(dim, width) if width != dim else nn.Identity()  # embedding sizes may differ
 
-        def loss(self, prefixes: list, answers: list[str]):
+        def answer_nll(self, prefixes: list, answers: list[str]):
+            """−log P(y | prefix) per prefix, summed over the answer's tokens (§4.1 eq. 5)."""
             dev = prefixes[0].device
             emb = self.lm.get_input_embeddings()
             if self.kind == "seq2seq":
                 enc, mask = _pad([self.proj(p) for p in prefixes])
                 labels = self.tok(answers, return_tensors="pt", padding=True).input_ids.to(dev)
                 labels[labels == self.tok.pad_token_id] = -100
-                return self.lm(inputs_embeds=enc, attention_mask=mask, labels=labels).loss
+                logits = self.lm(inputs_embeds=enc, attention_mask=mask, labels=labels).logits
+                return _summed_nll(logits, labels)
             rows, labels = [], []
             for p, ans in zip(prefixes, answers):
                 ans_ids = torch.tensor(self.tok(" " + ans, add_special_tokens=False).input_ids + [self.tok.eos_token_id], device=dev)
@@ -156,9 +158,18 @@ def build_modules(cfg: MasksConfig, embedding, tokenizer):
             lab = torch.full(mask.shape, -100, dtype=torch.long, device=dev)
             for i, lb in enumerate(labels):
                 lab[i, : len(lb)] = lb
-            return self.lm(inputs_embeds=seq, attention_mask=mask, labels=lab).loss
+            logits = self.lm(inputs_embeds=seq, attention_mask=mask).logits
+            return _summed_nll(logits[:, :-1], lab[:, 1:])
 
     return TokenWeighter(), AnswerPredictor()
+
+
+def _summed_nll(logits, labels):
+    """Per row: Σ −log P(label) over the positions that are not -100."""
+    import torch
+
+    nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none")
+    return nll.sum(dim=1)
 
 
 def _pad(rows: list) -> tuple:
@@ -203,7 +214,7 @@ def mask_losses(weighter, predictor, items: list[EncodedRationale], cfg: MasksCo
             # question unmasked, rationale masked up to the cut point k
             prefixes.append(torch.cat([x[i, : it.rationale_start], masked[i, it.rationale_start:cut]]))
             answers.append(it.answer)
-    lp = predictor.loss(prefixes, answers)
+    lp = predictor.answer_nll(prefixes, answers).sum() / len(items)   # Σ over prefixes k, mean over examples
     lm = torch.cat(lm_terms).mean()
     return (lp, lp, lm) if unmasked else (lp + cfg.alpha * lm, lp, lm)
 

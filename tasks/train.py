@@ -1,6 +1,11 @@
-"""Train stage: distil the student on the kept rationales (Std-CoT: NLL on rationale + answer).
+"""Train stage: distil the student on the kept rationales.
 
-Input: the student-init model dir, kept rationales (generation output), `TrainConfig`. Output:
+Std-CoT: NLL on rationale + answer. KPOD (§4.3-4.4): epoch e reads curriculum stage min(e, T) from its Parquet
+shard; the input is the question + the first c_i steps (no loss there), the target the remaining steps + the
+answer, and the loss −Σ_j w_j·log P(r_j | ·) − Σ log P(y | ·) with w the learned token weights (§4.1).
+
+Input: the student-init model dir, kept rationales (generation output), `TrainConfig` (+ for KPOD: token
+weights, steps, curriculum shards). Output:
 `checkpoints/<fp>/epoch-N/` per epoch (HF model dir + tokenizer + trainer_state.pt + the resolved run
 config) and rows in `checkpoints`. A rerun after a kill resumes from the last whole epoch: model, optimizer,
 scheduler and RNG state are restored, so the result equals an uninterrupted run.
@@ -37,33 +42,89 @@ def pick_device(setting: str) -> str:
     return "cuda" if setting in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
 
 
-def encode_example(tokenizer, prompt: str, target: str, max_length: int) -> tuple[list[int], list[int], bool]:
-    """Token ids of `<bos> prompt target <eos>` and labels that are IGNORE on the prompt (no loss there)."""
+def encode_example(tokenizer, prompt: str, target: str, max_length: int,
+                   input_chars: int = 0) -> tuple[list[int], list[int], bool]:
+    """Token ids of `<bos> prompt target <eos>` and labels that are IGNORE on the prompt (no loss there) and on
+    the first `input_chars` characters of the target (the curriculum's input steps)."""
     text = prompt + " " + target
     enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
     ids = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     labels = [IGNORE] * len(ids)
+    boundary = len(prompt) + (1 + input_chars if input_chars else 0)
     for tid, (_, end) in zip(enc["input_ids"], enc["offset_mapping"]):
         ids.append(tid)
-        labels.append(tid if end > len(prompt) else IGNORE)
+        labels.append(tid if end > boundary else IGNORE)
     ids.append(tokenizer.eos_token_id)
     labels.append(tokenizer.eos_token_id)
     truncated = len(ids) > max_length
     return ids[:max_length], labels[:max_length], truncated
 
 
-def collate(batch: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, "torch.Tensor"]:
+def collate(batch: list[tuple], pad_id: int) -> dict[str, "torch.Tensor"]:
+    """(ids, labels[, loss weights]) per sequence -> padded tensors; weights default to 1."""
     import torch
 
-    width = max(len(ids) for ids, _ in batch)
+    width = max(len(x[0]) for x in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for i, (x, y) in enumerate(batch):
+    weights = torch.zeros((len(batch), width))
+    for i, (x, y, *w) in enumerate(batch):
         ids[i, : len(x)] = torch.tensor(x)
         labels[i, : len(y)] = torch.tensor(y)
         mask[i, : len(x)] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        weights[i, : len(x)] = torch.tensor(w[0]) if w else 1.0
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask, "weights": weights}
+
+
+def weighted_nll(logits: "torch.Tensor", labels: "torch.Tensor", weights: "torch.Tensor") -> "torch.Tensor":
+    """Σ_j w_j·(−log P(token_j | tokens_<j)) over labelled tokens / their count. With every w_j = 1 this is the
+    usual causal-LM loss (Std-CoT); KPOD passes the learned token weights on rationale tokens, 1 on the answer."""
+    import torch
+
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels[:, 1:],
+                                            ignore_index=IGNORE, reduction="none")
+    return (nll * weights[:, 1:]).sum() / (labels[:, 1:] != IGNORE).sum().clamp(min=1)
+
+
+class KpodData:
+    """Per-stage training sequences for KPOD: input = question + first c_i(t) steps, target = the rest."""
+
+    def __init__(self, catalog, tokenizer, teacher_cfg: TeacherConfig, rows: list[dict], kpod: dict, max_length: int):
+        from tasks.keypoints import load_weights
+
+        self.tokenizer, self.teacher_cfg, self.rows, self.max_length = tokenizer, teacher_cfg, rows, max_length
+        self.shards_dir, self.stages = kpod["shards_dir"], kpod["stages"]
+        self.weights = load_weights(catalog, kpod["weights_fp"])
+        self.step_ends: dict[str, list[int]] = {}
+        for st in catalog.query("steps_of_rationales", steps_fp=kpod["steps_fp"]):
+            self.step_ends.setdefault(st["rationale_id"], []).append(st["char_end"])
+        self.n_unweighted = sum(r["rationale_id"] not in self.weights for r in rows)
+        self._cache: dict[int, list[tuple]] = {}
+
+    def stage_of(self, epoch: int) -> int:
+        return min(epoch, self.stages)
+
+    def sequences(self, epoch: int) -> list[tuple[list[int], list[int], list[float]]]:
+        from tasks.curriculum import stage_shard
+
+        stage = self.stage_of(epoch)
+        if stage not in self._cache:
+            prefix = stage_shard(self.shards_dir, stage)
+            out = []
+            for r in self.rows:
+                c = prefix.get(r["rationale_id"], 0)
+                input_chars = self.step_ends[r["rationale_id"]][c - 1] if c else 0
+                ids, labels, _ = encode_example(self.tokenizer, format_prompt(self.teacher_cfg, r["question"]),
+                                                training_target(r["text"], r["answer"], self.teacher_cfg),
+                                                self.max_length, input_chars)
+                weights = [1.0] * len(ids)
+                start, w = self.weights.get(r["rationale_id"], (0, []))
+                for j, x in enumerate(w[: max(0, len(ids) - start)]):
+                    weights[start + j] = x
+                out.append((ids, labels, weights))
+            self._cache = {stage: out}
+        return self._cache[stage]
 
 
 def last_whole_epoch(ckpt_root: Path) -> int:
@@ -72,13 +133,16 @@ def last_whole_epoch(ckpt_root: Path) -> int:
     return max(epochs, default=0)
 
 
-def train_fingerprint(cfg: TrainConfig, student_fp: str, steps_fp: str, generation_fp: str) -> str:
-    return fingerprint("train", cfg, [student_fp, steps_fp, generation_fp], CODE_VERSION)
+def train_fingerprint(cfg: TrainConfig, student_fp: str, steps_fp: str, generation_fp: str,
+                      kpod_upstream: list[str] | None = None) -> str:
+    """`kpod_upstream`: the token-weights and curriculum fingerprints a KPOD run reads."""
+    return fingerprint("train", cfg, [student_fp, steps_fp, generation_fp, *(kpod_upstream or [])], CODE_VERSION)
 
 
 def train_student(catalog, cfg: TrainConfig, teacher_cfg: TeacherConfig, generation: dict, init_dir: str,
                   ckpt_root: Path, fp: str, max_length: int, run_config: dict,
-                  on_epoch: Callable[[int, int, dict], None] | None = None) -> dict:
+                  on_epoch: Callable[[int, int, dict], None] | None = None, kpod: dict | None = None) -> dict:
+    """`kpod` (train.loss kpod): {"weights_fp", "steps_fp", "shards_dir", "stages"}."""
     import torch  # imported here: a cached run of the flow never needs it
 
     done = catalog.stage_output(fp)
@@ -96,12 +160,15 @@ def train_student(catalog, cfg: TrainConfig, teacher_cfg: TeacherConfig, generat
     start_epoch = last_whole_epoch(ckpt_root)
     model_dir = ckpt_root / f"epoch-{start_epoch}" if start_epoch else Path(init_dir)
     model, tokenizer = load_student(model_dir, device=device)
+    if cfg.loss == "kpod" and not kpod:
+        raise ValueError("train.loss 'kpod' needs token weights and a curriculum (run the distill/prepare flow)")
     data, n_truncated = [], 0
     for r in rows:
         ids, labels, truncated = encode_example(tokenizer, format_prompt(teacher_cfg, r["question"]),
                                                 training_target(r["text"], r["answer"], teacher_cfg), max_length)
         data.append((ids, labels))
         n_truncated += truncated
+    staged = KpodData(catalog, tokenizer, teacher_cfg, rows, kpod, max_length) if cfg.loss == "kpod" else None
     steps_per_epoch = math.ceil(len(data) / (cfg.batch_size * cfg.grad_accum))
     total_steps = steps_per_epoch * cfg.epochs
     decay, no_decay = [], []
@@ -123,6 +190,8 @@ def train_student(catalog, cfg: TrainConfig, teacher_cfg: TeacherConfig, generat
     model.train()
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
         t0, tokens, loss_sum, n_micro = time.perf_counter(), 0, 0.0, 0
+        if staged:
+            data = staged.sequences(epoch)   # curriculum stage min(epoch, T): same examples, other prefixes
         order = list(range(len(data)))
         random.Random(f"{cfg.seed}-{epoch}").shuffle(order)  # per-epoch order: resumes see the same data
         torch.manual_seed(cfg.seed * 1000 + epoch)
@@ -130,7 +199,8 @@ def train_student(catalog, cfg: TrainConfig, teacher_cfg: TeacherConfig, generat
         for i, idx in enumerate(micro):
             batch = {k: v.to(device) for k, v in collate([data[j] for j in idx], tokenizer.pad_token_id).items()}
             with torch.autocast(device_type=device, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                loss = model(**batch).loss
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            loss = weighted_nll(logits, batch["labels"], batch["weights"])
             (loss / cfg.grad_accum).backward()
             loss_sum += loss.item()
             n_micro += 1
@@ -140,7 +210,7 @@ def train_student(catalog, cfg: TrainConfig, teacher_cfg: TeacherConfig, generat
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-        metrics = {"epoch": epoch, "loss": loss_sum / max(n_micro, 1), "tokens": tokens,
+        metrics = {"epoch": epoch, "stage": staged.stage_of(epoch) if staged else None, "loss": loss_sum / max(n_micro, 1), "tokens": tokens,
                    "tokens_per_s": tokens / (time.perf_counter() - t0), "lr": scheduler.get_last_lr()[0]}
         history.append(metrics)
         # checkpoint: write to a temp dir, then rename, so a kill never leaves a half-written epoch
@@ -165,7 +235,8 @@ def train_student(catalog, cfg: TrainConfig, teacher_cfg: TeacherConfig, generat
     if device == "cuda":
         torch.cuda.empty_cache()
     summary = {"train_fp": fp, "final_dir": str(ckpt_root / f"epoch-{cfg.epochs}"), "init_dir": str(init_dir),
-               "n_examples": len(data), "n_truncated": n_truncated, "resumed_from_epoch": start_epoch,
+               "n_examples": len(data), "n_truncated": n_truncated, "resumed_from_epoch": start_epoch, "loss": cfg.loss,
+               "n_unweighted": staged.n_unweighted if staged else None,
                "device": device, "history": history}
     with catalog.transaction() as con:
         catalog.record_stage(con, fp, stage="train", code_version=CODE_VERSION, config=cfg,
@@ -183,7 +254,7 @@ from tasks.prefect_stage import stage_task  # noqa: E402
 
 @stage_task("train-student", tags=["gpu"])
 def train_task(workspace: str, cfg: TrainConfig, teacher_cfg: TeacherConfig, generation: dict, student: dict,
-               fp: str, max_length: int, run_config: dict) -> dict:
+               fp: str, max_length: int, run_config: dict, kpod: dict | None = None) -> dict:
     ws = Workspace(workspace)
     logger = get_run_logger()
     progress = create_progress_artifact(0.0, key="train-progress", description=f"training {fp}")
@@ -193,6 +264,6 @@ def train_task(workspace: str, cfg: TrainConfig, teacher_cfg: TeacherConfig, gen
         logger.info("epoch %d/%d loss %.4f (%.0f tokens/s)", epoch, total, metrics["loss"], metrics["tokens_per_s"])
 
     summary = train_student(ws.catalog(), cfg, teacher_cfg, generation, student["model_dir"], ws.checkpoints_root(fp),
-                            fp, max_length, run_config, on_epoch=on_epoch)
+                            fp, max_length, run_config, on_epoch=on_epoch, kpod=kpod)
     update_progress_artifact(progress, 100.0)
     return summary

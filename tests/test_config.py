@@ -14,7 +14,7 @@ def test_every_preset_loads(preset):
 
 
 def test_presets_exist():
-    assert {"demo.yaml", "gsm8k.yaml", "micro.yaml"} <= {p.name for p in PRESETS}
+    assert {"demo.yaml", "kpod.yaml", "gsm8k.yaml", "micro.yaml"} <= {p.name for p in PRESETS}
 
 
 def test_default_is_the_offline_demo():

@@ -91,3 +91,36 @@ def test_a_mask_setting_change_recomputes_masks_and_difficulty_never_the_teacher
     cat = Workspace(tmp_path / "ws").catalog()
     assert cat.execute("select count(distinct weights_fp) as n from token_weights")[0]["n"] == 2
     assert cat.execute("select count(distinct difficulty_fp) as n from step_difficulty")[0]["n"] == 2
+
+
+@pytest.mark.slow
+def test_kpod_end_to_end_and_a_curriculum_change_recomputes_only_curriculum_train_and_eval(prefect_api, tmp_path):
+    from pathlib import Path
+
+    from flows.distill import distill
+    from storage.workspace import Workspace
+
+    extra = {"token-weights", "step-difficulty", "curriculum"}
+    seen: set = set()
+    base = {"train.loss": "kpod", "train.epochs": 4, "masks.epochs": 1, "masks.predictor_warmup_epochs": 1,
+            "student.max_length": 256}
+    first = distill(config=micro_config(tmp_path / "ws", **base))
+    counts, seen = stage_runs(seen, extra=extra)
+    assert {"token-weights", "step-difficulty", "curriculum", "train-student", "evaluate"} <= set(counts["executed"])
+    ws = Workspace(tmp_path / "ws")
+    cat = ws.catalog()
+    stages = cat.execute("select stage, count(*) as n from curriculum group by stage order by stage")
+    assert [s["stage"] for s in stages] == [1, 2]                      # T = ceil(4 / 2)
+    ckpt = cat.execute("select metrics_json from checkpoints where train_fp = ? order by epoch", [first["train_fp"]])
+    assert [__import__("json").loads(c["metrics_json"])["stage"] for c in ckpt] == [1, 2, 2, 2]
+    report = Path(first["report"]).read_text()
+    assert "## Curriculum" in report and "budget vs achieved" in report
+    for line in report.splitlines():                                   # plots resolve relative to the report
+        if line.startswith("!["):
+            assert (Path(first["report"]).parent / line.split("(")[1].rstrip(")")).is_file()
+
+    again = distill(config=micro_config(tmp_path / "ws", **{**base, "curriculum.beta": 3.0}))
+    counts, seen = stage_runs(seen, extra=extra)
+    assert counts["executed"] == ["curriculum", "evaluate", "train-student"]
+    assert "token-weights" in counts["cached"] and "teacher-rationales" in counts["cached"]
+    assert again["train_fp"] != first["train_fp"]

@@ -16,3 +16,25 @@ def prepared(ws, n=48, **overrides):
     sfp = student.student_fingerprint(cfg.student, gfp)
     st = student.init_student(cat, cfg.student, corpus, ws.model_dir(sfp), sfp)
     return cfg, cat, gen, st
+
+
+def kpod_prepared(ws, n=32, epochs=4, **overrides):
+    """`prepared` plus what KPOD training reads: steps, token weights, step difficulty and the curriculum."""
+    from keystep.config import MasksConfig
+    from tasks import curriculum, difficulty, keypoints, steps
+
+    cfg, cat, gen, st = prepared(ws, n=n, **{"train.loss": "kpod", "train.epochs": epochs, "student.max_length": 256,
+                                             **overrides})
+    sfp = steps.steps_fingerprint(cfg.steps, gen["fingerprint"], st["student_fp"])
+    steps.split_rationales(cat, cfg.steps, cfg.teacher, gen, st["model_dir"], sfp)
+    mcfg = MasksConfig(epochs=1, batch_size=8, predictor_hidden=32, predictor_layers=1, mlp_hidden=16, attention_heads=2)
+    wfp = keypoints.weights_fingerprint(mcfg, sfp, st["student_fp"])
+    keypoints.learn_token_weights(cat, mcfg, cfg.teacher, gen, sfp, st["model_dir"], cfg.student.max_length, wfp)
+    dfp = difficulty.difficulty_fingerprint(cfg.difficulty, wfp, st["student_fp"])
+    difficulty.score_difficulty(cat, cfg.difficulty, cfg.teacher, gen, sfp, wfp, st["model_dir"], None, False,
+                                cfg.student.max_length, dfp)
+    cfp = curriculum.curriculum_fingerprint(cfg.curriculum, dfp, epochs)
+    cur = curriculum.build_curriculum(cat, cfg.curriculum, cfg.teacher, gen, dfp, epochs, ws.curriculum_dir(cfp),
+                                      ws.root / "reports", cfp)
+    kpod = {"weights_fp": wfp, "steps_fp": sfp, "shards_dir": cur["shards_dir"], "stages": cur["stages"]}
+    return cfg, cat, gen, st, kpod

@@ -5,23 +5,24 @@ import torch
 
 from storage.workspace import Workspace
 from tasks.steps import split_rationales, steps_fingerprint
-from tasks.train import IGNORE, encode_example, last_whole_epoch, train_fingerprint, train_student
-from tests.tasks.helpers import prepared
+from tasks.train import (IGNORE, KpodData, collate, encode_example, last_whole_epoch, train_fingerprint, train_student,
+                         weighted_nll)
+from tests.tasks.helpers import kpod_prepared, prepared
 
 
 class Killed(Exception):
     pass
 
 
-def run_training(ws, cfg, cat, gen, st, kill_after=None):
-    fp = train_fingerprint(cfg.train, st["student_fp"], "steps", gen["fingerprint"])
+def run_training(ws, cfg, cat, gen, st, kill_after=None, kpod=None):
+    fp = train_fingerprint(cfg.train, st["student_fp"], "steps", gen["fingerprint"], [kpod["weights_fp"]] if kpod else None)
 
     def on_epoch(epoch, total, metrics):
         if kill_after and epoch == kill_after:
             raise Killed()
 
     return train_student(cat, cfg.train, cfg.teacher, gen, st["model_dir"], ws.checkpoints_root(fp), fp,
-                         cfg.student.max_length, cfg.model_dump(mode="json"), on_epoch=on_epoch)
+                         cfg.student.max_length, cfg.model_dump(mode="json"), on_epoch=on_epoch, kpod=kpod)
 
 
 def weights(path):
@@ -40,17 +41,28 @@ def test_loss_decreases_and_checkpoints_hold_config(tmp_path):
     assert len(cat.execute("select * from checkpoints where train_fp = ?", [s["train_fp"]])) == 4
 
 
-def test_resume_from_last_whole_epoch_equals_uninterrupted(tmp_path):
+@pytest.mark.parametrize("loss", ["std_cot", "kpod"])
+def test_resume_from_last_whole_epoch_equals_uninterrupted(tmp_path, loss):
+    # KPOD: 3 epochs = stages 1, 2, 2; killed after epoch 1, i.e. in the middle of the curriculum
+    kill = 2 if loss == "std_cot" else 1
     ws_a, ws_b = Workspace(tmp_path / "a"), Workspace(tmp_path / "b")
-    cfg, cat, gen, st = prepared(ws_a, **{"train.epochs": 3})
-    full = run_training(ws_a, cfg, cat, gen, st)
-    cfg, cat, gen, st = prepared(ws_b, **{"train.epochs": 3})
+    if loss == "kpod":
+        cfg, cat, gen, st, kpod = kpod_prepared(ws_a, epochs=3)
+    else:
+        (cfg, cat, gen, st), kpod = prepared(ws_a, **{"train.epochs": 3}), None
+    full = run_training(ws_a, cfg, cat, gen, st, kpod=kpod)
+    if loss == "kpod":
+        cfg, cat, gen, st, kpod = kpod_prepared(ws_b, epochs=3)
+    else:
+        cfg, cat, gen, st = prepared(ws_b, **{"train.epochs": 3})
     with pytest.raises(Killed):
-        run_training(ws_b, cfg, cat, gen, st, kill_after=2)
+        run_training(ws_b, cfg, cat, gen, st, kill_after=kill, kpod=kpod)
     fp = full["train_fp"]
-    assert last_whole_epoch(ws_b.checkpoints_root(fp)) == 2
-    resumed = run_training(ws_b, cfg, cat, gen, st)
-    assert resumed["resumed_from_epoch"] == 2
+    assert last_whole_epoch(ws_b.checkpoints_root(fp)) == kill
+    resumed = run_training(ws_b, cfg, cat, gen, st, kpod=kpod)
+    assert resumed["resumed_from_epoch"] == kill
+    if loss == "kpod":
+        assert [h["stage"] for h in resumed["history"]] == [1, 2, 2]
     a, b = weights(full["final_dir"]), weights(resumed["final_dir"])
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     assert [h["loss"] for h in full["history"]] == pytest.approx([h["loss"] for h in resumed["history"]], rel=1e-5)
@@ -75,3 +87,47 @@ def test_steps_stage_token_spans_match_training_tokens(tmp_path):
     assert s["n_rationales"] == 16 and s["n_steps"] > 16
     rows = cat.query("steps_of_rationales", steps_fp=fp)
     assert all(r["token_start"] is not None and r["token_end"] > r["token_start"] for r in rows)
+
+
+def test_std_cot_loss_is_the_models_own_causal_lm_loss(tmp_path):
+    ws = Workspace(tmp_path)
+    cfg, cat, gen, st = prepared(ws, n=8)
+    from tasks.student import load_student
+    model, tok = load_student(st["model_dir"])
+    rows = cat.query("kept_rationales", dataset_fp=gen["dataset_fp"], teacher_fp=gen["teacher_fp"], only_correct=True)
+    from tasks.teacher import format_prompt, training_target
+    batch = collate([encode_example(tok, format_prompt(cfg.teacher, r["question"]),
+                                    training_target(r["text"], r["answer"], cfg.teacher), 96)[:2] for r in rows], tok.pad_token_id)
+    with torch.no_grad():
+        ours = weighted_nll(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                            batch["labels"], batch["weights"])
+        theirs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    assert ours.item() == pytest.approx(theirs.item(), rel=1e-5)
+
+
+def test_kpod_sequences_follow_the_curriculum_and_carry_the_token_weights(tmp_path):
+    from tasks.curriculum import stage_shard
+    from tasks.keypoints import load_weights
+    from tasks.student import load_student
+
+    ws = Workspace(tmp_path)
+    cfg, cat, gen, st, kpod = kpod_prepared(ws, n=24, epochs=4)
+    _, tok = load_student(st["model_dir"])
+    rows = cat.query("kept_rationales", dataset_fp=gen["dataset_fp"], teacher_fp=gen["teacher_fp"], only_correct=True)
+    data = KpodData(cat, tok, cfg.teacher, rows, kpod, cfg.student.max_length)
+    steps = {}
+    for s in cat.query("steps_of_rationales", steps_fp=kpod["steps_fp"]):
+        steps.setdefault(s["rationale_id"], []).append(s["text"])
+    weights = load_weights(cat, kpod["weights_fp"])
+    assert [data.stage_of(e) for e in (1, 2, 3, 4)] == [1, 2, 2, 2]
+    for epoch in (1, 4):
+        prefix = stage_shard(kpod["shards_dir"], data.stage_of(epoch))
+        given = 0
+        for r, (ids, labels, w) in zip(rows, data.sequences(epoch)):
+            c = prefix[r["rationale_id"]]
+            given += c
+            target = tok.decode([t for t, lab in zip(ids, labels) if lab != IGNORE], skip_special_tokens=True)
+            assert target.strip() == " ".join(steps[r["rationale_id"]][c:])     # remaining steps + answer sentence
+            start, rw = weights[r["rationale_id"]]
+            assert w[start:start + len(rw)] == pytest.approx(rw) and w[-1] == 1.0   # answer tokens: weight 1
+        assert (given > 0) == (epoch == 1)                                     # stage T: whole rationales

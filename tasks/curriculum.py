@@ -1,0 +1,354 @@
+"""Curriculum stage (KPOD §4.3): a progressive schedule of how much of each rationale the student generates.
+
+Input: kept rationales (their questions), step difficulties (§4.2), the number of training epochs.
+Output: table `curriculum(fp, stage, example_id, rationale_id, prefix_steps)` — at stage t the first
+`prefix_steps` rationale steps are given as input and the student generates the rest — and its Parquet shards
+`<workspace>/curricula/<fp>/stage=N/*.parquet`, written by DuckDB's COPY … PARTITION_BY and published by
+rename. Plus per-stage plots (budget vs achieved difficulty, cluster coverage, prefix lengths).
+
+Schedule (§4.3): T = ceil(epochs / 2) stages. c_i(0) = n_i − 1 (only the last step generated). The budget
+D(t) = u·t^{p+1}/(p+1) + C0 with C0 = 0.3·B, B = Σ_ij d_ij, u = (B − C0)(p+1)/T^{p+1}, so D(T) = B (eq. 8).
+At stage t < T choose S(t) maximising F(S) = −(ΔD(t) − ΔH(S)) + β·Σ_k sqrt(|C_k ∩ S|) subject to
+ΔH(S) ≤ ΔD(t) (eq. 9-10), where ΔD(t) = D(t) − H(t−1) is what the budget still allows and ΔH(S) the
+difficulty of the steps that examples in S stop receiving as input; then c_i ← c_i − Δs for i in S. At stage
+T every c_i = 0 (whole rationales).
+
+Solver: F(S) + ΔD = ΔH(S) + β·Σ_k sqrt(|C_k ∩ S|) is normalised, monotone and submodular (a modular part plus
+concave functions of cluster counts), with a knapsack constraint (cost of i = its ΔH_i). We use Greedy+Max:
+density greedy, and at every greedy prefix G_i also the best single element that still fits; return the best
+G_i + a_i. It is a 1/2-approximation for monotone submodular maximisation under a knapsack constraint
+(Yaroslavtsev, Zhou & Avdiukhin, "Bring Your Own Greedy+Max: Near-Optimal 1/2-Approximations for Submodular
+Knapsack", AISTATS 2020; also Feldman, Nutov & Shoham, "Practical Budgeted Submodular Maximization",
+Algorithmica 2023). The paper's FTGP has (1/2 − ε); Greedy+Max has no ε. Because the diversity gain depends
+only on the cluster count, the greedy is a K-way merge of per-cluster cost-sorted lists and the "+Max" step a
+binary search per cluster, so a stage costs O(n log n).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from keystep.config import CurriculumConfig, TeacherConfig
+from storage.fingerprint import fingerprint
+
+CODE_VERSION = "1"
+
+
+# ---- objective and solver ---------------------------------------------------------------------------
+def diversity_objective(selected: np.ndarray, cost: np.ndarray, cluster: np.ndarray, beta: float) -> float:
+    """G(S) = ΔH(S) + β·Σ_k sqrt(|C_k ∩ S|) = F(S) + ΔD (the §4.3 objective shifted to G(∅) = 0)."""
+    selected = np.asarray(selected, dtype=np.int64)
+    if selected.size == 0:
+        return 0.0
+    counts = np.bincount(cluster[selected])
+    return float(cost[selected].sum() + beta * np.sqrt(counts).sum())
+
+
+@dataclass
+class Selection:
+    chosen: np.ndarray         # indices into the candidates
+    value: float               # G(chosen)
+    greedy_value: float        # G of the plain density-greedy solution (the baseline)
+
+
+def greedy_max(cost: np.ndarray, cluster: np.ndarray, budget: float, beta: float) -> Selection:
+    """Greedy+Max for max G(S) s.t. Σ_{i∈S} cost_i ≤ budget (1/2-approximation; see the module docstring)."""
+    cost = np.asarray(cost, dtype=np.float64)
+    cluster = np.asarray(cluster, dtype=np.int64)
+    n = cost.size
+    empty = Selection(np.zeros(0, dtype=np.int64), 0.0, 0.0)
+    if n == 0 or budget < 0:
+        return empty
+    tol = 1e-9 * max(1.0, abs(budget))
+    n_clusters = int(cluster.max()) + 1
+    # Within a cluster every element has the same diversity gain, so the highest density (gain/cost) is the
+    # cheapest one: each cluster is taken in ascending cost, and its density key only decreases along it.
+    by_cluster = np.lexsort((cost, cluster))
+    starts = np.searchsorted(cluster[by_cluster], np.arange(n_clusters))
+    pos = np.arange(n) - starts[cluster[by_cluster]]
+    gain = beta * (np.sqrt(pos + 1.0) - np.sqrt(pos))
+    c_sorted = cost[by_cluster]
+    with np.errstate(divide="ignore"):
+        density = np.where(c_sorted > 0, 1.0 + gain / np.where(c_sorted > 0, c_sorted, 1.0), np.inf)
+    merge = np.lexsort((pos, -density))          # the greedy's order: a K-way merge by density
+    seq = by_cluster[merge]
+    seq_cost, seq_cluster = cost[seq], cluster[seq]
+    # Scan in that order; an element that does not fit ends its cluster (the rest of it is costlier and the
+    # remaining budget only shrinks), so at most K+1 vectorised passes.
+    taken = np.zeros(n, dtype=bool)
+    active = np.ones(n_clusters, dtype=bool)
+    used, start = 0.0, 0
+    while start < n:
+        idx = start + np.nonzero(active[seq_cluster[start:]])[0]
+        if idx.size == 0:
+            break
+        cum = used + np.cumsum(seq_cost[idx])
+        over = np.nonzero(cum > budget + tol)[0]
+        if over.size == 0:
+            taken[idx] = True
+            break
+        j = over[0]
+        taken[idx[:j]] = True
+        used = cum[j - 1] if j else used
+        active[seq_cluster[idx[j]]] = False
+        start = idx[j] + 1
+    greedy = seq[taken]                           # G_m in greedy order; G_i = greedy[:i]
+    g_cost, g_cluster = cost[greedy], cluster[greedy]
+    m = greedy.size
+    cum_cost = np.concatenate([[0.0], np.cumsum(g_cost)])
+    counts = np.zeros((m + 1, n_clusters), dtype=np.int64)
+    if m:
+        counts[1:] = np.cumsum(np.eye(n_clusters, dtype=np.int64)[g_cluster], axis=0)
+    value = cum_cost + beta * np.sqrt(counts).sum(axis=1)   # G(G_i), i = 0..m
+    remaining = budget - cum_cost
+    # +Max: for each G_i the best single element outside it that fits. Cluster k's elements outside G_i are
+    # its cost-sorted list from position counts[i, k] on; the best is the costliest one that fits.
+    best_gain = np.zeros(m + 1)
+    best_elem = np.full(m + 1, -1, dtype=np.int64)
+    for k in range(n_clusters):
+        lo, hi = starts[k], (starts[k + 1] if k + 1 < n_clusters else n)
+        if hi == lo:
+            continue
+        ck = c_sorted[lo:hi]
+        at = np.searchsorted(ck, remaining + tol, side="right") - 1
+        ok = at >= counts[:, k]
+        g = np.where(ok, ck[np.clip(at, 0, None)] + beta * (np.sqrt(counts[:, k] + 1.0) - np.sqrt(counts[:, k])), -np.inf)
+        better = g > best_gain
+        best_gain = np.where(better, g, best_gain)
+        best_elem = np.where(better, by_cluster[lo + np.clip(at, 0, None)], best_elem)
+    total = value + best_gain
+    i = int(np.argmax(total))
+    chosen = greedy[:i] if best_elem[i] < 0 else np.concatenate([greedy[:i], [best_elem[i]]])
+    return Selection(chosen.astype(np.int64), float(total[i]), float(value[m]))
+
+
+# ---- clusters -----------------------------------------------------------------------------------------
+def question_clusters(questions: list[str], cfg: CurriculumConfig) -> np.ndarray:
+    """K-means (scikit-learn) over question embeddings: TF-IDF + truncated SVD, or a sentence-embedding model."""
+    from sklearn.cluster import KMeans
+
+    n = len(questions)
+    k = min(cfg.clusters, n)
+    if k <= 1:
+        return np.zeros(n, dtype=np.int64)
+    if cfg.embedding == "sentence-transformers":
+        try:
+            from sentence_transformers import SentenceTransformer
+        except ImportError:
+            raise ValueError("config key 'curriculum.embedding': 'sentence-transformers' is not installed; "
+                             "pip install sentence-transformers, or use 'tfidf'") from None
+        if not cfg.embedding_model:
+            raise ValueError("config key 'curriculum.embedding_model': set a sentence-embedding model folder or hub id")
+        x = SentenceTransformer(cfg.embedding_model).encode(questions, normalize_embeddings=True)
+    else:
+        from sklearn.decomposition import TruncatedSVD
+        from sklearn.feature_extraction.text import TfidfVectorizer
+        from sklearn.preprocessing import normalize
+
+        tfidf = TfidfVectorizer(sublinear_tf=True).fit_transform(questions)
+        dim = min(cfg.svd_dim, tfidf.shape[1] - 1, n - 1)
+        x = normalize(TruncatedSVD(dim, random_state=cfg.seed).fit_transform(tfidf)) if dim >= 2 else tfidf.toarray()
+    return KMeans(k, n_init=4, random_state=cfg.seed).fit_predict(x).astype(np.int64)
+
+
+# ---- schedule -----------------------------------------------------------------------------------------
+@dataclass
+class Schedule:
+    prefix: np.ndarray                      # (T, n): c_i at stages 1..T
+    budget: list[float]                     # D(t)
+    achieved: list[float]                   # H(t) = Σ_i Σ_{j > c_i(t)} d_ij
+    cluster_selected: list[list[int]]       # per stage: |C_k ∩ S(t)| for each k
+    greedy_values: list[float] = field(default_factory=list)   # plain density greedy G per stage
+    solver_values: list[float] = field(default_factory=list)   # Greedy+Max G per stage
+    start_achieved: float = 0.0             # H(0)
+
+
+def n_stages(epochs: int) -> int:
+    return math.ceil(epochs / 2)
+
+
+def build_schedule(difficulties: list[np.ndarray], clusters: np.ndarray, stages: int, cfg: CurriculumConfig) -> Schedule:
+    """§4.3 for n examples; `difficulties[i]` holds d_ij for the steps of example i (in order)."""
+    n_steps = np.array([len(d) for d in difficulties], dtype=np.int64)
+    flat = np.concatenate(difficulties).astype(np.float64) if len(difficulties) else np.zeros(0)
+    offsets = np.concatenate([[0], np.cumsum(n_steps)[:-1]]).astype(np.int64) if len(difficulties) else np.zeros(0, np.int64)
+    csum = np.concatenate([[0.0], np.cumsum(flat)])
+    n_clusters = int(clusters.max()) + 1 if clusters.size else 1
+
+    def generated(c: np.ndarray) -> float:  # H = Σ_i Σ_{j > c_i} d_ij
+        return float((csum[offsets + n_steps] - csum[offsets + c]).sum())
+
+    total = float(flat.sum())                                   # B
+    c0 = cfg.start_fraction * total                             # C0 = 0.3·B
+    p = cfg.pace
+    u = (total - c0) * (p + 1) / stages ** (p + 1)
+    beta = cfg.beta if cfg.diversity else 0.0
+    c = np.maximum(n_steps - 1, 0)                              # c_i(0) = n_i − 1
+    h_prev = generated(c)
+    sched = Schedule(np.zeros((stages, len(difficulties)), dtype=np.int64), [], [], [], start_achieved=h_prev)
+    for t in range(1, stages + 1):
+        d_t = u * t ** (p + 1) / (p + 1) + c0                   # D(t), eq. 8
+        picked = np.zeros(n_clusters, dtype=np.int64)
+        if t == stages or not cfg.progressive:
+            c = np.zeros_like(c)                                # from stage T on: whole rationales
+            sched.greedy_values.append(0.0)
+            sched.solver_values.append(0.0)
+        else:
+            cand = np.nonzero(c > 0)[0]
+            step = np.minimum(cfg.step_size, c[cand])
+            cost = csum[offsets[cand] + c[cand]] - csum[offsets[cand] + c[cand] - step]   # ΔH_i
+            sel = greedy_max(cost, clusters[cand], d_t - h_prev, beta)   # ΔD(t) = D(t) − H(t−1)
+            chosen = cand[sel.chosen]
+            c = c.copy()
+            c[chosen] -= step[sel.chosen]
+            picked = np.bincount(clusters[chosen], minlength=n_clusters)
+            sched.greedy_values.append(sel.greedy_value)
+            sched.solver_values.append(sel.value)
+        h_prev = generated(c)
+        sched.prefix[t - 1] = c
+        sched.budget.append(d_t)
+        sched.achieved.append(h_prev)
+        sched.cluster_selected.append(picked.tolist())
+    return sched
+
+
+def curriculum_fingerprint(cfg: CurriculumConfig, difficulty_fp: str, epochs: int) -> str:
+    return fingerprint("curriculum", {"curriculum": cfg, "stages": n_stages(epochs)}, [difficulty_fp], CODE_VERSION)
+
+
+# ---- report -------------------------------------------------------------------------------------------
+def plot_schedule(sched: Schedule, out_dir: Path) -> dict[str, str]:
+    """PNG plots per stage: budget D(t) vs achieved H(t), cluster coverage of S(t), prefix-length histogram."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stages = np.arange(1, len(sched.budget) + 1)
+    paths = {}
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot(stages, sched.budget, "o-", label="budget D(t)")
+    ax.plot(stages, sched.achieved, "s--", label="achieved H(t)")
+    ax.set_xlabel("stage")
+    ax.set_ylabel("difficulty generated")
+    ax.legend()
+    fig.tight_layout()
+    paths["budget"] = str(out_dir / "budget.png")
+    fig.savefig(paths["budget"], dpi=90)
+    plt.close(fig)
+
+    cov = np.array(sched.cluster_selected)
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    bottom = np.zeros(len(stages))
+    for k in range(cov.shape[1]):
+        ax.bar(stages, cov[:, k], bottom=bottom, label=f"cluster {k}")
+        bottom += cov[:, k]
+    ax.set_xlabel("stage")
+    ax.set_ylabel("examples selected in S(t)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths["coverage"] = str(out_dir / "coverage.png")
+    fig.savefig(paths["coverage"], dpi=90)
+    plt.close(fig)
+
+    top = int(sched.prefix.max()) if sched.prefix.size else 0
+    fig, axes = plt.subplots(1, len(stages), figsize=(2.2 * len(stages), 2.6), sharey=True, squeeze=False)
+    for t, ax in zip(stages, axes[0]):
+        ax.hist(sched.prefix[t - 1], bins=np.arange(top + 2) - 0.5)
+        ax.set_title(f"stage {t}", fontsize=8)
+        ax.set_xlabel("prefix steps", fontsize=8)
+    fig.tight_layout()
+    paths["prefix"] = str(out_dir / "prefix_lengths.png")
+    fig.savefig(paths["prefix"], dpi=90)
+    plt.close(fig)
+    return paths
+
+
+def schedule_markdown(sched: Schedule, plots: dict[str, str], relative_to: Path | None = None) -> str:
+    def link(p: str) -> str:
+        return str(Path(p).relative_to(relative_to)) if relative_to else p
+
+    lines = ["## Curriculum (KPOD §4.3)", "", "| stage | budget D(t) | achieved H(t) | selected | mean prefix steps |",
+             "|---:|---:|---:|---:|---:|"]
+    for t, (d, h, sel) in enumerate(zip(sched.budget, sched.achieved, sched.cluster_selected), start=1):
+        lines.append(f"| {t} | {d:.1f} | {h:.1f} | {sum(sel)} | {sched.prefix[t - 1].mean():.2f} |")
+    lines += ["", f"![budget vs achieved]({link(plots['budget'])})", f"![cluster coverage]({link(plots['coverage'])})",
+              f"![prefix lengths]({link(plots['prefix'])})", ""]
+    return "\n".join(lines)
+
+
+# ---- stage --------------------------------------------------------------------------------------------
+def build_curriculum(catalog, cfg: CurriculumConfig, teacher_cfg: TeacherConfig, generation: dict, difficulty_fp: str,
+                     epochs: int, shards_dir: Path, report_dir: Path, fp: str) -> dict:
+    done = catalog.stage_output(fp)
+    if done and Path(done["summary"]["shards_dir"]).exists():
+        return done["summary"]
+    from storage.workspace import publish_dir, temp_dir_for
+
+    rows = catalog.query("kept_rationales", dataset_fp=generation["dataset_fp"], teacher_fp=generation["teacher_fp"],
+                         only_correct=teacher_cfg.keep_only_correct)
+    by_rationale: dict[str, list[float]] = {}
+    for r in catalog.query("difficulty_of", difficulty_fp=difficulty_fp):
+        by_rationale.setdefault(r["rationale_id"], []).append(r["difficulty"])
+    scored = [r for r in rows if r["rationale_id"] in by_rationale]
+    if not scored:
+        raise ValueError("no step difficulties to build a curriculum from; check the difficulty stage's summary")
+    # one cluster per question (several samples of one question share it)
+    questions = sorted({r["example_id"]: r["question"] for r in scored}.items())
+    labels = dict(zip([q for q, _ in questions], question_clusters([t for _, t in questions], cfg)))
+    clusters = np.array([labels[r["example_id"]] for r in scored], dtype=np.int64)
+    stages = n_stages(epochs)
+    sched = build_schedule([np.array(by_rationale[r["rationale_id"]]) for r in scored], clusters, stages, cfg)
+    table = {"fp": [], "stage": [], "example_id": [], "rationale_id": [], "prefix_steps": []}
+    for t in range(stages):
+        table["fp"] += [fp] * len(scored)
+        table["stage"] += [t + 1] * len(scored)
+        table["example_id"] += [r["example_id"] for r in scored]
+        table["rationale_id"] += [r["rationale_id"] for r in scored]
+        table["prefix_steps"] += sched.prefix[t].tolist()
+    plots = plot_schedule(sched, report_dir / f"curriculum-{fp}")
+    summary = {"curriculum_fp": fp, "stages": stages, "shards_dir": str(shards_dir), "n_rationales": len(scored),
+               "n_unscored": len(rows) - len(scored), "budget": sched.budget, "achieved": sched.achieved,
+               "start_achieved": sched.start_achieved, "cluster_selected": sched.cluster_selected,
+               "cluster_sizes": np.bincount(clusters).tolist(), "mean_prefix": sched.prefix.mean(axis=1).tolist(),
+               "plots": plots, "markdown": schedule_markdown(sched, plots, report_dir)}
+    tmp = temp_dir_for(shards_dir)
+    with catalog.transaction() as con:
+        con.execute("delete from curriculum where fp = ?", [fp])
+        catalog.insert(con, "curriculum", table)
+        catalog.copy_to(con, "curriculum_shards", tmp / "shards", fp=fp)   # stage=N/ folders, by DuckDB
+        publish_dir(tmp / "shards", shards_dir)
+        catalog.record_stage(con, fp, stage="curriculum", code_version=CODE_VERSION, config=cfg,
+                             upstream=[difficulty_fp], summary=summary)
+    tmp.rmdir()
+    return summary
+
+
+def stage_shard(shards_dir: str | Path, stage: int) -> dict[str, int]:
+    """rationale_id -> prefix_steps for one stage, read from its Parquet shard."""
+    import pyarrow.parquet as pq
+
+    tbl = pq.read_table(Path(shards_dir) / f"stage={stage}", columns=["rationale_id", "prefix_steps"])
+    return dict(zip(tbl.column("rationale_id").to_pylist(), tbl.column("prefix_steps").to_pylist()))
+
+
+# ---- Prefect wrapper ----------------------------------------------------------------------------------
+from prefect.artifacts import create_link_artifact, create_markdown_artifact  # noqa: E402
+
+from storage.workspace import Workspace  # noqa: E402
+from tasks.prefect_stage import stage_task  # noqa: E402
+
+
+@stage_task("curriculum")
+def curriculum_task(workspace: str, cfg: CurriculumConfig, teacher_cfg: TeacherConfig, generation: dict,
+                    difficulty: dict, epochs: int, fp: str) -> dict:
+    ws = Workspace(workspace)
+    summary = build_curriculum(ws.catalog(), cfg, teacher_cfg, generation, difficulty["difficulty_fp"], epochs,
+                               ws.curriculum_dir(fp), ws.root / "reports", fp)
+    create_markdown_artifact(key="curriculum", markdown=summary["markdown"], description=f"curriculum {fp}")
+    create_link_artifact(key="curriculum-shards", link=f"file://{summary['shards_dir']}", description="Parquet shards per stage")
+    return summary
