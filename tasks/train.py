@@ -240,7 +240,8 @@ def train_student(catalog, cfg: TrainConfig, teacher_cfg: TeacherConfig, generat
                "device": device, "history": history}
     with catalog.transaction() as con:
         catalog.record_stage(con, fp, stage="train", code_version=CODE_VERSION, config=cfg,
-                             upstream=[generation["fingerprint"]], summary=summary)
+                             upstream=[generation["fingerprint"], *([kpod["weights_fp"], kpod["shards_dir"]] if staged else [])],
+                             summary=summary)
     return summary
 
 
