@@ -143,7 +143,10 @@ class MasksConfig(Section):
     predictor_warmup_epochs: int = Field(1, ge=0, description="Epochs training the answer predictor on unmasked rationales first, so it can use them before the mask penalty applies (otherwise the masks collapse to empty).")
     init_keep: float = Field(0.9, gt=0, lt=1, description="Initial weight of every token (bias of the MLP's output), so masks start open.")
     batch_size: int = Field(32, ge=1, description="Examples per step.")
-    lr: float = Field(2e-3, gt=0, description="AdamW learning rate.")
+    lr: float = Field(2e-3, gt=0, description="AdamW learning rate of the answer predictor.")
+    weighter_lr: float = Field(1e-4, gt=0, description="AdamW learning rate of the weighting module (attention + MLP + e_mask). "
+                               "Adam turns the steady α·mean(m) gradient into full-size steps on every MLP weight, so at the "
+                               "predictor's rate every mask collapses to 0 within an epoch (measured on synthetic:arith).")
     top_k: int = Field(8, ge=1, description="Keypoints per rationale: the top-k tokens by weight.")
     seed: int = Field(0, description="Initialisation, prefix sampling and Gumbel noise seed.")
 
@@ -164,8 +167,8 @@ class CurriculumConfig(Section):
     step_size: int = Field(1, ge=1, description="Δs, input steps an example gives up when selected (paper: 1).")
     pace: float = Field(0.5, gt=0, description="p in the budget D(t) = u·t^(p+1)/(p+1) + C0 (paper: 0.5).")
     start_fraction: float = Field(0.3, ge=0, le=1, description="C0 as a fraction of the total difficulty B (paper: 0.3).")
-    embedding: Literal["tfidf", "sentence-transformers"] = Field("tfidf", description="Question embedding for the clusters: TF-IDF + SVD, or a sentence-embedding model (needs sentence-transformers).")
-    embedding_model: str | None = Field(None, description="sentence-transformers: model folder or hub id.")
+    embedding: Literal["tfidf", "sentence-model"] = Field("tfidf", description="Question embedding for the clusters: TF-IDF + SVD, or a sentence-embedding model (through sentence-transformers when installed, else the HF encoder with mean pooling).")
+    embedding_model: str | None = Field(None, description="sentence-model: model folder or hub id (e.g. sentence-transformers/all-MiniLM-L6-v2).")
     svd_dim: int = Field(64, ge=2, description="tfidf: truncated-SVD dimensions.")
     seed: int = Field(0, description="K-means and SVD seed.")
 

@@ -126,6 +126,29 @@ def greedy_max(cost: np.ndarray, cluster: np.ndarray, budget: float, beta: float
 
 
 # ---- clusters -----------------------------------------------------------------------------------------
+def sentence_embeddings(texts: list[str], model_path: str, batch_size: int = 64) -> np.ndarray:
+    """Unit-norm sentence embeddings: through sentence-transformers when it is installed, else the model's
+    encoder with attention-masked mean pooling (what sentence-transformers does for e.g. all-MiniLM-L6-v2)."""
+    try:
+        from sentence_transformers import SentenceTransformer
+    except ImportError:
+        SentenceTransformer = None
+    if SentenceTransformer is not None:
+        return np.asarray(SentenceTransformer(model_path).encode(texts, normalize_embeddings=True))
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    tok, model = AutoTokenizer.from_pretrained(model_path), AutoModel.from_pretrained(model_path).eval()
+    out = []
+    with torch.no_grad():
+        for b in range(0, len(texts), batch_size):
+            enc = tok(texts[b:b + batch_size], padding=True, truncation=True, return_tensors="pt")
+            hidden = model(**enc).last_hidden_state
+            mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            out.append(torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1).numpy())
+    return np.concatenate(out)
+
+
 def question_clusters(questions: list[str], cfg: CurriculumConfig) -> np.ndarray:
     """K-means (scikit-learn) over question embeddings: TF-IDF + truncated SVD, or a sentence-embedding model."""
     from sklearn.cluster import KMeans
@@ -134,15 +157,10 @@ def question_clusters(questions: list[str], cfg: CurriculumConfig) -> np.ndarray
     k = min(cfg.clusters, n)
     if k <= 1:
         return np.zeros(n, dtype=np.int64)
-    if cfg.embedding == "sentence-transformers":
-        try:
-            from sentence_transformers import SentenceTransformer
-        except ImportError:
-            raise ValueError("config key 'curriculum.embedding': 'sentence-transformers' is not installed; "
-                             "pip install sentence-transformers, or use 'tfidf'") from None
+    if cfg.embedding == "sentence-model":
         if not cfg.embedding_model:
             raise ValueError("config key 'curriculum.embedding_model': set a sentence-embedding model folder or hub id")
-        x = SentenceTransformer(cfg.embedding_model).encode(questions, normalize_embeddings=True)
+        x = sentence_embeddings(questions, cfg.embedding_model)
     else:
         from sklearn.decomposition import TruncatedSVD
         from sklearn.feature_extraction.text import TfidfVectorizer

@@ -225,8 +225,10 @@ def train_masks(cfg: MasksConfig, embedding, tokenizer, items: list[EncodedRatio
 
     torch.manual_seed(cfg.seed)
     weighter, predictor = build_modules(cfg, embedding, tokenizer)
-    params = [p for p in list(weighter.parameters()) + list(predictor.parameters()) if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    weighter_params = [p for p in weighter.parameters() if p.requires_grad]
+    params = weighter_params + list(predictor.parameters())
+    opt = torch.optim.AdamW([{"params": weighter_params, "lr": cfg.weighter_lr},
+                             {"params": list(predictor.parameters()), "lr": cfg.lr}], weight_decay=0.0)
     rng = random.Random(cfg.seed)
     history = []
     warm = cfg.predictor_warmup_epochs
@@ -325,7 +327,9 @@ def learn_token_weights(catalog, cfg: MasksConfig, teacher_cfg: TeacherConfig, g
     total = sum(len(w) for w in weights)
     summary = {"weights_fp": fp, "n_rationales": len(items), "n_skipped": len(rows) - len(items),
                "mean_weight": sum(map(sum, weights)) / max(total, 1), "kept_fraction": kept / max(total, 1),
-               "history": history, "uniform": cfg.uniform}
+               "history": history, "uniform": cfg.uniform,
+               # collapsed masks leave the KPOD loss almost nothing to train on in the rationale: say so
+               "collapsed": not cfg.uniform and kept < 0.05 * max(total, 1)}
     if report_dir is not None:
         report_dir.mkdir(parents=True, exist_ok=True)
         (report_dir / f"{fp}.html").write_text(shaded_html(tokenizer, items, weights))
@@ -360,6 +364,9 @@ def token_weights_task(workspace: str, cfg: MasksConfig, teacher_cfg: TeacherCon
         ws.catalog(), cfg, teacher_cfg, generation, steps["steps_fp"], student["model_dir"], max_length, fp,
         report_dir=ws.root / "reports",
         on_epoch=lambda e, m: logger.info("masks epoch %d: L %.3f Lp %.3f Lm %.3f", e, m["loss"], m["lp"], m["lm"]))
+    if summary["collapsed"]:
+        logger.warning("token weights collapsed: %.1f%% of rationale tokens have weight >= 0.5, so the KPOD loss "
+                       "barely trains on rationales; lower masks.weighter_lr or masks.alpha", 100 * summary["kept_fraction"])
     if summary.get("markdown"):
         create_markdown_artifact(key="keypoints", markdown=summary["markdown"], description="learned token weights")
         create_link_artifact(key="keypoints-html", link=f"file://{summary['html']}", description="shaded rationales (HTML)")

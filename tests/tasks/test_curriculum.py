@@ -119,15 +119,28 @@ def test_question_clusters_group_similar_questions():
     assert question_clusters(qs[:1], CurriculumConfig()).tolist() == [0]
 
 
-def test_sentence_embeddings_without_the_package_name_the_fix():
-    pytest.importorskip("sklearn")
-    try:
-        import sentence_transformers  # noqa: F401
-        pytest.skip("sentence-transformers is installed")
-    except ImportError:
-        pass
-    with pytest.raises(ValueError, match="curriculum.embedding"):
-        question_clusters(["a b", "c d", "e f"], CurriculumConfig(embedding="sentence-transformers", clusters=2))
+def test_sentence_model_embeddings_cluster_questions(tmp_path):
+    # a tiny random BERT encoder + WordPiece tokenizer built here (no downloads); mean-pooled, unit norm
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+    from tasks.curriculum import sentence_embeddings
+
+    qs = [f"Mia has {i} apples and buys more apples." for i in range(10)] + \
+         [f"A train travels {i} miles per hour for hours." for i in range(10)]
+    raw = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    raw.train_from_iterator(qs, trainers.WordPieceTrainer(vocab_size=200, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]"]))
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="[PAD]", unk_token="[UNK]")
+    tok.save_pretrained(tmp_path)
+    BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64)).save_pretrained(tmp_path)
+    x = sentence_embeddings(qs, str(tmp_path), batch_size=8)
+    assert x.shape == (20, 32) and np.allclose(np.linalg.norm(x, axis=1), 1.0, atol=1e-5)
+    labels = question_clusters(qs, CurriculumConfig(embedding="sentence-model", embedding_model=str(tmp_path), clusters=2))
+    assert len(labels) == 20 and set(labels.tolist()) <= {0, 1}
+    with pytest.raises(ValueError, match="curriculum.embedding_model"):
+        question_clusters(qs, CurriculumConfig(embedding="sentence-model", clusters=2))
 
 
 def test_stage_writes_the_table_and_one_parquet_shard_per_stage(tmp_path):

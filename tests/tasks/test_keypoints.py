@@ -78,6 +78,11 @@ def test_stage_stores_one_weight_per_rationale_token_and_uniform_switch(tmp_path
     assert ufp != fp
     learn_token_weights(cat, uni, cfg.teacher, gen, sfp, st["model_dir"], cfg.student.max_length, ufp)
     assert all(set(w) == {1.0} for _, w in load_weights(cat, ufp).values())
+    assert not s["collapsed"]     # the weighter's own (low) learning rate keeps masks open
+    hard = CFG.model_copy(update={"alpha": 50.0, "weighter_lr": 0.05, "epochs": 2})
+    hfp = weights_fingerprint(hard, sfp, st["student_fp"])
+    collapsed = learn_token_weights(cat, hard, cfg.teacher, gen, sfp, st["model_dir"], cfg.student.max_length, hfp)
+    assert collapsed["collapsed"] and collapsed["kept_fraction"] < 0.05   # reported, not silent
 
 
 def test_inference_is_deterministic(tmp_path):
