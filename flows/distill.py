@@ -77,7 +77,8 @@ def prepare(config: DistillConfig = DistillConfig(), generated: dict[str, Any] |
     st_fp = steps_fingerprint(config.steps, gen["fingerprint"], s_fp)
     steps = in_workspace(split_steps_task, ws)(str(ws.root), config.steps, config.teacher, gen, student, st_fp)
     out = {**generated, "student": student, "steps": steps}
-    if config.masks.compute or config.train.loss == "kpod":  # KPOD §4.1-4.2: token weights, then step difficulty
+    needs_weights = config.train.loss == "kpod" or config.train.target_format == "label_then_keytokens"
+    if config.masks.compute or needs_weights:  # KPOD §4.1-4.2: token weights, then step difficulty
         w_fp = weights_fingerprint(config.masks, st_fp, s_fp)
         weights = in_workspace(token_weights_task, ws)(str(ws.root), config.masks, config.teacher, gen, steps, student,
                                                        config.student.max_length, w_fp)
@@ -98,14 +99,17 @@ def train(config: DistillConfig = DistillConfig(), prepared: dict[str, Any] | No
     """Train the student on the prepared rationales; resumes from the last whole epoch."""
     prepared = prepared or prepare(config)
     ws = _ws(config)
-    kpod = None
+    kpod, upstream = None, None   # what KPOD training / the key-token format read, and their fingerprints
     if config.train.loss == "kpod":
         cur = prepared["curriculum"]
         kpod = {"weights_fp": prepared["token_weights"]["weights_fp"], "steps_fp": prepared["steps"]["steps_fp"],
                 "shards_dir": cur["shards_dir"], "stages": cur["stages"]}
+        upstream = [kpod["weights_fp"], cur["curriculum_fp"]]
+    elif config.train.target_format == "label_then_keytokens":
+        kpod = {"weights_fp": prepared["token_weights"]["weights_fp"]}
+        upstream = [kpod["weights_fp"]]
     fp = train_fingerprint(config.train, prepared["student"]["student_fp"], prepared["steps"]["steps_fp"],
-                           prepared["generation"]["fingerprint"],
-                           [kpod["weights_fp"], prepared["curriculum"]["curriculum_fp"]] if kpod else None)
+                           prepared["generation"]["fingerprint"], upstream)
     trained = in_workspace(train_task, ws)(str(ws.root), config.train, config.teacher, prepared["generation"],
                                            prepared["student"], fp, config.student.max_length,
                                            config.model_dump(mode="json"), kpod)
@@ -118,9 +122,11 @@ def evaluate(config: DistillConfig = DistillConfig(), trained: dict[str, Any] | 
     trained = trained or train(config)
     ws = _ws(config)
     datasets = trained["eval_datasets"]
-    fp = eval_fingerprint(config.eval, trained["train"]["train_fp"], [d["dataset_fp"] for d in datasets], config.teacher)
+    fp = eval_fingerprint(config.eval, trained["train"]["train_fp"], [d["dataset_fp"] for d in datasets], config.teacher,
+                          config.train.target_format)
     result = in_workspace(evaluate_task, ws)(str(ws.root), config.eval, config.teacher, trained["train"],
-                                             trained["student"], datasets, fp, config.train.device)
+                                             trained["student"], datasets, fp, config.train.device,
+                                             config.train.target_format)
     report = publish_summary(str(ws.root), config.data.train.name, fp, trained["generation"],
                              [trained["train_dataset"], *datasets], trained["train"], trained.get("curriculum"))
     return {**trained, "evaluation": result, "report": report}

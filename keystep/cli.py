@@ -3,6 +3,7 @@
     keystep run CONFIG [--set section.key=value]... [--workspace DIR]
     keystep results [--workspace DIR] [--format table|json]
     keystep config [CONFIG] [--set ...]        print the resolved config as YAML
+    keystep experiment FILE [--set key=value]  run an experiment grid (e.g. configs/study-synthetic.yaml)
 
 `run` calls the distill flow in this process: against the Prefect server in PREFECT_API_URL if set, else an
 ephemeral one. User mistakes (bad config, unknown key, missing file) exit 2 with one line, no traceback.
@@ -58,6 +59,21 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_experiment(args) -> int:
+    from keystep.config import arm_config, load_experiment
+
+    exp = load_experiment(args.file, _overrides(args.set or []))
+    for variant in exp.variants:
+        check_inputs(arm_config(exp, variant, exp.seeds[0]))
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from flows.experiment import experiment
+
+    out = experiment(config=exp)
+    print(out["markdown"])
+    print(f"results: {out['results_path']}")
+    return 0
+
+
 def cmd_results(args) -> int:
     from storage.catalog import Catalog
     from tasks.evaluate import results_table
@@ -88,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     run.add_argument("--workspace", help="workspace folder (default: storage.workspace, .keystep)")
     run.set_defaults(fn=cmd_run)
+    exp = sub.add_parser("experiment", help="run an experiment grid (variants x seeds) and print its comparison table")
+    exp.add_argument("file", help="experiment YAML, e.g. configs/study-synthetic.yaml")
+    exp.add_argument("--set", action="append", metavar="KEY=VALUE", help="override an experiment key, e.g. seeds=[0]")
+    exp.set_defaults(fn=cmd_experiment)
     res = sub.add_parser("results", help="print the latest evaluation results from the catalog")
     res.add_argument("--workspace", help="workspace folder (default .keystep)")
     res.add_argument("--format", choices=["table", "json"], default="table")

@@ -204,10 +204,28 @@ class TrainConfig(Section):
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     seed: int = Field(0, description="Data order and dropout seed.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' uses CUDA (bf16) when present, else CPU.")
+    target_format: Literal["cot_then_label", "label_only", "label_then_cot", "label_then_shuffled_cot",
+                           "label_then_keytokens"] = Field(
+        "cot_then_label", description="Mysteries target format: rationale then answer (standard); the answer only; the "
+        "answer then the rationale (at test time only the answer is decoded); the answer then the rationale's words "
+        "shuffled; the answer then the top-k keypoint tokens by learned weight (computes token weights).")
+    match_cot_tokens: bool = Field(False, description="For formats other than cot_then_label: scale the epochs so the "
+                                   "student trains on as many tokens as `epochs` passes of cot_then_label sequences.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        if self.loss == "kpod" and self.target_format != "cot_then_label":
+            raise ValueError("loss 'kpod' trains on rationale-then-answer targets; set target_format: cot_then_label "
+                             "or loss: std_cot")
+        return self
+
+
+LABEL_FIRST = ("label_only", "label_then_cot", "label_then_shuffled_cot", "label_then_keytokens")
 
 
 class EvalConfig(Section):
     max_new_tokens: int = Field(96, ge=1, description="Greedy decoding length limit.")
+    label_max_new_tokens: int = Field(16, ge=1, description="Label-first target formats: tokens decoded for the answer sentence (only the label is decoded).")
     batch_size: int = Field(64, ge=1, description="Prompts per generation batch.")
     tolerance: float = Field(1e-4, ge=0, description="Relative tolerance for numeric answers.")
     include_untrained: bool = Field(True, description="Also evaluate the student before training, as a baseline.")
@@ -290,3 +308,46 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     except ConfigError as err:
         where = f"{path}: " if path else ""
         raise ConfigError(f"{where}{err}") from None
+
+
+# ---- experiment grids ---------------------------------------------------------------------------------
+class ExperimentConfig(Section):
+    """A grid of named variants (config overrides on one base preset) × seeds, run by the `experiment` flow."""
+    name: str = Field("experiment", description="Title of the comparison table and report.")
+    base: str = Field("configs/demo.yaml", description="Base distill preset (path relative to the working directory).")
+    overrides: dict[str, Any] = Field(default_factory=dict, description="Dotted-key overrides applied to every arm.")
+    variants: dict[str, dict[str, Any]] = Field(description="Arm name -> dotted-key overrides, e.g. {kpod: {train.loss: kpod}}.")
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1, description="Seeds per arm.")
+    seed_keys: list[str] = Field(default_factory=lambda: ["train.seed"], description="Config keys set to the seed "
+                                 "(train.seed: data order; upstream stages stay shared across seeds).")
+    results_path: str | None = Field(None, description="Markdown results file the flow writes (e.g. docs/results.md).")
+    gaps: list[tuple[str, str]] = Field(default_factory=list, description="Variant pairs (a, b) whose accuracy gap the "
+                                        "report states, and whether it exceeds the seed spread.")
+
+
+def load_experiment(path: str | Path, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
+    """An experiment file, with every arm's config validated up front (a bad arm names itself)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"experiment file '{p}' not found; see configs/study-synthetic.yaml")
+    raw = yaml.safe_load(p.read_text()) or {}
+    try:
+        exp = ExperimentConfig.model_validate(apply_overrides(raw, overrides or {}))
+    except ValidationError as err:
+        raise ConfigError(f"{p}: {_describe(err)}") from None
+    base = Path(exp.base)
+    if not base.is_absolute() and not base.exists() and (p.parent.parent / base).exists():
+        exp.base = str((p.parent.parent / base).resolve())   # configs/x.yaml next to the experiment file's repo
+    for variant in exp.variants:
+        for seed in exp.seeds:
+            try:
+                arm_config(exp, variant, seed)
+            except ConfigError as err:
+                raise ConfigError(f"{p}: variant '{variant}': {err}") from None
+    return exp
+
+
+def arm_config(exp: ExperimentConfig, variant: str, seed: int) -> DistillConfig:
+    """The distill config of one arm: base preset + shared overrides + the variant's + the seed."""
+    return load_config(exp.base, {**exp.overrides, **exp.variants[variant], **{k: seed for k in exp.seed_keys}})
+

@@ -56,19 +56,20 @@ def normalise(raw, answer_type: str) -> tuple[str, float | None]:
     return " ".join(text.lower().split()), None
 
 
-def extract_answer(text: str, answer_type: str = "number") -> str | None:
-    """The answer a rationale states: the last 'answer is X' phrase, else the last number / label."""
+def extract_answer(text: str, answer_type: str = "number", first: bool = False) -> str | None:
+    """The answer a rationale states: the last 'answer is X' phrase, else the last number / label.
+    `first` (label-first target formats, where the answer comes before the rationale): the first ones."""
     if not text:
         return None
     phrases = _ANSWER_PHRASE.findall(text)
-    candidates = [phrases[-1]] if phrases else []
+    candidates = [phrases[0] if first else phrases[-1]] if phrases else []
     if answer_type == "number":
         candidates.append(text)
         for cand in candidates:
             nums = _NUMBER_RE.findall(cand)
             if nums:
                 # inside the phrase take the first number, in free text the last one
-                pick = nums[0] if cand is not text else nums[-1]
+                pick = nums[0] if cand is not text or first else nums[-1]
                 value = parse_number(pick)
                 if value is not None:
                     return format_number(value)
@@ -77,7 +78,7 @@ def extract_answer(text: str, answer_type: str = "number") -> str | None:
         for cand in candidates + [text]:
             labels = _CHOICE_RE.findall(cand.upper())
             if labels:
-                return labels[0] if cand is not text else labels[-1]
+                return labels[0] if cand is not text or first else labels[-1]
         return None
     return " ".join(candidates[0].lower().split()) if candidates else None
 

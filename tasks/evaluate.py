@@ -11,7 +11,7 @@ import json
 from collections import defaultdict
 from typing import Callable
 
-from keystep.config import EvalConfig, TeacherConfig
+from keystep.config import LABEL_FIRST, EvalConfig, TeacherConfig
 from storage.fingerprint import fingerprint
 from tasks.answers import extract_answer, is_correct
 from tasks.student import load_student
@@ -59,15 +59,18 @@ def accuracy_rows(preds: list[dict], group_keys=("n_steps",)) -> list[dict]:
              "n_correct": sum(c), "accuracy": sum(c) / len(c)} for (m, d, s, k, v), c in groups.items()]
 
 
-def eval_fingerprint(cfg: EvalConfig, train_fp: str, dataset_fps: list[str], teacher_cfg: TeacherConfig) -> str:
+def eval_fingerprint(cfg: EvalConfig, train_fp: str, dataset_fps: list[str], teacher_cfg: TeacherConfig,
+                     target_format: str = "cot_then_label") -> str:
     return fingerprint("evaluate", cfg, [train_fp, *dataset_fps], CODE_VERSION,
-                       extra={"prompt": teacher_cfg.prompt_template})
+                       extra={"prompt": teacher_cfg.prompt_template, "target_format": target_format})
 
 
 def evaluate_student(catalog, cfg: EvalConfig, teacher_cfg: TeacherConfig, models: dict[str, str],
                      datasets: list[dict], fp: str, device_setting: str = "auto",
-                     on_progress: Callable[[str, int, int], None] | None = None) -> dict:
-    """`models` maps a label ('student', 'untrained') to a model dir; `datasets` are ingest summaries."""
+                     on_progress: Callable[[str, int, int], None] | None = None,
+                     target_format: str = "cot_then_label") -> dict:
+    """`models` maps a label ('student', 'untrained') to a model dir; `datasets` are ingest summaries.
+    Label-first target formats decode only the answer sentence (`label_max_new_tokens`) and read its first answer."""
     done = catalog.stage_output(fp)
     if done:
         return done["summary"]
@@ -77,14 +80,16 @@ def evaluate_student(catalog, cfg: EvalConfig, teacher_cfg: TeacherConfig, model
         for ex in catalog.query("examples_of_dataset", dataset_fp=ds["dataset_fp"]):
             examples.append({**ex, "dataset": ds["name"], "meta": json.loads(ex["meta_json"] or "{}")})
     prompts = [format_prompt(teacher_cfg, ex["question"]) for ex in examples]
+    label_first = target_format in LABEL_FIRST
     preds = []
     for label, path in models.items():
         model, tokenizer = load_student(path, device=device)
-        outputs = greedy_generate(model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size, device,
+        outputs = greedy_generate(model, tokenizer, prompts, cfg.label_max_new_tokens if label_first else cfg.max_new_tokens,
+                                  cfg.batch_size, device,
                                   on_batch=(lambda d, t, label=label: on_progress(label, d, t)) if on_progress else None)
         del model
         for ex, prompt, out in zip(examples, prompts, outputs):
-            extracted = extract_answer(out, ex["answer_type"])
+            extracted = extract_answer(out, ex["answer_type"], first=label_first)
             preds.append({"model_label": label, "dataset": ex["dataset"], "split": ex["split"], "meta": ex["meta"],
                           "example_id": ex["example_id"], "prompt": prompt, "output": out, "extracted": extracted,
                           "gold": ex["answer"],
@@ -149,7 +154,7 @@ from tasks.prefect_stage import stage_task  # noqa: E402
 
 @stage_task("evaluate", tags=["gpu"])
 def evaluate_task(workspace: str, cfg: EvalConfig, teacher_cfg: TeacherConfig, train: dict, student: dict,
-                  datasets: list[dict], fp: str, device: str = "auto") -> dict:
+                  datasets: list[dict], fp: str, device: str = "auto", target_format: str = "cot_then_label") -> dict:
     ws = Workspace(workspace)
     models = {"student": train["final_dir"]}
     if cfg.include_untrained:
@@ -160,7 +165,7 @@ def evaluate_task(workspace: str, cfg: EvalConfig, teacher_cfg: TeacherConfig, t
     def on_progress(label: str, done: int, total: int) -> None:
         update_progress_artifact(progress, 100.0 * (labels.index(label) + done / total) / len(labels))
 
-    summary = evaluate_student(ws.catalog(), cfg, teacher_cfg, models, datasets, fp, device, on_progress)
+    summary = evaluate_student(ws.catalog(), cfg, teacher_cfg, models, datasets, fp, device, on_progress, target_format)
     rows = ws.catalog().query("latest_results", eval_fp=fp)
     create_table_artifact(key="distill-results", table=[{**r, "accuracy": round(r["accuracy"], 4)} for r in rows],
                           description="Accuracy per model, dataset, split and synthetic step count")

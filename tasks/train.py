@@ -60,6 +60,42 @@ def encode_example(tokenizer, prompt: str, target: str, max_length: int,
     return ids[:max_length], labels[:max_length], truncated
 
 
+def format_target(fmt: str, text: str, answer: str, teacher_cfg: TeacherConfig, key_text: str = "",
+                  shuffle_seed: str = "") -> str:
+    """The student's target for a Mysteries target format (Wadhwa et al. 2024, §3)."""
+    if fmt == "cot_then_label":
+        return training_target(text, answer, teacher_cfg)
+    phrase = teacher_cfg.answer_template.format(answer=answer)
+    rationale = text.strip()
+    if rationale.endswith(phrase):
+        rationale = rationale[: -len(phrase)].rstrip()
+    if fmt == "label_only":
+        return phrase
+    if fmt == "label_then_cot":
+        return f"{phrase} {rationale}"
+    if fmt == "label_then_shuffled_cot":
+        words = rationale.split()
+        random.Random(shuffle_seed).shuffle(words)  # fixed per rationale: every epoch sees the same permutation
+        return f"{phrase} {' '.join(words)}"
+    if fmt == "label_then_keytokens":
+        return f"{phrase} {key_text.strip()}"
+    raise ValueError(f"config key 'train.target_format': unknown format {fmt!r}")
+
+
+def keytoken_texts(catalog, tokenizer, teacher_cfg: TeacherConfig, rows: list[dict], weights_fp: str) -> dict[str, str]:
+    """rationale_id -> its top-k keypoint tokens (by learned weight, §4.1) decoded in text order."""
+    stored = {r["rationale_id"]: r for r in catalog.query("token_weights_of", weights_fp=weights_fp)}
+    out = {}
+    for r in rows:
+        kp = stored.get(r["rationale_id"])
+        if kp is None:
+            continue
+        ids, _, _ = encode_example(tokenizer, format_prompt(teacher_cfg, r["question"]),
+                                   training_target(r["text"], r["answer"], teacher_cfg), 1 << 30)
+        out[r["rationale_id"]] = tokenizer.decode([ids[kp["token_start"] + j] for j in kp["keypoints"]])
+    return out
+
+
 def collate(batch: list[tuple], pad_id: int) -> dict[str, "torch.Tensor"]:
     """(ids, labels[, loss weights]) per sequence -> padded tensors; weights default to 1."""
     import torch
@@ -162,15 +198,26 @@ def train_student(catalog, cfg: TrainConfig, teacher_cfg: TeacherConfig, generat
     model, tokenizer = load_student(model_dir, device=device)
     if cfg.loss == "kpod" and not kpod:
         raise ValueError("train.loss 'kpod' needs token weights and a curriculum (run the distill/prepare flow)")
+    if cfg.target_format == "label_then_keytokens" and not (kpod and kpod.get("weights_fp")):
+        raise ValueError("train.target_format 'label_then_keytokens' needs token weights (run the distill/prepare flow)")
+    key_texts = keytoken_texts(catalog, tokenizer, teacher_cfg, rows, kpod["weights_fp"]) \
+        if cfg.target_format == "label_then_keytokens" else {}
     data, n_truncated = [], 0
     for r in rows:
-        ids, labels, truncated = encode_example(tokenizer, format_prompt(teacher_cfg, r["question"]),
-                                                training_target(r["text"], r["answer"], teacher_cfg), max_length)
+        target = format_target(cfg.target_format, r["text"], r["answer"], teacher_cfg, key_texts.get(r["rationale_id"], ""),
+                               shuffle_seed=r["rationale_id"])
+        ids, labels, truncated = encode_example(tokenizer, format_prompt(teacher_cfg, r["question"]), target, max_length)
         data.append((ids, labels))
         n_truncated += truncated
     staged = KpodData(catalog, tokenizer, teacher_cfg, rows, kpod, max_length) if cfg.loss == "kpod" else None
+    epochs = cfg.epochs
+    if cfg.match_cot_tokens and cfg.target_format != "cot_then_label":
+        # as many training tokens as `epochs` passes over rationale-then-answer sequences (Mysteries, equal budget)
+        cot = sum(len(encode_example(tokenizer, format_prompt(teacher_cfg, r["question"]),
+                                     training_target(r["text"], r["answer"], teacher_cfg), max_length)[0]) for r in rows)
+        epochs = max(1, round(cfg.epochs * cot / sum(len(ids) for ids, _ in data)))
     steps_per_epoch = math.ceil(len(data) / (cfg.batch_size * cfg.grad_accum))
-    total_steps = steps_per_epoch * cfg.epochs
+    total_steps = steps_per_epoch * epochs
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
@@ -188,7 +235,7 @@ def train_student(catalog, cfg: TrainConfig, teacher_cfg: TeacherConfig, generat
 
     # ---- train ------------------------------------------------------------------------------------------
     model.train()
-    for epoch in range(start_epoch + 1, cfg.epochs + 1):
+    for epoch in range(start_epoch + 1, epochs + 1):
         t0, tokens, loss_sum, n_micro = time.perf_counter(), 0, 0.0, 0
         if staged:
             data = staged.sequences(epoch)   # curriculum stage min(epoch, T): same examples, other prefixes
@@ -228,13 +275,14 @@ def train_student(catalog, cfg: TrainConfig, teacher_cfg: TeacherConfig, generat
                                                 "config_json": json.dumps(run_config, default=str),
                                                 "metrics_json": json.dumps(metrics)}])
         if on_epoch:
-            on_epoch(epoch, cfg.epochs, metrics)
+            on_epoch(epoch, epochs, metrics)
 
     # ---- cleanup ----------------------------------------------------------------------------------------
     del model, optimizer
     if device == "cuda":
         torch.cuda.empty_cache()
-    summary = {"train_fp": fp, "final_dir": str(ckpt_root / f"epoch-{cfg.epochs}"), "init_dir": str(init_dir),
+    summary = {"train_fp": fp, "final_dir": str(ckpt_root / f"epoch-{epochs}"), "init_dir": str(init_dir),
+               "epochs": epochs, "target_format": cfg.target_format,
                "n_examples": len(data), "n_truncated": n_truncated, "resumed_from_epoch": start_epoch, "loss": cfg.loss,
                "n_unweighted": staged.n_unweighted if staged else None,
                "device": device, "history": history}

@@ -4,13 +4,19 @@ import pytest
 
 from keystep.config import ConfigError, DistillConfig, load_config
 
+ROOT = Path(__file__).resolve().parents[1]
 PRESETS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.name)
 def test_every_preset_loads(preset):
-    cfg = load_config(preset)
-    assert isinstance(cfg, DistillConfig)
+    import yaml
+
+    from keystep.config import ExperimentConfig, load_experiment
+    if "variants" in yaml.safe_load(preset.read_text()):   # an experiment grid: every arm's config must build
+        assert isinstance(load_experiment(preset), ExperimentConfig)
+    else:
+        assert isinstance(load_config(preset), DistillConfig)
 
 
 def test_presets_exist():
@@ -55,3 +61,11 @@ def test_overrides_apply_dotted_keys():
 def test_file_source_needs_path():
     with pytest.raises(ConfigError, match="needs 'path'"):
         load_config(None, {"data.train": {"source": "gsm8k"}})
+
+
+def test_experiment_with_a_bad_arm_names_the_variant(tmp_path):
+    from keystep.config import load_experiment
+    bad = tmp_path / "exp.yaml"
+    bad.write_text(f"base: {ROOT / 'configs' / 'micro.yaml'}\nvariants:\n  good: {{}}\n  broken: {{train.lr: -1}}\n")
+    with pytest.raises(ConfigError, match="variant 'broken'.*train.lr"):
+        load_experiment(bad)

@@ -31,3 +31,10 @@ def test_numeric_tolerance():
     assert is_correct("18.00001", "18", tolerance=1e-4)
     assert not is_correct("18.1", "18", tolerance=1e-4)
     assert not is_correct(None, "18")
+
+
+def test_label_first_outputs_read_the_first_answer():
+    out = "Therefore, the answer is 7. Mia has 3 apples, 3 + 4 = 7, and the answer is 9 later"
+    assert extract_answer(out, "number", first=True) == "7"
+    assert extract_answer(out, "number") == "9"
+    assert extract_answer("12 then 15", "number", first=True) == "12"

@@ -131,3 +131,57 @@ def test_kpod_sequences_follow_the_curriculum_and_carry_the_token_weights(tmp_pa
             start, rw = weights[r["rationale_id"]]
             assert w[start:start + len(rw)] == pytest.approx(rw) and w[-1] == 1.0   # answer tokens: weight 1
         assert (given > 0) == (epoch == 1)                                     # stage T: whole rationales
+
+
+def test_target_formats():
+    from keystep.config import TeacherConfig
+    from tasks.train import format_target
+
+    t = TeacherConfig()
+    text, ans = "Mia has 3 apples. After buying 2 more, 3 + 2 = 5 apples.", "5"
+    phrase = "Therefore, the answer is 5."
+    assert format_target("cot_then_label", text, ans, t) == f"{text} {phrase}"
+    assert format_target("cot_then_label", f"{text} {phrase}", ans, t) == f"{text} {phrase}"   # not doubled
+    assert format_target("label_only", text, ans, t) == phrase
+    assert format_target("label_then_cot", f"{text} {phrase}", ans, t) == f"{phrase} {text}"
+    shuffled = format_target("label_then_shuffled_cot", text, ans, t, shuffle_seed="r1")
+    assert shuffled.startswith(phrase + " ") and shuffled != f"{phrase} {text}"
+    assert sorted(shuffled[len(phrase) + 1:].split()) == sorted(text.split())                    # same words
+    assert shuffled == format_target("label_then_shuffled_cot", text, ans, t, shuffle_seed="r1")  # fixed per rationale
+    assert format_target("label_then_keytokens", text, ans, t, key_text=" 3 + 2 = 5") == f"{phrase} 3 + 2 = 5"
+
+
+def test_label_then_keytokens_trains_on_the_top_weighted_tokens(tmp_path):
+    from tasks.student import load_student
+    from tasks.train import keytoken_texts
+
+    ws = Workspace(tmp_path)
+    cfg, cat, gen, st, kpod = kpod_prepared(ws, n=16, epochs=2)
+    _, tok = load_student(st["model_dir"])
+    rows = cat.query("kept_rationales", dataset_fp=gen["dataset_fp"], teacher_fp=gen["teacher_fp"], only_correct=True)
+    keys = keytoken_texts(cat, tok, cfg.teacher, rows, kpod["weights_fp"])
+    stored = {r["rationale_id"]: r for r in cat.query("token_weights_of", weights_fp=kpod["weights_fp"])}
+    for r in rows:
+        kp = stored[r["rationale_id"]]
+        assert len(kp["keypoints"]) == min(cfg.masks.top_k, len(kp["weights"]))
+        assert all(piece.strip() in r["text"] for piece in tok.batch_decode([[t] for t in tok(keys[r["rationale_id"]])["input_ids"]]))
+    train_cfg = cfg.train.model_copy(update={"loss": "std_cot", "target_format": "label_then_keytokens", "epochs": 1})
+    fp = train_fingerprint(train_cfg, st["student_fp"], "steps", gen["fingerprint"], [kpod["weights_fp"]])
+    s = train_student(cat, train_cfg, cfg.teacher, gen, st["model_dir"], ws.checkpoints_root(fp), fp, 256, {},
+                      kpod={"weights_fp": kpod["weights_fp"]})
+    assert s["target_format"] == "label_then_keytokens" and s["epochs"] == 1
+
+
+def test_match_cot_tokens_gives_shorter_targets_more_epochs(tmp_path):
+    ws = Workspace(tmp_path)
+    cfg, cat, gen, st = prepared(ws, n=16)
+    train_cfg = cfg.train.model_copy(update={"target_format": "label_only", "match_cot_tokens": True, "epochs": 2})
+    fp = train_fingerprint(train_cfg, st["student_fp"], "steps", gen["fingerprint"])
+    s = train_student(cat, train_cfg, cfg.teacher, gen, st["model_dir"], ws.checkpoints_root(fp), fp, 256, {})
+    cot_tokens = 2 * sum(len(encode_example(__import__("transformers").AutoTokenizer.from_pretrained(st["model_dir"]),
+                                            f"Q: {r['question']}\nA: Let's think step by step.",
+                                            f"{r['text']} Therefore, the answer is {r['answer']}.", 256)[0])
+                         for r in cat.query("kept_rationales", dataset_fp=gen["dataset_fp"], teacher_fp=gen["teacher_fp"],
+                                            only_correct=True))
+    trained_tokens = sum(h["tokens"] for h in s["history"])
+    assert s["epochs"] > 2 and abs(trained_tokens - cot_tokens) < 0.25 * cot_tokens

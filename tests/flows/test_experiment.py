@@ -1,0 +1,57 @@
+"""The experiment flow on micro arms through a real (temporary) Prefect server: shared upstream stages run once,
+and the comparison table, plot and markdown report come out."""
+import pytest
+
+from tests.conftest import ROOT
+from tests.flows.test_distill import stage_runs
+
+
+@pytest.mark.slow
+def test_grid_shares_upstream_and_writes_the_comparison(prefect_api, tmp_path):
+    from flows.experiment import experiment
+    from keystep.config import load_experiment
+
+    spec = tmp_path / "exp.yaml"
+    spec.write_text(f"""
+name: micro grid
+base: {ROOT / 'configs' / 'micro.yaml'}
+overrides: {{storage.workspace: {tmp_path / 'ws'}, train.epochs: 1}}
+variants:
+  std_cot: {{}}
+  label_then_cot: {{train.target_format: label_then_cot}}
+seeds: [0, 1]
+results_path: {tmp_path / 'docs' / 'results.md'}
+gaps: [[std_cot, label_then_cot]]
+""")
+    seen: set = set()
+    out = experiment(config=load_experiment(spec))
+    counts, _ = stage_runs(seen)
+    assert counts["executed"].count("teacher-rationales") == 1      # shared upstream: generated once
+    assert counts["executed"].count("student-init") == 1
+    assert counts["executed"].count("train-student") == 4           # 2 variants x 2 seeds
+    assert len(out["runs"]) == 4 and len({r["train_fp"] for r in out["runs"]}) == 4
+    text = (tmp_path / "docs" / "results.md").read_text()
+    assert "| std_cot | 2 |" in text and "| label_then_cot | 2 |" in text and "±" in text
+    assert "synthetic/test" in out["columns"] and "seed spread" in text
+    assert (tmp_path / "docs" / "results.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_gsm8k_preset_trains_and_evaluates_out_of_distribution_at_micro_scale(prefect_api, tmp_path):
+    """The real-data path: GSM8K (reference teacher) -> scratch student -> GSM8K test and SVAMP."""
+    from flows.distill import distill
+    from keystep.config import load_config
+    from tests.conftest import SHARED_DATA
+
+    if not SHARED_DATA.exists():
+        pytest.skip("../shared/data is not present")
+    small = {"student.vocab_size": 400, "student.hidden_size": 32, "student.num_layers": 1, "student.num_heads": 2,
+             "student.intermediate_size": 64, "student.max_length": 384, "train.epochs": 1, "eval.max_new_tokens": 16}
+    cfg = load_config(ROOT / "configs" / "gsm8k.yaml", {
+        **small, "storage.workspace": str(tmp_path / "ws"),
+        "data.train.path": str(SHARED_DATA / "gsm8k/train.jsonl"), "data.train.limit": 48,
+        "data.eval": [{"name": "gsm8k", "source": "gsm8k", "path": str(SHARED_DATA / "gsm8k/test.jsonl"), "split": "test", "limit": 16},
+                      {"name": "svamp", "source": "svamp", "path": str(SHARED_DATA / "svamp/SVAMP.json"), "split": "test", "limit": 16}]})
+    out = distill(config=cfg)
+    assert {"student/gsm8k/test", "student/svamp/test", "untrained/svamp/test"} <= set(out["accuracy"])
+    assert all(0.0 <= v <= 1.0 for v in out["accuracy"].values())
