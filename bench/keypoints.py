@@ -60,7 +60,10 @@ def main() -> None:
 
         train_steps_fp, _, train_items = encoded(gen)
         _, test_rows, test_items = encoded(tgen)
-        weighter, history = keypoints.train_masks(cfg.masks, model.get_input_embeddings(), tok, train_items)
+        base = keypoints.weighter_base(cat, cfg.masks, cfg.teacher, gen, st, cfg.student.max_length)
+        model, _ = student.load_student(base)
+        weighter, history = keypoints.train_masks(cfg.masks, model.get_input_embeddings(), tok, train_items,
+                                                  predictor_dir=base, answer_template=cfg.teacher.answer_template)
         weights = keypoints.infer_weights(weighter, test_items, tok.pad_token_id)
 
         meta = {r["example_id"]: json.loads(r["meta_json"]) for r in cat.query("examples_of_dataset", dataset_fp=tdfp)}
@@ -80,10 +83,10 @@ def main() -> None:
 
         # step difficulty on the training rationales, through the stage itself
         wfp = keypoints.weights_fingerprint(cfg.masks, train_steps_fp, sfp)
-        keypoints.learn_token_weights(cat, cfg.masks, cfg.teacher, gen, train_steps_fp, st["model_dir"], cfg.student.max_length, wfp)
+        keypoints.learn_token_weights(cat, cfg.masks, cfg.teacher, gen, train_steps_fp, st, cfg.student.max_length, wfp)
         dfp2 = difficulty.difficulty_fingerprint(cfg.difficulty, wfp, sfp)
-        difficulty.score_difficulty(cat, cfg.difficulty, cfg.teacher, gen, train_steps_fp, wfp, st["model_dir"],
-                                    ws.checkpoints_root(f"{dfp2}-warmup"), True, cfg.student.max_length, dfp2)
+        difficulty.score_difficulty(cat, cfg.difficulty, cfg.teacher, gen, train_steps_fp, wfp, st, True,
+                                    cfg.student.max_length, dfp2)
         train_meta = {r["example_id"]: json.loads(r["meta_json"]) for r in cat.query("examples_of_dataset", dataset_fp=dfp)}
         rid_to_ex = {r["rationale_id"]: r["example_id"] for r in cat.query("kept_rationales", dataset_fp=dfp, teacher_fp=gen["teacher_fp"], only_correct=True)}
         d_vals, c_vals = [], []

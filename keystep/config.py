@@ -135,12 +135,19 @@ class MasksConfig(Section):
     n_prefixes: int = Field(2, ge=1, description="Rationale prefixes (cut points at step ends) sampled per example for Lp.")
     attention_heads: int = Field(4, ge=1, description="Heads of the weighting module's self-attention layer.")
     mlp_hidden: int = Field(128, ge=1, description="Hidden width of the 2-layer weighting MLP.")
-    predictor: str = Field("scratch", description="Answer predictor: 'scratch' (tiny causal LM), or an HF model folder / hub id.")
+    predictor: str = Field("student", description="Answer predictor: 'student' (the student itself after "
+                           "predictor_warmup_epochs of Std-CoT on the rationales: a tiny model trained from scratch that "
+                           "already reads them), 'scratch' (a separate tiny causal LM), or an HF model folder / hub id.")
     predictor_kind: Literal["causal", "seq2seq"] = Field("causal", description="HF predictor type (seq2seq = FlanT5 as in the paper).")
     predictor_hidden: int = Field(128, ge=16, description="scratch predictor: width.")
     predictor_layers: int = Field(2, ge=1, description="scratch predictor: transformer blocks.")
     epochs: int = Field(4, ge=1, description="Passes over the rationales when learning the masks.")
-    predictor_warmup_epochs: int = Field(1, ge=0, description="Epochs training the answer predictor on unmasked rationales first, so it can use them before the mask penalty applies (otherwise the masks collapse to empty).")
+    predictor_warmup_epochs: int = Field(6, ge=0, description="Epochs teaching the predictor to answer from unmasked "
+                                         "rationales before the masks are learned ('student': Std-CoT epochs, shared "
+                                         "with difficulty.warmup_epochs when equal; 'scratch': predictor-only epochs).")
+    freeze_predictor: bool = Field(True, description="Keep the predictor fixed while the masks are learned: the masks must "
+                                   "then keep what it reads. A predictor that keeps training learns to answer without "
+                                   "the rationale and the masks collapse (measured on synthetic:arith).")
     init_keep: float = Field(0.9, gt=0, lt=1, description="Initial weight of every token (bias of the MLP's output), so masks start open.")
     batch_size: int = Field(32, ge=1, description="Examples per step.")
     lr: float = Field(2e-3, gt=0, description="AdamW learning rate of the answer predictor.")
@@ -154,7 +161,7 @@ class MasksConfig(Section):
 class DifficultyConfig(Section):
     """KPOD §4.2 step difficulty under the student before distillation."""
     weighted: bool = Field(True, description="Weight token NLLs by softmax-within-step of the token weights (False: plain mean NLL per step).")
-    warmup_epochs: int = Field(1, ge=0, description="scratch student: epochs of Std-CoT warm-up so the scoring model is not random noise (0 = none).")
+    warmup_epochs: int = Field(6, ge=0, description="scratch student: epochs of Std-CoT warm-up so the scoring model is not random noise (0 = none); the same warm-up as masks.predictor_warmup_epochs when equal.")
     batch_tokens: int = Field(8192, ge=64, description="Token budget per scoring batch (length-bucketed).")
 
 

@@ -11,16 +11,17 @@ budget, so a batch wastes little padding (bench/difficulty_throughput.py measure
 
 Warm-up for a scratch student: a randomly initialised model gives every token about log(V) nats, which
 says nothing about difficulty. So, when `student.model` is `scratch`, θ_s is the student after
-`difficulty.warmup_epochs` of Std-CoT training (default 1) — a model that has seen the data once, whose
-per-token losses separate easy tokens (filler it has learned) from hard ones (arithmetic results). The
-warm-up model is used for scoring only; distillation still starts from the untrained student.
+`difficulty.warmup_epochs` of Std-CoT training (`tasks.train.warm_up_student`, shared with the token weights'
+answer predictor) — a model that has seen the data, whose per-token losses separate easy tokens (filler it has
+learned) from hard ones (arithmetic results). The warm-up model is used for scoring only; distillation still
+starts from the untrained student.
 """
 from __future__ import annotations
 
 import math
 from typing import TYPE_CHECKING
 
-from keystep.config import DifficultyConfig, TeacherConfig, TrainConfig
+from keystep.config import DifficultyConfig, TeacherConfig
 from storage.fingerprint import fingerprint
 from tasks.keypoints import EncodedRationale, load_encoded, load_weights
 
@@ -105,18 +106,15 @@ def difficulty_fingerprint(cfg: DifficultyConfig, weights_fp: str, student_fp: s
 
 
 def score_difficulty(catalog, cfg: DifficultyConfig, teacher_cfg: TeacherConfig, generation: dict, steps_fp: str,
-                     weights_fp: str, model_dir: str, warmup_root, scratch: bool, max_length: int, fp: str) -> dict:
+                     weights_fp: str, student: dict, scratch: bool, max_length: int, fp: str) -> dict:
+    """`student`: {"model_dir", "student_fp"} of the student before distillation."""
     done = catalog.stage_output(fp)
     if done:
         return done["summary"]
     from tasks.student import load_student
-    from tasks.train import pick_device, train_student
+    from tasks.train import pick_device, warm_up_student
 
-    scoring_dir = model_dir
-    if scratch and cfg.warmup_epochs:
-        warm = train_student(catalog, TrainConfig(epochs=cfg.warmup_epochs, seed=1), teacher_cfg, generation, model_dir,
-                             warmup_root, f"{fp}-warmup", max_length, {"difficulty": cfg.model_dump(), "warmup": True})
-        scoring_dir = warm["final_dir"]
+    scoring_dir = warm_up_student(catalog, teacher_cfg, generation, student, cfg.warmup_epochs if scratch else 0, max_length)
     device = pick_device("auto")
     model, tokenizer = load_student(scoring_dir, device=device)
     _, items = load_encoded(catalog, tokenizer, teacher_cfg, generation, steps_fp, max_length)
@@ -148,4 +146,4 @@ def difficulty_task(workspace: str, cfg: DifficultyConfig, teacher_cfg: TeacherC
                     weights: dict, student: dict, scratch: bool, max_length: int, fp: str) -> dict:
     ws = Workspace(workspace)
     return score_difficulty(ws.catalog(), cfg, teacher_cfg, generation, steps["steps_fp"], weights["weights_fp"],
-                            student["model_dir"], ws.checkpoints_root(f"{fp}-warmup"), scratch, max_length, fp)
+                            student, scratch, max_length, fp)

@@ -12,6 +12,11 @@ The answer predictor sees the *masked embeddings* m_j·Emb(r_j) + (1-m_j)·e_mas
 reaches the MLP and the attention layer (replacing token ids after a hard threshold would cut it).
 Loss (§4.1, eq. 4-6): L = Lp + α·Lm, Lp = Σ_k -log P(y | x, r[m]_<k) over sampled prefixes k ending at step
 boundaries (the paper sums all prefixes), Lm = mean(m).
+
+Answer predictor (the paper: a pretrained FlanT5). Default `student`: the student itself after a Std-CoT warm-up
+(`tasks.train.warm_up_student`), kept fixed while the masks learn, so the masks must keep what a model that
+already reads these rationales uses. Measured on synthetic:arith (bench/keypoints.py): a predictor trained from
+scratch alongside the masks never learns to read the rationale before the penalty wins, and every mask collapses.
 """
 from __future__ import annotations
 
@@ -27,7 +32,7 @@ from storage.fingerprint import fingerprint
 if TYPE_CHECKING:
     import torch
 
-CODE_VERSION = "1"
+CODE_VERSION = "2"
 
 
 @dataclass
@@ -91,8 +96,12 @@ def gumbel_sigmoid(logits: "torch.Tensor", tau: float, hard: bool = True) -> "to
     return (soft > 0.5).to(soft.dtype) - soft.detach() + soft
 
 
-def build_modules(cfg: MasksConfig, embedding, tokenizer):
-    """(weighter, predictor) as torch modules; `embedding` is the student's input embedding (kept frozen)."""
+def build_modules(cfg: MasksConfig, embedding, tokenizer, predictor_dir: str | None = None,
+                  answer_template: str = "Therefore, the answer is {answer}."):
+    """(weighter, predictor) as torch modules; `embedding` is the student's input embedding (kept frozen).
+    `predictor_dir`: the warmed-up student for `predictor: student`. The predictor reads the prefix, then the
+    answer template's lead-in ("Therefore, the answer is"), and is scored on the answer that follows."""
+    lead_in, _, tail = answer_template.partition("{answer}")
     import torch
     from torch import nn
 
@@ -121,7 +130,10 @@ def build_modules(cfg: MasksConfig, embedding, tokenizer):
             super().__init__()
             from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-            if cfg.predictor == "scratch":
+            if cfg.predictor == "student":
+                self.lm = AutoModelForCausalLM.from_pretrained(predictor_dir)
+                self.tok, self.kind = tokenizer, "causal"
+            elif cfg.predictor == "scratch":
                 heads = max(1, cfg.predictor_hidden // 32)
                 self.lm = LlamaForCausalLM(LlamaConfig(
                     vocab_size=len(tokenizer), hidden_size=cfg.predictor_hidden, intermediate_size=4 * cfg.predictor_hidden,
@@ -150,10 +162,12 @@ def build_modules(cfg: MasksConfig, embedding, tokenizer):
                 logits = self.lm(inputs_embeds=enc, attention_mask=mask, labels=labels).logits
                 return _summed_nll(logits, labels)
             rows, labels = [], []
+            lead = torch.tensor(self.tok(" " + lead_in.strip(), add_special_tokens=False).input_ids if lead_in.strip() else [],
+                                dtype=torch.long, device=dev)
             for p, ans in zip(prefixes, answers):
-                ans_ids = torch.tensor(self.tok(" " + ans, add_special_tokens=False).input_ids + [self.tok.eos_token_id], device=dev)
-                rows.append(torch.cat([self.proj(p), emb(ans_ids)]))
-                labels.append(torch.cat([torch.full((len(p),), -100, device=dev), ans_ids]))
+                ans_ids = torch.tensor(self.tok(" " + ans + tail, add_special_tokens=False).input_ids + [self.tok.eos_token_id], device=dev)
+                rows.append(torch.cat([self.proj(p), emb(lead), emb(ans_ids)]))
+                labels.append(torch.cat([torch.full((len(p) + len(lead),), -100, device=dev), ans_ids]))
             seq, mask = _pad(rows)
             lab = torch.full(mask.shape, -100, dtype=torch.long, device=dev)
             for i, lb in enumerate(labels):
@@ -220,20 +234,24 @@ def mask_losses(weighter, predictor, items: list[EncodedRationale], cfg: MasksCo
 
 
 def train_masks(cfg: MasksConfig, embedding, tokenizer, items: list[EncodedRationale],
-                on_epoch: Callable[[int, dict], None] | None = None):
+                on_epoch: Callable[[int, dict], None] | None = None, predictor_dir: str | None = None,
+                answer_template: str = "Therefore, the answer is {answer}."):
     import torch
 
     torch.manual_seed(cfg.seed)
-    weighter, predictor = build_modules(cfg, embedding, tokenizer)
+    weighter, predictor = build_modules(cfg, embedding, tokenizer, predictor_dir, answer_template)
     weighter_params = [p for p in weighter.parameters() if p.requires_grad]
     params = weighter_params + list(predictor.parameters())
     opt = torch.optim.AdamW([{"params": weighter_params, "lr": cfg.weighter_lr},
                              {"params": list(predictor.parameters()), "lr": cfg.lr}], weight_decay=0.0)
     rng = random.Random(cfg.seed)
     history = []
-    warm = cfg.predictor_warmup_epochs
+    # a scratch predictor first learns to read unmasked rationales here; the student predictor arrives warmed up
+    warm = cfg.predictor_warmup_epochs if cfg.predictor == "scratch" else 0
     for epoch in range(1, warm + cfg.epochs + 1):
-        unmasked = epoch <= warm  # first teach the predictor to read rationales, then learn the masks
+        unmasked = epoch <= warm
+        if not unmasked and cfg.freeze_predictor:
+            predictor.requires_grad_(False)  # gradients still flow through it to the masked embeddings
         order = list(range(len(items)))
         rng.shuffle(order)
         sums = {"loss": 0.0, "lp": 0.0, "lm": 0.0}
@@ -243,7 +261,7 @@ def train_masks(cfg: MasksConfig, embedding, tokenizer, items: list[EncodedRatio
                                        tokenizer.pad_token_id, rng, unmasked=unmasked)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            torch.nn.utils.clip_grad_norm_([p for p in params if p.requires_grad], 1.0)
             opt.step()
             for k, v in (("loss", loss), ("lp", lp), ("lm", lm)):
                 sums[k] += v.item()
@@ -305,21 +323,35 @@ def shaded_markdown(tokenizer, items: list[EncodedRationale], weights: list[list
     return "\n".join(lines) + "\n"
 
 
+def weighter_base(catalog, cfg: MasksConfig, teacher_cfg: TeacherConfig, generation: dict, student: dict,
+                  max_length: int) -> str:
+    """Model folder whose input embeddings the weighter reads — for `predictor: student` also the predictor:
+    the student after its Std-CoT warm-up (same tokenizer as the untrained student)."""
+    from tasks.train import warm_up_student
+
+    if cfg.predictor == "student" and not cfg.uniform:
+        return warm_up_student(catalog, teacher_cfg, generation, student, cfg.predictor_warmup_epochs, max_length)
+    return student["model_dir"]
+
+
 def learn_token_weights(catalog, cfg: MasksConfig, teacher_cfg: TeacherConfig, generation: dict, steps_fp: str,
-                        model_dir: str, max_length: int, fp: str, report_dir=None,
+                        student: dict, max_length: int, fp: str, report_dir=None,
                         on_epoch: Callable[[int, dict], None] | None = None) -> dict:
+    """`student`: {"model_dir", "student_fp"} of the student before distillation."""
     done = catalog.stage_output(fp)
     if done:
         return done["summary"]
     from tasks.student import load_student
 
+    model_dir = predictor_dir = weighter_base(catalog, cfg, teacher_cfg, generation, student, max_length)
     model, tokenizer = load_student(model_dir)
     rows, items = load_encoded(catalog, tokenizer, teacher_cfg, generation, steps_fp, max_length)
     history: list[dict] = []
     if cfg.uniform:  # ablation: no token weighting
         weights = [[1.0] * (it.rationale_end - it.rationale_start) for it in items]
     else:
-        weighter, history = train_masks(cfg, model.get_input_embeddings(), tokenizer, items, on_epoch)
+        weighter, history = train_masks(cfg, model.get_input_embeddings(), tokenizer, items, on_epoch, predictor_dir,
+                                        teacher_cfg.answer_template)
         weights = infer_weights(weighter, items, tokenizer.pad_token_id)
     table = [{"weights_fp": fp, "rationale_id": it.rationale_id, "token_start": it.rationale_start, "weights": w,
               "keypoints": keypoints(w, cfg.top_k)} for it, w in zip(items, weights)]
@@ -361,7 +393,7 @@ def token_weights_task(workspace: str, cfg: MasksConfig, teacher_cfg: TeacherCon
     ws = Workspace(workspace)
     logger = get_run_logger()
     summary = learn_token_weights(
-        ws.catalog(), cfg, teacher_cfg, generation, steps["steps_fp"], student["model_dir"], max_length, fp,
+        ws.catalog(), cfg, teacher_cfg, generation, steps["steps_fp"], student, max_length, fp,
         report_dir=ws.root / "reports",
         on_epoch=lambda e, m: logger.info("masks epoch %d: L %.3f Lp %.3f Lm %.3f", e, m["loss"], m["lp"], m["lm"]))
     if summary["collapsed"]:

@@ -175,6 +175,22 @@ def train_fingerprint(cfg: TrainConfig, student_fp: str, steps_fp: str, generati
     return fingerprint("train", cfg, [student_fp, steps_fp, generation_fp, *(kpod_upstream or [])], CODE_VERSION)
 
 
+def warm_up_student(catalog, teacher_cfg: TeacherConfig, generation: dict, student: dict, epochs: int,
+                    max_length: int) -> str:
+    """The student after `epochs` of Std-CoT on the kept rationales — the "student before distillation" that
+    KPOD's answer predictor (§4.1) and difficulty scoring (§4.2) read for a scratch student, whose random
+    initial weights would say nothing. Trained once per (student, rationales, epochs); returns its folder."""
+    if not epochs:
+        return student["model_dir"]
+    from storage.workspace import Workspace
+
+    fp = fingerprint("student-warmup", {"epochs": epochs, "max_length": max_length},
+                     [student["student_fp"], generation["fingerprint"]], CODE_VERSION)
+    warm = train_student(catalog, TrainConfig(epochs=epochs, seed=1), teacher_cfg, generation, student["model_dir"],
+                         Workspace(catalog.path.parent).checkpoints_root(fp), fp, max_length, {"warmup_epochs": epochs})
+    return warm["final_dir"]
+
+
 def train_student(catalog, cfg: TrainConfig, teacher_cfg: TeacherConfig, generation: dict, init_dir: str,
                   ckpt_root: Path, fp: str, max_length: int, run_config: dict,
                   on_epoch: Callable[[int, int, dict], None] | None = None, kpod: dict | None = None) -> dict:

@@ -29,9 +29,9 @@ def kpod_prepared(ws, n=32, epochs=4, **overrides):
     steps.split_rationales(cat, cfg.steps, cfg.teacher, gen, st["model_dir"], sfp)
     mcfg = MasksConfig(epochs=1, batch_size=8, predictor_hidden=32, predictor_layers=1, mlp_hidden=16, attention_heads=2)
     wfp = keypoints.weights_fingerprint(mcfg, sfp, st["student_fp"])
-    keypoints.learn_token_weights(cat, mcfg, cfg.teacher, gen, sfp, st["model_dir"], cfg.student.max_length, wfp)
+    keypoints.learn_token_weights(cat, mcfg, cfg.teacher, gen, sfp, st, cfg.student.max_length, wfp)
     dfp = difficulty.difficulty_fingerprint(cfg.difficulty, wfp, st["student_fp"])
-    difficulty.score_difficulty(cat, cfg.difficulty, cfg.teacher, gen, sfp, wfp, st["model_dir"], None, False,
+    difficulty.score_difficulty(cat, cfg.difficulty, cfg.teacher, gen, sfp, wfp, st, False,
                                 cfg.student.max_length, dfp)
     cfp = curriculum.curriculum_fingerprint(cfg.curriculum, dfp, epochs)
     cur = curriculum.build_curriculum(cat, cfg.curriculum, cfg.teacher, gen, dfp, epochs, ws.curriculum_dir(cfp),

@@ -41,11 +41,10 @@ def test_bucketed_scoring_equals_fixed_padding(tmp_path):
 def test_stage_scores_every_rationale_step(tmp_path):
     ws, cfg, cat, gen, st, sfp, model, tok, items = setup(tmp_path)
     wfp = weights_fingerprint(CFG, sfp, st["student_fp"])
-    learn_token_weights(cat, CFG, cfg.teacher, gen, sfp, st["model_dir"], cfg.student.max_length, wfp)
+    learn_token_weights(cat, CFG, cfg.teacher, gen, sfp, st, cfg.student.max_length, wfp)
     dcfg = DifficultyConfig(warmup_epochs=1)
     fp = difficulty_fingerprint(dcfg, wfp, st["student_fp"])
-    s = score_difficulty(cat, dcfg, cfg.teacher, gen, sfp, wfp, st["model_dir"], ws.checkpoints_root(f"{fp}-warmup"),
-                         True, cfg.student.max_length, fp)
+    s = score_difficulty(cat, dcfg, cfg.teacher, gen, sfp, wfp, st, True, cfg.student.max_length, fp)
     rows = cat.query("difficulty_of", difficulty_fp=fp)
     assert s["n_steps"] == len(rows) == sum(len([e for e in it.step_ends if e > it.rationale_start]) for it in items)
     assert all(r["difficulty"] > 0 for r in rows)

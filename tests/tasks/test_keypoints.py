@@ -38,10 +38,12 @@ def test_rationale_excludes_the_answer_sentence(tmp_path):
         assert it.step_ends[-1] == it.rationale_end and all(a < b for a, b in zip(it.step_ends, it.step_ends[1:]))
 
 
-def test_lp_gradient_reaches_the_mlp_and_the_attention_layer(tmp_path):
-    *_, model, tok, items = setup(tmp_path)
+@pytest.mark.parametrize("predictor", ["student", "scratch"])
+def test_lp_gradient_reaches_the_mlp_and_the_attention_layer(tmp_path, predictor):
+    ws, cfg, cat, gen, st, sfp, model, tok, items = setup(tmp_path)
     torch.manual_seed(0)
-    weighter, predictor = build_modules(CFG, model.get_input_embeddings(), tok)
+    weighter, predictor = build_modules(CFG.model_copy(update={"predictor": predictor}), model.get_input_embeddings(),
+                                        tok, predictor_dir=st["model_dir"])
     _, lp, _ = mask_losses(weighter, predictor, items[:4], CFG, tok.pad_token_id, random.Random(0))
     lp.backward()  # the answer loss alone, no mask penalty
     for name, p in [("mlp.0", weighter.mlp[0].weight), ("mlp.2", weighter.mlp[2].weight),
@@ -66,7 +68,7 @@ def test_keypoints_are_top_k_in_text_order():
 def test_stage_stores_one_weight_per_rationale_token_and_uniform_switch(tmp_path):
     ws, cfg, cat, gen, st, sfp, model, tok, items = setup(tmp_path)
     fp = weights_fingerprint(CFG, sfp, st["student_fp"])
-    s = learn_token_weights(cat, CFG, cfg.teacher, gen, sfp, st["model_dir"], cfg.student.max_length, fp)
+    s = learn_token_weights(cat, CFG, cfg.teacher, gen, sfp, st, cfg.student.max_length, fp)
     stored = load_weights(cat, fp)
     assert s["n_rationales"] == len(items) == len(stored)
     for it in items:
@@ -76,18 +78,33 @@ def test_stage_stores_one_weight_per_rationale_token_and_uniform_switch(tmp_path
     uni = CFG.model_copy(update={"uniform": True})
     ufp = weights_fingerprint(uni, sfp, st["student_fp"])
     assert ufp != fp
-    learn_token_weights(cat, uni, cfg.teacher, gen, sfp, st["model_dir"], cfg.student.max_length, ufp)
+    learn_token_weights(cat, uni, cfg.teacher, gen, sfp, st, cfg.student.max_length, ufp)
     assert all(set(w) == {1.0} for _, w in load_weights(cat, ufp).values())
     assert not s["collapsed"]     # the weighter's own (low) learning rate keeps masks open
     hard = CFG.model_copy(update={"alpha": 50.0, "weighter_lr": 0.05, "epochs": 2})
     hfp = weights_fingerprint(hard, sfp, st["student_fp"])
-    collapsed = learn_token_weights(cat, hard, cfg.teacher, gen, sfp, st["model_dir"], cfg.student.max_length, hfp)
+    collapsed = learn_token_weights(cat, hard, cfg.teacher, gen, sfp, st, cfg.student.max_length, hfp)
     assert collapsed["collapsed"] and collapsed["kept_fraction"] < 0.05   # reported, not silent
 
 
 def test_inference_is_deterministic(tmp_path):
-    *_, model, tok, items = setup(tmp_path)
-    weighter, _ = build_modules(CFG, model.get_input_embeddings(), tok)
+    ws, cfg, cat, gen, st, sfp, model, tok, items = setup(tmp_path)
+    weighter, _ = build_modules(CFG, model.get_input_embeddings(), tok, predictor_dir=st["model_dir"])
     a = infer_weights(weighter, items, tok.pad_token_id)
     b = infer_weights(weighter, items, tok.pad_token_id, batch_size=3)  # other padding, same weights
     assert all(x == pytest.approx(y, abs=1e-5) for ra, rb in zip(a, b) for x, y in zip(ra, rb))
+
+
+def test_student_predictor_is_the_warmed_up_student_shared_with_difficulty(tmp_path):
+    from keystep.config import DifficultyConfig
+    from tasks.difficulty import difficulty_fingerprint, score_difficulty
+
+    ws, cfg, cat, gen, st, sfp, model, tok, items = setup(tmp_path)
+    mcfg = CFG.model_copy(update={"predictor_warmup_epochs": 2})
+    wfp = weights_fingerprint(mcfg, sfp, st["student_fp"])
+    learn_token_weights(cat, mcfg, cfg.teacher, gen, sfp, st, cfg.student.max_length, wfp)
+    dcfg = DifficultyConfig(warmup_epochs=2)
+    d = score_difficulty(cat, dcfg, cfg.teacher, gen, sfp, wfp, st, True, cfg.student.max_length,
+                         difficulty_fingerprint(dcfg, wfp, st["student_fp"]))
+    warmups = [p for p in ws.root.joinpath("checkpoints").iterdir()]
+    assert len(warmups) == 1 and d["scoring_model"] == str(warmups[0] / "epoch-2")   # trained once, read by both
