@@ -161,7 +161,7 @@ class MasksConfig(Section):
 class DifficultyConfig(Section):
     """KPOD §4.2 step difficulty under the student before distillation."""
     weighted: bool = Field(True, description="Weight token NLLs by softmax-within-step of the token weights (False: plain mean NLL per step).")
-    warmup_epochs: int = Field(6, ge=0, description="scratch student: epochs of Std-CoT warm-up so the scoring model is not random noise (0 = none); the same warm-up as masks.predictor_warmup_epochs when equal.")
+    warmup_epochs: int = Field(1, ge=0, description="scratch student: epochs of Std-CoT warm-up so the scoring model is not random noise (0 = none); shares the warm-up with masks.predictor_warmup_epochs when equal. One epoch: its losses still separate hard steps (Spearman vs step complexity 0.23 vs 0.09 after 6 epochs, bench/keypoints.py).")
     batch_tokens: int = Field(8192, ge=64, description="Token budget per scoring batch (length-bucketed).")
 
 
