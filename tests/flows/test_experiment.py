@@ -23,7 +23,7 @@ seeds: [0, 1]
 results_path: {tmp_path / 'docs' / 'results.md'}
 gaps: [[std_cot, label_then_cot]]
 """)
-    seen: set = set()
+    _, seen = stage_runs(set())   # task runs of earlier tests on this server
     out = experiment(config=load_experiment(spec))
     counts, _ = stage_runs(seen)
     assert counts["executed"].count("teacher-rationales") == 1      # shared upstream: generated once
