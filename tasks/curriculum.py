@@ -66,14 +66,15 @@ def greedy_max(cost: np.ndarray, cluster: np.ndarray, budget: float, beta: float
     n_clusters = int(cluster.max()) + 1
     # Within a cluster every element has the same diversity gain, so the highest density (gain/cost) is the
     # cheapest one: each cluster is taken in ascending cost, and its density key only decreases along it.
-    by_cluster = np.lexsort((cost, cluster))
+    by_cluster = np.argsort(cluster * (cost.max() + 1.0) + cost, kind="stable")   # by cluster, then cost
     starts = np.searchsorted(cluster[by_cluster], np.arange(n_clusters))
     pos = np.arange(n) - starts[cluster[by_cluster]]
     gain = beta * (np.sqrt(pos + 1.0) - np.sqrt(pos))
     c_sorted = cost[by_cluster]
     with np.errstate(divide="ignore"):
         density = np.where(c_sorted > 0, 1.0 + gain / np.where(c_sorted > 0, c_sorted, 1.0), np.inf)
-    merge = np.lexsort((pos, -density))          # the greedy's order: a K-way merge by density
+    merge = np.argsort(-density, kind="stable")  # the greedy's order: a K-way merge by density (stable keeps
+                                                 # each cluster's cost order among equal densities)
     seq = by_cluster[merge]
     seq_cost, seq_cluster = cost[seq], cluster[seq]
     # Scan in that order; an element that does not fit ends its cluster (the rest of it is costlier and the
