@@ -60,6 +60,14 @@ def encode_example(tokenizer, prompt: str, target: str, max_length: int,
     return ids[:max_length], labels[:max_length], truncated
 
 
+def encode_rationale(tokenizer, teacher_cfg: TeacherConfig, row: dict, max_length: int, target: str | None = None,
+                     input_chars: int = 0) -> tuple[list[int], list[int], bool]:
+    """`encode_example` for a kept-rationale row: its prompt, and by default the rationale-then-answer target."""
+    if target is None:
+        target = training_target(row["text"], row["answer"], teacher_cfg)
+    return encode_example(tokenizer, format_prompt(teacher_cfg, row["question"]), target, max_length, input_chars)
+
+
 def format_target(fmt: str, text: str, answer: str, teacher_cfg: TeacherConfig, key_text: str = "",
                   shuffle_seed: str = "") -> str:
     """The student's target for a Mysteries target format (Wadhwa et al. 2024, §3)."""
@@ -90,8 +98,7 @@ def keytoken_texts(catalog, tokenizer, teacher_cfg: TeacherConfig, rows: list[di
         kp = stored.get(r["rationale_id"])
         if kp is None:
             continue
-        ids, _, _ = encode_example(tokenizer, format_prompt(teacher_cfg, r["question"]),
-                                   training_target(r["text"], r["answer"], teacher_cfg), 1 << 30)
+        ids, _, _ = encode_rationale(tokenizer, teacher_cfg, r, 1 << 30)
         out[r["rationale_id"]] = tokenizer.decode([ids[kp["token_start"] + j] for j in kp["keypoints"]])
     return out
 
@@ -151,9 +158,8 @@ class KpodData:
             for r in self.rows:
                 c = prefix.get(r["rationale_id"], 0)
                 input_chars = self.step_ends[r["rationale_id"]][c - 1] if c else 0
-                ids, labels, _ = encode_example(self.tokenizer, format_prompt(self.teacher_cfg, r["question"]),
-                                                training_target(r["text"], r["answer"], self.teacher_cfg),
-                                                self.max_length, input_chars)
+                ids, labels, _ = encode_rationale(self.tokenizer, self.teacher_cfg, r, self.max_length,
+                                                  input_chars=input_chars)
                 weights = [1.0] * len(ids)
                 start, w = self.weights.get(r["rationale_id"], (0, []))
                 for j, x in enumerate(w[: max(0, len(ids) - start)]):
@@ -222,15 +228,14 @@ def train_student(catalog, cfg: TrainConfig, teacher_cfg: TeacherConfig, generat
     for r in rows:
         target = format_target(cfg.target_format, r["text"], r["answer"], teacher_cfg, key_texts.get(r["rationale_id"], ""),
                                shuffle_seed=r["rationale_id"])
-        ids, labels, truncated = encode_example(tokenizer, format_prompt(teacher_cfg, r["question"]), target, max_length)
+        ids, labels, truncated = encode_rationale(tokenizer, teacher_cfg, r, max_length, target)
         data.append((ids, labels))
         n_truncated += truncated
     staged = KpodData(catalog, tokenizer, teacher_cfg, rows, kpod, max_length) if cfg.loss == "kpod" else None
     epochs = cfg.epochs
     if cfg.match_cot_tokens and cfg.target_format != "cot_then_label":
         # as many training tokens as `epochs` passes over rationale-then-answer sequences (Mysteries, equal budget)
-        cot = sum(len(encode_example(tokenizer, format_prompt(teacher_cfg, r["question"]),
-                                     training_target(r["text"], r["answer"], teacher_cfg), max_length)[0]) for r in rows)
+        cot = sum(len(encode_rationale(tokenizer, teacher_cfg, r, max_length)[0]) for r in rows)
         epochs = max(1, round(cfg.epochs * cot / sum(len(ids) for ids, _ in data)))
     steps_per_epoch = math.ceil(len(data) / (cfg.batch_size * cfg.grad_accum))
     total_steps = steps_per_epoch * epochs
