@@ -4,7 +4,8 @@
    marks (operands, operators, results); beside it a uniform scorer (0.5) and a digits-only heuristic.
    Goal >= 0.85.
 2. Spearman correlation between step difficulty (§4.2, on the training rationales) and the generator's step
-   complexity. Goal >= 0.3.
+   complexity. Goal >= 0.3. Beside it, the same scoring model with other weightings (`spearman_references`):
+   eq. 7 with the ground-truth key marks as 0/1 weights, the plain mean NLL, the result token's NLL alone.
 Usage: python bench/keypoints.py [N_TRAIN] [section.key=value ...]
 """
 import json
@@ -27,6 +28,37 @@ def prepared(ws, cfg, spec):
     gfp = teacher.generation_fingerprint(cfg.teacher, dfp)
     gen = {**teacher.generate_rationales(cat, cfg.teacher, dfp, gfp), "fingerprint": gfp}
     return dfp, gen
+
+
+def difficulty_references(cat, cfg, gen, steps_fp, st, train_meta, rid_to_ex) -> dict:
+    """Spearman(step score, step complexity) for the same scoring model with other token weightings — to tell
+    how much of the gap to the goal is the learned weights and how much the scoring model: eq. 7 with the
+    generator's ground-truth key marks as 0/1 weights (what perfect masks would give), the plain mean NLL, and
+    the NLL of the step's result token alone."""
+    from scipy.stats import spearmanr
+
+    from tasks.train import warm_up_student
+
+    model, tok = student.load_student(warm_up_student(cat, cfg.teacher, gen, st, cfg.difficulty.warmup_epochs,
+                                                      cfg.student.max_length))
+    _, items = keypoints.load_encoded(cat, tok, cfg.teacher, gen, steps_fp, cfg.student.max_length)
+    nll = difficulty.token_nll(model, items, cfg.difficulty.batch_tokens, "cpu")
+    scores = {"eq7_ground_truth_marks": [], "mean_nll": [], "result_token_nll": []}
+    comp = []
+    for it, losses in zip(items, nll):
+        meta = train_meta[rid_to_ex[it.rationale_id]]
+        marks = [float(any(a < e and b > s for s, e in meta["key_spans"])) for a, b in it.char_spans[it.rationale_start:it.rationale_end]]
+        truth = difficulty.step_difficulties(it, losses, marks, True)
+        plain = difficulty.step_difficulties(it, losses, None, False)
+        for k, (a, b) in enumerate(difficulty.step_token_spans(it)):
+            marked = [j for j in range(a, b) if marks[j - it.rationale_start]]
+            if k >= len(meta["step_complexity"]) or not marked:
+                continue
+            comp.append(meta["step_complexity"][k])
+            scores["eq7_ground_truth_marks"].append(truth[k][0])
+            scores["mean_nll"].append(plain[k][0])
+            scores["result_token_nll"].append(losses[marked[-1] - 1])  # the last marked token: the step's result
+    return {name: round(float(spearmanr(v, comp).statistic), 4) for name, v in scores.items()}
 
 
 def main() -> None:
@@ -96,11 +128,13 @@ def main() -> None:
                 d_vals.append(r["difficulty"])
                 c_vals.append(comp[r["step_index"]])
         rho = spearmanr(d_vals, c_vals).statistic
+        references = difficulty_references(cat, cfg, gen, train_steps_fp, st, train_meta, rid_to_ex)
     print(json.dumps({"bench": "keypoints", "metric": "ROC-AUC of learned token weights vs ground-truth key tokens (held-out)",
                       "value": round(auc, 4), "baseline": 0.5, "ratio": round(auc / 0.5, 3), "goal": "AUC >= 0.85; Spearman >= 0.3",
                       "met": bool(auc >= 0.85 and rho >= 0.3),
                       "details": {"auc_uniform": 0.5, "auc_digits_only": round(auc_digits, 4),
                                   "spearman_difficulty_vs_complexity": round(float(rho), 4), "n_steps_scored": len(d_vals),
+                                  "spearman_references": references,
                                   "n_train": len(train_items), "overrides": overrides, "n_heldout": len(test_items), "key_token_rate": sum(labels) / len(labels),
                                   "mask_history": history}}))
 
