@@ -30,6 +30,17 @@ def prepared(ws, cfg, spec):
     return dfp, gen
 
 
+def key_marks(tok, it, spans) -> list[int]:
+    """Per rationale token of `it`: 1 when it overlaps a ground-truth key span of the generator."""
+    marks = []
+    for j in range(it.rationale_start, it.rationale_end):
+        a, b = it.char_spans[j]
+        text = tok.decode([it.ids[j]])
+        a += len(text) - len(text.lstrip())  # ignore the leading space a byte-level token carries
+        marks.append(int(any(a < e and b > s for s, e in spans)))
+    return marks
+
+
 def difficulty_references(cat, cfg, gen, steps_fp, st, train_meta, rid_to_ex) -> dict:
     """Spearman(step score, step complexity) for the same scoring model with other token weightings — to tell
     how much of the gap to the goal is the learned weights and how much the scoring model: eq. 7 with the
@@ -47,7 +58,7 @@ def difficulty_references(cat, cfg, gen, steps_fp, st, train_meta, rid_to_ex) ->
     comp = []
     for it, losses in zip(items, nll):
         meta = train_meta[rid_to_ex[it.rationale_id]]
-        marks = [float(any(a < e and b > s for s, e in meta["key_spans"])) for a, b in it.char_spans[it.rationale_start:it.rationale_end]]
+        marks = [float(m) for m in key_marks(tok, it, meta["key_spans"])]
         truth = difficulty.step_difficulties(it, losses, marks, True)
         plain = difficulty.step_difficulties(it, losses, None, False)
         for k, (a, b) in enumerate(difficulty.step_token_spans(it)):
@@ -102,14 +113,9 @@ def main() -> None:
         by_rid = {r["rationale_id"]: r for r in test_rows}
         labels, learned, digits = [], [], []
         for it, w in zip(test_items, weights):
-            spans = meta[by_rid[it.rationale_id]["example_id"]]["key_spans"]
-            for j in range(it.rationale_start, it.rationale_end):
-                a, b = it.char_spans[j]
-                text = tok.decode([it.ids[j]])
-                a += len(text) - len(text.lstrip())  # ignore the leading space a byte-level token carries
-                labels.append(int(any(a < e and b > s for s, e in spans)))
-                learned.append(w[j - it.rationale_start])
-                digits.append(float(any(c.isdigit() for c in text)))
+            labels += key_marks(tok, it, meta[by_rid[it.rationale_id]["example_id"]]["key_spans"])
+            learned += w
+            digits += [float(any(c.isdigit() for c in tok.decode([i]))) for i in it.ids[it.rationale_start:it.rationale_end]]
         auc = roc_auc_score(labels, learned)
         auc_digits = roc_auc_score(labels, digits)
 
