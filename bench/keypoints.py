@@ -48,12 +48,13 @@ def difficulty_references(cat, cfg, gen, steps_fp, st, train_meta, rid_to_ex) ->
     the NLL of the step's result token alone."""
     from scipy.stats import spearmanr
 
-    from tasks.train import warm_up_student
+    from tasks.train import pick_device, warm_up_student
 
+    device = pick_device("auto")  # as the difficulty stage scores, so the references compare like with like
     model, tok = student.load_student(warm_up_student(cat, cfg.teacher, gen, st, cfg.difficulty.warmup_epochs,
-                                                      cfg.student.max_length))
+                                                      cfg.student.max_length), device=device)
     _, items = keypoints.load_encoded(cat, tok, cfg.teacher, gen, steps_fp, cfg.student.max_length)
-    nll = difficulty.token_nll(model, items, cfg.difficulty.batch_tokens, "cpu")
+    nll = difficulty.token_nll(model, items, cfg.difficulty.batch_tokens, device)
     scores = {"eq7_ground_truth_marks": [], "mean_nll": [], "result_token_nll": []}
     comp = []
     for it, losses in zip(items, nll):
