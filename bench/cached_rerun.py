@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def timed_run(config: str, workspace: str) -> float:
     t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "keystep.cli", "run", config, "--workspace", workspace], cwd=ROOT,
+    r = subprocess.run([sys.executable, "-m", "flows.cli", "run", config, "--workspace", workspace], cwd=ROOT,
                        capture_output=True, text=True)
     if r.returncode:
         sys.exit(f"keystep run failed:\n{r.stderr[-3000:]}")

@@ -13,32 +13,21 @@ sys.path.insert(0, str(ROOT))
 
 from keystep.config import load_config  # noqa: E402
 from storage.workspace import Workspace  # noqa: E402
-from tasks import ingest, keypoints, steps, student, teacher  # noqa: E402
+from tasks import ingest, steps, student, teacher, token_weights  # noqa: E402
 from tasks.difficulty import token_nll  # noqa: E402
 
 
 def main() -> None:
     import torch
 
-    cfg = load_config(ROOT / "configs" / "demo.yaml", {"data.train.max_steps": 5})
+    max_len = 256
+    cfg = load_config(ROOT / "configs" / "demo.yaml", {"data.train.max_steps": 5, "student.max_length": max_len})
     with tempfile.TemporaryDirectory() as tmp:
         ws = Workspace(tmp)
-        cat = ws.catalog()
-        dfp = ingest.dataset_fingerprint(cfg.data.train)
-        ingest.ingest(cat, cfg.data.train, dfp)
-        gfp = teacher.generation_fingerprint(cfg.teacher, dfp)
-        gen = {**teacher.generate_rationales(cat, cfg.teacher, dfp, gfp), "fingerprint": gfp}
-        rows = cat.query("kept_rationales", dataset_fp=dfp, teacher_fp=gen["teacher_fp"], only_correct=True)
-        sfp = student.student_fingerprint(cfg.student, gfp)
-        st = student.init_student(cat, cfg.student, [r["question"] + " " + r["text"] for r in rows], ws.model_dir(sfp), sfp)
-        model, tok = student.load_student(st["model_dir"])
-        sp = steps.steps_fingerprint(cfg.steps, gfp, sfp)
-        steps.split_rationales(cat, cfg.steps, cfg.teacher, gen, st["model_dir"], sp)
-        step_rows = {}
-        for s in cat.query("steps_of_rationales", steps_fp=sp):
-            step_rows.setdefault(s["rationale_id"], []).append(s)
-        max_len = 256
-        items = keypoints.encode_rationales(tok, cfg.teacher, rows, step_rows, max_len)
+        gen = teacher.generate_rationales(ws, cfg, ingest.ingest(ws, cfg.data.train))
+        st = student.init_student(ws, cfg, gen)
+        model, tok = student.load_student(st.model_dir)
+        _, items = token_weights.load_encoded(ws, cfg, tok, gen, steps.split_rationales(ws, cfg, gen, st))
         real = sum(len(it.ids) for it in items)
         torch.set_num_threads(2)
         token_nll(model, items[:64], 4096, "cpu")  # warm-up

@@ -5,7 +5,7 @@ Measured at concurrency 4, 8 and 16, each beside a bare httpx client (no retries
 server, because on a 2-core machine client and server together saturate near 300 requests/s: at 16 in
 flight (ideal 320/s) even the bare client cannot reach 0.9. The headline figure is concurrency 8.
 
-The server runs in its own process (python -m keystep.fake_openai --raw: bare asyncio HTTP, a fraction of a
+The server runs in its own process (python -m tests.fake_openai --raw: bare asyncio HTTP, a fraction of a
 millisecond per request) so it neither shares the client's GIL nor adds its own overhead to the measurement.
 Details also give the whole teacher stage (plan, shards, Parquet spool, catalog ingest) for the same work.
 """
@@ -21,10 +21,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from keystep.config import DatasetSpec, TeacherConfig  # noqa: E402
-from storage.catalog import Catalog  # noqa: E402
-from tasks.ingest import dataset_fingerprint, ingest  # noqa: E402
-from tasks.teacher import generate_rationales, generation_fingerprint  # noqa: E402
+from keystep.config import DatasetSpec, DistillConfig, StorageConfig, TeacherConfig  # noqa: E402
+from storage.workspace import Workspace  # noqa: E402
+from tasks.ingest import ingest  # noqa: E402
+from tasks.teacher import generate_rationales  # noqa: E402
 from tasks.teacher_backends import GenerationRequest, OpenAITeacher, free_port  # noqa: E402
 
 LATENCY, CONCURRENCY, N = 0.05, 8, 2000
@@ -49,7 +49,7 @@ async def bare_client(base_url: str, concurrency: int) -> float:
 
 def main() -> None:
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "keystep.fake_openai", "--port", str(port), "--latency", str(LATENCY), "--raw"],
+    server = subprocess.Popen([sys.executable, "-m", "tests.fake_openai", "--port", str(port), "--latency", str(LATENCY), "--raw"],
                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         for _ in range(100):
@@ -77,16 +77,14 @@ def main() -> None:
         cfg = TeacherConfig(backend="openai", base_url=base_url, model="fake", concurrency=CONCURRENCY, timeout_s=30,
                             commit_every=256)
         with tempfile.TemporaryDirectory() as tmp:
-            catalog = Catalog(Path(tmp) / "c.duckdb")
-            spec = DatasetSpec(n=N, seed=7)
-            dfp = dataset_fingerprint(spec)
-            ingest(catalog, spec, dfp)
+            ws = Workspace(tmp)
+            dataset = ingest(ws, DatasetSpec(n=N, seed=7))
             t0 = time.perf_counter()
-            stage = generate_rationales(catalog, cfg, dfp, generation_fingerprint(cfg, dfp))
+            stage = generate_rationales(ws, DistillConfig(teacher=cfg, storage=StorageConfig(workspace=tmp)), dataset)
             stage_s = time.perf_counter() - t0
     finally:
         server.terminate()
-    assert stage["n"] == N
+    assert stage.n == N
     ideal = CONCURRENCY / LATENCY
     achieved = sweep[CONCURRENCY]["keystep_rps"]
     print(json.dumps({"bench": "teacher_client", "metric": "requests/s through the openai backend",

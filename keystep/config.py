@@ -126,8 +126,8 @@ class StepsConfig(Section):
     max_steps: int | None = Field(None, ge=1, description="Merge trailing steps so that no rationale has more than this many.")
 
 
-class MasksConfig(Section):
-    """KPOD §4.1 token weighting: which rationale tokens matter for predicting the answer."""
+class TokenWeightsConfig(Section):
+    """KPOD §4.1 token weighting: which rationale tokens matter for predicting the answer (the top-k are the keypoints)."""
     compute: bool = Field(False, description="Run token weighting and step difficulty in the prepare phase (KPOD needs them; the Std-CoT baseline does not).")
     uniform: bool = Field(False, description="Ablation: no token weighting (every weight 1; the module is not trained).")
     alpha: float = Field(0.5, ge=0, description="Weight of the mask-size penalty Lm = mean(m) (paper: 0.5).")
@@ -136,8 +136,8 @@ class MasksConfig(Section):
     attention_heads: int = Field(4, ge=1, description="Heads of the weighting module's self-attention layer.")
     mlp_hidden: int = Field(128, ge=1, description="Hidden width of the 2-layer weighting MLP.")
     predictor: str = Field("student", description="Answer predictor: 'student' (the student itself after "
-                           "predictor_warmup_epochs of Std-CoT on the rationales: a tiny model trained from scratch that "
-                           "already reads them), 'scratch' (a separate tiny causal LM), or an HF model folder / hub id.")
+                           "predictor_warmup_epochs of Std-CoT on the rationales, so it already reads them), 'scratch' "
+                           "(a separate tiny causal LM), or an HF model folder / hub id.")
     predictor_kind: Literal["causal", "seq2seq"] = Field("causal", description="HF predictor type (seq2seq = FlanT5 as in the paper).")
     predictor_hidden: int = Field(128, ge=16, description="scratch predictor: width.")
     predictor_layers: int = Field(2, ge=1, description="scratch predictor: transformer blocks.")
@@ -145,15 +145,13 @@ class MasksConfig(Section):
     predictor_warmup_epochs: int = Field(6, ge=0, description="Epochs teaching the predictor to answer from unmasked "
                                          "rationales before the masks are learned ('student': Std-CoT epochs, shared "
                                          "with difficulty.warmup_epochs when equal; 'scratch': predictor-only epochs).")
-    freeze_predictor: bool = Field(True, description="Keep the predictor fixed while the masks are learned: the masks must "
-                                   "then keep what it reads. A predictor that keeps training learns to answer without "
-                                   "the rationale and the masks collapse (measured on synthetic:arith).")
+    freeze_predictor: bool = Field(True, description="Keep the predictor fixed while the masks are learned, so the masks "
+                                   "must keep what it reads (why: docs/measurements.md).")
     init_keep: float = Field(0.9, gt=0, lt=1, description="Initial weight of every token (bias of the MLP's output), so masks start open.")
     batch_size: int = Field(32, ge=1, description="Examples per step.")
     lr: float = Field(2e-3, gt=0, description="AdamW learning rate of the answer predictor.")
-    weighter_lr: float = Field(1e-4, gt=0, description="AdamW learning rate of the weighting module (attention + MLP + e_mask). "
-                               "Adam turns the steady α·mean(m) gradient into full-size steps on every MLP weight, so at the "
-                               "predictor's rate every mask collapses to 0 within an epoch (measured on synthetic:arith).")
+    weighter_lr: float = Field(1e-4, gt=0, description="AdamW learning rate of the weighting module (attention + MLP + "
+                               "e_mask), lower than the predictor's so the masks do not collapse (why: docs/measurements.md).")
     top_k: int = Field(8, ge=1, description="Keypoints per rationale: the top-k tokens by weight.")
     seed: int = Field(0, description="Initialisation, prefix sampling and Gumbel noise seed.")
 
@@ -161,7 +159,9 @@ class MasksConfig(Section):
 class DifficultyConfig(Section):
     """KPOD §4.2 step difficulty under the student before distillation."""
     weighted: bool = Field(True, description="Weight token NLLs by softmax-within-step of the token weights (False: plain mean NLL per step).")
-    warmup_epochs: int = Field(1, ge=0, description="scratch student: epochs of Std-CoT warm-up so the scoring model is not random noise (0 = none); shares the warm-up with masks.predictor_warmup_epochs when equal. One epoch: its losses still separate hard steps (Spearman vs step complexity 0.23 vs 0.09 after 6 epochs, bench/keypoints.py).")
+    warmup_epochs: int = Field(1, ge=0, description="scratch student: epochs of Std-CoT warm-up so the scoring model is "
+                               "not random noise (0 = none); shares the warm-up with token_weights.predictor_warmup_epochs "
+                               "when equal (why one epoch: docs/measurements.md).")
     batch_tokens: int = Field(8192, ge=64, description="Token budget per scoring batch (length-bucketed).")
 
 
@@ -210,7 +210,9 @@ class TrainConfig(Section):
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine decay floor as a fraction of lr.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     seed: int = Field(0, description="Data order and dropout seed.")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' uses CUDA (bf16) when present, else CPU.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Device of every model stage (warm-up, token "
+                                                   "weights, difficulty, training, evaluation): 'auto' uses CUDA (bf16 "
+                                                   "training) when present, else CPU.")
     target_format: Literal["cot_then_label", "label_only", "label_then_cot", "label_then_shuffled_cot",
                            "label_then_keytokens"] = Field(
         "cot_then_label", description="Mysteries target format: rationale then answer (standard); the answer only; the "
@@ -246,7 +248,7 @@ class DistillConfig(Section):
     data: DataConfig = Field(default_factory=DataConfig, description="Datasets to distil on and evaluate on.")
     teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="Teacher rationale generation.")
     steps: StepsConfig = Field(default_factory=StepsConfig, description="Rationale step splitting.")
-    masks: MasksConfig = Field(default_factory=MasksConfig, description="KPOD token weighting (keypoints).")
+    token_weights: TokenWeightsConfig = Field(default_factory=TokenWeightsConfig, description="KPOD token weighting.")
     difficulty: DifficultyConfig = Field(default_factory=DifficultyConfig, description="KPOD step difficulty.")
     curriculum: CurriculumConfig = Field(default_factory=CurriculumConfig, description="KPOD progressive curriculum (train.loss: kpod).")
     student: StudentConfig = Field(default_factory=StudentConfig, description="The student model.")
@@ -262,6 +264,15 @@ def _describe(err: ValidationError) -> str:
     if first["type"] == "extra_forbidden":
         msg = "unknown key; check the spelling against `keystep config --show` or configs/demo.yaml"
     return f"config key '{key}': {msg}"
+
+
+RENAMED = {"masks": "token_weights"}
+
+
+def _renamed(raw: dict) -> None:
+    for old, new in RENAMED.items():
+        if old in raw:
+            raise ConfigError(f"config key '{old}': renamed to '{new}'; rename the section (same keys inside)")
 
 
 def parse_value(text: str) -> Any:
@@ -292,24 +303,30 @@ def apply_overrides(raw: dict, overrides: dict[str, Any]) -> dict:
 
 def build_config(raw: dict | None = None, overrides: dict[str, Any] | None = None) -> DistillConfig:
     raw = apply_overrides(raw or {}, overrides or {})
+    _renamed(raw)
     try:
         return DistillConfig.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(_describe(err)) from None
 
 
+def read_yaml(path: str | Path, what: str, example: str, shape: str) -> dict:
+    """A YAML file that must hold a mapping; a missing file or bad YAML is a `ConfigError` naming the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{what} '{p}' not found; see {example}")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{what} '{p}' is not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{what} '{p}' must hold {shape}")
+    return raw
+
+
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> DistillConfig:
-    raw: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file '{p}' not found; pass a YAML preset such as configs/demo.yaml")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file '{p}' is not valid YAML: {err}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file '{p}' must hold a mapping of sections (data, teacher, ...)")
+    raw = read_yaml(path, "config file", "configs/demo.yaml", "a mapping of sections (data, teacher, ...)") \
+        if path is not None else {}
     try:
         return build_config(raw, overrides)
     except ConfigError as err:
@@ -335,9 +352,7 @@ class ExperimentConfig(Section):
 def load_experiment(path: str | Path, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
     """An experiment file, with every arm's config validated up front (a bad arm names itself)."""
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"experiment file '{p}' not found; see configs/study-synthetic.yaml")
-    raw = yaml.safe_load(p.read_text()) or {}
+    raw = read_yaml(p, "experiment file", "configs/study-synthetic.yaml", "a mapping (name, base, variants, seeds, ...)")
     try:
         exp = ExperimentConfig.model_validate(apply_overrides(raw, overrides or {}))
     except ValidationError as err:

@@ -19,7 +19,7 @@ from typing import Any, Iterator
 import duckdb
 import pyarrow as pa
 
-from storage.fingerprint import canonical
+from storage.fingerprint import Lineage, canonical
 
 SQL_DIR = Path(__file__).parent / "sql"
 _MIGRATION = re.compile(r"^(\d{3})_.*\.sql$")
@@ -161,12 +161,13 @@ class Catalog:
         return row
 
     @staticmethod
-    def record_stage(con, fp, *, stage: str, code_version: str, config: Any, upstream: list[str],
-                     summary: dict | None = None, flow_run_id: str | None = None) -> None:
-        con.execute("delete from stage_outputs where fingerprint = ?", [fp])
+    def record_stage(con, lineage: Lineage, summary: dict | None = None) -> None:
+        """The stage output `lineage.fp`: what it was made from (exactly what its fingerprint hashes) and its summary."""
+        con.execute("delete from stage_outputs where fingerprint = ?", [lineage.fp])
         con.execute(
-            "insert into stage_outputs (fingerprint, stage, code_version, config_json, upstream_json, summary_json, flow_run_id)"
+            "insert into stage_outputs (fingerprint, stage, code_version, config_json, upstream_json, extra_json, summary_json)"
             " values (?, ?, ?, ?, ?, ?, ?)",
-            [fp, stage, code_version, json.dumps(canonical(config), sort_keys=True, default=str),
-             json.dumps(upstream), json.dumps(summary or {}, default=str), flow_run_id],
+            [lineage.fp, lineage.stage, lineage.code_version, json.dumps(canonical(lineage.config), sort_keys=True),
+             json.dumps(list(lineage.upstream)), json.dumps(canonical(lineage.extra), sort_keys=True),
+             json.dumps(summary or {}, default=str)],
         )

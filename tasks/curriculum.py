@@ -31,8 +31,12 @@ from pathlib import Path
 
 import numpy as np
 
-from keystep.config import CurriculumConfig, TeacherConfig
-from storage.fingerprint import fingerprint
+from keystep.config import CurriculumConfig, DistillConfig
+from storage.fingerprint import Lineage
+from storage.workspace import Workspace, publish_dir, temp_dir_for
+from tasks.difficulty import Difficulty
+from tasks.stage import StageOutput, cached_output
+from tasks.teacher import Generation
 
 CODE_VERSION = "1"
 
@@ -234,8 +238,25 @@ def build_schedule(difficulties: list[np.ndarray], clusters: np.ndarray, stages:
     return sched
 
 
-def curriculum_fingerprint(cfg: CurriculumConfig, difficulty_fp: str, epochs: int) -> str:
-    return fingerprint("curriculum", {"curriculum": cfg, "stages": n_stages(epochs)}, [difficulty_fp], CODE_VERSION)
+class Curriculum(StageOutput):
+    """The schedule: rows of `curriculum` under `fp` and one Parquet shard per stage under `shards_dir`."""
+    stages: int
+    shards_dir: str
+    n_rationales: int
+    n_unscored: int
+    budget: list[float]
+    achieved: list[float]
+    start_achieved: float
+    cluster_selected: list[list[int]]
+    cluster_sizes: list[int]
+    mean_prefix: list[float]
+    plots: dict[str, str]
+    markdown: str
+
+
+def curriculum_lineage(config: DistillConfig, generation: Generation, difficulty: Difficulty) -> Lineage:
+    return Lineage("curriculum", {"curriculum": config.curriculum, "stages": n_stages(config.train.epochs)},
+                   (generation.fp, difficulty.fp), CODE_VERSION)
 
 
 # ---- report -------------------------------------------------------------------------------------------
@@ -301,17 +322,16 @@ def schedule_markdown(sched: Schedule, plots: dict[str, str], relative_to: Path 
 
 
 # ---- stage --------------------------------------------------------------------------------------------
-def build_curriculum(catalog, cfg: CurriculumConfig, teacher_cfg: TeacherConfig, generation: dict, difficulty_fp: str,
-                     epochs: int, shards_dir: Path, report_dir: Path, fp: str) -> dict:
-    done = catalog.stage_output(fp)
-    if done and Path(done["summary"]["shards_dir"]).exists():
-        return done["summary"]
-    from storage.workspace import publish_dir, temp_dir_for
-
-    rows = catalog.query("kept_rationales", dataset_fp=generation["dataset_fp"], teacher_fp=generation["teacher_fp"],
-                         only_correct=teacher_cfg.keep_only_correct)
+def build_curriculum(ws: Workspace, config: DistillConfig, generation: Generation, difficulty: Difficulty) -> Curriculum:
+    catalog, cfg, lineage = ws.catalog(), config.curriculum, curriculum_lineage(config, generation, difficulty)
+    done = cached_output(catalog, lineage, Curriculum)
+    if done and Path(done.shards_dir).exists():
+        return done
+    fp, shards_dir, report_dir = lineage.fp, ws.curriculum_dir(lineage.fp), ws.root / "reports"
+    rows = catalog.query("kept_rationales", dataset_fp=generation.dataset_fp, teacher_fp=generation.teacher_fp,
+                         only_correct=config.teacher.keep_only_correct)
     by_rationale: dict[str, list[float]] = {}
-    for r in catalog.query("difficulty_of", difficulty_fp=difficulty_fp):
+    for r in catalog.query("difficulty_of", difficulty_fp=difficulty.fp):
         by_rationale.setdefault(r["rationale_id"], []).append(r["difficulty"])
     scored = [r for r in rows if r["rationale_id"] in by_rationale]
     if not scored:
@@ -320,7 +340,7 @@ def build_curriculum(catalog, cfg: CurriculumConfig, teacher_cfg: TeacherConfig,
     questions = sorted({r["example_id"]: r["question"] for r in scored}.items())
     labels = dict(zip([q for q, _ in questions], question_clusters([t for _, t in questions], cfg)))
     clusters = np.array([labels[r["example_id"]] for r in scored], dtype=np.int64)
-    stages = n_stages(epochs)
+    stages = n_stages(config.train.epochs)
     sched = build_schedule([np.array(by_rationale[r["rationale_id"]]) for r in scored], clusters, stages, cfg)
     table = {"fp": [], "stage": [], "example_id": [], "rationale_id": [], "prefix_steps": []}
     for t in range(stages):
@@ -330,21 +350,20 @@ def build_curriculum(catalog, cfg: CurriculumConfig, teacher_cfg: TeacherConfig,
         table["rationale_id"] += [r["rationale_id"] for r in scored]
         table["prefix_steps"] += sched.prefix[t].tolist()
     plots = plot_schedule(sched, report_dir / f"curriculum-{fp}")
-    summary = {"curriculum_fp": fp, "stages": stages, "shards_dir": str(shards_dir), "n_rationales": len(scored),
-               "n_unscored": len(rows) - len(scored), "budget": sched.budget, "achieved": sched.achieved,
-               "start_achieved": sched.start_achieved, "cluster_selected": sched.cluster_selected,
-               "cluster_sizes": np.bincount(clusters).tolist(), "mean_prefix": sched.prefix.mean(axis=1).tolist(),
-               "plots": plots, "markdown": schedule_markdown(sched, plots, report_dir)}
+    out = Curriculum(fp=fp, stages=stages, shards_dir=str(shards_dir), n_rationales=len(scored),
+                     n_unscored=len(rows) - len(scored), budget=sched.budget, achieved=sched.achieved,
+                     start_achieved=sched.start_achieved, cluster_selected=sched.cluster_selected,
+                     cluster_sizes=np.bincount(clusters).tolist(), mean_prefix=sched.prefix.mean(axis=1).tolist(),
+                     plots=plots, markdown=schedule_markdown(sched, plots, report_dir))
     tmp = temp_dir_for(shards_dir)
     with catalog.transaction() as con:
         con.execute("delete from curriculum where fp = ?", [fp])
         catalog.insert(con, "curriculum", table)
         catalog.copy_to(con, "curriculum_shards", tmp / "shards", fp=fp)   # stage=N/ folders, by DuckDB
         publish_dir(tmp / "shards", shards_dir)
-        catalog.record_stage(con, fp, stage="curriculum", code_version=CODE_VERSION, config=cfg,
-                             upstream=[difficulty_fp], summary=summary)
+        catalog.record_stage(con, lineage, out.model_dump())
     tmp.rmdir()
-    return summary
+    return out
 
 
 def stage_shard(shards_dir: str | Path, stage: int) -> dict[str, int]:
@@ -358,16 +377,12 @@ def stage_shard(shards_dir: str | Path, stage: int) -> dict[str, int]:
 # ---- Prefect wrapper ----------------------------------------------------------------------------------
 from prefect.artifacts import create_link_artifact, create_markdown_artifact  # noqa: E402
 
-from storage.workspace import Workspace  # noqa: E402
-from tasks.prefect_stage import stage_task  # noqa: E402
+from tasks.stage import stage_task, workspace_of  # noqa: E402
 
 
-@stage_task("curriculum")
-def curriculum_task(workspace: str, cfg: CurriculumConfig, teacher_cfg: TeacherConfig, generation: dict,
-                    difficulty: dict, epochs: int, fp: str) -> dict:
-    ws = Workspace(workspace)
-    summary = build_curriculum(ws.catalog(), cfg, teacher_cfg, generation, difficulty["difficulty_fp"], epochs,
-                               ws.curriculum_dir(fp), ws.root / "reports", fp)
-    create_markdown_artifact(key="curriculum", markdown=summary["markdown"], description=f"curriculum {fp}")
-    create_link_artifact(key="curriculum-shards", link=f"file://{summary['shards_dir']}", description="Parquet shards per stage")
-    return summary
+@stage_task("curriculum", curriculum_lineage)
+def curriculum_task(config: DistillConfig, generation: Generation, difficulty: Difficulty) -> Curriculum:
+    out = build_curriculum(workspace_of(config), config, generation, difficulty)
+    create_markdown_artifact(key="curriculum", markdown=out.markdown, description=f"curriculum {out.fp}")
+    create_link_artifact(key="curriculum-shards", link=f"file://{out.shards_dir}", description="Parquet shards per stage")
+    return out

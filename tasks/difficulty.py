@@ -9,26 +9,37 @@ with θ_s the student before distillation; `weighted: false` (ablation) uses the
 Scoring is batched with no grad and length-bucketed: sequences sorted by length and packed up to a token
 budget, so a batch wastes little padding (bench/difficulty_throughput.py measures it against fixed padding).
 
-Warm-up for a scratch student: a randomly initialised model gives every token about log(V) nats, which
-says nothing about difficulty. So, when `student.model` is `scratch`, θ_s is the student after
-`difficulty.warmup_epochs` of Std-CoT training (`tasks.train.warm_up_student`, shared with the token weights'
-answer predictor) — a model that has seen the data, whose per-token losses separate easy tokens (filler it has
-learned) from hard ones (arithmetic results). The warm-up model is used for scoring only; distillation still
-starts from the untrained student.
+θ_s for a scratch student is the student after `difficulty.warmup_epochs` of Std-CoT (tasks/warmup.py): a
+randomly initialised model gives every token about log(V) nats, which says nothing about difficulty. The warm-up
+model scores only; distillation still starts from the untrained student.
+
+Input: the `Generation`, its `Steps`, the `TokenWeights` and the scoring `Student`. Output: `Difficulty`.
 """
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
-from keystep.config import DifficultyConfig, TeacherConfig
-from storage.fingerprint import fingerprint
-from tasks.keypoints import EncodedRationale, load_encoded, load_weights
-
-if TYPE_CHECKING:
-    import torch
+from keystep.config import DistillConfig
+from storage.fingerprint import Lineage
+from storage.workspace import Workspace
+from tasks.formats import EncodedRationale
+from tasks.stage import StageOutput, cached_output
+from tasks.steps import Steps
+from tasks.student import Student, load_student, pick_device
+from tasks.teacher import Generation
+from tasks.token_weights import TokenWeights, load_encoded, load_weights
 
 CODE_VERSION = "1"
+
+
+class Difficulty(StageOutput):
+    """Step difficulty: rows of `step_difficulty` under `fp`."""
+    n_rationales: int
+    n_steps: int
+    scoring_model: str
+    device: str
+    mean: float
+    max: float
 
 
 def step_token_spans(item: EncodedRationale) -> list[tuple[int, int]]:
@@ -101,49 +112,45 @@ def step_difficulties(item: EncodedRationale, nll: list[float], weights: list[fl
     return out
 
 
-def difficulty_fingerprint(cfg: DifficultyConfig, weights_fp: str, student_fp: str) -> str:
-    return fingerprint("difficulty", cfg, [weights_fp, student_fp], CODE_VERSION)
+def difficulty_lineage(config: DistillConfig, generation: Generation, steps: Steps, token_weights: TokenWeights,
+                       scorer: Student) -> Lineage:
+    """`scorer`: the student before distillation (warmed up, for a scratch student)."""
+    return Lineage("difficulty", {"difficulty": config.difficulty, "device": config.train.device},
+                   (generation.fp, steps.fp, token_weights.fp, scorer.fp), CODE_VERSION)
 
 
-def score_difficulty(catalog, cfg: DifficultyConfig, teacher_cfg: TeacherConfig, generation: dict, steps_fp: str,
-                     weights_fp: str, student: dict, scratch: bool, max_length: int, fp: str) -> dict:
-    """`student`: {"model_dir", "student_fp"} of the student before distillation."""
-    done = catalog.stage_output(fp)
-    if done:
-        return done["summary"]
-    from tasks.student import load_student
-    from tasks.train import pick_device, warm_up_student
-
-    scoring_dir = warm_up_student(catalog, teacher_cfg, generation, student, cfg.warmup_epochs if scratch else 0, max_length)
-    device = pick_device("auto")
-    model, tokenizer = load_student(scoring_dir, device=device)
-    _, items = load_encoded(catalog, tokenizer, teacher_cfg, generation, steps_fp, max_length)
-    weights = load_weights(catalog, weights_fp)
+def score_difficulty(ws: Workspace, config: DistillConfig, generation: Generation, steps: Steps,
+                     token_weights: TokenWeights, scorer: Student) -> Difficulty:
+    catalog, cfg = ws.catalog(), config.difficulty
+    lineage = difficulty_lineage(config, generation, steps, token_weights, scorer)
+    if done := cached_output(catalog, lineage, Difficulty):
+        return done
+    device = pick_device(config.train.device)
+    model, tokenizer = load_student(scorer.model_dir, device=device)
+    _, items = load_encoded(ws, config, tokenizer, generation, steps)
+    weights = load_weights(catalog, token_weights)
     nll = token_nll(model, items, cfg.batch_tokens, device)
     table = []
     for it, losses in zip(items, nll):
         w = weights.get(it.rationale_id, (None, None))[1]
         for k, (d, n) in enumerate(step_difficulties(it, losses, w, cfg.weighted)):
-            table.append({"difficulty_fp": fp, "rationale_id": it.rationale_id, "step_index": k, "difficulty": d, "n_tokens": n})
+            table.append({"difficulty_fp": lineage.fp, "rationale_id": it.rationale_id, "step_index": k,
+                          "difficulty": d, "n_tokens": n})
     values = [r["difficulty"] for r in table]
-    summary = {"difficulty_fp": fp, "n_rationales": len(items), "n_steps": len(table), "scoring_model": str(scoring_dir),
-               "mean": sum(values) / max(len(values), 1), "max": max(values, default=0.0)}
+    out = Difficulty(fp=lineage.fp, n_rationales=len(items), n_steps=len(table), scoring_model=scorer.model_dir,
+                     device=device, mean=sum(values) / max(len(values), 1), max=max(values, default=0.0))
     with catalog.transaction() as con:
-        con.execute("delete from step_difficulty where difficulty_fp = ?", [fp])
+        con.execute("delete from step_difficulty where difficulty_fp = ?", [lineage.fp])
         catalog.insert(con, "step_difficulty", table)
-        catalog.record_stage(con, fp, stage="difficulty", code_version=CODE_VERSION, config=cfg,
-                             upstream=[weights_fp, steps_fp], summary=summary)
-    return summary
+        catalog.record_stage(con, lineage, out.model_dump())
+    return out
 
 
 # ---- Prefect wrapper ------------------------------------------------------------------------------
-from storage.workspace import Workspace  # noqa: E402
-from tasks.prefect_stage import stage_task  # noqa: E402
+from tasks.stage import stage_task, workspace_of  # noqa: E402
 
 
-@stage_task("step-difficulty", tags=["gpu"])
-def difficulty_task(workspace: str, cfg: DifficultyConfig, teacher_cfg: TeacherConfig, generation: dict, steps: dict,
-                    weights: dict, student: dict, scratch: bool, max_length: int, fp: str) -> dict:
-    ws = Workspace(workspace)
-    return score_difficulty(ws.catalog(), cfg, teacher_cfg, generation, steps["steps_fp"], weights["weights_fp"],
-                            student, scratch, max_length, fp)
+@stage_task("step-difficulty", difficulty_lineage, tags=["gpu"])
+def difficulty_task(config: DistillConfig, generation: Generation, steps: Steps, token_weights: TokenWeights,
+                    scorer: Student) -> Difficulty:
+    return score_difficulty(workspace_of(config), config, generation, steps, token_weights, scorer)

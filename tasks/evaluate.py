@@ -1,7 +1,7 @@
 """Evaluate stage: greedy decoding on the evaluation sets, answer extraction, accuracy.
 
-Input: the trained checkpoint (and the untrained student as a baseline), ingested evaluation datasets,
-`EvalConfig`. Output: rows in `eval_results` (accuracy per model, dataset, split, overall and per synthetic
+Input: the `Trained` checkpoint (and the untrained `Student` as a baseline), the ingested evaluation `Dataset`s,
+`EvalConfig`. Output: `Evaluation`; rows in `eval_results` (accuracy per model, dataset, split, overall and per synthetic
 step count) and `predictions` (every output with its extracted answer), under the eval fingerprint.
 Decoding is batched with left padding, prompts sorted by length so a batch wastes little padding.
 """
@@ -11,14 +11,26 @@ import json
 from collections import defaultdict
 from typing import Callable
 
-from keystep.config import LABEL_FIRST, EvalConfig, TeacherConfig
-from storage.fingerprint import fingerprint
+from keystep.config import LABEL_FIRST, DistillConfig
+from storage.fingerprint import Lineage
+from storage.workspace import Workspace
 from tasks.answers import extract_answer, is_correct
-from tasks.student import load_student
-from tasks.teacher import format_prompt
-from tasks.train import pick_device
+from tasks.curriculum import Curriculum
+from tasks.formats import format_prompt, generation_prompt
+from tasks.ingest import Dataset
+from tasks.stage import StageOutput, cached_output
+from tasks.student import Student, load_student, pick_device
+from tasks.teacher import Generation
+from tasks.train import Trained
 
 CODE_VERSION = "1"
+
+
+class Evaluation(StageOutput):
+    """Accuracy per "model/dataset/split"; rows of `eval_results` and `predictions` under `fp`."""
+    n_predictions: int
+    accuracy: dict[str, float]
+    device: str
 
 
 def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int, device: str,
@@ -29,11 +41,9 @@ def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int, b
     model.eval()
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     outputs: list[str] = [""] * len(prompts)
-    bos = tokenizer.bos_token or ""
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        # the student was trained on "<bos> prompt target <eos>"; add the BOS the same way here
-        enc = tokenizer([bos + prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        enc = tokenizer([generation_prompt(tokenizer, prompts[i]) for i in idx], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
         # never decode past the model's context (a scratch student has a short one)
         room = getattr(model.config, "max_position_embeddings", None)
         new_tokens = max(1, min(max_new_tokens, room - enc["input_ids"].shape[1])) if room else max_new_tokens
@@ -59,28 +69,27 @@ def accuracy_rows(preds: list[dict], group_keys=("n_steps",)) -> list[dict]:
              "n_correct": sum(c), "accuracy": sum(c) / len(c)} for (m, d, s, k, v), c in groups.items()]
 
 
-def eval_fingerprint(cfg: EvalConfig, train_fp: str, dataset_fps: list[str], teacher_cfg: TeacherConfig,
-                     target_format: str = "cot_then_label") -> str:
-    return fingerprint("evaluate", cfg, [train_fp, *dataset_fps], CODE_VERSION,
-                       extra={"prompt": teacher_cfg.prompt_template, "target_format": target_format})
+def eval_lineage(config: DistillConfig, trained: Trained, student: Student, datasets: list[Dataset]) -> Lineage:
+    what = {"eval": config.eval, "prompt": config.teacher.prompt_template, "target_format": config.train.target_format,
+            "device": config.train.device}
+    return Lineage("evaluate", what, (trained.fp, student.fp, *[d.fp for d in datasets]), CODE_VERSION)
 
 
-def evaluate_student(catalog, cfg: EvalConfig, teacher_cfg: TeacherConfig, models: dict[str, str],
-                     datasets: list[dict], fp: str, device_setting: str = "auto",
-                     on_progress: Callable[[str, int, int], None] | None = None,
-                     target_format: str = "cot_then_label") -> dict:
-    """`models` maps a label ('student', 'untrained') to a model dir; `datasets` are ingest summaries.
+def evaluate_student(ws: Workspace, config: DistillConfig, trained: Trained, student: Student, datasets: list[Dataset],
+                     on_progress: Callable[[str, int, int], None] | None = None) -> Evaluation:
+    """The trained student (and, with `eval.include_untrained`, the untrained one) on every evaluation set.
     Label-first target formats decode only the answer sentence (`label_max_new_tokens`) and read its first answer."""
-    done = catalog.stage_output(fp)
-    if done:
-        return done["summary"]
-    device = pick_device(device_setting)
+    catalog, cfg, lineage = ws.catalog(), config.eval, eval_lineage(config, trained, student, datasets)
+    if done := cached_output(catalog, lineage, Evaluation):
+        return done
+    fp, device = lineage.fp, pick_device(config.train.device)
+    models = {"student": trained.final_dir, **({"untrained": student.model_dir} if cfg.include_untrained else {})}
     examples = []
     for ds in datasets:
-        for ex in catalog.query("examples_of_dataset", dataset_fp=ds["dataset_fp"]):
-            examples.append({**ex, "dataset": ds["name"], "meta": json.loads(ex["meta_json"] or "{}")})
-    prompts = [format_prompt(teacher_cfg, ex["question"]) for ex in examples]
-    label_first = target_format in LABEL_FIRST
+        for ex in catalog.query("examples_of_dataset", dataset_fp=ds.fp):
+            examples.append({**ex, "dataset": ds.name, "meta": json.loads(ex["meta_json"] or "{}")})
+    prompts = [format_prompt(config.teacher, ex["question"]) for ex in examples]
+    label_first = config.train.target_format in LABEL_FIRST
     preds = []
     for label, path in models.items():
         model, tokenizer = load_student(path, device=device)
@@ -95,18 +104,17 @@ def evaluate_student(catalog, cfg: EvalConfig, teacher_cfg: TeacherConfig, model
                           "gold": ex["answer"],
                           "correct": is_correct(extracted, ex["answer"], ex["answer_type"], cfg.tolerance)})
     results = accuracy_rows(preds)
-    summary = {"eval_fp": fp, "n_predictions": len(preds),
-               "accuracy": {f"{r['model_label']}/{r['dataset']}/{r['split']}": r["accuracy"]
-                            for r in results if r["group_key"] == "all"}}
+    out = Evaluation(fp=fp, n_predictions=len(preds), device=device,
+                     accuracy={f"{r['model_label']}/{r['dataset']}/{r['split']}": r["accuracy"]
+                               for r in results if r["group_key"] == "all"})
     with catalog.transaction() as con:
         con.execute("delete from eval_results where eval_fp = ?", [fp])
         con.execute("delete from predictions where eval_fp = ?", [fp])
         catalog.insert(con, "eval_results", [{"eval_fp": fp, **r} for r in results])
         catalog.insert(con, "predictions", [{"eval_fp": fp, **{k: v for k, v in p.items() if k not in ("meta", "split")}}
                                             for p in preds])
-        catalog.record_stage(con, fp, stage="evaluate", code_version=CODE_VERSION, config=cfg,
-                             upstream=[d["dataset_fp"] for d in datasets], summary=summary)
-    return summary
+        catalog.record_stage(con, lineage, out.model_dump())
+    return out
 
 
 def results_table(rows: list[dict]) -> str:
@@ -121,22 +129,23 @@ def results_table(rows: list[dict]) -> str:
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, body)])
 
 
-def summary_markdown(config_name: str, results: list[dict], teacher: dict, datasets: list[dict], train: dict) -> str:
+def summary_markdown(config_name: str, results: list[dict], teacher: Generation, datasets: list[Dataset],
+                     train: Trained) -> str:
     lines = [f"# keystep results: {config_name}", "", "## Accuracy", "", "```", results_table(results), "```", "",
              "## Teacher", "",
-             f"- rationales: {teacher['n']} ({teacher['n_failed']} failed), correct rate {teacher['correct_rate']:.1%}",
+             f"- rationales: {teacher.n} ({teacher.n_failed} failed), correct rate {teacher.correct_rate:.1%}",
              "", "## Data", ""]
     for d in datasets:
-        bad = f", rejected {d['n_bad']}: {d['bad_reasons']}" if d["n_bad"] else ""
-        lines.append(f"- {d['name']}/{d['split']}: {d['n_examples']} examples{bad}")
-    hist = train.get("history", [])
+        bad = f", rejected {d.n_bad}: {d.bad_reasons}" if d.n_bad else ""
+        lines.append(f"- {d.name}/{d.split}: {d.n_examples} examples{bad}")
+    hist = train.history
     if hist:
-        lines += ["", "## Training", "", f"- device {train['device']}, {train['n_examples']} sequences, "
-                  f"{train['n_truncated']} truncated, resumed from epoch {train['resumed_from_epoch']}",
-                  f"- loss: {train.get('loss', 'std_cot')}"
+        lines += ["", "## Training", "", f"- device {train.device}, {train.n_examples} sequences, "
+                  f"{train.n_truncated} truncated, resumed from epoch {train.resumed_from_epoch}",
+                  f"- loss: {train.loss}"
                   + (", curriculum stage by epoch: " + ", ".join(str(h["stage"]) for h in hist) if hist[0].get("stage") else ""),
                   "- loss by epoch: " + ", ".join(f"{h['loss']:.3f}" for h in hist),
-                  f"- final checkpoint: `{train['final_dir']}`"]
+                  f"- final checkpoint: `{train.final_dir}`"]
     return "\n".join(lines) + "\n"
 
 
@@ -148,39 +157,36 @@ from prefect.artifacts import (  # noqa: E402
     update_progress_artifact,
 )
 
-from storage.workspace import Workspace  # noqa: E402
-from tasks.prefect_stage import stage_task  # noqa: E402
+from tasks.stage import stage_task, workspace_of  # noqa: E402
 
 
-@stage_task("evaluate", tags=["gpu"])
-def evaluate_task(workspace: str, cfg: EvalConfig, teacher_cfg: TeacherConfig, train: dict, student: dict,
-                  datasets: list[dict], fp: str, device: str = "auto", target_format: str = "cot_then_label") -> dict:
-    ws = Workspace(workspace)
-    models = {"student": train["final_dir"]}
-    if cfg.include_untrained:
-        models["untrained"] = student["model_dir"]
-    progress = create_progress_artifact(0.0, key="eval-progress", description=f"evaluating {fp}")
-    labels = list(models)
+@stage_task("evaluate", eval_lineage, tags=["gpu"])
+def evaluate_task(config: DistillConfig, trained: Trained, student: Student, datasets: list[Dataset]) -> Evaluation:
+    ws = workspace_of(config)
+    lineage = eval_lineage(config, trained, student, datasets)
+    progress = create_progress_artifact(0.0, key="eval-progress", description=f"evaluating {lineage.fp}")
+    labels = ["student", "untrained"] if config.eval.include_untrained else ["student"]
 
     def on_progress(label: str, done: int, total: int) -> None:
         update_progress_artifact(progress, 100.0 * (labels.index(label) + done / total) / len(labels))
 
-    summary = evaluate_student(ws.catalog(), cfg, teacher_cfg, models, datasets, fp, device, on_progress, target_format)
-    rows = ws.catalog().query("latest_results", eval_fp=fp)
+    out = evaluate_student(ws, config, trained, student, datasets, on_progress)
+    rows = ws.catalog().query("latest_results", eval_fp=out.fp)
     create_table_artifact(key="distill-results", table=[{**r, "accuracy": round(r["accuracy"], 4)} for r in rows],
                           description="Accuracy per model, dataset, split and synthetic step count")
-    return summary
+    return out
 
 
-def publish_summary(workspace: str, name: str, eval_fp: str, teacher: dict, datasets: list[dict], train: dict,
-                    curriculum: dict | None = None) -> str:
+def publish_summary(config: DistillConfig, evaluation: Evaluation, generation: Generation, datasets: list[Dataset],
+                    trained: Trained, curriculum: Curriculum | None = None) -> str:
     """The run's markdown report (<workspace>/reports/<eval fp>.md, also a Prefect artifact); for KPOD runs it
     includes the curriculum's per-stage table and plots (PNG files beside the report)."""
-    ws = Workspace(workspace)
-    text = summary_markdown(name, ws.catalog().query("latest_results", eval_fp=eval_fp), teacher, datasets, train)
+    ws = workspace_of(config)
+    text = summary_markdown(config.data.train.name, ws.catalog().query("latest_results", eval_fp=evaluation.fp),
+                            generation, datasets, trained)
     if curriculum:
-        text += "\n" + curriculum["markdown"]
-    path = ws.report_path(eval_fp)
+        text += "\n" + curriculum.markdown
+    path = ws.report_path(evaluation.fp)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     create_markdown_artifact(key="distill-summary", markdown=text, description=f"report: {path}")

@@ -1,6 +1,6 @@
 """Ingest stage: load a dataset into canonical examples in the catalog.
 
-Input: a `DatasetSpec` (synthetic:arith | gsm8k | svamp | file | hub). Output: rows in `datasets`,
+Input: a `DatasetSpec` (synthetic:arith | gsm8k | svamp | file | hub). Output: `Dataset`; rows in `datasets`,
 `examples` and `bad_rows` under the dataset fingerprint (which includes the file's content hash, so an
 edited file is a new dataset version). Bad rows (empty question, missing/unparseable answer, duplicate)
 are counted per reason, stored with their raw text and reported; nothing is dropped silently.
@@ -16,8 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from keystep.config import ConfigError, DatasetSpec
-from storage.fingerprint import content_hash, file_hash, fingerprint
+from keystep.config import ConfigError, DatasetSpec, DistillConfig
+from storage.fingerprint import Lineage, content_hash, file_hash
+from storage.workspace import Workspace
+from tasks.stage import StageOutput, cached_output
 from tasks.answers import normalise
 
 CODE_VERSION = "1"
@@ -256,24 +258,34 @@ def load_examples(spec: DatasetSpec) -> tuple[list[Example], list[dict]]:
     return canonicalise(spec, _read_records(path))
 
 
-def dataset_fingerprint(spec: DatasetSpec, exclude_fp: str | None = None) -> str:
-    """Includes the file content hash, so an edited file is a new dataset version."""
-    extra: dict[str, Any] = {"exclude": exclude_fp}
-    if spec.source in ("gsm8k", "svamp", "file") and spec.path and Path(spec.path).exists():
-        extra["content"] = file_hash(spec.path)
-    elif spec.source == "hub" and spec.path and Path(spec.path).exists():
-        extra["content"] = file_hash(spec.path)
-    return fingerprint("ingest", spec, code_version=CODE_VERSION, extra=extra)
+class Dataset(StageOutput):
+    """An ingested dataset version: its examples are rows of `examples` under `fp`."""
+    name: str
+    split: str
+    n_examples: int
+    n_bad: int
+    bad_reasons: dict[str, int]
 
 
-def ingest(catalog, spec: DatasetSpec, fp: str, exclude_ids: set[str] | None = None) -> dict:
-    """Load `spec` and write it to the catalog; examples whose id is in `exclude_ids` (the training set,
-    for an evaluation set) are reported as 'overlaps training set' rather than silently evaluated on."""
-    done = catalog.stage_output(fp)
-    if done:
-        return done["summary"]
+def dataset_lineage(spec: DatasetSpec, exclude: Dataset | None = None) -> Lineage:
+    """Includes the file's content hash, so an edited file is a new dataset version; an evaluation set depends on
+    the training set it must not overlap (`exclude`)."""
+    extra: dict[str, Any] = {}
+    if spec.source in ("gsm8k", "svamp", "file", "hub") and spec.path and Path(spec.path).exists():
+        extra["content"] = file_hash(spec.path)
+    return Lineage("ingest", spec, (exclude.fp,) if exclude else (), CODE_VERSION, extra)
+
+
+def ingest(ws: Workspace, spec: DatasetSpec, exclude: Dataset | None = None) -> Dataset:
+    """Load `spec` and write it to the catalog; examples of `exclude` (the training set, for an evaluation set)
+    are reported as 'overlaps training set' rather than silently evaluated on."""
+    catalog, lineage = ws.catalog(), dataset_lineage(spec, exclude)
+    if done := cached_output(catalog, lineage, Dataset):
+        return done
+    fp = lineage.fp
     examples, bad = load_examples(spec)
-    if exclude_ids:
+    if exclude:
+        exclude_ids = {r["example_id"] for r in catalog.query("examples_of_dataset", dataset_fp=exclude.fp)}
         kept = []
         for ex in examples:
             if ex.example_id in exclude_ids:
@@ -288,8 +300,8 @@ def ingest(catalog, spec: DatasetSpec, fp: str, exclude_ids: set[str] | None = N
              "choices_json": json.dumps(ex.choices) if ex.choices else None,
              "reference_rationale": ex.reference_rationale, "source": spec.source, "split": spec.split,
              "meta_json": json.dumps(ex.meta)} for i, ex in enumerate(examples)]
-    summary = {"dataset_fp": fp, "name": spec.name, "split": spec.split, "n_examples": len(rows),
-               "n_bad": len(bad), "bad_reasons": dict(reasons)}
+    out = Dataset(fp=fp, name=spec.name, split=spec.split, n_examples=len(rows), n_bad=len(bad),
+                  bad_reasons=dict(reasons))
     with catalog.transaction() as con:
         for table in ("examples", "bad_rows", "datasets"):
             con.execute(f"delete from {table} where dataset_fp = ?", [fp])
@@ -299,28 +311,22 @@ def ingest(catalog, spec: DatasetSpec, fp: str, exclude_ids: set[str] | None = N
             "dataset_fp": fp, "name": spec.name, "source": spec.source, "path": spec.path, "split": spec.split,
             "content_hash": content_hash(json.dumps([r["example_id"] for r in rows])),
             "n_examples": len(rows), "n_bad": len(bad), "bad_reasons_json": json.dumps(dict(reasons))}])
-        catalog.record_stage(con, fp, stage="ingest", code_version=CODE_VERSION, config=spec,
-                             upstream=[], summary=summary)
-    return summary
+        catalog.record_stage(con, lineage, out.model_dump())
+    return out
 
 
 # ---- Prefect wrapper ------------------------------------------------------------------------------
 from prefect import get_run_logger  # noqa: E402
 
-from storage.workspace import Workspace  # noqa: E402
-from tasks.prefect_stage import stage_task  # noqa: E402
+from tasks.stage import stage_task, workspace_of  # noqa: E402
 
 
-@stage_task("ingest")
-def ingest_task(workspace: str, spec: DatasetSpec, fp: str, exclude_dataset_fp: str | None = None) -> dict:
-    catalog = Workspace(workspace).catalog()
-    exclude = None
-    if exclude_dataset_fp:
-        exclude = {r["example_id"] for r in catalog.query("examples_of_dataset", dataset_fp=exclude_dataset_fp)}
-    summary = ingest(catalog, spec, fp, exclude)
+@stage_task("ingest", dataset_lineage)
+def ingest_task(config: DistillConfig, spec: DatasetSpec, exclude: Dataset | None = None) -> Dataset:
+    out = ingest(workspace_of(config), spec, exclude)
     logger = get_run_logger()
-    logger.info("dataset %s/%s: %d examples", spec.name, spec.split, summary["n_examples"])
-    if summary["n_bad"]:
+    logger.info("dataset %s/%s: %d examples", spec.name, spec.split, out.n_examples)
+    if out.n_bad:
         logger.warning("dataset %s/%s: %d rows rejected %s (stored in table bad_rows, dataset_fp=%s)",
-                       spec.name, spec.split, summary["n_bad"], summary["bad_reasons"], fp)
-    return summary
+                       spec.name, spec.split, out.n_bad, out.bad_reasons, out.fp)
+    return out

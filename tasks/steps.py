@@ -1,8 +1,8 @@
 """Steps stage: split each kept rationale into reasoning steps with char spans and student-token spans.
 
-Input: kept rationales (teacher stage) and the student tokenizer (student-init stage). Output: rows in
-`steps` under the steps fingerprint. Token spans index the tokens of the full training sequence
-(prompt + " " + target) as the student sees it, [token_start, token_end).
+Input: kept rationales (teacher stage) and the student tokenizer (student-init stage). Output: `Steps`, rows in
+`steps` under the steps fingerprint. Token spans [token_start, token_end) are positions in the student's training
+sequence `<bos> prompt " " target <eos>` (tasks/formats.py).
 
 Splitting: newlines (and so numbered lists) first, then sentence ends. Unlike KPOD's split on ".", a
 boundary is never inside a number (0.3, $1.50, 1,000), after an abbreviation (e.g., Mr.), after a list
@@ -12,8 +12,13 @@ from __future__ import annotations
 
 import re
 
-from keystep.config import StepsConfig, TeacherConfig
-from storage.fingerprint import fingerprint
+from keystep.config import DistillConfig
+from storage.fingerprint import Lineage
+from storage.workspace import Workspace
+from tasks.formats import encode_rationale, token_spans, training_target
+from tasks.stage import StageOutput, cached_output
+from tasks.student import Student
+from tasks.teacher import Generation
 
 CODE_VERSION = "1"
 
@@ -68,59 +73,48 @@ def split_steps(text: str, split_sentences: bool = True, max_steps: int | None =
     return spans
 
 
-def token_spans(offsets: list[tuple[int, int]], char_spans: list[tuple[int, int]], shift: int) -> list[tuple[int, int]]:
-    """Map char spans of the target (shifted by `shift` chars into the full sequence) to token index spans."""
-    out = []
-    for a, b in char_spans:
-        a, b = a + shift, b + shift
-        idx = [i for i, (s, e) in enumerate(offsets) if e > a and s < b and e > s]
-        out.append((idx[0], idx[-1] + 1) if idx else (None, None))
+class Steps(StageOutput):
+    """Rationale steps: rows of `steps` under `fp`."""
+    n_rationales: int
+    n_steps: int
+    mean_steps: float
+
+
+def steps_lineage(config: DistillConfig, generation: Generation, student: Student) -> Lineage:
+    return Lineage("steps", config.steps, (generation.fp, student.fp), CODE_VERSION)
+
+
+def split_rationales(ws: Workspace, config: DistillConfig, generation: Generation, student: Student) -> Steps:
+    from transformers import AutoTokenizer
+
+    catalog, cfg, lineage = ws.catalog(), config.steps, steps_lineage(config, generation, student)
+    if done := cached_output(catalog, lineage, Steps):
+        return done
+    tok = AutoTokenizer.from_pretrained(student.model_dir)
+    rationales = catalog.query("kept_rationales", dataset_fp=generation.dataset_fp, teacher_fp=generation.teacher_fp,
+                               only_correct=config.teacher.keep_only_correct)
+    rows, n_steps = [], []
+    for r in rationales:
+        target = training_target(r["text"], r["answer"], config.teacher)
+        chars = split_steps(target, cfg.split_sentences, cfg.max_steps)
+        toks = token_spans(encode_rationale(tok, config.teacher, r, 1 << 30), chars)
+        n_steps.append(len(chars))
+        for i, ((a, b), (ta, tb)) in enumerate(zip(chars, toks)):
+            rows.append({"steps_fp": lineage.fp, "rationale_id": r["rationale_id"], "step_index": i, "text": target[a:b],
+                         "char_start": a, "char_end": b, "token_start": ta, "token_end": tb})
+    out = Steps(fp=lineage.fp, n_rationales=len(rationales), n_steps=len(rows),
+                mean_steps=sum(n_steps) / len(n_steps) if n_steps else 0.0)
+    with catalog.transaction() as con:
+        con.execute("delete from steps where steps_fp = ?", [lineage.fp])
+        catalog.insert(con, "steps", rows)
+        catalog.record_stage(con, lineage, out.model_dump())
     return out
 
 
-def steps_fingerprint(cfg: StepsConfig, generation_fp: str, student_fp: str) -> str:
-    return fingerprint("steps", cfg, [generation_fp, student_fp], CODE_VERSION)
-
-
-def split_rationales(catalog, cfg: StepsConfig, teacher_cfg: TeacherConfig, generation: dict, tokenizer_dir: str,
-                     fp: str) -> dict:
-    from transformers import AutoTokenizer
-
-    from tasks.teacher import format_prompt, training_target
-
-    done = catalog.stage_output(fp)
-    if done:
-        return done["summary"]
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    rationales = catalog.query("kept_rationales", dataset_fp=generation["dataset_fp"],
-                               teacher_fp=generation["teacher_fp"], only_correct=teacher_cfg.keep_only_correct)
-    rows, n_steps = [], []
-    for r in rationales:
-        target = training_target(r["text"], r["answer"], teacher_cfg)
-        prompt = format_prompt(teacher_cfg, r["question"]) + " "
-        chars = split_steps(target, cfg.split_sentences, cfg.max_steps)
-        enc = tok(prompt + target, return_offsets_mapping=True, add_special_tokens=False)
-        toks = token_spans(enc["offset_mapping"], chars, len(prompt))
-        n_steps.append(len(chars))
-        for i, ((a, b), (ta, tb)) in enumerate(zip(chars, toks)):
-            rows.append({"steps_fp": fp, "rationale_id": r["rationale_id"], "step_index": i, "text": target[a:b],
-                         "char_start": a, "char_end": b, "token_start": ta, "token_end": tb})
-    summary = {"steps_fp": fp, "n_rationales": len(rationales), "n_steps": len(rows),
-               "mean_steps": sum(n_steps) / len(n_steps) if n_steps else 0.0}
-    with catalog.transaction() as con:
-        con.execute("delete from steps where steps_fp = ?", [fp])
-        catalog.insert(con, "steps", rows)
-        catalog.record_stage(con, fp, stage="steps", code_version=CODE_VERSION, config=cfg,
-                             upstream=[generation["fingerprint"]], summary=summary)
-    return summary
-
-
 # ---- Prefect wrapper ------------------------------------------------------------------------------
-from storage.workspace import Workspace  # noqa: E402
-from tasks.prefect_stage import stage_task  # noqa: E402
+from tasks.stage import stage_task, workspace_of  # noqa: E402
 
 
-@stage_task("steps")
-def split_steps_task(workspace: str, cfg: StepsConfig, teacher_cfg: TeacherConfig, generation: dict,
-                     student: dict, fp: str) -> dict:
-    return split_rationales(Workspace(workspace).catalog(), cfg, teacher_cfg, generation, student["model_dir"], fp)
+@stage_task("steps", steps_lineage)
+def split_steps_task(config: DistillConfig, generation: Generation, student: Student) -> Steps:
+    return split_rationales(workspace_of(config), config, generation, student)

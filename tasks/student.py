@@ -1,7 +1,8 @@
 """Student-init stage: the student model before distillation, as a normal Hugging Face model directory.
 
-Input: `StudentConfig` and the training corpus (questions + kept rationales). Output: `models/<fp>/` holding
-config.json, model.safetensors and the tokenizer files (so transformers and vLLM can load it).
+Input: `StudentConfig` and the training corpus (questions + kept rationales). Output: `Student`, and
+`models/<fp>/` holding config.json, model.safetensors and the tokenizer files (so transformers and vLLM can
+load it). `pick_device` resolves `train.device` for every stage that runs a model.
 
 `scratch` builds a tiny Llama-style causal LM and trains a byte-level BPE tokenizer on the corpus with
 `tokenizers`; any other value is a Hugging Face causal LM path or hub id, loaded as is.
@@ -11,12 +12,30 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from keystep.config import StudentConfig
-from storage.fingerprint import fingerprint
-from storage.workspace import publish_dir, temp_dir_for
+from keystep.config import DistillConfig, StudentConfig
+from storage.fingerprint import Lineage
+from storage.workspace import Workspace, publish_dir, temp_dir_for
+from tasks.stage import StageOutput, cached_output
+from tasks.teacher import Generation
 
 CODE_VERSION = "1"
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
+
+
+class Student(StageOutput):
+    """A student model folder (HF format): the untrained student, or a warmed-up one (tasks/warmup.py)."""
+    model_dir: str
+    n_params: int
+    device: str | None = None     # where it was trained (a warm-up); None for the untrained student
+
+
+def pick_device(setting: str) -> str:
+    """`train.device` -> the device every model stage uses ('auto': CUDA when visible, else CPU)."""
+    import torch
+
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise ValueError("config key 'train.device': 'cuda' requested but no CUDA device is visible; use 'auto' or 'cpu'")
+    return "cuda" if setting in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
 
 
 def train_tokenizer(texts: list[str], vocab_size: int):
@@ -62,23 +81,33 @@ def load_student(path: str | Path, device: str = "cpu", dtype=None):
     return model.to(device), tokenizer
 
 
-def student_fingerprint(cfg: StudentConfig, generation_fp: str) -> str:
+def student_lineage(config: DistillConfig, generation: Generation) -> Lineage:
     # a scratch tokenizer is trained on the corpus, so it depends on the generation output; a pretrained
     # model does not
-    upstream = [generation_fp] if cfg.model == "scratch" else []
-    return fingerprint("student", cfg, upstream, CODE_VERSION)
+    cfg = config.student
+    return Lineage("student", cfg, (generation.fp,) if cfg.model == "scratch" else (), CODE_VERSION)
 
 
-def init_student(catalog, cfg: StudentConfig, corpus: list[str], out_dir: Path, fp: str) -> dict:
-    done = catalog.stage_output(fp)
-    if done and Path(done["summary"]["model_dir"]).exists():
-        return done["summary"]
+def training_corpus(ws: Workspace, config: DistillConfig, generation: Generation) -> list[str]:
+    """Questions + kept rationales: what a scratch student's tokenizer is trained on."""
+    return [f"{r['question']} {r['text']}" for r in ws.catalog().query(
+        "kept_rationales", dataset_fp=generation.dataset_fp, teacher_fp=generation.teacher_fp,
+        only_correct=config.teacher.keep_only_correct)]
+
+
+def init_student(ws: Workspace, config: DistillConfig, generation: Generation) -> Student:
+    catalog, cfg, lineage = ws.catalog(), config.student, student_lineage(config, generation)
+    done = cached_output(catalog, lineage, Student)
+    if done and Path(done.model_dir).exists():
+        return done
     if cfg.model == "scratch":
+        corpus = training_corpus(ws, config, generation)
         if not corpus:
             raise ValueError("student.model 'scratch' needs a corpus to train its tokenizer, but no rationale was "
                              "kept; check teacher.keep_only_correct and the teacher's correctness rate")
         tokenizer = train_tokenizer(corpus, cfg.vocab_size)
         model = build_scratch_model(cfg, tokenizer)
+        out_dir = ws.model_dir(lineage.fp)
         tmp = temp_dir_for(out_dir)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -88,25 +117,16 @@ def init_student(catalog, cfg: StudentConfig, corpus: list[str], out_dir: Path, 
     else:
         model, _ = load_student(cfg.model)
         model_dir, n_params = cfg.model, sum(p.numel() for p in model.parameters())
-    summary = {"student_fp": fp, "model_dir": model_dir, "n_params": n_params}
+    out = Student(fp=lineage.fp, model_dir=model_dir, n_params=n_params)
     with catalog.transaction() as con:
-        catalog.record_stage(con, fp, stage="student", code_version=CODE_VERSION, config=cfg, upstream=[],
-                             summary=summary)
-    return summary
+        catalog.record_stage(con, lineage, out.model_dump())
+    return out
 
 
 # ---- Prefect wrapper ------------------------------------------------------------------------------
-from storage.workspace import Workspace  # noqa: E402
-from tasks.prefect_stage import stage_task  # noqa: E402
+from tasks.stage import stage_task, workspace_of  # noqa: E402
 
 
-@stage_task("student-init")
-def init_student_task(workspace: str, cfg: StudentConfig, only_correct: bool, generation: dict, fp: str) -> dict:
-    ws = Workspace(workspace)
-    catalog = ws.catalog()
-    corpus = []
-    if cfg.model == "scratch":
-        corpus = [f"{r['question']} {r['text']}" for r in catalog.query(
-            "kept_rationales", dataset_fp=generation["dataset_fp"], teacher_fp=generation["teacher_fp"],
-            only_correct=only_correct)]
-    return init_student(catalog, cfg, corpus, ws.model_dir(fp), fp)
+@stage_task("student-init", student_lineage)
+def init_student_task(config: DistillConfig, generation: Generation) -> Student:
+    return init_student(workspace_of(config), config, generation)

@@ -24,9 +24,15 @@ from typing import Callable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from keystep.config import TEACHER_OPERATIONAL, TeacherConfig
-from storage.fingerprint import content_hash, fingerprint
+from pydantic import BaseModel
+
+from keystep.config import TEACHER_OPERATIONAL, DistillConfig, TeacherConfig
+from storage.fingerprint import Lineage, content_hash, fingerprint
+from storage.workspace import Workspace
 from tasks.answers import extract_answer, is_correct
+from tasks.formats import format_prompt
+from tasks.ingest import Dataset
+from tasks.stage import StageOutput, cached_output
 from tasks.teacher_backends import GenerationRequest, GenerationResult, TeacherUnavailable, make_backend
 
 CODE_VERSION = "2"
@@ -37,20 +43,40 @@ def teacher_fingerprint(cfg: TeacherConfig) -> str:
     return fingerprint("teacher", what, code_version=CODE_VERSION)
 
 
-def generation_fingerprint(cfg: TeacherConfig, dataset_fp: str) -> str:
-    what = cfg.model_dump(mode="json", exclude=TEACHER_OPERATIONAL)
-    return fingerprint("generate", what, [dataset_fp, teacher_fingerprint(cfg)], CODE_VERSION)
+class Generation(StageOutput):
+    """Teacher rationales for a dataset: rows of `rationales` under (dataset_fp, teacher_fp)."""
+    dataset_fp: str
+    teacher_fp: str
+    n: int
+    n_ok: int
+    n_failed: int
+    n_correct: int
+    correct_rate: float
+    failure_reasons: dict[str, int]
+    prompt_tokens: int
+    completion_tokens: int
+    mean_latency_s: float
+    wall_s: float | None = None
+    completion_tokens_per_s: float | None = None
+    cost_estimate: float | None = None
+
+
+class GenerationPlan(BaseModel):
+    """The items still to generate, as request shards (Parquet) for the shard workers."""
+    teacher_fp: str
+    n_todo: int
+    shards: list[str]
+    recovered: int
+
+
+def generation_lineage(config: DistillConfig, dataset: Dataset) -> Lineage:
+    """What changes the generated text (and keep_only_correct, which changes what is kept); not how requests are sent."""
+    return Lineage("generate", config.teacher.model_dump(mode="json", exclude=TEACHER_OPERATIONAL), (dataset.fp,),
+                   CODE_VERSION)
 
 
 def rationale_id(teacher_fp: str, example_id: str, sample_index: int) -> str:
     return content_hash(f"{teacher_fp}|{example_id}|{sample_index}")
-
-
-def format_prompt(cfg: TeacherConfig, question: str) -> str:
-    """KPOD's zero-shot CoT prompt, preceded by the few-shot demonstrations if any."""
-    demos = [f"{cfg.prompt_template.format(question=d.question)} {d.rationale} {cfg.answer_template.format(answer=d.answer)}"
-             for d in cfg.few_shot]
-    return "\n\n".join([*demos, cfg.prompt_template.format(question=question)])
 
 
 def chat_messages(cfg: TeacherConfig, question: str) -> list[dict[str, str]]:
@@ -59,13 +85,6 @@ def chat_messages(cfg: TeacherConfig, question: str) -> list[dict[str, str]]:
         msgs += [{"role": "user", "content": cfg.prompt_template.format(question=d.question)},
                  {"role": "assistant", "content": f"{d.rationale} {cfg.answer_template.format(answer=d.answer)}"}]
     return msgs + [{"role": "user", "content": cfg.prompt_template.format(question=question)}]
-
-
-def training_target(text: str, answer: str, cfg: TeacherConfig) -> str:
-    """The student's target: the rationale ending with the answer sentence (appended if the teacher left it out)."""
-    phrase = cfg.answer_template.format(answer=answer)
-    text = text.strip()
-    return text if text.endswith(phrase) else f"{text} {phrase}"
 
 
 def spool_dir(catalog, cfg: TeacherConfig) -> Path:
@@ -94,7 +113,7 @@ def ingest_spool(catalog, spool: Path) -> int:
     return len(fresh)
 
 
-def plan_generation(catalog, cfg: TeacherConfig, dataset_fp: str, shards: int | None = None) -> dict:
+def plan_generation(catalog, cfg: TeacherConfig, dataset_fp: str, shards: int | None = None) -> GenerationPlan:
     """Request shards for every (example, sample) not yet stored for this teacher."""
     spool = spool_dir(catalog, cfg)
     recovered = ingest_spool(catalog, spool)
@@ -117,7 +136,7 @@ def plan_generation(catalog, cfg: TeacherConfig, dataset_fp: str, shards: int | 
         path = spool / f"requests-{k:04d}.parquet"
         _write_parquet(todo[k::n], path)
         paths.append(str(path))
-    return {"teacher_fp": t_fp, "n_todo": len(todo), "shards": paths, "recovered": recovered}
+    return GenerationPlan(teacher_fp=t_fp, n_todo=len(todo), shards=paths, recovered=recovered)
 
 
 def result_row(cfg: TeacherConfig, t_fp: str, req: GenerationRequest, res: GenerationResult) -> dict:
@@ -173,62 +192,59 @@ def run_shard(cfg: TeacherConfig, requests_path: str, endpoint: str | None, back
     return finished
 
 
-def finish_generation(catalog, cfg: TeacherConfig, dataset_fp: str, fp: str, wall_s: float | None = None) -> dict:
-    done = catalog.stage_output(fp)
-    if done:
-        return done["summary"]
+def finish_generation(ws: Workspace, config: DistillConfig, dataset: Dataset, wall_s: float | None = None) -> Generation:
+    catalog, cfg, lineage = ws.catalog(), config.teacher, generation_lineage(config, dataset)
+    if done := cached_output(catalog, lineage, Generation):
+        return done
     spool = spool_dir(catalog, cfg)
     ingest_spool(catalog, spool)
     leftover = list(spool.glob("requests-*.parquet")) if spool.exists() else []
     if leftover:
         raise TeacherUnavailable(f"{len(leftover)} teacher shard(s) did not finish; rerun to continue (finished work is kept)")
     t_fp = teacher_fingerprint(cfg)
-    s = catalog.query("generation_summary", dataset_fp=dataset_fp, teacher_fp=t_fp)[0]
-    per_reason = {r["reason"]: r["n"] for r in catalog.query("generation_failures", dataset_fp=dataset_fp, teacher_fp=t_fp)}
+    s = catalog.query("generation_summary", dataset_fp=dataset.fp, teacher_fp=t_fp)[0]
+    per_reason = {r["reason"]: r["n"] for r in catalog.query("generation_failures", dataset_fp=dataset.fp, teacher_fp=t_fp)}
     n = s["n"] or 0
-    summary = {"teacher_fp": t_fp, "dataset_fp": dataset_fp, "n": n, "n_ok": s["n_ok"], "n_failed": n - s["n_ok"],
-               "n_correct": s["n_correct"], "correct_rate": s["n_correct"] / n if n else 0.0,
-               "failure_reasons": per_reason, "prompt_tokens": s["prompt_tokens"] or 0,
-               "completion_tokens": s["completion_tokens"] or 0, "mean_latency_s": s["mean_latency_s"] or 0.0}
-    if wall_s:
-        summary["wall_s"] = wall_s
-        summary["completion_tokens_per_s"] = summary["completion_tokens"] / wall_s
+    cost = None
     if cfg.cost_per_1k_prompt_tokens is not None or cfg.cost_per_1k_completion_tokens is not None:
-        summary["cost_estimate"] = (summary["prompt_tokens"] * (cfg.cost_per_1k_prompt_tokens or 0)
-                                    + summary["completion_tokens"] * (cfg.cost_per_1k_completion_tokens or 0)) / 1000
+        cost = ((s["prompt_tokens"] or 0) * (cfg.cost_per_1k_prompt_tokens or 0)
+                + (s["completion_tokens"] or 0) * (cfg.cost_per_1k_completion_tokens or 0)) / 1000
+    out = Generation(fp=lineage.fp, teacher_fp=t_fp, dataset_fp=dataset.fp, n=n, n_ok=s["n_ok"] or 0,
+                     n_failed=n - (s["n_ok"] or 0), n_correct=s["n_correct"] or 0,
+                     correct_rate=s["n_correct"] / n if n else 0.0, failure_reasons=per_reason,
+                     prompt_tokens=s["prompt_tokens"] or 0, completion_tokens=s["completion_tokens"] or 0,
+                     mean_latency_s=s["mean_latency_s"] or 0.0, wall_s=wall_s or None,
+                     completion_tokens_per_s=(s["completion_tokens"] or 0) / wall_s if wall_s else None,
+                     cost_estimate=cost)
     with catalog.transaction() as con:
-        catalog.record_stage(con, fp, stage="teacher", code_version=CODE_VERSION,
-                             config=cfg.model_dump(mode="json", exclude=TEACHER_OPERATIONAL),
-                             upstream=[dataset_fp, t_fp], summary=summary)
-    return summary
+        catalog.record_stage(con, lineage, out.model_dump())
+    return out
 
 
-def generate_rationales(catalog, cfg: TeacherConfig, dataset_fp: str, fp: str, backend=None,
-                        endpoint: str | None = None) -> dict:
+def generate_rationales(ws: Workspace, config: DistillConfig, dataset: Dataset, backend=None,
+                        endpoint: str | None = None) -> Generation:
     """plan -> shards -> finish in this process (what the generate flow does, without Prefect)."""
-    done = catalog.stage_output(fp)
-    if done:
-        return done["summary"]
+    if done := cached_output(ws.catalog(), generation_lineage(config, dataset), Generation):
+        return done
     t0 = time.perf_counter()
-    plan = plan_generation(catalog, cfg, dataset_fp)
-    for path in plan["shards"]:
-        run_shard(cfg, path, endpoint, backend=backend)
-    return finish_generation(catalog, cfg, dataset_fp, fp, wall_s=time.perf_counter() - t0)
+    plan = plan_generation(ws.catalog(), config.teacher, dataset.fp)
+    for path in plan.shards:
+        run_shard(config.teacher, path, endpoint, backend=backend)
+    return finish_generation(ws, config, dataset, wall_s=time.perf_counter() - t0)
 
 
 # ---- Prefect wrappers -----------------------------------------------------------------------------
 from prefect import get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact  # noqa: E402
 
-from storage.workspace import Workspace  # noqa: E402
-from tasks.prefect_stage import stage_task  # noqa: E402
+from tasks.stage import stage_task, workspace_of  # noqa: E402
 
 
 @task(name="teacher-plan")
-def plan_task(workspace: str, cfg: TeacherConfig, dataset_fp: str) -> dict:
-    plan = plan_generation(Workspace(workspace).catalog(), cfg, dataset_fp)
+def plan_task(config: DistillConfig, dataset: Dataset) -> GenerationPlan:
+    plan = plan_generation(workspace_of(config).catalog(), config.teacher, dataset.fp)
     get_run_logger().info("teacher %s: %d items to generate in %d shard(s); %d recovered from an earlier run",
-                          cfg.backend, plan["n_todo"], len(plan["shards"]), plan["recovered"])
+                          config.teacher.backend, plan.n_todo, len(plan.shards), plan.recovered)
     return plan
 
 
@@ -240,11 +256,11 @@ def shard_task(cfg: TeacherConfig, requests_path: str, endpoint: str | None) -> 
                      on_progress=lambda done, total: update_progress_artifact(progress, 100.0 * done / max(total, 1)))
 
 
-@stage_task("teacher-rationales")
-def finish_task(workspace: str, cfg: TeacherConfig, dataset_fp: str, fp: str, wall_s: float | None = None) -> dict:
-    summary = finish_generation(Workspace(workspace).catalog(), cfg, dataset_fp, fp, wall_s)
-    get_run_logger().info("teacher %s: %d rationales, %d failed %s, correct rate %.1f%%", cfg.backend, summary["n"],
-                          summary["n_failed"], summary["failure_reasons"] or "", 100 * summary["correct_rate"])
+@stage_task("teacher-rationales", generation_lineage)
+def finish_task(config: DistillConfig, dataset: Dataset, wall_s: float | None = None) -> Generation:
+    out = finish_generation(workspace_of(config), config, dataset, wall_s)
+    get_run_logger().info("teacher %s: %d rationales, %d failed %s, correct rate %.1f%%", config.teacher.backend, out.n,
+                          out.n_failed, out.failure_reasons or "", 100 * out.correct_rate)
     create_table_artifact(key="teacher-usage", description="Teacher requests, tokens, throughput and cost",
-                          table=[{k: v for k, v in summary.items() if not isinstance(v, dict)}])
-    return {**summary, "fingerprint": fp}
+                          table=[{k: v for k, v in out.model_dump().items() if not isinstance(v, dict)}])
+    return out

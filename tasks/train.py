@@ -2,15 +2,18 @@
 
 Std-CoT: NLL on rationale + answer. KPOD (§4.3-4.4): epoch e reads curriculum stage min(e, T) from its Parquet
 shard; the input is the question + the first c_i steps (no loss there), the target the remaining steps + the
-answer, and the loss −Σ_j w_j·log P(r_j | ·) − Σ log P(y | ·) with w the learned token weights (§4.1).
+answer, and the loss −Σ_j w_j·log P(r_j | ·) − Σ log P(y | ·) with w the learned token weights (§4.1). The
+sequences themselves come from tasks/formats.py.
 
-Input: the student-init model dir, kept rationales (generation output), `TrainConfig` (+ for KPOD: token
-weights, steps, curriculum shards). Output:
-`checkpoints/<fp>/epoch-N/` per epoch (HF model dir + tokenizer + trainer_state.pt + the resolved run
-config) and rows in `checkpoints`. A rerun after a kill resumes from the last whole epoch: model, optimizer,
-scheduler and RNG state are restored, so the result equals an uninterrupted run.
+Input: the untrained `Student`, the `Generation` (kept rationales), `TrainConfig` (+ for KPOD: `Steps`,
+`TokenWeights`, `Curriculum`; for the key-token format: `TokenWeights`). Output: `Trained`, and
+`checkpoints/<fp>/epoch-N/` per epoch (HF model dir + tokenizer + trainer_state.pt + the resolved run config) with
+rows in `checkpoints`. A rerun after a kill resumes from the last whole epoch: model, optimizer and scheduler
+state are restored and the data order is a function of (seed, epoch), so the result equals an uninterrupted run.
 
-setup -> train -> cleanup inside one call, in the style of nanoGPT: an explicit loop, nothing hidden.
+In the style of nanoGPT and torchtune's recipes: `setup` builds everything the loop touches (a `TrainingRun`),
+`run_epoch` is one explicit pass, `save_checkpoint` publishes an epoch, `cleanup` frees the device and returns
+the output; `run_training` is the loop over them.
 """
 from __future__ import annotations
 
@@ -18,91 +21,43 @@ import json
 import math
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-from keystep.config import TeacherConfig, TrainConfig
-from storage.fingerprint import fingerprint
-from storage.workspace import publish_dir, temp_dir_for
-from tasks.student import load_student
-from tasks.teacher import format_prompt, training_target
+from keystep.config import DistillConfig, TrainConfig
+from storage.fingerprint import Lineage
+from storage.workspace import Workspace, publish_dir, temp_dir_for
+from tasks.curriculum import Curriculum, stage_shard
+from tasks.formats import IGNORE, encode_rationale, format_target, keytoken_text, kpod_sequence
+from tasks.stage import StageOutput, cached_output
+from tasks.steps import Steps
+from tasks.student import Student, load_student, pick_device
+from tasks.teacher import Generation
+from tasks.token_weights import TokenWeights, load_weights
 
 CODE_VERSION = "1"
-IGNORE = -100
 
 if TYPE_CHECKING:
     import torch
 
 
-def pick_device(setting: str) -> str:
-    import torch
-
-    if setting == "cuda" and not torch.cuda.is_available():
-        raise ValueError("config key 'train.device': 'cuda' requested but no CUDA device is visible; use 'auto' or 'cpu'")
-    return "cuda" if setting in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
-
-
-def encode_example(tokenizer, prompt: str, target: str, max_length: int,
-                   input_chars: int = 0) -> tuple[list[int], list[int], bool]:
-    """Token ids of `<bos> prompt target <eos>` and labels that are IGNORE on the prompt (no loss there) and on
-    the first `input_chars` characters of the target (the curriculum's input steps)."""
-    text = prompt + " " + target
-    enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
-    ids = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    labels = [IGNORE] * len(ids)
-    boundary = len(prompt) + (1 + input_chars if input_chars else 0)
-    for tid, (_, end) in zip(enc["input_ids"], enc["offset_mapping"]):
-        ids.append(tid)
-        labels.append(tid if end > boundary else IGNORE)
-    ids.append(tokenizer.eos_token_id)
-    labels.append(tokenizer.eos_token_id)
-    truncated = len(ids) > max_length
-    return ids[:max_length], labels[:max_length], truncated
+class Trained(StageOutput):
+    """The trained student: `final_dir` is the last epoch's checkpoint (an HF model folder)."""
+    final_dir: str
+    init_dir: str
+    epochs: int
+    target_format: str
+    loss: str
+    n_examples: int
+    n_truncated: int
+    n_unweighted: int | None
+    resumed_from_epoch: int
+    device: str
+    history: list[dict]
 
 
-def encode_rationale(tokenizer, teacher_cfg: TeacherConfig, row: dict, max_length: int, target: str | None = None,
-                     input_chars: int = 0) -> tuple[list[int], list[int], bool]:
-    """`encode_example` for a kept-rationale row: its prompt, and by default the rationale-then-answer target."""
-    if target is None:
-        target = training_target(row["text"], row["answer"], teacher_cfg)
-    return encode_example(tokenizer, format_prompt(teacher_cfg, row["question"]), target, max_length, input_chars)
-
-
-def format_target(fmt: str, text: str, answer: str, teacher_cfg: TeacherConfig, key_text: str = "",
-                  shuffle_seed: str = "") -> str:
-    """The student's target for a Mysteries target format (Wadhwa et al. 2024, §3)."""
-    if fmt == "cot_then_label":
-        return training_target(text, answer, teacher_cfg)
-    phrase = teacher_cfg.answer_template.format(answer=answer)
-    rationale = text.strip()
-    if rationale.endswith(phrase):
-        rationale = rationale[: -len(phrase)].rstrip()
-    if fmt == "label_only":
-        return phrase
-    if fmt == "label_then_cot":
-        return f"{phrase} {rationale}"
-    if fmt == "label_then_shuffled_cot":
-        words = rationale.split()
-        random.Random(shuffle_seed).shuffle(words)  # fixed per rationale: every epoch sees the same permutation
-        return f"{phrase} {' '.join(words)}"
-    if fmt == "label_then_keytokens":
-        return f"{phrase} {key_text.strip()}"
-    raise ValueError(f"config key 'train.target_format': unknown format {fmt!r}")
-
-
-def keytoken_texts(catalog, tokenizer, teacher_cfg: TeacherConfig, rows: list[dict], weights_fp: str) -> dict[str, str]:
-    """rationale_id -> its top-k keypoint tokens (by learned weight, §4.1) decoded in text order."""
-    stored = {r["rationale_id"]: r for r in catalog.query("token_weights_of", weights_fp=weights_fp)}
-    out = {}
-    for r in rows:
-        kp = stored.get(r["rationale_id"])
-        if kp is None:
-            continue
-        ids, _, _ = encode_rationale(tokenizer, teacher_cfg, r, 1 << 30)
-        out[r["rationale_id"]] = tokenizer.decode([ids[kp["token_start"] + j] for j in kp["keypoints"]])
-    return out
-
-
+# ---- batches and loss ---------------------------------------------------------------------------------
 def collate(batch: list[tuple], pad_id: int) -> dict[str, "torch.Tensor"]:
     """(ids, labels[, loss weights]) per sequence -> padded tensors; weights default to 1."""
     import torch
@@ -133,14 +88,13 @@ def weighted_nll(logits: "torch.Tensor", labels: "torch.Tensor", weights: "torch
 class KpodData:
     """Per-stage training sequences for KPOD: input = question + first c_i(t) steps, target = the rest."""
 
-    def __init__(self, catalog, tokenizer, teacher_cfg: TeacherConfig, rows: list[dict], kpod: dict, max_length: int):
-        from tasks.keypoints import load_weights
-
-        self.tokenizer, self.teacher_cfg, self.rows, self.max_length = tokenizer, teacher_cfg, rows, max_length
-        self.shards_dir, self.stages = kpod["shards_dir"], kpod["stages"]
-        self.weights = load_weights(catalog, kpod["weights_fp"])
+    def __init__(self, catalog, tokenizer, config: DistillConfig, rows: list[dict], steps: Steps,
+                 token_weights: TokenWeights, curriculum: Curriculum):
+        self.tokenizer, self.config, self.rows = tokenizer, config, rows
+        self.shards_dir, self.stages = curriculum.shards_dir, curriculum.stages
+        self.weights = load_weights(catalog, token_weights)
         self.step_ends: dict[str, list[int]] = {}
-        for st in catalog.query("steps_of_rationales", steps_fp=kpod["steps_fp"]):
+        for st in catalog.query("steps_of_rationales", steps_fp=steps.fp):
             self.step_ends.setdefault(st["rationale_id"], []).append(st["char_end"])
         self.n_unweighted = sum(r["rationale_id"] not in self.weights for r in rows)
         self._cache: dict[int, list[tuple]] = {}
@@ -149,23 +103,14 @@ class KpodData:
         return min(epoch, self.stages)
 
     def sequences(self, epoch: int) -> list[tuple[list[int], list[int], list[float]]]:
-        from tasks.curriculum import stage_shard
-
         stage = self.stage_of(epoch)
         if stage not in self._cache:
             prefix = stage_shard(self.shards_dir, stage)
-            out = []
-            for r in self.rows:
-                c = prefix.get(r["rationale_id"], 0)
-                input_chars = self.step_ends[r["rationale_id"]][c - 1] if c else 0
-                ids, labels, _ = encode_rationale(self.tokenizer, self.teacher_cfg, r, self.max_length,
-                                                  input_chars=input_chars)
-                weights = [1.0] * len(ids)
-                start, w = self.weights.get(r["rationale_id"], (0, []))
-                for j, x in enumerate(w[: max(0, len(ids) - start)]):
-                    weights[start + j] = x
-                out.append((ids, labels, weights))
-            self._cache = {stage: out}
+            self._cache = {stage: [
+                kpod_sequence(self.tokenizer, self.config.teacher, r, self.config.student.max_length,
+                              self.step_ends[r["rationale_id"]], prefix.get(r["rationale_id"], 0),
+                              self.weights.get(r["rationale_id"]))
+                for r in self.rows]}
         return self._cache[stage]
 
 
@@ -175,165 +120,217 @@ def last_whole_epoch(ckpt_root: Path) -> int:
     return max(epochs, default=0)
 
 
-def train_fingerprint(cfg: TrainConfig, student_fp: str, steps_fp: str, generation_fp: str,
-                      kpod_upstream: list[str] | None = None) -> str:
-    """`kpod_upstream`: the token-weights and curriculum fingerprints a KPOD run reads."""
-    return fingerprint("train", cfg, [student_fp, steps_fp, generation_fp, *(kpod_upstream or [])], CODE_VERSION)
+# ---- the run --------------------------------------------------------------------------------------------
+@dataclass
+class TrainingRun:
+    """Everything the training loop touches, built by `setup`."""
+    cfg: TrainConfig
+    lineage: Lineage
+    catalog: Any
+    ckpt_root: Path
+    init_dir: str
+    run_config: dict
+    device: str
+    model: Any
+    tokenizer: Any
+    optimizer: Any
+    scheduler: Any
+    data: list[tuple]            # (ids, labels[, loss weights]) per sequence
+    staged: KpodData | None      # KPOD: the sequences change with the curriculum stage
+    epochs: int
+    start_epoch: int
+    n_truncated: int
+    history: list[dict]
 
 
-def warm_up_student(catalog, teacher_cfg: TeacherConfig, generation: dict, student: dict, epochs: int,
-                    max_length: int) -> str:
-    """The student after `epochs` of Std-CoT on the kept rationales — the "student before distillation" that
-    KPOD's answer predictor (§4.1) and difficulty scoring (§4.2) read for a scratch student, whose random
-    initial weights would say nothing. Trained once per (student, rationales, epochs); returns its folder."""
-    if not epochs:
-        return student["model_dir"]
-    from storage.workspace import Workspace
+def setup(ws: Workspace, lineage: Lineage, cfg: TrainConfig, config: DistillConfig, generation: Generation,
+          student: Student, steps: Steps | None = None, token_weights: TokenWeights | None = None,
+          curriculum: Curriculum | None = None) -> TrainingRun:
+    """Load the student (or the last whole epoch's checkpoint), encode the data, build optimizer and schedule."""
+    import torch
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
-    fp = fingerprint("student-warmup", {"epochs": epochs, "max_length": max_length},
-                     [student["student_fp"], generation["fingerprint"]], CODE_VERSION)
-    warm = train_student(catalog, TrainConfig(epochs=epochs, seed=1), teacher_cfg, generation, student["model_dir"],
-                         Workspace(catalog.path.parent).checkpoints_root(fp), fp, max_length, {"warmup_epochs": epochs})
-    return warm["final_dir"]
-
-
-def train_student(catalog, cfg: TrainConfig, teacher_cfg: TeacherConfig, generation: dict, init_dir: str,
-                  ckpt_root: Path, fp: str, max_length: int, run_config: dict,
-                  on_epoch: Callable[[int, int, dict], None] | None = None, kpod: dict | None = None) -> dict:
-    """`kpod` (train.loss kpod): {"weights_fp", "steps_fp", "shards_dir", "stages"}."""
-    import torch  # imported here: a cached run of the flow never needs it
-
-    done = catalog.stage_output(fp)
-    if done and Path(done["summary"]["final_dir"]).exists():
-        return done["summary"]
-
-    # ---- setup ----------------------------------------------------------------------------------------
+    catalog, ckpt_root = ws.catalog(), ws.checkpoints_root(lineage.fp)
     device = pick_device(cfg.device)
-    autocast_dtype = torch.bfloat16 if device == "cuda" else None
-    rows = catalog.query("kept_rationales", dataset_fp=generation["dataset_fp"], teacher_fp=generation["teacher_fp"],
-                         only_correct=teacher_cfg.keep_only_correct)
+    rows = catalog.query("kept_rationales", dataset_fp=generation.dataset_fp, teacher_fp=generation.teacher_fp,
+                         only_correct=config.teacher.keep_only_correct)
     if not rows:
         raise ValueError("no kept rationales to train on; check the teacher's correctness rate and "
                          "teacher.keep_only_correct")
-    start_epoch = last_whole_epoch(ckpt_root)
-    model_dir = ckpt_root / f"epoch-{start_epoch}" if start_epoch else Path(init_dir)
-    model, tokenizer = load_student(model_dir, device=device)
-    if cfg.loss == "kpod" and not kpod:
+    if cfg.loss == "kpod" and not (steps and token_weights and curriculum):
         raise ValueError("train.loss 'kpod' needs token weights and a curriculum (run the distill/prepare flow)")
-    if cfg.target_format == "label_then_keytokens" and not (kpod and kpod.get("weights_fp")):
+    if cfg.target_format == "label_then_keytokens" and not token_weights:
         raise ValueError("train.target_format 'label_then_keytokens' needs token weights (run the distill/prepare flow)")
-    key_texts = keytoken_texts(catalog, tokenizer, teacher_cfg, rows, kpod["weights_fp"]) \
-        if cfg.target_format == "label_then_keytokens" else {}
-    data, n_truncated = [], 0
+    start_epoch = last_whole_epoch(ckpt_root)
+    model, tokenizer = load_student(ckpt_root / f"epoch-{start_epoch}" if start_epoch else student.model_dir, device=device)
+    key_texts = {}
+    if cfg.target_format == "label_then_keytokens":
+        by_id = {r["rationale_id"]: r for r in rows}
+        key_texts = {k["rationale_id"]: keytoken_text(tokenizer, config.teacher, by_id[k["rationale_id"]],
+                                                      k["token_start"], k["keypoints"])
+                     for k in catalog.query("token_weights_of", token_weights_fp=token_weights.fp)
+                     if k["rationale_id"] in by_id}
+    data, n_truncated, max_length = [], 0, config.student.max_length
     for r in rows:
-        target = format_target(cfg.target_format, r["text"], r["answer"], teacher_cfg, key_texts.get(r["rationale_id"], ""),
-                               shuffle_seed=r["rationale_id"])
-        ids, labels, truncated = encode_rationale(tokenizer, teacher_cfg, r, max_length, target)
-        data.append((ids, labels))
-        n_truncated += truncated
-    staged = KpodData(catalog, tokenizer, teacher_cfg, rows, kpod, max_length) if cfg.loss == "kpod" else None
+        target = format_target(cfg.target_format, r["text"], r["answer"], config.teacher,
+                               key_texts.get(r["rationale_id"], ""), shuffle_seed=r["rationale_id"])
+        seq = encode_rationale(tokenizer, config.teacher, r, max_length, target)
+        data.append((seq.ids, seq.labels))
+        n_truncated += seq.truncated
+    staged = KpodData(catalog, tokenizer, config, rows, steps, token_weights, curriculum) if cfg.loss == "kpod" else None
     epochs = cfg.epochs
     if cfg.match_cot_tokens and cfg.target_format != "cot_then_label":
         # as many training tokens as `epochs` passes over rationale-then-answer sequences (Mysteries, equal budget)
-        cot = sum(len(encode_rationale(tokenizer, teacher_cfg, r, max_length)[0]) for r in rows)
+        cot = sum(len(encode_rationale(tokenizer, config.teacher, r, max_length).ids) for r in rows)
         epochs = max(1, round(cfg.epochs * cot / sum(len(ids) for ids, _ in data)))
-    steps_per_epoch = math.ceil(len(data) / (cfg.batch_size * cfg.grad_accum))
-    total_steps = steps_per_epoch * epochs
+    total_steps = math.ceil(len(data) / (cfg.batch_size * cfg.grad_accum)) * epochs
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
-    from transformers import get_cosine_with_min_lr_schedule_with_warmup
     scheduler = get_cosine_with_min_lr_schedule_with_warmup(
         optimizer, num_warmup_steps=int(cfg.warmup_ratio * total_steps), num_training_steps=total_steps,
         min_lr_rate=cfg.min_lr_ratio)
+    history = []
     if start_epoch:
         state = torch.load(ckpt_root / f"epoch-{start_epoch}" / "trainer_state.pt", weights_only=False)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-    history = json.loads((ckpt_root / f"epoch-{start_epoch}" / "metrics.json").read_text())["history"] if start_epoch else []
+        history = json.loads((ckpt_root / f"epoch-{start_epoch}" / "metrics.json").read_text())["history"]
+    run_config = {**config.model_dump(mode="json"), "train": cfg.model_dump(mode="json")}   # this run's resolved config
+    return TrainingRun(cfg, lineage, catalog, ckpt_root, student.model_dir, run_config, device,
+                       model, tokenizer, optimizer, scheduler, data, staged, epochs, start_epoch, n_truncated, history)
 
-    # ---- train ------------------------------------------------------------------------------------------
+
+def run_epoch(run: TrainingRun, epoch: int) -> dict:
+    """One pass over the data in a per-epoch order (a resumed run sees the same order); returns its metrics."""
+    import torch
+
+    cfg, model, device = run.cfg, run.model, run.device
+    autocast_dtype = torch.bfloat16 if device == "cuda" else None
     model.train()
-    for epoch in range(start_epoch + 1, epochs + 1):
-        t0, tokens, loss_sum, n_micro = time.perf_counter(), 0, 0.0, 0
-        if staged:
-            data = staged.sequences(epoch)   # curriculum stage min(epoch, T): same examples, other prefixes
-        order = list(range(len(data)))
-        random.Random(f"{cfg.seed}-{epoch}").shuffle(order)  # per-epoch order: resumes see the same data
-        torch.manual_seed(cfg.seed * 1000 + epoch)
-        micro = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
-        for i, idx in enumerate(micro):
-            batch = {k: v.to(device) for k, v in collate([data[j] for j in idx], tokenizer.pad_token_id).items()}
-            with torch.autocast(device_type=device, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            loss = weighted_nll(logits, batch["labels"], batch["weights"])
-            (loss / cfg.grad_accum).backward()
-            loss_sum += loss.item()
-            n_micro += 1
-            tokens += int(batch["attention_mask"].sum())
-            if (i + 1) % cfg.grad_accum == 0 or i + 1 == len(micro):
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-        metrics = {"epoch": epoch, "stage": staged.stage_of(epoch) if staged else None, "loss": loss_sum / max(n_micro, 1), "tokens": tokens,
-                   "tokens_per_s": tokens / (time.perf_counter() - t0), "lr": scheduler.get_last_lr()[0]}
-        history.append(metrics)
-        # checkpoint: write to a temp dir, then rename, so a kill never leaves a half-written epoch
-        final = ckpt_root / f"epoch-{epoch}"
-        tmp = temp_dir_for(final)
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch}, tmp / "trainer_state.pt")
-        (tmp / "keystep_config.json").write_text(json.dumps(run_config, indent=2, default=str))
-        (tmp / "metrics.json").write_text(json.dumps({"history": history}, indent=2))
-        publish_dir(tmp, final)
-        with catalog.transaction() as con:
-            con.execute("delete from checkpoints where train_fp = ? and epoch = ?", [fp, epoch])
-            catalog.insert(con, "checkpoints", [{"train_fp": fp, "epoch": epoch, "path": str(final),
-                                                "config_json": json.dumps(run_config, default=str),
-                                                "metrics_json": json.dumps(metrics)}])
-        if on_epoch:
-            on_epoch(epoch, epochs, metrics)
+    t0, tokens, loss_sum, n_micro = time.perf_counter(), 0, 0.0, 0
+    if run.staged:
+        run.data = run.staged.sequences(epoch)   # curriculum stage min(epoch, T): same examples, other prefixes
+    order = list(range(len(run.data)))
+    random.Random(f"{cfg.seed}-{epoch}").shuffle(order)
+    torch.manual_seed(cfg.seed * 1000 + epoch)
+    micro = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+    for i, idx in enumerate(micro):
+        batch = {k: v.to(device) for k, v in collate([run.data[j] for j in idx], run.tokenizer.pad_token_id).items()}
+        with torch.autocast(device_type=device, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss = weighted_nll(logits, batch["labels"], batch["weights"])
+        (loss / cfg.grad_accum).backward()
+        loss_sum += loss.item()
+        n_micro += 1
+        tokens += int(batch["attention_mask"].sum())
+        if (i + 1) % cfg.grad_accum == 0 or i + 1 == len(micro):
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            run.optimizer.step()
+            run.scheduler.step()
+            run.optimizer.zero_grad(set_to_none=True)
+    return {"epoch": epoch, "stage": run.staged.stage_of(epoch) if run.staged else None,
+            "loss": loss_sum / max(n_micro, 1), "tokens": tokens,
+            "tokens_per_s": tokens / (time.perf_counter() - t0), "lr": run.scheduler.get_last_lr()[0]}
 
-    # ---- cleanup ----------------------------------------------------------------------------------------
-    del model, optimizer
-    if device == "cuda":
+
+def save_checkpoint(run: TrainingRun, epoch: int, metrics: dict) -> Path:
+    """Write the epoch to a temp dir, then rename it into place (a kill never leaves a half-written epoch)."""
+    import torch
+
+    run.history.append(metrics)
+    final = run.ckpt_root / f"epoch-{epoch}"
+    tmp = temp_dir_for(final)
+    run.model.save_pretrained(tmp)
+    run.tokenizer.save_pretrained(tmp)
+    torch.save({"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(), "epoch": epoch},
+               tmp / "trainer_state.pt")
+    (tmp / "keystep_config.json").write_text(json.dumps(run.run_config, indent=2))
+    (tmp / "metrics.json").write_text(json.dumps({"history": run.history}, indent=2))
+    publish_dir(tmp, final)
+    with run.catalog.transaction() as con:
+        con.execute("delete from checkpoints where train_fp = ? and epoch = ?", [run.lineage.fp, epoch])
+        run.catalog.insert(con, "checkpoints", [{"train_fp": run.lineage.fp, "epoch": epoch, "path": str(final),
+                                                 "config_json": json.dumps(run.run_config),
+                                                 "metrics_json": json.dumps(metrics)}])
+    return final
+
+
+def cleanup(run: TrainingRun) -> Trained:
+    """Free the model and optimizer (and the GPU cache); the output names the final checkpoint."""
+    import torch
+
+    run.model = run.optimizer = None
+    if run.device == "cuda":
         torch.cuda.empty_cache()
-    summary = {"train_fp": fp, "final_dir": str(ckpt_root / f"epoch-{epochs}"), "init_dir": str(init_dir),
-               "epochs": epochs, "target_format": cfg.target_format,
-               "n_examples": len(data), "n_truncated": n_truncated, "resumed_from_epoch": start_epoch, "loss": cfg.loss,
-               "n_unweighted": staged.n_unweighted if staged else None,
-               "device": device, "history": history}
-    with catalog.transaction() as con:
-        catalog.record_stage(con, fp, stage="train", code_version=CODE_VERSION, config=cfg,
-                             upstream=[generation["fingerprint"], *([kpod["weights_fp"], kpod["shards_dir"]] if staged else [])],
-                             summary=summary)
-    return summary
+    return Trained(fp=run.lineage.fp, final_dir=str(run.ckpt_root / f"epoch-{run.epochs}"), init_dir=run.init_dir,
+                   epochs=run.epochs, target_format=run.cfg.target_format, loss=run.cfg.loss, n_examples=len(run.data),
+                   n_truncated=run.n_truncated, n_unweighted=run.staged.n_unweighted if run.staged else None,
+                   resumed_from_epoch=run.start_epoch, device=run.device, history=run.history)
+
+
+def run_training(ws: Workspace, lineage: Lineage, cfg: TrainConfig, config: DistillConfig, generation: Generation,
+                 student: Student, steps: Steps | None = None, token_weights: TokenWeights | None = None,
+                 curriculum: Curriculum | None = None,
+                 on_epoch: Callable[[int, int, dict], None] | None = None) -> Trained:
+    """setup -> run_epoch / save_checkpoint per epoch (from the last whole one) -> cleanup."""
+    run = setup(ws, lineage, cfg, config, generation, student, steps, token_weights, curriculum)
+    for epoch in range(run.start_epoch + 1, run.epochs + 1):
+        metrics = run_epoch(run, epoch)
+        save_checkpoint(run, epoch, metrics)
+        if on_epoch:
+            on_epoch(epoch, run.epochs, metrics)
+    return cleanup(run)
+
+
+# ---- the stage ------------------------------------------------------------------------------------------
+def train_lineage(config: DistillConfig, generation: Generation, student: Student, steps: Steps | None = None,
+                  token_weights: TokenWeights | None = None, curriculum: Curriculum | None = None) -> Lineage:
+    """Upstream: what training reads — the rationales and the student, for KPOD also steps, token weights and the
+    curriculum, for the key-token format the token weights."""
+    upstream = [generation.fp, student.fp]
+    if config.train.loss == "kpod":
+        upstream += [steps.fp, token_weights.fp, curriculum.fp]
+    elif config.train.target_format == "label_then_keytokens":
+        upstream += [token_weights.fp]
+    return Lineage("train", config.train, tuple(upstream), CODE_VERSION)
+
+
+def train_student(ws: Workspace, config: DistillConfig, generation: Generation, student: Student,
+                  steps: Steps | None = None, token_weights: TokenWeights | None = None,
+                  curriculum: Curriculum | None = None,
+                  on_epoch: Callable[[int, int, dict], None] | None = None) -> Trained:
+    lineage = train_lineage(config, generation, student, steps, token_weights, curriculum)
+    done = cached_output(ws.catalog(), lineage, Trained)
+    if done and Path(done.final_dir).exists():
+        return done
+    out = run_training(ws, lineage, config.train, config, generation, student, steps, token_weights, curriculum,
+                       on_epoch)
+    with ws.catalog().transaction() as con:
+        ws.catalog().record_stage(con, lineage, out.model_dump())
+    return out
 
 
 # ---- Prefect wrapper ------------------------------------------------------------------------------
 from prefect import get_run_logger  # noqa: E402
 from prefect.artifacts import create_progress_artifact, update_progress_artifact  # noqa: E402
 
-from storage.workspace import Workspace  # noqa: E402
-from tasks.prefect_stage import stage_task  # noqa: E402
+from tasks.stage import stage_task, workspace_of  # noqa: E402
 
 
-@stage_task("train-student", tags=["gpu"])
-def train_task(workspace: str, cfg: TrainConfig, teacher_cfg: TeacherConfig, generation: dict, student: dict,
-               fp: str, max_length: int, run_config: dict, kpod: dict | None = None) -> dict:
-    ws = Workspace(workspace)
+@stage_task("train-student", train_lineage, tags=["gpu"])
+def train_task(config: DistillConfig, generation: Generation, student: Student, steps: Steps | None = None,
+               token_weights: TokenWeights | None = None, curriculum: Curriculum | None = None) -> Trained:
     logger = get_run_logger()
-    progress = create_progress_artifact(0.0, key="train-progress", description=f"training {fp}")
+    lineage = train_lineage(config, generation, student, steps, token_weights, curriculum)
+    progress = create_progress_artifact(0.0, key="train-progress", description=f"training {lineage.fp}")
 
     def on_epoch(epoch: int, total: int, metrics: dict) -> None:
         update_progress_artifact(progress, 100.0 * epoch / total)
         logger.info("epoch %d/%d loss %.4f (%.0f tokens/s)", epoch, total, metrics["loss"], metrics["tokens_per_s"])
 
-    summary = train_student(ws.catalog(), cfg, teacher_cfg, generation, student["model_dir"], ws.checkpoints_root(fp),
-                            fp, max_length, run_config, on_epoch=on_epoch, kpod=kpod)
+    out = train_student(workspace_of(config), config, generation, student, steps, token_weights, curriculum, on_epoch)
     update_progress_artifact(progress, 100.0)
-    return summary
+    return out

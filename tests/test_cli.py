@@ -1,4 +1,3 @@
-import json
 import subprocess
 import sys
 
@@ -6,7 +5,7 @@ from tests.conftest import ROOT
 
 
 def keystep(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, "-m", "keystep.cli", *args], cwd=cwd, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=600)
 
 
@@ -43,3 +42,15 @@ def test_results_without_catalog(tmp_path):
 def test_config_prints_resolved_yaml():
     r = keystep("config", "configs/demo.yaml", "--set", "train.epochs=2")
     assert r.returncode == 0 and "epochs: 2" in r.stdout
+
+
+def test_experiment_file_with_bad_yaml_exits_2_with_one_line(tmp_path):
+    bad = tmp_path / "exp.yaml"
+    bad.write_text("name: x\nvariants: {a: {train.epochs: 1}\n")     # unclosed mapping
+    r = keystep("experiment", str(bad))
+    assert r.returncode == 2 and str(bad) in r.stderr and "not valid YAML" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_the_old_masks_section_names_its_new_name():
+    r = keystep("config", "configs/micro.yaml", "--set", "masks.uniform=true")
+    assert r.returncode == 2 and "'masks'" in r.stderr and "token_weights" in r.stderr

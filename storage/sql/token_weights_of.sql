@@ -1,3 +1,3 @@
 select rationale_id, token_start, weights, keypoints
 from token_weights
-where weights_fp = $weights_fp;
+where token_weights_fp = $token_weights_fp;

@@ -29,6 +29,22 @@ def stage_runs(before: set, extra: set = frozenset()) -> tuple[dict, set]:
     return {"executed": sorted(executed), "cached": sorted(cached)}, before | {r.id for r in runs}
 
 
+def assert_lineage_is_what_was_hashed(cat, stages: set[str]) -> None:
+    """Every stage output's recorded lineage hashes to its fingerprint, and every upstream it names exists."""
+    import json
+
+    from storage.fingerprint import Lineage
+
+    rows = cat.execute("select * from stage_outputs")
+    recorded = {r["fingerprint"] for r in rows}
+    assert stages <= {r["stage"] for r in rows}
+    for r in rows:
+        lineage = Lineage(r["stage"], json.loads(r["config_json"]), tuple(json.loads(r["upstream_json"])),
+                          r["code_version"], json.loads(r["extra_json"]))
+        assert lineage.fp == r["fingerprint"], f"{r['stage']}: recorded lineage is not what was hashed"
+        assert set(lineage.upstream) <= recorded, f"{r['stage']}: upstream {set(lineage.upstream) - recorded} missing"
+
+
 @pytest.mark.slow
 def test_rerun_is_cached_and_a_train_change_recomputes_only_train_and_eval(prefect_api, tmp_path):
     from flows.distill import distill
@@ -56,6 +72,7 @@ def test_rerun_is_cached_and_a_train_change_recomputes_only_train_and_eval(prefe
     runs = cat.execute("select status from runs")
     assert [r["status"] for r in runs] == ["completed"] * 3
     assert cat.query("latest_results", eval_fp=changed["eval_fp"])
+    assert_lineage_is_what_was_hashed(cat, {"ingest", "generate", "student", "steps", "train", "evaluate"})
 
 
 @pytest.mark.slow
@@ -73,23 +90,23 @@ def test_phase_flow_alone_reuses_upstream(prefect_api, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_mask_setting_change_recomputes_masks_and_difficulty_never_the_teacher(prefect_api, tmp_path):
+def test_a_token_weights_change_recomputes_token_weights_and_difficulty_never_the_teacher(prefect_api, tmp_path):
     from flows.distill import prepare
     from storage.workspace import Workspace
 
     seen: set = set()
-    base = {"masks.compute": True, "masks.epochs": 1, "masks.predictor_warmup_epochs": 1, "student.max_length": 256}
+    base = {"token_weights.compute": True, "token_weights.epochs": 1, "token_weights.predictor_warmup_epochs": 1, "student.max_length": 256}
     first = prepare(config=micro_config(tmp_path / "ws", **base))
     counts, seen = stage_runs(seen, extra={"token-weights", "step-difficulty"})
     assert {"token-weights", "step-difficulty", "teacher-rationales"} <= set(counts["executed"])
-    assert first["token_weights"]["n_rationales"] == first["steps"]["n_rationales"]
+    assert first.token_weights.n_rationales == first.steps.n_rationales
 
-    prepare(config=micro_config(tmp_path / "ws", **{**base, "masks.alpha": 0.25}))
+    prepare(config=micro_config(tmp_path / "ws", **{**base, "token_weights.alpha": 0.25}))
     counts, seen = stage_runs(seen, extra={"token-weights", "step-difficulty"})
     assert counts["executed"] == ["step-difficulty", "token-weights"]
     assert "teacher-rationales" in counts["cached"]
     cat = Workspace(tmp_path / "ws").catalog()
-    assert cat.execute("select count(distinct weights_fp) as n from token_weights")[0]["n"] == 2
+    assert cat.execute("select count(distinct token_weights_fp) as n from token_weights")[0]["n"] == 2
     assert cat.execute("select count(distinct difficulty_fp) as n from step_difficulty")[0]["n"] == 2
 
 
@@ -102,7 +119,7 @@ def test_kpod_end_to_end_and_a_curriculum_change_recomputes_only_curriculum_trai
 
     extra = {"token-weights", "step-difficulty", "curriculum"}
     seen: set = set()
-    base = {"train.loss": "kpod", "train.epochs": 4, "masks.epochs": 1, "masks.predictor_warmup_epochs": 1,
+    base = {"train.loss": "kpod", "train.epochs": 4, "token_weights.epochs": 1, "token_weights.predictor_warmup_epochs": 1,
             "student.max_length": 256}
     first = distill(config=micro_config(tmp_path / "ws", **base))
     counts, seen = stage_runs(seen, extra=extra)
@@ -124,3 +141,5 @@ def test_kpod_end_to_end_and_a_curriculum_change_recomputes_only_curriculum_trai
     assert counts["executed"] == ["curriculum", "evaluate", "train-student"]
     assert "token-weights" in counts["cached"] and "teacher-rationales" in counts["cached"]
     assert again["train_fp"] != first["train_fp"]
+    assert_lineage_is_what_was_hashed(cat, {"ingest", "generate", "student", "steps", "student-warmup", "token-weights",
+                                            "difficulty", "curriculum", "train", "evaluate"})

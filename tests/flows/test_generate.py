@@ -1,12 +1,11 @@
 """The generate flow against a real local OpenAI-protocol server: sharded over prefect-dask's DaskTaskRunner
 on a local cluster, and an API key that reaches the server but nothing keystep or Prefect keeps."""
 import asyncio
-import os
 from pathlib import Path
 
 import pytest
 
-from keystep.fake_openai import FakeOpenAI
+from tests.fake_openai import FakeOpenAI
 from tests.conftest import micro_config
 
 
@@ -28,8 +27,8 @@ def test_generation_shards_run_on_a_dask_cluster(prefect_api, tmp_path):
         runner = DaskTaskRunner(cluster_kwargs={"n_workers": 2, "threads_per_worker": 1, "processes": True,
                                                 "dashboard_address": None})
         out = generate.with_options(task_runner=runner)(config=cfg)
-        n = out["train_dataset"]["n_examples"]
-        assert out["generation"]["n"] == n == server.requests  # every item asked exactly once
+        n = out.train_dataset.n_examples
+        assert out.generation.n == n == server.requests  # every item asked exactly once
         assert all(v == 1 for v in server.served.values())
     cat = Workspace(tmp_path / "ws").catalog()
     assert cat.execute("select count(*) as n from rationales")[0]["n"] == n

@@ -1,6 +1,9 @@
 import pytest
 
+import json
+
 from storage.catalog import SCHEMA_VERSION, Catalog
+from storage.fingerprint import Lineage, canonical
 
 
 def test_schema_is_versioned_and_migrations_are_idempotent(tmp_path):
@@ -14,10 +17,10 @@ def test_a_failed_write_leaves_no_half_written_rows(catalog):
     with pytest.raises(RuntimeError):
         with catalog.transaction() as con:
             catalog.insert(con, "bad_rows", [{"dataset_fp": "d", "row_index": i, "reason": "x", "raw": ""} for i in range(10)])
-            catalog.record_stage(con, "fp1", stage="ingest", code_version="1", config={}, upstream=[])
+            catalog.record_stage(con, Lineage("ingest", {}))
             raise RuntimeError("killed mid-write")
     assert catalog.execute("select count(*) as n from bad_rows")[0]["n"] == 0
-    assert catalog.stage_output("fp1") is None
+    assert catalog.stage_output(Lineage("ingest", {}).fp) is None
 
 
 def test_killed_process_leaves_no_rows(tmp_path):
@@ -40,8 +43,24 @@ with c.transaction() as con:
 
 
 def test_stage_output_round_trip(catalog):
+    lineage = Lineage("train", {"a": 1}, ("x",), "3", {"content": "abc"})
     with catalog.transaction() as con:
-        catalog.record_stage(con, "fp2", stage="train", code_version="3", config={"a": 1}, upstream=["x"],
-                             summary={"loss": 0.5})
-    out = catalog.stage_output("fp2")
+        catalog.record_stage(con, lineage, summary={"loss": 0.5})
+    out = catalog.stage_output(lineage.fp)
     assert out["stage"] == "train" and out["summary"] == {"loss": 0.5}
+    # what is recorded is exactly what the fingerprint hashes
+    recorded = Lineage(out["stage"], json.loads(out["config_json"]), tuple(json.loads(out["upstream_json"])),
+                       out["code_version"], json.loads(out["extra_json"]))
+    assert recorded.fp == lineage.fp == out["fingerprint"]
+
+
+def test_canonical_is_recursive_and_refuses_what_it_cannot_hash():
+    from keystep.config import DistillConfig
+
+    config = DistillConfig()
+    nested = {"outer": [config.train, (config.eval, {"deep": config.steps})]}
+    assert canonical(nested) == {"outer": [config.train.model_dump(mode="json"),
+                                           [config.eval.model_dump(mode="json"), {"deep": config.steps.model_dump(mode="json")}]]}
+    assert json.dumps(canonical(nested))   # JSON all the way down: nothing is hashed through str()
+    with pytest.raises(TypeError, match="cannot fingerprint"):
+        canonical({"x": object()})

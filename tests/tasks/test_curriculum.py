@@ -145,30 +145,31 @@ def test_sentence_model_embeddings_cluster_questions(tmp_path):
 
 def test_stage_writes_the_table_and_one_parquet_shard_per_stage(tmp_path):
     from storage.workspace import Workspace
-    from tasks.curriculum import build_curriculum, curriculum_fingerprint
+    from tasks.curriculum import build_curriculum
+    from tasks.difficulty import Difficulty
     from tests.tasks.helpers import prepared
 
     ws = Workspace(tmp_path)
-    cfg, cat, gen, st = prepared(ws, n=40)
+    cfg, cat, gen, st = prepared(ws, n=40, **{"train.epochs": 6})
     # step difficulties written directly: this test is about the schedule's storage
-    rows = cat.query("kept_rationales", dataset_fp=gen["dataset_fp"], teacher_fp=gen["teacher_fp"], only_correct=True)
+    rows = cat.query("kept_rationales", dataset_fp=gen.dataset_fp, teacher_fp=gen.teacher_fp, only_correct=True)
     with cat.transaction() as con:
         cat.insert(con, "step_difficulty", [{"difficulty_fp": "d0", "rationale_id": r["rationale_id"], "step_index": k,
                                              "difficulty": 1.0 + k, "n_tokens": 5}
                                             for i, r in enumerate(rows) for k in range(1 + i % 3)])
-    ccfg = CurriculumConfig()
-    fp = curriculum_fingerprint(ccfg, "d0", epochs=6)
-    s = build_curriculum(cat, ccfg, cfg.teacher, gen, "d0", 6, ws.curriculum_dir(fp), ws.root / "reports", fp)
-    assert s["stages"] == 3 and s["n_rationales"] == len(rows)
+    d0 = Difficulty(fp="d0", n_rationales=len(rows), n_steps=0, scoring_model="", device="cpu", mean=0.0, max=0.0)
+    s = build_curriculum(ws, cfg, gen, d0)
+    fp = s.fp
+    assert s.stages == 3 and s.n_rationales == len(rows)
     table = cat.query("curriculum_of", fp=fp)
     assert len(table) == 3 * len(rows)
     for t in (1, 2, 3):
-        shard = stage_shard(s["shards_dir"], t)
+        shard = stage_shard(s.shards_dir, t)
         assert shard == {r["rationale_id"]: r["prefix_steps"] for r in table if r["stage"] == t}
     assert sorted(p.name for p in ws.curriculum_dir(fp).iterdir()) == ["stage=1", "stage=2", "stage=3"]
     assert not [p for p in ws.curriculum_dir(fp).parent.iterdir() if p.name.startswith(".tmp")]   # published by rename
-    assert all(stage_shard(s["shards_dir"], 3)[r] == 0 for r in stage_shard(s["shards_dir"], 3))
-    for plot in s["plots"].values():
+    assert all(stage_shard(s.shards_dir, 3)[r] == 0 for r in stage_shard(s.shards_dir, 3))
+    for plot in s.plots.values():
         assert open(plot, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
-    assert "budget D(t)" in s["markdown"] and "coverage.png" in s["markdown"]
-    assert math.isclose(s["budget"][-1], sum(1.0 + k for i in range(len(rows)) for k in range(1 + i % 3)))
+    assert "budget D(t)" in s.markdown and "coverage.png" in s.markdown
+    assert math.isclose(s.budget[-1], sum(1.0 + k for i in range(len(rows)) for k in range(1 + i % 3)))

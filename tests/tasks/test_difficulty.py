@@ -2,10 +2,12 @@ import math
 
 import pytest
 
-from keystep.config import DifficultyConfig, MasksConfig
-from tasks.difficulty import buckets, difficulty_fingerprint, score_difficulty, step_difficulties, token_nll
-from tasks.keypoints import EncodedRationale, learn_token_weights, weights_fingerprint
-from tests.tasks.test_keypoints import CFG, setup
+from tasks.difficulty import buckets, score_difficulty, step_difficulties, token_nll
+from tasks.formats import EncodedRationale
+from tasks.token_weights import learn_token_weights
+from tasks.warmup import warm_up_student
+from tests.tasks.helpers import predictor_of
+from tests.tasks.test_token_weights import encoded_pipeline
 
 
 def item(n_tokens=10, start=2, ends=(5, 8)):
@@ -32,20 +34,17 @@ def test_buckets_cover_every_item_once_and_respect_the_budget():
 
 
 def test_bucketed_scoring_equals_fixed_padding(tmp_path):
-    *_, model, tok, items = setup(tmp_path)
+    *_, model, tok, items = encoded_pipeline(tmp_path)
     a = token_nll(model, items, 512, "cpu")
     b = token_nll(model, items, 512, "cpu", bucketed=False, fixed_width=max(len(i.ids) for i in items))
     assert all(x == pytest.approx(y, abs=1e-4) for ra, rb in zip(a, b) for x, y in zip(ra, rb))
 
 
 def test_stage_scores_every_rationale_step(tmp_path):
-    ws, cfg, cat, gen, st, sfp, model, tok, items = setup(tmp_path)
-    wfp = weights_fingerprint(CFG, sfp, st["student_fp"])
-    learn_token_weights(cat, CFG, cfg.teacher, gen, sfp, st, cfg.student.max_length, wfp)
-    dcfg = DifficultyConfig(warmup_epochs=1)
-    fp = difficulty_fingerprint(dcfg, wfp, st["student_fp"])
-    s = score_difficulty(cat, dcfg, cfg.teacher, gen, sfp, wfp, st, True, cfg.student.max_length, fp)
-    rows = cat.query("difficulty_of", difficulty_fp=fp)
-    assert s["n_steps"] == len(rows) == sum(len([e for e in it.step_ends if e > it.rationale_start]) for it in items)
+    ws, cfg, cat, gen, st, stp, model, tok, items = encoded_pipeline(tmp_path)
+    tw = learn_token_weights(ws, cfg, gen, stp, predictor_of(ws, cfg, gen, st))
+    s = score_difficulty(ws, cfg, gen, stp, tw, warm_up_student(ws, cfg, gen, st, epochs=1))
+    rows = cat.query("difficulty_of", difficulty_fp=s.fp)
+    assert s.n_steps == len(rows) == sum(len([e for e in it.step_ends if e > it.rationale_start]) for it in items)
     assert all(r["difficulty"] > 0 for r in rows)
-    assert "warmup" in s["scoring_model"] or "epoch-1" in s["scoring_model"]
+    assert "warmup" in s.scoring_model or "epoch-1" in s.scoring_model

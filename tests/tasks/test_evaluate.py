@@ -1,6 +1,7 @@
 from storage.workspace import Workspace
-from tasks.evaluate import accuracy_rows, eval_fingerprint, evaluate_student, results_table
-from tasks.ingest import dataset_fingerprint, ingest
+from tasks.evaluate import accuracy_rows, evaluate_student, results_table
+from tasks.ingest import ingest
+from tasks.train import Trained
 from tests.tasks.helpers import prepared
 
 
@@ -15,13 +16,15 @@ def test_accuracy_per_step_count():
 def test_evaluate_stores_results_and_predictions(tmp_path):
     ws = Workspace(tmp_path)
     cfg, cat, gen, st = prepared(ws, n=16)
-    spec = cfg.data.eval[0]
-    dfp = dataset_fingerprint(spec)
-    ds = {**ingest(cat, spec, dfp), "name": spec.name}
-    fp = eval_fingerprint(cfg.eval, "train-x", [dfp], cfg.teacher)
-    s = evaluate_student(cat, cfg.eval, cfg.teacher, {"untrained": st["model_dir"]}, [ds], fp, "cpu")
-    n = ds["n_examples"]
-    assert s["n_predictions"] == n
+    ds = ingest(ws, cfg.data.eval[0])
+    untrained = Trained(fp="train-x", final_dir=st.model_dir, init_dir=st.model_dir, epochs=0, target_format="cot_then_label",
+                        loss="std_cot", n_examples=0, n_truncated=0, n_unweighted=None, resumed_from_epoch=0,
+                        device="cpu", history=[])
+    only_student = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"include_untrained": False})})
+    s = evaluate_student(ws, only_student, untrained, st, [ds])
+    fp = s.fp
+    n = ds.n_examples
+    assert s.n_predictions == n
     preds = cat.execute("select * from predictions where eval_fp = ?", [fp])
     assert len(preds) == n and all(p["prompt"].startswith("Q: ") for p in preds)
     overall = [r for r in cat.query("latest_results", eval_fp=fp) if r["group_key"] == "all"]

@@ -3,7 +3,8 @@ import json
 import pytest
 
 from keystep.config import ConfigError, DatasetSpec
-from tasks.ingest import dataset_fingerprint, generate_arith, ingest, load_examples
+from storage.workspace import Workspace
+from tasks.ingest import dataset_lineage, generate_arith, ingest, load_examples
 from tests.conftest import SHARED_DATA
 
 
@@ -96,20 +97,19 @@ def test_ingest_stores_examples_and_bad_rows(catalog, tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text('{"question": "a?", "answer": "1"}\n{"question": "b?", "answer": ""}\n')
     spec = DatasetSpec(name="d", source="file", path=str(path))
-    fp = dataset_fingerprint(spec)
-    summary = ingest(catalog, spec, fp)
-    assert summary["n_examples"] == 1 and summary["bad_reasons"] == {"missing answer": 1}
+    summary = ingest(Workspace(catalog.path.parent), spec)
+    fp = summary.fp
+    assert summary.n_examples == 1 and summary.bad_reasons == {"missing answer": 1}
     assert catalog.execute("select count(*) as n from bad_rows where dataset_fp = ?", [fp])[0]["n"] == 1
     # an edited file is a new dataset version
     path.write_text('{"question": "a?", "answer": "2"}\n')
-    assert dataset_fingerprint(spec) != fp
+    assert dataset_lineage(spec).fp != fp
 
 
 def test_eval_overlap_with_train_is_reported_not_silent(catalog):
     train = DatasetSpec(n=30, seed=0, max_steps=1, max_operand=3)
-    tfp = dataset_fingerprint(train)
-    ingest(catalog, train, tfp)
-    ids = {r["example_id"] for r in catalog.query("examples_of_dataset", dataset_fp=tfp)}
+    ws = Workspace(catalog.path.parent)
+    train_ds = ingest(ws, train)
     ev = DatasetSpec(n=30, seed=0, max_steps=1, max_operand=3, split="test")  # same problems
-    s = ingest(catalog, ev, dataset_fingerprint(ev, tfp), ids)
-    assert s["n_examples"] == 0 and s["bad_reasons"] == {"overlaps training set": 30}
+    s = ingest(ws, ev, exclude=train_ds)
+    assert s.n_examples == 0 and s.bad_reasons == {"overlaps training set": 30}

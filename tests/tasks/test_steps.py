@@ -1,6 +1,7 @@
 import pytest
 
-from tasks.steps import split_steps, token_spans
+from tasks.formats import encode, token_spans
+from tasks.steps import split_steps
 
 
 def steps(text, **kw):
@@ -38,10 +39,10 @@ def test_char_spans_are_exact():
 def test_token_spans_cover_each_step():
     from tasks.student import train_tokenizer
     tok = train_tokenizer(["Q: x\nA: go. He has 3 + 4 = 7 apples. So 7."] * 20, 300)
-    prompt, target = "Q: x\nA: go. ", "He has 3 + 4 = 7 apples. So 7."
-    enc = tok(prompt + target, return_offsets_mapping=True, add_special_tokens=False)
+    prompt, target = "Q: x\nA: go.", "He has 3 + 4 = 7 apples. So 7."
+    seq = encode(tok, prompt, target, 1 << 30)
     chars = split_steps(target)
-    spans = token_spans(enc["offset_mapping"], chars, len(prompt))
-    decoded = [tok.decode(enc["input_ids"][a:b]).strip() for a, b in spans]
+    spans = token_spans(seq, chars)
+    decoded = [tok.decode(seq.ids[a:b]).strip() for a, b in spans]
     assert decoded == ["He has 3 + 4 = 7 apples.", "So 7."]
     assert spans[0][1] == spans[1][0]  # contiguous

@@ -1,33 +1,36 @@
 import pytest
 
-from keystep.config import StudentConfig
 from storage.workspace import Workspace
-from tasks.student import init_student, load_student, student_fingerprint
+from tasks.student import init_student, load_student, student_lineage
+from tests.tasks.helpers import prepared
+
+
+def with_student(cfg, **update):
+    return cfg.model_copy(update={"student": cfg.student.model_copy(update=update)})
 
 
 def test_scratch_student_is_a_normal_hf_folder(tmp_path):
     ws = Workspace(tmp_path)
-    cfg = StudentConfig(vocab_size=300, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
-    fp = student_fingerprint(cfg, "gen-x")
-    s = init_student(ws.catalog(), cfg, ["Tom has 3 apples. 3 + 4 = 7."] * 10, ws.model_dir(fp), fp)
+    cfg, cat, gen, s = prepared(ws, n=16)    # micro: vocab 300, hidden 32, 1 layer, 2 heads
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    model = AutoModelForCausalLM.from_pretrained(s["model_dir"])
-    tok = AutoTokenizer.from_pretrained(s["model_dir"])
+    model = AutoModelForCausalLM.from_pretrained(s.model_dir)
+    tok = AutoTokenizer.from_pretrained(s.model_dir)
     assert model.config.model_type == "llama" and model.config.hidden_size == 32
     assert tok.decode(tok("3 + 4 = 7")["input_ids"], skip_special_tokens=True) == "3 + 4 = 7"
-    assert s["n_params"] == sum(p.numel() for p in model.parameters())
+    assert s.n_params == sum(p.numel() for p in model.parameters())
 
 
 def test_any_hf_causal_lm_by_path(tmp_path):
     ws = Workspace(tmp_path)
-    scratch = StudentConfig(vocab_size=300, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
-    fp = student_fingerprint(scratch, "gen-x")
-    path = init_student(ws.catalog(), scratch, ["a b c 1 2 3"] * 10, ws.model_dir(fp), fp)["model_dir"]
-    cfg = StudentConfig(model=path)
-    fp2 = student_fingerprint(cfg, "gen-x")
-    assert fp2 == student_fingerprint(cfg, "gen-y")  # a pretrained student does not depend on the corpus
-    s = init_student(ws.catalog(), cfg, [], ws.model_dir(fp2), fp2)
-    assert s["model_dir"] == path
+    cfg, cat, gen, scratch = prepared(ws, n=16)
+    path = scratch.model_dir
+    pretrained = with_student(cfg, model=path)
+    other_gen = gen.model_copy(update={"fp": "generate-y"})
+    # a pretrained student does not depend on the corpus
+    assert student_lineage(pretrained, gen).fp == student_lineage(pretrained, other_gen).fp
+    assert student_lineage(cfg, gen).fp != student_lineage(cfg, other_gen).fp
+    s = init_student(ws, pretrained, gen)
+    assert s.model_dir == path
     model, tok = load_student(path)
     assert tok.pad_token is not None
 

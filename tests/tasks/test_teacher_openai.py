@@ -3,17 +3,16 @@ Request counts are what the server received."""
 import pytest
 
 from keystep.config import DatasetSpec, TeacherConfig
-from keystep.fake_openai import FakeOpenAI
-from tasks.ingest import dataset_fingerprint, ingest
-from tasks.teacher import generate_rationales, generation_fingerprint, spool_dir
+from tests.fake_openai import FakeOpenAI
+from tasks.teacher import spool_dir
+from tests.tasks.helpers import generate_with, ingest_spec
 from tasks.teacher_backends import TeacherUnavailable
 
 
 def dataset(catalog, n=40, seed=0):
     spec = DatasetSpec(n=n, seed=seed, max_steps=2)
-    dfp = dataset_fingerprint(spec)
-    ingest(catalog, spec, dfp)
-    answers = {r["question"]: r["answer"] for r in catalog.query("examples_of_dataset", dataset_fp=dfp)}
+    dfp = ingest_spec(catalog, spec)
+    answers = {r["question"]: r["answer"] for r in catalog.query("examples_of_dataset", dataset_fp=dfp.fp)}
     return dfp, answers
 
 
@@ -24,15 +23,15 @@ def teacher(server, **kw):
 
 
 def run(catalog, cfg, dfp):
-    return generate_rationales(catalog, cfg, dfp, generation_fingerprint(cfg, dfp))
+    return generate_with(catalog, cfg, dfp)
 
 
 def test_usage_latency_and_correctness_are_stored(catalog):
     dfp, answers = dataset(catalog)
     with FakeOpenAI(answers=answers) as server:
         s = run(catalog, teacher(server), dfp)
-    assert s["n"] == 40 and s["correct_rate"] == 1.0 and server.requests == 40
-    assert s["completion_tokens"] > 0 and s["prompt_tokens"] > 0
+    assert s.n == 40 and s.correct_rate == 1.0 and server.requests == 40
+    assert s.completion_tokens > 0 and s.prompt_tokens > 0
     row = catalog.execute("select * from rationales limit 1")[0]
     assert row["finish_reason"] == "stop" and row["latency_s"] > 0 and '"completion_tokens"' in row["usage_json"]
 
@@ -43,7 +42,7 @@ def test_chat_api_with_few_shot(catalog):
                   few_shot=[{"question": "1+1?", "rationale": "1 + 1 = 2.", "answer": "2"}])
     with FakeOpenAI(answers=answers) as server:
         s = run(catalog, cfg.model_copy(update={"base_url": server.base_url}), dfp)
-    assert s["n_ok"] == 10 and s["correct_rate"] == 1.0
+    assert s.n_ok == 10 and s.correct_rate == 1.0
 
 
 def test_429_5xx_and_timeouts_are_retried(catalog):
@@ -52,7 +51,7 @@ def test_429_5xx_and_timeouts_are_retried(catalog):
     with FakeOpenAI(answers=answers, faults=faults, fail_attempts=1, timeout_sleep_s=6) as server:
         s = run(catalog, teacher(server, timeout_s=3.0), dfp)
         faulty = [p for p in server.attempts if server.fault_for(p)]
-    assert s["n_ok"] == 40 and s["n_failed"] == 0
+    assert s.n_ok == 40 and s.n_failed == 0
     assert faulty and all(server.attempts[p] >= 2 for p in faulty)  # failed, then retried
     assert {server.fault_for(p) for p in faulty} == {"429", "500", "503", "timeout"}
 
@@ -63,7 +62,7 @@ def test_malformed_and_empty_responses_are_kept_as_failed_rows(catalog):
         s = run(catalog, teacher(server), dfp)
         expected = {k: sum(1 for p in server.attempts if server.fault_for(p) == k) for k in ("malformed", "empty", "no_choices")}
     assert server.requests == 40  # data problems are not retried
-    reasons = s["failure_reasons"]
+    reasons = s.failure_reasons
     assert reasons.get("malformed response (JSONDecodeError)", 0) == expected["malformed"]
     assert reasons.get("empty response", 0) == expected["empty"]
     assert reasons.get("malformed response (IndexError)", 0) == expected["no_choices"]
@@ -90,7 +89,7 @@ def test_killed_run_restarted_sends_no_request_for_stored_items(catalog):
     with FakeOpenAI(answers=answers) as healthy:
         s = run(catalog, cfg.model_copy(update={"base_url": healthy.base_url}), dfp)
         second = set(healthy.attempts)
-    assert s["n"] == 60 and s["n_ok"] == 60
+    assert s.n == 60 and s.n_ok == 60
     assert not (first_ok & second)  # nothing stored was asked again
     assert healthy.requests == 60 - len(first_ok)
 

@@ -4,25 +4,27 @@ import pytest
 import torch
 
 from storage.workspace import Workspace
-from tasks.steps import split_rationales, steps_fingerprint
-from tasks.train import (IGNORE, KpodData, collate, encode_example, last_whole_epoch, train_fingerprint, train_student,
-                         weighted_nll)
+from tasks.formats import IGNORE, encode, format_prompt, training_target
+from tasks.steps import split_rationales
+from tasks.train import KpodData, collate, last_whole_epoch, train_student, weighted_nll
 from tests.tasks.helpers import kpod_prepared, prepared
+
+
+def encode_example(tok, prompt, target, max_length):
+    seq = encode(tok, prompt, target, max_length)
+    return seq.ids, seq.labels, seq.truncated
 
 
 class Killed(Exception):
     pass
 
 
-def run_training(ws, cfg, cat, gen, st, kill_after=None, kpod=None):
-    fp = train_fingerprint(cfg.train, st["student_fp"], "steps", gen["fingerprint"], [kpod["weights_fp"]] if kpod else None)
-
+def train_killable(ws, cfg, cat, gen, st, kill_after=None, kpod=None):
     def on_epoch(epoch, total, metrics):
         if kill_after and epoch == kill_after:
             raise Killed()
 
-    return train_student(cat, cfg.train, cfg.teacher, gen, st["model_dir"], ws.checkpoints_root(fp), fp,
-                         cfg.student.max_length, cfg.model_dump(mode="json"), on_epoch=on_epoch, kpod=kpod)
+    return train_student(ws, cfg, gen, st, **(kpod or {}), on_epoch=on_epoch)
 
 
 def weights(path):
@@ -33,12 +35,12 @@ def weights(path):
 def test_loss_decreases_and_checkpoints_hold_config(tmp_path):
     ws = Workspace(tmp_path)
     cfg, cat, gen, st = prepared(ws, n=48, **{"train.epochs": 4, "train.lr": 0.01, "train.batch_size": 8})
-    s = run_training(ws, cfg, cat, gen, st)
-    losses = [h["loss"] for h in s["history"]]
+    s = train_killable(ws, cfg, cat, gen, st)
+    losses = [h["loss"] for h in s.history]
     assert losses[-1] < losses[0] * 0.8
-    saved = json.loads((ws.checkpoints_root(s["train_fp"]) / "epoch-4" / "keystep_config.json").read_text())
+    saved = json.loads((ws.checkpoints_root(s.fp) / "epoch-4" / "keystep_config.json").read_text())
     assert saved["train"]["epochs"] == 4 and saved["student"]["model"] == "scratch"
-    assert len(cat.execute("select * from checkpoints where train_fp = ?", [s["train_fp"]])) == 4
+    assert len(cat.execute("select * from checkpoints where train_fp = ?", [s.fp])) == 4
 
 
 @pytest.mark.parametrize("loss", ["std_cot", "kpod"])
@@ -50,29 +52,29 @@ def test_resume_from_last_whole_epoch_equals_uninterrupted(tmp_path, loss):
         cfg, cat, gen, st, kpod = kpod_prepared(ws_a, epochs=3)
     else:
         (cfg, cat, gen, st), kpod = prepared(ws_a, **{"train.epochs": 3}), None
-    full = run_training(ws_a, cfg, cat, gen, st, kpod=kpod)
+    full = train_killable(ws_a, cfg, cat, gen, st, kpod=kpod)
     if loss == "kpod":
         cfg, cat, gen, st, kpod = kpod_prepared(ws_b, epochs=3)
     else:
         cfg, cat, gen, st = prepared(ws_b, **{"train.epochs": 3})
     with pytest.raises(Killed):
-        run_training(ws_b, cfg, cat, gen, st, kill_after=kill, kpod=kpod)
-    fp = full["train_fp"]
+        train_killable(ws_b, cfg, cat, gen, st, kill_after=kill, kpod=kpod)
+    fp = full.fp
     assert last_whole_epoch(ws_b.checkpoints_root(fp)) == kill
-    resumed = run_training(ws_b, cfg, cat, gen, st, kpod=kpod)
-    assert resumed["resumed_from_epoch"] == kill
+    resumed = train_killable(ws_b, cfg, cat, gen, st, kpod=kpod)
+    assert resumed.resumed_from_epoch == kill
     if loss == "kpod":
-        assert [h["stage"] for h in resumed["history"]] == [1, 2, 2]
-    a, b = weights(full["final_dir"]), weights(resumed["final_dir"])
+        assert [h["stage"] for h in resumed.history] == [1, 2, 2]
+    a, b = weights(full.final_dir), weights(resumed.final_dir)
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
-    assert [h["loss"] for h in full["history"]] == pytest.approx([h["loss"] for h in resumed["history"]], rel=1e-5)
+    assert [h["loss"] for h in full.history] == pytest.approx([h["loss"] for h in resumed.history], rel=1e-5)
 
 
 def test_prompt_tokens_carry_no_loss(tmp_path):
     ws = Workspace(tmp_path)
     cfg, cat, gen, st = prepared(ws, n=16)
     from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(st["model_dir"])
+    tok = AutoTokenizer.from_pretrained(st.model_dir)
     ids, labels, truncated = encode_example(tok, "Q: a?\nA: Let's think step by step.", "So 3. Therefore, the answer is 3.", 96)
     target = tok.decode([t for t, l in zip(ids, labels) if l != IGNORE], skip_special_tokens=True)
     assert target.strip() == "So 3. Therefore, the answer is 3."
@@ -82,10 +84,9 @@ def test_prompt_tokens_carry_no_loss(tmp_path):
 def test_steps_stage_token_spans_match_training_tokens(tmp_path):
     ws = Workspace(tmp_path)
     cfg, cat, gen, st = prepared(ws, n=16)
-    fp = steps_fingerprint(cfg.steps, gen["fingerprint"], st["student_fp"])
-    s = split_rationales(cat, cfg.steps, cfg.teacher, gen, st["model_dir"], fp)
-    assert s["n_rationales"] == 16 and s["n_steps"] > 16
-    rows = cat.query("steps_of_rationales", steps_fp=fp)
+    s = split_rationales(ws, cfg, gen, st)
+    assert s.n_rationales == 16 and s.n_steps > 16
+    rows = cat.query("steps_of_rationales", steps_fp=s.fp)
     assert all(r["token_start"] is not None and r["token_end"] > r["token_start"] for r in rows)
 
 
@@ -93,9 +94,8 @@ def test_std_cot_loss_is_the_models_own_causal_lm_loss(tmp_path):
     ws = Workspace(tmp_path)
     cfg, cat, gen, st = prepared(ws, n=8)
     from tasks.student import load_student
-    model, tok = load_student(st["model_dir"])
-    rows = cat.query("kept_rationales", dataset_fp=gen["dataset_fp"], teacher_fp=gen["teacher_fp"], only_correct=True)
-    from tasks.teacher import format_prompt, training_target
+    model, tok = load_student(st.model_dir)
+    rows = cat.query("kept_rationales", dataset_fp=gen.dataset_fp, teacher_fp=gen.teacher_fp, only_correct=True)
     batch = collate([encode_example(tok, format_prompt(cfg.teacher, r["question"]),
                                     training_target(r["text"], r["answer"], cfg.teacher), 96)[:2] for r in rows], tok.pad_token_id)
     with torch.no_grad():
@@ -107,21 +107,21 @@ def test_std_cot_loss_is_the_models_own_causal_lm_loss(tmp_path):
 
 def test_kpod_sequences_follow_the_curriculum_and_carry_the_token_weights(tmp_path):
     from tasks.curriculum import stage_shard
-    from tasks.keypoints import load_weights
     from tasks.student import load_student
+    from tasks.token_weights import load_weights
 
     ws = Workspace(tmp_path)
     cfg, cat, gen, st, kpod = kpod_prepared(ws, n=24, epochs=4)
-    _, tok = load_student(st["model_dir"])
-    rows = cat.query("kept_rationales", dataset_fp=gen["dataset_fp"], teacher_fp=gen["teacher_fp"], only_correct=True)
-    data = KpodData(cat, tok, cfg.teacher, rows, kpod, cfg.student.max_length)
+    _, tok = load_student(st.model_dir)
+    rows = cat.query("kept_rationales", dataset_fp=gen.dataset_fp, teacher_fp=gen.teacher_fp, only_correct=True)
+    data = KpodData(cat, tok, cfg, rows, kpod["steps"], kpod["token_weights"], kpod["curriculum"])
     steps = {}
-    for s in cat.query("steps_of_rationales", steps_fp=kpod["steps_fp"]):
+    for s in cat.query("steps_of_rationales", steps_fp=kpod["steps"].fp):
         steps.setdefault(s["rationale_id"], []).append(s["text"])
-    weights = load_weights(cat, kpod["weights_fp"])
+    weights = load_weights(cat, kpod["token_weights"])
     assert [data.stage_of(e) for e in (1, 2, 3, 4)] == [1, 2, 2, 2]
     for epoch in (1, 4):
-        prefix = stage_shard(kpod["shards_dir"], data.stage_of(epoch))
+        prefix = stage_shard(kpod["curriculum"].shards_dir, data.stage_of(epoch))
         given = 0
         for r, (ids, labels, w) in zip(rows, data.sequences(epoch)):
             c = prefix[r["rationale_id"]]
@@ -135,7 +135,7 @@ def test_kpod_sequences_follow_the_curriculum_and_carry_the_token_weights(tmp_pa
 
 def test_target_formats():
     from keystep.config import TeacherConfig
-    from tasks.train import format_target
+    from tasks.formats import format_target
 
     t = TeacherConfig()
     text, ans = "Mia has 3 apples. After buying 2 more, 3 + 2 = 5 apples.", "5"
@@ -152,36 +152,60 @@ def test_target_formats():
 
 
 def test_label_then_keytokens_trains_on_the_top_weighted_tokens(tmp_path):
+    from tasks.formats import keytoken_text
     from tasks.student import load_student
-    from tasks.train import keytoken_texts
 
     ws = Workspace(tmp_path)
     cfg, cat, gen, st, kpod = kpod_prepared(ws, n=16, epochs=2)
-    _, tok = load_student(st["model_dir"])
-    rows = cat.query("kept_rationales", dataset_fp=gen["dataset_fp"], teacher_fp=gen["teacher_fp"], only_correct=True)
-    keys = keytoken_texts(cat, tok, cfg.teacher, rows, kpod["weights_fp"])
-    stored = {r["rationale_id"]: r for r in cat.query("token_weights_of", weights_fp=kpod["weights_fp"])}
+    _, tok = load_student(st.model_dir)
+    rows = cat.query("kept_rationales", dataset_fp=gen.dataset_fp, teacher_fp=gen.teacher_fp, only_correct=True)
+    stored = {r["rationale_id"]: r for r in cat.query("token_weights_of", token_weights_fp=kpod["token_weights"].fp)}
+    keys = {r["rationale_id"]: keytoken_text(tok, cfg.teacher, r, stored[r["rationale_id"]]["token_start"],
+                                             stored[r["rationale_id"]]["keypoints"]) for r in rows}
     for r in rows:
         kp = stored[r["rationale_id"]]
-        assert len(kp["keypoints"]) == min(cfg.masks.top_k, len(kp["weights"]))
+        assert len(kp["keypoints"]) == min(cfg.token_weights.top_k, len(kp["weights"]))
         assert all(piece.strip() in r["text"] for piece in tok.batch_decode([[t] for t in tok(keys[r["rationale_id"]])["input_ids"]]))
-    train_cfg = cfg.train.model_copy(update={"loss": "std_cot", "target_format": "label_then_keytokens", "epochs": 1})
-    fp = train_fingerprint(train_cfg, st["student_fp"], "steps", gen["fingerprint"], [kpod["weights_fp"]])
-    s = train_student(cat, train_cfg, cfg.teacher, gen, st["model_dir"], ws.checkpoints_root(fp), fp, 256, {},
-                      kpod={"weights_fp": kpod["weights_fp"]})
-    assert s["target_format"] == "label_then_keytokens" and s["epochs"] == 1
+    keytokens = cfg.model_copy(update={"train": cfg.train.model_copy(
+        update={"loss": "std_cot", "target_format": "label_then_keytokens", "epochs": 1})})
+    s = train_student(ws, keytokens, gen, st, token_weights=kpod["token_weights"])
+    assert s.target_format == "label_then_keytokens" and s.epochs == 1
 
 
 def test_match_cot_tokens_gives_shorter_targets_more_epochs(tmp_path):
     ws = Workspace(tmp_path)
-    cfg, cat, gen, st = prepared(ws, n=16)
-    train_cfg = cfg.train.model_copy(update={"target_format": "label_only", "match_cot_tokens": True, "epochs": 2})
-    fp = train_fingerprint(train_cfg, st["student_fp"], "steps", gen["fingerprint"])
-    s = train_student(cat, train_cfg, cfg.teacher, gen, st["model_dir"], ws.checkpoints_root(fp), fp, 256, {})
-    cot_tokens = 2 * sum(len(encode_example(__import__("transformers").AutoTokenizer.from_pretrained(st["model_dir"]),
+    cfg, cat, gen, st = prepared(ws, n=16, **{"student.max_length": 256})
+    label_only = cfg.model_copy(update={"train": cfg.train.model_copy(
+        update={"target_format": "label_only", "match_cot_tokens": True, "epochs": 2})})
+    s = train_student(ws, label_only, gen, st)
+    cot_tokens = 2 * sum(len(encode_example(__import__("transformers").AutoTokenizer.from_pretrained(st.model_dir),
                                             f"Q: {r['question']}\nA: Let's think step by step.",
                                             f"{r['text']} Therefore, the answer is {r['answer']}.", 256)[0])
-                         for r in cat.query("kept_rationales", dataset_fp=gen["dataset_fp"], teacher_fp=gen["teacher_fp"],
+                         for r in cat.query("kept_rationales", dataset_fp=gen.dataset_fp, teacher_fp=gen.teacher_fp,
                                             only_correct=True))
-    trained_tokens = sum(h["tokens"] for h in s["history"])
-    assert s["epochs"] > 2 and abs(trained_tokens - cot_tokens) < 0.25 * cot_tokens
+    trained_tokens = sum(h["tokens"] for h in s.history)
+    assert s.epochs > 2 and abs(trained_tokens - cot_tokens) < 0.25 * cot_tokens
+
+
+def test_training_units_each_do_one_thing(tmp_path):
+    """setup -> run_epoch -> save_checkpoint -> cleanup, each on its own; a second setup resumes the saved epoch."""
+    from tasks.train import cleanup, run_epoch, save_checkpoint, setup, train_lineage
+
+    ws = Workspace(tmp_path)
+    cfg, cat, gen, st = prepared(ws, n=16, **{"train.epochs": 2, "train.batch_size": 8})
+    lineage = train_lineage(cfg, gen, st)
+    run = setup(ws, lineage, cfg.train, cfg, gen, st)
+    assert run.start_epoch == 0 and run.epochs == 2 and len(run.data) == 16 and run.device == "cpu"
+    before = {k: v.clone() for k, v in run.model.state_dict().items()}
+    metrics = run_epoch(run, 1)
+    assert metrics["epoch"] == 1 and metrics["loss"] > 0 and metrics["tokens"] == sum(len(ids) for ids, _ in run.data)
+    assert any(not torch.equal(before[k], v) for k, v in run.model.state_dict().items())   # the model moved
+    assert last_whole_epoch(run.ckpt_root) == 0                                              # nothing saved yet
+    path = save_checkpoint(run, 1, metrics)
+    assert path.name == "epoch-1" and (path / "trainer_state.pt").exists() and last_whole_epoch(run.ckpt_root) == 1
+    assert cat.execute("select epoch from checkpoints where train_fp = ?", [lineage.fp]) == [{"epoch": 1}]
+    resumed = setup(ws, lineage, cfg.train, cfg, gen, st)
+    assert resumed.start_epoch == 1 and resumed.history == [metrics]
+    assert resumed.optimizer.state_dict()["state"][0]["step"] == run.optimizer.state_dict()["state"][0]["step"]
+    out = cleanup(run)
+    assert run.model is None and out.fp == lineage.fp and out.final_dir == str(run.ckpt_root / "epoch-2")

@@ -22,9 +22,9 @@ def test_generate_flow_through_a_vllm_server_keystep_starts(prefect_api, tmp_pat
         "backend": "vllm", "model": str(model), "vllm_python": VLLM_PYTHON, "max_tokens": 24, "stop": [],
         "vllm_args": ["--max-model-len", "512", "--gpu-memory-utilization", "0.1"], "keep_only_correct": False})})
     out = generate(config=cfg)
-    gen = out["generation"]
-    assert gen["n"] == 24 and gen["n_ok"] + gen["n_failed"] == 24
-    assert gen["completion_tokens"] > 0 and gen["prompt_tokens"] > 0
+    gen = out.generation
+    assert gen.n == 24 and gen.n_ok + gen.n_failed == 24
+    assert gen.completion_tokens > 0 and gen.prompt_tokens > 0
     rows = Workspace(tmp_path / "ws").catalog().execute("select * from rationales")
     assert len(rows) == 24
     assert all(r["finish_reason"] in ("length", "stop") and r["latency_s"] > 0 for r in rows)

@@ -7,6 +7,8 @@
 
 `run` calls the distill flow in this process: against the Prefect server in PREFECT_API_URL if set, else an
 ephemeral one. User mistakes (bad config, unknown key, missing file) exit 2 with one line, no traceback.
+The CLI sits above the flows: it imports them, nothing imports it (`python -m flows.cli` works without the
+console script).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Keypoint quality on synthetic:arith (KPOD §4.1-4.2).
+"""Token-weight and step-difficulty quality on synthetic:arith (KPOD §4.1-4.2).
 
 1. ROC-AUC of the learned token weights on *held-out* rationales against the generator's ground-truth key-token
    marks (operands, operators, results); beside it a uniform scorer (0.5) and a digits-only heuristic.
@@ -6,7 +6,7 @@
 2. Spearman correlation between step difficulty (§4.2, on the training rationales) and the generator's step
    complexity. Goal >= 0.3. Beside it, the same scoring model with other weightings (`spearman_references`):
    eq. 7 with the ground-truth key marks as 0/1 weights, the plain mean NLL, the result token's NLL alone.
-Usage: python bench/keypoints.py [N_TRAIN] [section.key=value ...]
+Usage: python bench/token_weights.py [N_TRAIN] [section.key=value ...]
 """
 import json
 import sys
@@ -18,16 +18,13 @@ sys.path.insert(0, str(ROOT))
 
 from keystep.config import load_config  # noqa: E402
 from storage.workspace import Workspace  # noqa: E402
-from tasks import difficulty, ingest, keypoints, steps, student, teacher  # noqa: E402
+from tasks import difficulty, ingest, steps, student, teacher, token_weights  # noqa: E402
+from tasks.warmup import warm_up_student  # noqa: E402
 
 
-def prepared(ws, cfg, spec):
-    cat = ws.catalog()
-    dfp = ingest.dataset_fingerprint(spec)
-    ingest.ingest(cat, spec, dfp)
-    gfp = teacher.generation_fingerprint(cfg.teacher, dfp)
-    gen = {**teacher.generate_rationales(cat, cfg.teacher, dfp, gfp), "fingerprint": gfp}
-    return dfp, gen
+def generated(ws, cfg, spec):
+    dataset = ingest.ingest(ws, spec)
+    return dataset, teacher.generate_rationales(ws, cfg, dataset)
 
 
 def key_marks(tok, it, spans) -> list[int]:
@@ -41,19 +38,17 @@ def key_marks(tok, it, spans) -> list[int]:
     return marks
 
 
-def difficulty_references(cat, cfg, gen, steps_fp, st, train_meta, rid_to_ex) -> dict:
+def difficulty_references(ws, cfg, gen, train_steps, st, train_meta, rid_to_ex) -> dict:
     """Spearman(step score, step complexity) for the same scoring model with other token weightings — to tell
     how much of the gap to the goal is the learned weights and how much the scoring model: eq. 7 with the
     generator's ground-truth key marks as 0/1 weights (what perfect masks would give), the plain mean NLL, and
     the NLL of the step's result token alone."""
     from scipy.stats import spearmanr
 
-    from tasks.train import pick_device, warm_up_student
-
-    device = pick_device("auto")  # as the difficulty stage scores, so the references compare like with like
-    model, tok = student.load_student(warm_up_student(cat, cfg.teacher, gen, st, cfg.difficulty.warmup_epochs,
-                                                      cfg.student.max_length), device=device)
-    _, items = keypoints.load_encoded(cat, tok, cfg.teacher, gen, steps_fp, cfg.student.max_length)
+    device = student.pick_device(cfg.train.device)  # as the difficulty stage scores: like is compared with like
+    scorer = warm_up_student(ws, cfg, gen, st, cfg.difficulty.warmup_epochs)
+    model, tok = student.load_student(scorer.model_dir, device=device)
+    _, items = token_weights.load_encoded(ws, cfg, tok, gen, train_steps)
     nll = difficulty.token_nll(model, items, cfg.difficulty.batch_tokens, device)
     scores = {"eq7_ground_truth_marks": [], "mean_nll": [], "result_token_nll": []}
     comp = []
@@ -85,32 +80,21 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         ws = Workspace(tmp)
         cat = ws.catalog()
-        dfp, gen = prepared(ws, cfg, cfg.data.train)
-        test_spec = cfg.data.eval[0]
-        tdfp, tgen = prepared(ws, cfg, test_spec)
-        corpus = [r["question"] + " " + r["text"] for r in cat.query("kept_rationales", dataset_fp=dfp, teacher_fp=gen["teacher_fp"], only_correct=True)]
-        sfp = student.student_fingerprint(cfg.student, gen["fingerprint"])
-        st = student.init_student(cat, cfg.student, corpus, ws.model_dir(sfp), sfp)
-        model, tok = student.load_student(st["model_dir"])
+        train_ds, gen = generated(ws, cfg, cfg.data.train)
+        test_ds, tgen = generated(ws, cfg, cfg.data.eval[0])
+        st = student.init_student(ws, cfg, gen)
+        _, tok = student.load_student(st.model_dir)
+        train_steps, test_steps = steps.split_rationales(ws, cfg, gen, st), steps.split_rationales(ws, cfg, tgen, st)
+        _, train_items = token_weights.load_encoded(ws, cfg, tok, gen, train_steps)
+        test_rows, test_items = token_weights.load_encoded(ws, cfg, tok, tgen, test_steps)
+        predictor = warm_up_student(ws, cfg, gen, st, cfg.token_weights.predictor_warmup_epochs)
+        model, _ = student.load_student(predictor.model_dir)
+        weighter, history = token_weights.train_masks(cfg.token_weights, model.get_input_embeddings(), tok, train_items,
+                                                      predictor_dir=predictor.model_dir,
+                                                      answer_template=cfg.teacher.answer_template)
+        weights = token_weights.infer_weights(weighter, test_items, tok.pad_token_id)
 
-        def encoded(g):
-            fp = steps.steps_fingerprint(cfg.steps, g["fingerprint"], sfp)
-            steps.split_rationales(cat, cfg.steps, cfg.teacher, g, st["model_dir"], fp)
-            step_rows = {}
-            for s in cat.query("steps_of_rationales", steps_fp=fp):
-                step_rows.setdefault(s["rationale_id"], []).append(s)
-            rows = cat.query("kept_rationales", dataset_fp=g["dataset_fp"], teacher_fp=g["teacher_fp"], only_correct=True)
-            return fp, rows, keypoints.encode_rationales(tok, cfg.teacher, rows, step_rows, cfg.student.max_length)
-
-        train_steps_fp, _, train_items = encoded(gen)
-        _, test_rows, test_items = encoded(tgen)
-        base = keypoints.weighter_base(cat, cfg.masks, cfg.teacher, gen, st, cfg.student.max_length)
-        model, _ = student.load_student(base)
-        weighter, history = keypoints.train_masks(cfg.masks, model.get_input_embeddings(), tok, train_items,
-                                                  predictor_dir=base, answer_template=cfg.teacher.answer_template)
-        weights = keypoints.infer_weights(weighter, test_items, tok.pad_token_id)
-
-        meta = {r["example_id"]: json.loads(r["meta_json"]) for r in cat.query("examples_of_dataset", dataset_fp=tdfp)}
+        meta = {r["example_id"]: json.loads(r["meta_json"]) for r in cat.query("examples_of_dataset", dataset_fp=test_ds.fp)}
         by_rid = {r["rationale_id"]: r for r in test_rows}
         labels, learned, digits = [], [], []
         for it, w in zip(test_items, weights):
@@ -120,23 +104,22 @@ def main() -> None:
         auc = roc_auc_score(labels, learned)
         auc_digits = roc_auc_score(labels, digits)
 
-        # step difficulty on the training rationales, through the stage itself
-        wfp = keypoints.weights_fingerprint(cfg.masks, train_steps_fp, sfp)
-        keypoints.learn_token_weights(cat, cfg.masks, cfg.teacher, gen, train_steps_fp, st, cfg.student.max_length, wfp)
-        dfp2 = difficulty.difficulty_fingerprint(cfg.difficulty, wfp, sfp)
-        difficulty.score_difficulty(cat, cfg.difficulty, cfg.teacher, gen, train_steps_fp, wfp, st, True,
-                                    cfg.student.max_length, dfp2)
-        train_meta = {r["example_id"]: json.loads(r["meta_json"]) for r in cat.query("examples_of_dataset", dataset_fp=dfp)}
-        rid_to_ex = {r["rationale_id"]: r["example_id"] for r in cat.query("kept_rationales", dataset_fp=dfp, teacher_fp=gen["teacher_fp"], only_correct=True)}
+        # step difficulty on the training rationales, through the stages themselves
+        tw = token_weights.learn_token_weights(ws, cfg, gen, train_steps, predictor)
+        scorer = warm_up_student(ws, cfg, gen, st, cfg.difficulty.warmup_epochs)
+        dif = difficulty.score_difficulty(ws, cfg, gen, train_steps, tw, scorer)
+        train_meta = {r["example_id"]: json.loads(r["meta_json"]) for r in cat.query("examples_of_dataset", dataset_fp=train_ds.fp)}
+        rid_to_ex = {r["rationale_id"]: r["example_id"] for r in cat.query("kept_rationales", dataset_fp=train_ds.fp,
+                                                                           teacher_fp=gen.teacher_fp, only_correct=True)}
         d_vals, c_vals = [], []
-        for r in cat.query("difficulty_of", difficulty_fp=dfp2):
+        for r in cat.query("difficulty_of", difficulty_fp=dif.fp):
             comp = train_meta[rid_to_ex[r["rationale_id"]]]["step_complexity"]
             if r["step_index"] < len(comp):
                 d_vals.append(r["difficulty"])
                 c_vals.append(comp[r["step_index"]])
         rho = spearmanr(d_vals, c_vals).statistic
-        references = difficulty_references(cat, cfg, gen, train_steps_fp, st, train_meta, rid_to_ex)
-    print(json.dumps({"bench": "keypoints", "metric": "ROC-AUC of learned token weights vs ground-truth key tokens (held-out)",
+        references = difficulty_references(ws, cfg, gen, train_steps, st, train_meta, rid_to_ex)
+    print(json.dumps({"bench": "token_weights", "metric": "ROC-AUC of learned token weights vs ground-truth key tokens (held-out)",
                       "value": round(auc, 4), "baseline": 0.5, "ratio": round(auc / 0.5, 3), "goal": "AUC >= 0.85; Spearman >= 0.3",
                       "met": bool(auc >= 0.85 and rho >= 0.3),
                       "details": {"auc_uniform": 0.5, "auc_digits_only": round(auc_digits, 4),

@@ -14,25 +14,32 @@ Loss (§4.1, eq. 4-6): L = Lp + α·Lm, Lp = Σ_k -log P(y | x, r[m]_<k) over sa
 boundaries (the paper sums all prefixes), Lm = mean(m).
 
 The attention layer reads the embeddings without positions (as eq. 1 writes it), so two copies of one token in a
-rationale get the same weight (the lead-in "6" and the operand "6"). Adding sinusoidal positions was measured and
-did not help (bench/keypoints.py setting, N=1000: AUC on the training rationales
-0.874 vs 0.910, Spearman 0.240 vs 0.233).
+rationale get the same weight (the lead-in "6" and the operand "6"); adding positions was measured and did not
+help (docs/measurements.md).
 
-Answer predictor (the paper: a pretrained FlanT5). Default `student`: the student itself after a Std-CoT warm-up
-(`tasks.train.warm_up_student`), kept fixed while the masks learn, so the masks must keep what a model that
-already reads these rationales uses. Measured on synthetic:arith (bench/keypoints.py): a predictor trained from
-scratch alongside the masks never learns to read the rationale before the penalty wins, and every mask collapses.
+Answer predictor (the paper: a pretrained FlanT5). Default `student`: the student after a Std-CoT warm-up
+(tasks/warmup.py), kept fixed while the masks learn, so the masks must keep what a model that already reads these
+rationales uses (a predictor trained from scratch alongside the masks never learns to read the rationale before
+the penalty wins, and every mask collapses: docs/measurements.md).
+
+Input: the `Generation`, its `Steps`, and the `Student` whose embeddings the module reads (the warmed-up student
+for `predictor: student`, else the untrained one). Output: `TokenWeights`.
 """
 from __future__ import annotations
 
-import json
 import math
 import random
-from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from keystep.config import MasksConfig, TeacherConfig
-from storage.fingerprint import fingerprint
+from keystep.config import DistillConfig, TokenWeightsConfig
+from storage.fingerprint import Lineage
+from storage.workspace import Workspace
+from tasks.formats import EncodedRationale, rationale_positions
+from tasks.stage import StageOutput, cached_output
+from tasks.steps import Steps
+from tasks.student import Student, load_student, pick_device
+from tasks.teacher import Generation
 
 if TYPE_CHECKING:
     import torch
@@ -40,54 +47,37 @@ if TYPE_CHECKING:
 CODE_VERSION = "2"
 
 
-@dataclass
-class EncodedRationale:
-    rationale_id: str
-    ids: list[int]            # <bos> prompt target <eos>, as the student trains on it
-    rationale_start: int      # first rationale token
-    rationale_end: int        # one past the last rationale token (the answer sentence follows)
-    step_ends: list[int]      # token index one past each rationale step
-    answer: str
-    char_spans: list[tuple[int, int]]  # per token: char span in the target text (for evaluation against marks)
+class TokenWeights(StageOutput):
+    """Learned token weights: rows of `token_weights` under `fp`."""
+    n_rationales: int
+    n_skipped: int
+    mean_weight: float
+    kept_fraction: float
+    history: list[dict]
+    uniform: bool
+    collapsed: bool
+    device: str
+    html: str | None = None
 
 
-def encode_rationales(tokenizer, teacher_cfg: TeacherConfig, rows: list[dict], steps: dict[str, list[dict]],
-                      max_length: int) -> list[EncodedRationale]:
-    """Tokenise each kept rationale exactly as training does and locate the rationale and its steps."""
-    from tasks.teacher import format_prompt, training_target
-
-    out = []
-    for r in rows:
-        prompt = format_prompt(teacher_cfg, r["question"])
-        target = training_target(r["text"], r["answer"], teacher_cfg)
-        phrase = teacher_cfg.answer_template.format(answer=r["answer"])
-        rationale_chars = len(target) - len(phrase)
-        shift = len(prompt) + 1
-        enc = tokenizer(prompt + " " + target, return_offsets_mapping=True, add_special_tokens=False)
-        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-        ids = bos + enc["input_ids"] + [tokenizer.eos_token_id]
-        offs = [(0, 0)] * len(bos) + [(a - shift, b - shift) for a, b in enc["offset_mapping"]] + [(len(target), len(target))]
-        # a rationale token ends inside the rationale (a byte-level token carries its leading space, so the
-        # token " T" of "Therefore" starts one char early and must not count)
-        r_tokens = [i for i, (a, b) in enumerate(offs) if 0 < b <= rationale_chars and i >= len(bos)]
-        if not r_tokens or len(ids) > max_length:
-            continue
-        start, end = r_tokens[0], r_tokens[-1] + 1
-        ends = sorted({min(max(s["token_end"] + len(bos), start + 1), end) for s in steps.get(r["rationale_id"], [])
-                       if s["token_end"] is not None and s["token_start"] + len(bos) < end})
-        out.append(EncodedRationale(r["rationale_id"], ids, start, end, ends or [end], r["answer"], offs))
-    return out
+def needs_token_weights(config: DistillConfig) -> bool:
+    """KPOD training and the key-token target format read token weights; `token_weights.compute` asks for them."""
+    return (config.token_weights.compute or config.train.loss == "kpod"
+            or config.train.target_format == "label_then_keytokens")
 
 
-def load_encoded(catalog, tokenizer, teacher_cfg: TeacherConfig, generation: dict, steps_fp: str,
-                 max_length: int) -> tuple[list[dict], list[EncodedRationale]]:
-    """(kept rationale rows, their encodings) for a generation and a steps output."""
-    rows = catalog.query("kept_rationales", dataset_fp=generation["dataset_fp"], teacher_fp=generation["teacher_fp"],
-                         only_correct=teacher_cfg.keep_only_correct)
-    steps: dict[str, list[dict]] = {}
-    for s in catalog.query("steps_of_rationales", steps_fp=steps_fp):
-        steps.setdefault(s["rationale_id"], []).append(s)
-    return rows, encode_rationales(tokenizer, teacher_cfg, rows, steps, max_length)
+def load_encoded(ws: Workspace, config: DistillConfig, tokenizer, generation: Generation,
+                 steps: Steps) -> tuple[list[dict], list[EncodedRationale]]:
+    """(kept rationale rows, the rationale and step positions of those that fit `student.max_length`)."""
+    catalog = ws.catalog()
+    rows = catalog.query("kept_rationales", dataset_fp=generation.dataset_fp, teacher_fp=generation.teacher_fp,
+                         only_correct=config.teacher.keep_only_correct)
+    spans: dict[str, list[tuple[int | None, int | None]]] = {}
+    for s in catalog.query("steps_of_rationales", steps_fp=steps.fp):
+        spans.setdefault(s["rationale_id"], []).append((s["token_start"], s["token_end"]))
+    items = [rationale_positions(tokenizer, config.teacher, r, spans.get(r["rationale_id"], []), config.student.max_length)
+             for r in rows]
+    return rows, [it for it in items if it is not None]
 
 
 def gumbel_sigmoid(logits: "torch.Tensor", tau: float, hard: bool = True) -> "torch.Tensor":
@@ -101,7 +91,7 @@ def gumbel_sigmoid(logits: "torch.Tensor", tau: float, hard: bool = True) -> "to
     return (soft > 0.5).to(soft.dtype) - soft.detach() + soft
 
 
-def build_modules(cfg: MasksConfig, embedding, tokenizer, predictor_dir: str | None = None,
+def build_modules(cfg: TokenWeightsConfig, embedding, tokenizer, predictor_dir: str | None = None,
                   answer_template: str = "Therefore, the answer is {answer}."):
     """(weighter, predictor) as torch modules; `embedding` is the student's input embedding (kept frozen).
     `predictor_dir`: the warmed-up student for `predictor: student`. The predictor reads the prefix, then the
@@ -215,14 +205,15 @@ def _batch_ids(items: list[EncodedRationale], pad_id: int):
     return ids, pad
 
 
-def mask_losses(weighter, predictor, items: list[EncodedRationale], cfg: MasksConfig, pad_id: int, rng: random.Random,
+def mask_losses(weighter, predictor, items: list[EncodedRationale], cfg: TokenWeightsConfig, pad_id: int, rng: random.Random,
                 unmasked: bool = False):
     """(L, Lp, Lm) for one batch: §4.1 eq. 4-6 with `n_prefixes` sampled cut points per example.
     `unmasked` (predictor warm-up): every token visible, only Lp."""
     import torch
 
     ids, pad = _batch_ids(items, pad_id)
-    x, logits = weighter(ids, pad)
+    dev = weighter.e_mask.device
+    x, logits = weighter(ids.to(dev), pad.to(dev))
     m = torch.ones_like(logits) if unmasked else gumbel_sigmoid(logits, cfg.gumbel_tau)
     masked = m.unsqueeze(-1) * x + (1 - m.unsqueeze(-1)) * weighter.e_mask  # masked embeddings, not masked ids
     prefixes, answers, lm_terms = [], [], []
@@ -238,13 +229,14 @@ def mask_losses(weighter, predictor, items: list[EncodedRationale], cfg: MasksCo
     return (lp, lp, lm) if unmasked else (lp + cfg.alpha * lm, lp, lm)
 
 
-def train_masks(cfg: MasksConfig, embedding, tokenizer, items: list[EncodedRationale],
+def train_masks(cfg: TokenWeightsConfig, embedding, tokenizer, items: list[EncodedRationale],
                 on_epoch: Callable[[int, dict], None] | None = None, predictor_dir: str | None = None,
-                answer_template: str = "Therefore, the answer is {answer}."):
+                answer_template: str = "Therefore, the answer is {answer}.", device: str = "cpu"):
     import torch
 
     torch.manual_seed(cfg.seed)
     weighter, predictor = build_modules(cfg, embedding, tokenizer, predictor_dir, answer_template)
+    weighter, predictor = weighter.to(device), predictor.to(device)
     weighter_params = [p for p in weighter.parameters() if p.requires_grad]
     params = weighter_params + list(predictor.parameters())
     opt = torch.optim.AdamW([{"params": weighter_params, "lr": cfg.weighter_lr},
@@ -289,7 +281,7 @@ def infer_weights(weighter, items: list[EncodedRationale], pad_id: int, batch_si
         for b in range(0, len(items), batch_size):
             chunk = items[b:b + batch_size]
             ids, pad = _batch_ids(chunk, pad_id)
-            _, logits = weighter(ids, pad)
+            _, logits = weighter(ids.to(weighter.e_mask.device), pad.to(weighter.e_mask.device))
             w = torch.sigmoid(logits)
             out += [w[i, it.rationale_start:it.rationale_end].tolist() for i, it in enumerate(chunk)]
     return out
@@ -298,10 +290,6 @@ def infer_weights(weighter, items: list[EncodedRationale], pad_id: int, batch_si
 def keypoints(weights: list[float], top_k: int) -> list[int]:
     """Indices (within the rationale) of the top-k weighted tokens, in text order."""
     return sorted(sorted(range(len(weights)), key=lambda j: -weights[j])[:top_k])
-
-
-def weights_fingerprint(cfg: MasksConfig, steps_fp: str, student_fp: str) -> str:
-    return fingerprint("token-weights", cfg, [steps_fp, student_fp], CODE_VERSION)
 
 
 def shaded_html(tokenizer, items: list[EncodedRationale], weights: list[list[float]], limit: int = 12) -> str:
@@ -319,7 +307,7 @@ def shaded_html(tokenizer, items: list[EncodedRationale], weights: list[list[flo
 
 
 def shaded_markdown(tokenizer, items: list[EncodedRationale], weights: list[list[float]], top_k: int, limit: int = 8) -> str:
-    lines = ["# Keypoints", "", f"Rationale tokens with their weight; the top-{top_k} keypoints in **bold**.", ""]
+    lines = ["# Token weights", "", f"Rationale tokens with their weight; the top-{top_k} keypoints in **bold**.", ""]
     for it, w in list(zip(items, weights))[:limit]:
         keep = set(keypoints(w, top_k))
         toks = [tokenizer.decode([t]) for t in it.ids[it.rationale_start:it.rationale_end]]
@@ -328,83 +316,72 @@ def shaded_markdown(tokenizer, items: list[EncodedRationale], weights: list[list
     return "\n".join(lines) + "\n"
 
 
-def weighter_base(catalog, cfg: MasksConfig, teacher_cfg: TeacherConfig, generation: dict, student: dict,
-                  max_length: int) -> str:
-    """Model folder whose input embeddings the weighter reads — for `predictor: student` also the predictor:
-    the student after its Std-CoT warm-up (same tokenizer as the untrained student)."""
-    from tasks.train import warm_up_student
-
-    if cfg.predictor == "student" and not cfg.uniform:
-        return warm_up_student(catalog, teacher_cfg, generation, student, cfg.predictor_warmup_epochs, max_length)
-    return student["model_dir"]
+def token_weights_lineage(config: DistillConfig, generation: Generation, steps: Steps, predictor: Student) -> Lineage:
+    """`predictor`: the student whose embeddings the module reads (and, for `predictor: student`, the predictor)."""
+    return Lineage("token-weights", {"token_weights": config.token_weights, "device": config.train.device},
+                   (generation.fp, steps.fp, predictor.fp), CODE_VERSION)
 
 
-def learn_token_weights(catalog, cfg: MasksConfig, teacher_cfg: TeacherConfig, generation: dict, steps_fp: str,
-                        student: dict, max_length: int, fp: str, report_dir=None,
-                        on_epoch: Callable[[int, dict], None] | None = None) -> dict:
-    """`student`: {"model_dir", "student_fp"} of the student before distillation."""
-    done = catalog.stage_output(fp)
-    if done:
-        return done["summary"]
-    from tasks.student import load_student
-
-    model_dir = predictor_dir = weighter_base(catalog, cfg, teacher_cfg, generation, student, max_length)
-    model, tokenizer = load_student(model_dir)
-    rows, items = load_encoded(catalog, tokenizer, teacher_cfg, generation, steps_fp, max_length)
+def learn_token_weights(ws: Workspace, config: DistillConfig, generation: Generation, steps: Steps, predictor: Student,
+                        on_epoch: Callable[[int, dict], None] | None = None) -> TokenWeights:
+    catalog, cfg, lineage = ws.catalog(), config.token_weights, token_weights_lineage(config, generation, steps, predictor)
+    if done := cached_output(catalog, lineage, TokenWeights):
+        return done
+    fp, device = lineage.fp, pick_device(config.train.device)
+    model, tokenizer = load_student(predictor.model_dir, device=device)
+    rows, items = load_encoded(ws, config, tokenizer, generation, steps)
     history: list[dict] = []
     if cfg.uniform:  # ablation: no token weighting
         weights = [[1.0] * (it.rationale_end - it.rationale_start) for it in items]
     else:
-        weighter, history = train_masks(cfg, model.get_input_embeddings(), tokenizer, items, on_epoch, predictor_dir,
-                                        teacher_cfg.answer_template)
+        weighter, history = train_masks(cfg, model.get_input_embeddings(), tokenizer, items, on_epoch,
+                                        predictor.model_dir, config.teacher.answer_template, device)
         weights = infer_weights(weighter, items, tokenizer.pad_token_id)
-    table = [{"weights_fp": fp, "rationale_id": it.rationale_id, "token_start": it.rationale_start, "weights": w,
+    table = [{"token_weights_fp": fp, "rationale_id": it.rationale_id, "token_start": it.rationale_start, "weights": w,
               "keypoints": keypoints(w, cfg.top_k)} for it, w in zip(items, weights)]
     kept = sum(x >= 0.5 for w in weights for x in w)
     total = sum(len(w) for w in weights)
-    summary = {"weights_fp": fp, "n_rationales": len(items), "n_skipped": len(rows) - len(items),
-               "mean_weight": sum(map(sum, weights)) / max(total, 1), "kept_fraction": kept / max(total, 1),
-               "history": history, "uniform": cfg.uniform,
-               # collapsed masks leave the KPOD loss almost nothing to train on in the rationale: say so
-               "collapsed": not cfg.uniform and kept < 0.05 * max(total, 1)}
-    if report_dir is not None:
-        report_dir.mkdir(parents=True, exist_ok=True)
-        (report_dir / f"{fp}.html").write_text(shaded_html(tokenizer, items, weights))
-        summary["html"] = str(report_dir / f"{fp}.html")
-        summary["markdown"] = shaded_markdown(tokenizer, items, weights, cfg.top_k)
+    report = ws.root / "reports" / f"{fp}.html"
+    report.parent.mkdir(parents=True, exist_ok=True)
+    report.write_text(shaded_html(tokenizer, items, weights))
+    out = TokenWeights(fp=fp, n_rationales=len(items), n_skipped=len(rows) - len(items),
+                       mean_weight=sum(map(sum, weights)) / max(total, 1), kept_fraction=kept / max(total, 1),
+                       history=history, uniform=cfg.uniform, device=device, html=str(report),
+                       # collapsed masks leave the KPOD loss almost nothing to train on in the rationale: say so
+                       collapsed=not cfg.uniform and kept < 0.05 * max(total, 1))
+    report.with_suffix(".md").write_text(shaded_markdown(tokenizer, items, weights, cfg.top_k))
     with catalog.transaction() as con:
-        con.execute("delete from token_weights where weights_fp = ?", [fp])
+        con.execute("delete from token_weights where token_weights_fp = ?", [fp])
         catalog.insert(con, "token_weights", table)
-        catalog.record_stage(con, fp, stage="token-weights", code_version=CODE_VERSION, config=cfg,
-                             upstream=[steps_fp], summary={k: v for k, v in summary.items() if k != "markdown"})
-    return summary
+        catalog.record_stage(con, lineage, out.model_dump())
+    return out
 
 
-def load_weights(catalog, fp: str) -> dict[str, tuple[int, list[float]]]:
-    return {r["rationale_id"]: (r["token_start"], list(r["weights"])) for r in catalog.query("token_weights_of", weights_fp=fp)}
+def load_weights(catalog, token_weights: TokenWeights) -> dict[str, tuple[int, list[float]]]:
+    """rationale_id -> (position of its first rationale token, one weight per rationale token)."""
+    return {r["rationale_id"]: (r["token_start"], list(r["weights"]))
+            for r in catalog.query("token_weights_of", token_weights_fp=token_weights.fp)}
 
 
 # ---- Prefect wrapper ------------------------------------------------------------------------------
 from prefect import get_run_logger  # noqa: E402
 from prefect.artifacts import create_link_artifact, create_markdown_artifact  # noqa: E402
 
-from storage.workspace import Workspace  # noqa: E402
-from tasks.prefect_stage import stage_task  # noqa: E402
+from tasks.stage import stage_task, workspace_of  # noqa: E402
 
 
-@stage_task("token-weights", tags=["gpu"])
-def token_weights_task(workspace: str, cfg: MasksConfig, teacher_cfg: TeacherConfig, generation: dict, steps: dict,
-                       student: dict, max_length: int, fp: str) -> dict:
-    ws = Workspace(workspace)
+@stage_task("token-weights", token_weights_lineage, tags=["gpu"])
+def token_weights_task(config: DistillConfig, generation: Generation, steps: Steps, predictor: Student) -> TokenWeights:
     logger = get_run_logger()
-    summary = learn_token_weights(
-        ws.catalog(), cfg, teacher_cfg, generation, steps["steps_fp"], student, max_length, fp,
-        report_dir=ws.root / "reports",
+    out = learn_token_weights(
+        workspace_of(config), config, generation, steps, predictor,
         on_epoch=lambda e, m: logger.info("masks epoch %d: L %.3f Lp %.3f Lm %.3f", e, m["loss"], m["lp"], m["lm"]))
-    if summary["collapsed"]:
+    if out.collapsed:
         logger.warning("token weights collapsed: %.1f%% of rationale tokens have weight >= 0.5, so the KPOD loss "
-                       "barely trains on rationales; lower masks.weighter_lr or masks.alpha", 100 * summary["kept_fraction"])
-    if summary.get("markdown"):
-        create_markdown_artifact(key="keypoints", markdown=summary["markdown"], description="learned token weights")
-        create_link_artifact(key="keypoints-html", link=f"file://{summary['html']}", description="shaded rationales (HTML)")
-    return {k: v for k, v in summary.items() if k != "markdown"}
+                       "barely trains on rationales; lower token_weights.weighter_lr or token_weights.alpha",
+                       100 * out.kept_fraction)
+    if out.html:
+        create_markdown_artifact(key="token-weights", markdown=Path(out.html).with_suffix(".md").read_text(),
+                                 description="learned token weights, keypoints in bold")
+        create_link_artifact(key="token-weights-html", link=f"file://{out.html}", description="shaded rationales (HTML)")
+    return out

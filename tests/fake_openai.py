@@ -7,7 +7,7 @@ makes about 20% of prompts answer 429 and 10% answer 500 on their first `fail_at
 succeed). Kinds: 429, 500, 503, timeout (sleep past the client's timeout), malformed (200, not JSON),
 empty (200, empty text), no_choices (200, JSON without choices).
 
-    python -m keystep.fake_openai --port 8000 --latency 0.05      # standalone, e.g. for bench/
+    python -m tests.fake_openai --port 8000 --latency 0.05      # standalone, e.g. for bench/
 """
 
 import argparse

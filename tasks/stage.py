@@ -1,0 +1,77 @@
+"""What every stage shares: its typed output, its cached result, and how it becomes a Prefect task.
+
+* `StageOutput` — what a stage hands downstream: a small pydantic model (fingerprint, paths, counts), never data
+  frames, tensors or models. Prefect persists it; flows and later stages read attributes.
+* `cached_output` — a stage's output already in the catalog (a rerun, or a second arm of an experiment).
+* `stage_task(name, lineage)` — the Prefect task of a stage. Its cache key is `lineage(*the task's arguments).fp`:
+  the same function the stage calls to record its lineage in the catalog, so the cache key and the recorded
+  lineage cannot disagree.
+* `use_workspace(config)` — called once at the top of each flow: this flow run's task results (the cache) are
+  stored under the workspace (`<workspace>/prefect-results`), and every task and subflow it calls inherits that,
+  as they would inherit a flow's `result_storage`. Deleting the workspace also forgets the cache, so a cache hit
+  never points at a missing catalog.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Callable, TypeVar
+
+from pydantic import BaseModel, ConfigDict
+
+from keystep.config import DistillConfig
+from storage.fingerprint import Lineage
+from storage.workspace import Workspace
+
+
+class StageOutput(BaseModel):
+    """Base of every stage output. `fp` is the stage's fingerprint."""
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    fp: str
+
+
+Output = TypeVar("Output", bound=StageOutput)
+
+
+def cached_output(catalog, lineage: Lineage, kind: type[Output]) -> Output | None:
+    done = catalog.stage_output(lineage.fp)
+    return kind.model_validate(done["summary"]) if done else None
+
+
+def workspace_of(config: DistillConfig) -> Workspace:
+    return Workspace(config.storage.workspace)
+
+
+# ---- Prefect --------------------------------------------------------------------------------------
+from prefect import task  # noqa: E402
+from prefect.context import FlowRunContext  # noqa: E402
+from prefect.filesystems import LocalFileSystem  # noqa: E402
+
+
+def stage_task(name: str, lineage: Callable[..., Lineage], **options):
+    """A stage's Prefect task, cached by its fingerprint. The task's parameters are `lineage`'s parameters."""
+    params = inspect.signature(lineage).parameters
+
+    def by_fingerprint(context, arguments) -> str:
+        return lineage(**{k: arguments[k] for k in params if k in arguments}).fp
+
+    return task(name=name, cache_key_fn=by_fingerprint, persist_result=True, **options)
+
+
+_SAVED: set[tuple[str, str]] = set()
+
+
+def use_workspace(config: DistillConfig) -> Workspace:
+    """Store this flow run's task results under the config's workspace (see the module docstring)."""
+    from prefect.results import resolve_result_storage
+    from prefect.settings import PREFECT_API_URL
+
+    ws = workspace_of(config)
+    key = (str(PREFECT_API_URL.value()), ws.block_name)  # a saved block, as Prefect requires; one save per server
+    if key not in _SAVED:
+        LocalFileSystem(basepath=str(ws.results_dir)).save(ws.block_name, overwrite=True)
+        _SAVED.add(key)
+    run = FlowRunContext.get()
+    if run is not None:
+        storage = resolve_result_storage(f"local-file-system/{ws.block_name}", _sync=True)
+        run.result_store = run.result_store.model_copy(update={"result_storage": storage})
+    return ws

@@ -1,0 +1,52 @@
+"""Warm-up stage: the student after a few epochs of Std-CoT on the kept rationales.
+
+KPOD reads "the student before distillation" twice: the token weights' answer predictor (§4.1) and the
+difficulty scorer (§4.2). A scratch student's random initial weights would say nothing to either, so each reads
+the student after `epochs` of Std-CoT instead (`token_weights.predictor_warmup_epochs`,
+`difficulty.warmup_epochs`; one shared model when the two are equal). Distillation itself still starts from the
+untrained student.
+
+Input: the untrained `Student`, the teacher's `Generation`. Output: a `Student` (its folder is the last epoch's
+checkpoint); with `epochs` 0 the untrained student itself.
+"""
+from __future__ import annotations
+
+from keystep.config import DistillConfig, TrainConfig
+from storage.fingerprint import Lineage
+from storage.workspace import Workspace
+from tasks.stage import cached_output
+from tasks.student import Student
+from tasks.teacher import Generation
+from tasks.train import run_training
+
+CODE_VERSION = "1"
+
+
+def warmup_lineage(config: DistillConfig, generation: Generation, student: Student, epochs: int) -> Lineage:
+    return Lineage("student-warmup", {"epochs": epochs, "device": config.train.device}, (generation.fp, student.fp),
+                   CODE_VERSION)
+
+
+def warm_up_student(ws: Workspace, config: DistillConfig, generation: Generation, student: Student,
+                    epochs: int) -> Student:
+    if not epochs:
+        return student
+    lineage = warmup_lineage(config, generation, student, epochs)
+    done = cached_output(ws.catalog(), lineage, Student)
+    if done:
+        return done
+    trained = run_training(ws, lineage, TrainConfig(epochs=epochs, seed=1, device=config.train.device), config,
+                           generation, student)
+    out = Student(fp=lineage.fp, model_dir=trained.final_dir, n_params=student.n_params, device=trained.device)
+    with ws.catalog().transaction() as con:
+        ws.catalog().record_stage(con, lineage, out.model_dump())
+    return out
+
+
+# ---- Prefect wrapper ------------------------------------------------------------------------------
+from tasks.stage import stage_task, workspace_of  # noqa: E402
+
+
+@stage_task("student-warmup", warmup_lineage, tags=["gpu"])
+def warm_up_task(config: DistillConfig, generation: Generation, student: Student, epochs: int) -> Student:
+    return warm_up_student(workspace_of(config), config, generation, student, epochs)

@@ -1,0 +1,103 @@
+import random
+
+import pytest
+import torch
+
+from storage.workspace import Workspace
+from tasks.steps import split_rationales
+from tasks.token_weights import (build_modules, gumbel_sigmoid, infer_weights, keypoints, learn_token_weights,
+                                 load_encoded, load_weights, mask_losses)
+from tests.tasks.helpers import MICRO_MASKS, predictor_of, prepared
+
+
+def encoded_pipeline(tmp_path, n=16):
+    ws = Workspace(tmp_path)
+    cfg, cat, gen, st = prepared(ws, n=n, **{"student.max_length": 256, **MICRO_MASKS})
+    stp = split_rationales(ws, cfg, gen, st)
+    from tasks.student import load_student
+    model, tok = load_student(st.model_dir)
+    _, items = load_encoded(ws, cfg, tok, gen, stp)
+    assert len(items) == n  # every kept rationale fits
+    return ws, cfg, cat, gen, st, stp, model, tok, items
+
+
+def with_token_weights(cfg, **update):
+    return cfg.model_copy(update={"token_weights": cfg.token_weights.model_copy(update=update)})
+
+
+def test_rationale_excludes_the_answer_sentence(tmp_path):
+    *_, tok, items = encoded_pipeline(tmp_path)
+    for it in items:
+        rationale = tok.decode(it.ids[it.rationale_start:it.rationale_end])
+        after = tok.decode(it.ids[it.rationale_end:], skip_special_tokens=True)
+        assert "answer is" not in rationale and after.strip().startswith("Therefore, the answer is")
+        assert it.step_ends[-1] == it.rationale_end and all(a < b for a, b in zip(it.step_ends, it.step_ends[1:]))
+
+
+@pytest.mark.parametrize("predictor", ["student", "scratch"])
+def test_lp_gradient_reaches_the_mlp_and_the_attention_layer(tmp_path, predictor):
+    ws, cfg, cat, gen, st, stp, model, tok, items = encoded_pipeline(tmp_path)
+    torch.manual_seed(0)
+    masks = cfg.token_weights
+    weighter, predictor = build_modules(masks.model_copy(update={"predictor": predictor}), model.get_input_embeddings(),
+                                        tok, predictor_dir=st.model_dir)
+    _, lp, _ = mask_losses(weighter, predictor, items[:4], masks, tok.pad_token_id, random.Random(0))
+    lp.backward()  # the answer loss alone, no mask penalty
+    for name, p in [("mlp.0", weighter.mlp[0].weight), ("mlp.2", weighter.mlp[2].weight),
+                    ("attention", weighter.att.in_proj_weight), ("e_mask", weighter.e_mask)]:
+        assert p.grad is not None and p.grad.abs().sum() > 0, f"no gradient reaches {name}"
+    assert weighter.emb.weight.grad is None  # the student's embeddings stay frozen
+
+
+def test_gumbel_sigmoid_is_hard_forward_soft_backward():
+    logits = torch.tensor([3.0, -3.0, 0.0], requires_grad=True)
+    torch.manual_seed(0)
+    m = gumbel_sigmoid(logits, tau=0.5)
+    assert set(m.tolist()) <= {0.0, 1.0}
+    m.sum().backward()
+    assert logits.grad.abs().sum() > 0
+
+
+def test_keypoints_are_top_k_in_text_order():
+    assert keypoints([0.1, 0.9, 0.5, 0.8], 2) == [1, 3]
+
+
+def test_stage_stores_one_weight_per_rationale_token_and_uniform_switch(tmp_path):
+    ws, cfg, cat, gen, st, stp, model, tok, items = encoded_pipeline(tmp_path)
+    s = learn_token_weights(ws, cfg, gen, stp, predictor_of(ws, cfg, gen, st))
+    stored = load_weights(cat, s)
+    assert s.n_rationales == len(items) == len(stored)
+    for it in items:
+        start, w = stored[it.rationale_id]
+        assert start == it.rationale_start and len(w) == it.rationale_end - it.rationale_start
+        assert all(0.0 <= x <= 1.0 for x in w)
+    uniform = learn_token_weights(ws, with_token_weights(cfg, uniform=True), gen, stp, st)   # uniform: no predictor
+    assert uniform.fp != s.fp
+    assert all(set(w) == {1.0} for _, w in load_weights(cat, uniform).values())
+    assert not s.collapsed     # the weighter's own (low) learning rate keeps masks open
+    collapsed = learn_token_weights(ws, with_token_weights(cfg, alpha=50.0, weighter_lr=0.05, epochs=2), gen, stp,
+                                    predictor_of(ws, cfg, gen, st))
+    assert collapsed.collapsed and collapsed.kept_fraction < 0.05   # reported, not silent
+
+
+def test_inference_is_deterministic(tmp_path):
+    ws, cfg, cat, gen, st, stp, model, tok, items = encoded_pipeline(tmp_path)
+    weighter, _ = build_modules(cfg.token_weights, model.get_input_embeddings(), tok, predictor_dir=st.model_dir)
+    a = infer_weights(weighter, items, tok.pad_token_id)
+    b = infer_weights(weighter, items, tok.pad_token_id, batch_size=3)  # other padding, same weights
+    assert all(x == pytest.approx(y, abs=1e-5) for ra, rb in zip(a, b) for x, y in zip(ra, rb))
+
+
+def test_student_predictor_is_the_warmed_up_student_shared_with_difficulty(tmp_path):
+    from tasks.difficulty import score_difficulty
+    from tasks.warmup import warm_up_student
+
+    ws, cfg, cat, gen, st, stp, model, tok, items = encoded_pipeline(tmp_path)
+    cfg = with_token_weights(cfg, predictor_warmup_epochs=2)
+    cfg = cfg.model_copy(update={"difficulty": cfg.difficulty.model_copy(update={"warmup_epochs": 2})})
+    predictor = warm_up_student(ws, cfg, gen, st, cfg.token_weights.predictor_warmup_epochs)
+    tw = learn_token_weights(ws, cfg, gen, stp, predictor)
+    scorer = warm_up_student(ws, cfg, gen, st, cfg.difficulty.warmup_epochs)
+    d = score_difficulty(ws, cfg, gen, stp, tw, scorer)
+    warmups = [p for p in ws.root.joinpath("checkpoints").iterdir()]
+    assert len(warmups) == 1 and d.scoring_model == str(warmups[0] / "epoch-2")   # trained once, read by both

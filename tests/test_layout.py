@@ -1,0 +1,50 @@
+"""The layers: keystep/ (the config, imported by every layer) < storage/ < tasks/ < flows/ (the CLI on top), with no
+import cycle — function-level imports included — and no test server inside the installed package."""
+import ast
+from pathlib import Path
+
+from tests.conftest import ROOT
+
+LAYERS = {"keystep": 0, "storage": 1, "tasks": 2, "flows": 3}
+
+
+def project_imports() -> dict[str, set[str]]:
+    """module -> the project modules it imports anywhere in its body."""
+    graph = {}
+    for package in LAYERS:
+        for path in (ROOT / package).glob("*.py"):
+            module = f"{package}.{path.stem}"
+            found = set()
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                    [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+                if isinstance(node, ast.ImportFrom) and node.module in LAYERS:   # from tasks import ingest
+                    names = [f"{node.module}.{a.name}" for a in node.names]
+                found |= {n for n in names if n.split(".")[0] in LAYERS and n != module}
+            graph[module] = found
+    return graph
+
+
+def test_no_import_cycle_and_no_layer_imports_one_above_it():
+    graph = project_imports()
+    for module, imports in graph.items():
+        for imported in imports:
+            assert LAYERS[imported.split(".")[0]] <= LAYERS[module.split(".")[0]], f"{module} imports {imported}"
+    state: dict[str, int] = {}
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = 1
+        for nxt in graph.get(module, ()):
+            assert state.get(nxt) != 1, "import cycle: " + " -> ".join([*path, module, nxt])
+            if nxt not in state:
+                visit(nxt, [*path, module])
+        state[module] = 2
+
+    for module in graph:
+        if module not in state:
+            visit(module, [])
+
+
+def test_keystep_package_holds_only_the_config():
+    assert sorted(p.name for p in (ROOT / "keystep").glob("*.py")) == ["__init__.py", "config.py"]
+    assert not list(Path(ROOT / "flows").glob("fake_*.py")) and (ROOT / "tests" / "fake_openai.py").exists()
