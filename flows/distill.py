@@ -20,14 +20,14 @@ from tasks.curriculum import Curriculum, curriculum_task
 from tasks.difficulty import Difficulty, difficulty_task
 from tasks.evaluate import Evaluation, evaluate_task, publish_summary
 from tasks.ingest import Dataset, ingest_task
-from tasks.stage import use_workspace
+from tasks.stage import use_workspace, workspace_of
 from tasks.steps import Steps, split_steps_task
 from tasks.student import Student, init_student_task
 from tasks.teacher import Generation, finish_task, generation_lineage, plan_task, shard_task
 from tasks.teacher_backends import open_endpoint
 from tasks.token_weights import TokenWeights, needs_token_weights, token_weights_task
 from tasks.train import Trained, train_task
-from tasks.warmup import warm_up_task
+from tasks.warmup import predictor_warmup_epochs, scorer_warmup_epochs, warm_up_task
 
 
 class Generated(BaseModel):
@@ -55,7 +55,7 @@ class EvaluatedRun(TrainedRun):
 
 def teacher_rationales(config: DistillConfig, dataset: Dataset) -> Generation:
     """plan (here) -> shards (mapped over the task runner: threads, Dask or Ray) -> finish (here, cached)."""
-    ws = use_workspace(config)
+    ws = workspace_of(config)
     if ws.catalog().stage_output(generation_lineage(config, dataset).fp):  # done: only the cached finish runs
         return finish_task(config, dataset)
     t0 = time.perf_counter()
@@ -91,10 +91,9 @@ def prepare(config: DistillConfig = DistillConfig(), generated: Generated | None
     steps = split_steps_task(config, gen, student)
     out = Prepared(**dict(generated), student=student, steps=steps)
     if needs_token_weights(config):
-        tw, scratch = config.token_weights, config.student.model == "scratch"
-        predictor = warm_up_task(config, gen, student, tw.predictor_warmup_epochs if tw.predictor == "student" and not tw.uniform else 0)
+        predictor = warm_up_task(config, gen, student, predictor_warmup_epochs(config))
         out.token_weights = token_weights_task(config, gen, steps, predictor)
-        scorer = warm_up_task(config, gen, student, config.difficulty.warmup_epochs if scratch else 0)
+        scorer = warm_up_task(config, gen, student, scorer_warmup_epochs(config))
         out.difficulty = difficulty_task(config, gen, steps, out.token_weights, scorer)
     if config.train.loss == "kpod":
         out.curriculum = curriculum_task(config, gen, out.difficulty)

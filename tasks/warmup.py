@@ -22,6 +22,17 @@ from tasks.train import run_training
 CODE_VERSION = "1"
 
 
+def predictor_warmup_epochs(config: DistillConfig) -> int:
+    """Epochs of the student the token weights read: warmed up only when it is the answer predictor."""
+    tw = config.token_weights
+    return tw.predictor_warmup_epochs if tw.predictor == "student" and not tw.uniform else 0
+
+
+def scorer_warmup_epochs(config: DistillConfig) -> int:
+    """Epochs of the student that scores difficulty: a pretrained student scores as it is."""
+    return config.difficulty.warmup_epochs if config.student.model == "scratch" else 0
+
+
 def warmup_lineage(config: DistillConfig, generation: Generation, student: Student, epochs: int) -> Lineage:
     return Lineage("student-warmup", {"epochs": epochs, "device": config.train.device}, (generation.fp, student.fp),
                    CODE_VERSION)
