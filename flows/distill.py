@@ -20,10 +20,10 @@ from tasks.curriculum import Curriculum, curriculum_task
 from tasks.difficulty import Difficulty, difficulty_task
 from tasks.evaluate import Evaluation, evaluate_task, publish_summary
 from tasks.ingest import Dataset, ingest_task
-from tasks.stage import use_workspace, workspace_of
+from tasks.stage import cached_output, use_workspace, workspace_of
 from tasks.steps import Steps, split_steps_task
 from tasks.student import Student, init_student_task
-from tasks.teacher import Generation, finish_task, generation_lineage, plan_task, shard_task
+from tasks.teacher import Generation, finish_task, generation_lineage, plan_task, retryable_failures, shard_task
 from tasks.teacher_backends import open_endpoint
 from tasks.token_weights import TokenWeights, needs_token_weights, token_weights_task
 from tasks.train import Trained, train_task
@@ -56,7 +56,8 @@ class EvaluatedRun(TrainedRun):
 def teacher_rationales(config: DistillConfig, dataset: Dataset) -> Generation:
     """plan (here) -> shards (mapped over the task runner: threads, Dask or Ray) -> finish (here, cached)."""
     ws = workspace_of(config)
-    if ws.catalog().stage_output(generation_lineage(config, dataset).fp):  # done: only the cached finish runs
+    done = cached_output(ws.catalog(), generation_lineage(config, dataset), Generation)
+    if done and not retryable_failures(config, done):  # done: only the cached finish runs
         return finish_task(config, dataset)
     t0 = time.perf_counter()
     plan = plan_task(config, dataset)
@@ -67,6 +68,8 @@ def teacher_rationales(config: DistillConfig, dataset: Dataset) -> Generation:
             failed = [f for f in futures if f.state.is_failed()]
             if failed:
                 failed[0].result()  # re-raise the first shard's error (finished parts stay in the spool)
+    if done:   # a rerun that asked again for failed items: count them anew under the same fingerprint
+        return finish_task.with_options(refresh_cache=True)(config, dataset, time.perf_counter() - t0, refresh=True)
     return finish_task(config, dataset, time.perf_counter() - t0)
 
 

@@ -31,8 +31,8 @@ def experiment(preset: str | None = None, config: ExperimentConfig | None = None
             cfg = arm_config(config, variant, seed)
             logger.info("arm %s, seed %d", variant, seed)
             out = distill.with_options(flow_run_name=f"{variant}-seed{seed}")(config=cfg)
-            runs.append({"variant": variant, "seed": seed, "accuracy": out["accuracy"], "train_fp": out["train_fp"]})
+            runs.append({"variant": variant, "seed": seed, "accuracy": out["accuracy"], "train_fp": out["train_fp"],
+                         "eval_fp": out["eval_fp"]})
     ws = Workspace(arm_config(config, next(iter(config.variants)), config.seeds[0]).storage.workspace)
-    report = compare_task(config.name, runs, str(ws.root / "reports" / "experiments"), config.results_path,
-                          [tuple(g) for g in config.gaps])
+    report = compare_task(config.name, runs, str(ws.root), config.results_path, [tuple(g) for g in config.gaps])
     return {"runs": runs, **report}

@@ -73,7 +73,7 @@ class FewShotExample(Section):
 
 # Teacher settings that change how requests are sent, not what is generated: left out of the teacher
 # fingerprint, so retuning them never re-pays for stored rationales.
-TEACHER_OPERATIONAL = {"base_url", "api_key_env", "api_key_secret", "concurrency", "timeout_s", "max_retries",
+TEACHER_OPERATIONAL = {"base_url", "api_key_env", "api_key_secret", "concurrency", "timeout_s", "max_retries", "retry_failed",
                        "max_consecutive_failures", "commit_every", "shards", "vllm_python", "vllm_args",
                        "server_start_timeout_s", "cost_per_1k_prompt_tokens", "cost_per_1k_completion_tokens"}
 
@@ -102,7 +102,10 @@ class TeacherConfig(Section):
     keep_only_correct: bool = Field(True, description="Train only on rationales whose extracted answer matches gold.")
     concurrency: int = Field(16, ge=1, description="openai: requests in flight at once.")
     timeout_s: float = Field(120.0, gt=0, description="openai: per-request timeout in seconds.")
-    max_retries: int = Field(5, ge=0, description="openai: retries (exponential backoff + jitter) on 429, 5xx, timeouts, connection errors.")
+    max_retries: int = Field(5, ge=0, description="openai: retries (exponential backoff + jitter) on 429, 5xx, timeouts, connection errors and protocol faults (malformed or empty replies).")
+    retry_failed: bool = Field(True, description="openai/vllm: a rerun asks again for items whose last attempt ended "
+                               "in a protocol fault (malformed or empty reply after max_retries); items that succeeded "
+                               "are never asked again.")
     max_consecutive_failures: int = Field(20, ge=1, description="Fail the task after this many requests in a row fail after retries (finished work is kept).")
     commit_every: int = Field(64, ge=1, description="Commit finished rationales to the catalog every N results.")
     shards: int = Field(1, ge=1, description="Split generation into N shards mapped over the task runner (Dask/Ray spread them).")
@@ -133,6 +136,10 @@ class TokenWeightsConfig(Section):
     alpha: float = Field(0.5, ge=0, description="Weight of the mask-size penalty Lm = mean(m) (paper: 0.5).")
     gumbel_tau: float = Field(0.5, gt=0, description="Gumbel-sigmoid temperature.")
     n_prefixes: int = Field(2, ge=1, description="Rationale prefixes (cut points at step ends) sampled per example for Lp.")
+    intermediate_target: Literal["answer", "next_result"] = Field(
+        "answer", description="What Lp asks the predictor for after a prefix that stops before the last step: the final "
+        "answer (the paper), which such a prefix cannot contain, or the next step's result (the last number that step "
+        "states; the final answer when it states none), which the prefix's last result leads to.")
     attention_heads: int = Field(4, ge=1, description="Heads of the weighting module's self-attention layer.")
     mlp_hidden: int = Field(128, ge=1, description="Hidden width of the 2-layer weighting MLP.")
     predictor: str = Field("student", description="Answer predictor: 'student' (the student itself after "
@@ -162,6 +169,8 @@ class DifficultyConfig(Section):
     warmup_epochs: int = Field(1, ge=0, description="scratch student: epochs of Std-CoT warm-up so the scoring model is "
                                "not random noise (0 = none); shares the warm-up with token_weights.predictor_warmup_epochs "
                                "when equal (why one epoch: docs/measurements.md).")
+    temperature: float = Field(1.0, gt=0, description="Temperature of eq. 7's softmax over a step's token weights "
+                               "(paper: 1; below 1 the step's highest-weighted tokens dominate its difficulty).")
     batch_tokens: int = Field(8192, ge=64, description="Token budget per scoring batch (length-bucketed).")
 
 
@@ -218,6 +227,10 @@ class TrainConfig(Section):
         "cot_then_label", description="Mysteries target format: rationale then answer (standard); the answer only; the "
         "answer then the rationale (at test time only the answer is decoded); the answer then the rationale's words "
         "shuffled; the answer then the top-k keypoint tokens by learned weight (computes token weights).")
+    token_weight_scale: Literal["raw", "sequence_mean"] = Field(
+        "raw", description="KPOD loss: 'raw' multiplies each rationale token's NLL by its learned weight in [0, 1] "
+        "(the paper); 'sequence_mean' rescales a sequence's weights so their mean over its supervised tokens is 1, so "
+        "the weights reorder the loss within a sequence without shrinking its size (the learning rate).")
     match_cot_tokens: bool = Field(False, description="For formats other than cot_then_label: scale the epochs so the "
                                    "student trains on as many tokens as `epochs` passes of cot_then_label sequences.")
 

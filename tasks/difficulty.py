@@ -96,15 +96,16 @@ def token_nll(model, items: list[EncodedRationale], batch_tokens: int, device: s
     return out
 
 
-def step_difficulties(item: EncodedRationale, nll: list[float], weights: list[float] | None, weighted: bool) -> list[tuple[float, int]]:
-    """§4.2 eq. 7 for each step of one rationale: (d_k, n_tokens)."""
+def step_difficulties(item: EncodedRationale, nll: list[float], weights: list[float] | None, weighted: bool,
+                      temperature: float = 1.0) -> list[tuple[float, int]]:
+    """§4.2 eq. 7 for each step of one rationale: (d_k, n_tokens); the softmax over w / `temperature`."""
     out = []
     for a, b in step_token_spans(item):
         losses = [nll[j - 1] for j in range(a, b)]
         if weighted and weights is not None:
             w = [weights[j - item.rationale_start] for j in range(a, b)]
             top = max(w)
-            exp = [math.exp(x - top) for x in w]
+            exp = [math.exp((x - top) / temperature) for x in w]
             z = sum(exp)
             out.append((sum(e / z * loss for e, loss in zip(exp, losses)), b - a))
         else:
@@ -133,7 +134,7 @@ def score_difficulty(ws: Workspace, config: DistillConfig, generation: Generatio
     table = []
     for it, losses in zip(items, nll):
         w = weights.get(it.rationale_id, (None, None))[1]
-        for k, (d, n) in enumerate(step_difficulties(it, losses, w, cfg.weighted)):
+        for k, (d, n) in enumerate(step_difficulties(it, losses, w, cfg.weighted, cfg.temperature)):
             table.append({"difficulty_fp": lineage.fp, "rationale_id": it.rationale_id, "step_index": k,
                           "difficulty": d, "n_tokens": n})
     values = [r["difficulty"] for r in table]

@@ -21,7 +21,8 @@ at these positions, and evaluation prompts the model with the sequence's `<bos> 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 
 from keystep.config import TeacherConfig
 
@@ -128,6 +129,10 @@ class EncodedRationale:
     step_ends: list[int]      # token position one past each rationale step
     answer: str
     char_spans: list[tuple[int, int]]  # per token: char span in the target text (for evaluation against marks)
+    step_results: list[str | None] = field(default_factory=list)   # per step: the last number it states, if any
+
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
 
 def rationale_positions(tokenizer, cfg: TeacherConfig, row: dict, step_spans: list[tuple[int | None, int | None]],
@@ -143,21 +148,31 @@ def rationale_positions(tokenizer, cfg: TeacherConfig, row: dict, step_spans: li
     if not r_tokens or len(seq.ids) > max_length:
         return None
     start, end = r_tokens[0], r_tokens[-1] + 1
-    ends = sorted({min(max(b, start + 1), end) for a, b in step_spans if b is not None and a < end})
-    return EncodedRationale(row["rationale_id"], seq.ids, start, end, ends or [end], row["answer"], seq.offsets)
+    ends = sorted({min(max(b, start + 1), end) for a, b in step_spans if b is not None and a < end}) or [end]
+    results = []
+    for a, b in zip([start, *ends[:-1]], ends):
+        numbers = _NUMBER.findall(tokenizer.decode(seq.ids[a:b]))
+        results.append(numbers[-1].replace(",", "") if numbers else None)
+    return EncodedRationale(row["rationale_id"], seq.ids, start, end, ends, row["answer"], seq.offsets, results)
 
 
 def kpod_sequence(tokenizer, cfg: TeacherConfig, row: dict, max_length: int, step_char_ends: list[int],
-                  prefix_steps: int, weights: tuple[int, list[float]] | None) -> tuple[list[int], list[int], list[float]]:
+                  prefix_steps: int, weights: tuple[int, list[float]] | None,
+                  scale: str = "raw") -> tuple[list[int], list[int], list[float]]:
     """A KPOD curriculum stage's sequence (§4.3-4.4): the first `prefix_steps` steps are input (no loss), the rest
     of the rationale carries its learned token weights (`weights`: first rationale position, one weight each), the
-    answer sentence weight 1."""
+    answer sentence weight 1. `scale` 'sequence_mean': all weights divided by their mean over the supervised tokens
+    (`train.token_weight_scale`)."""
     input_chars = step_char_ends[prefix_steps - 1] if prefix_steps else 0
     seq = encode_rationale(tokenizer, cfg, row, max_length, input_chars=input_chars)
     loss_weights = [1.0] * len(seq.ids)
     start, w = weights or (0, [])
     for j, x in enumerate(w[: max(0, len(seq.ids) - start)]):
         loss_weights[start + j] = x
+    if scale == "sequence_mean":
+        supervised = [x for x, lab in zip(loss_weights, seq.labels) if lab != IGNORE]
+        mean = sum(supervised) / len(supervised) if supervised else 1.0
+        loss_weights = [x / mean for x in loss_weights] if mean > 0 else loss_weights
     return seq.ids, seq.labels, loss_weights
 
 

@@ -33,7 +33,8 @@ from tasks.answers import extract_answer, is_correct
 from tasks.formats import format_prompt
 from tasks.ingest import Dataset
 from tasks.stage import StageOutput, cached_output
-from tasks.teacher_backends import GenerationRequest, GenerationResult, TeacherUnavailable, make_backend
+from tasks.teacher_backends import (PROTOCOL_FAULTS, GenerationRequest, GenerationResult, TeacherUnavailable,
+                                    make_backend)
 
 CODE_VERSION = "2"
 
@@ -103,10 +104,13 @@ def ingest_spool(catalog, spool: Path) -> int:
     if not parts:
         return 0
     rows = [r for p in parts for r in pq.read_table(p).to_pylist()]
-    have = {r["rationale_id"] for r in catalog.execute(
-        "select rationale_id from rationales where rationale_id in (select unnest(?))", [[r["rationale_id"] for r in rows]])}
-    fresh = {r["rationale_id"]: r for r in rows if r["rationale_id"] not in have}
+    stored = {r["rationale_id"]: r["status"] for r in catalog.query("rationale_status", ids=[r["rationale_id"] for r in rows])}
+    # a new attempt replaces a stored failed one (a retried item); a stored success is never replaced
+    fresh = {r["rationale_id"]: r for r in rows if stored.get(r["rationale_id"]) in (None, "failed")}
+    retried = [rid for rid in fresh if rid in stored]
     with catalog.transaction() as con:
+        if retried:
+            con.execute("delete from rationales where rationale_id in (select unnest(?))", [retried])
         catalog.insert(con, "rationales", list(fresh.values()))
     for p in parts:
         p.unlink()
@@ -118,7 +122,8 @@ def plan_generation(catalog, cfg: TeacherConfig, dataset_fp: str, shards: int | 
     spool = spool_dir(catalog, cfg)
     recovered = ingest_spool(catalog, spool)
     t_fp = teacher_fingerprint(cfg)
-    have = {r["rationale_id"] for r in catalog.execute("select rationale_id from rationales where teacher_fp = ?", [t_fp])}
+    have = {r["rationale_id"] for r in catalog.query("rationales_to_keep", teacher_fp=t_fp,
+                                                      retry_failed=asks_again(cfg))}
     todo = []
     for ex in catalog.query("examples_of_dataset", dataset_fp=dataset_fp):
         for s in range(cfg.n_samples):
@@ -192,9 +197,22 @@ def run_shard(cfg: TeacherConfig, requests_path: str, endpoint: str | None, back
     return finished
 
 
-def finish_generation(ws: Workspace, config: DistillConfig, dataset: Dataset, wall_s: float | None = None) -> Generation:
+def asks_again(cfg: TeacherConfig) -> bool:
+    """`teacher.retry_failed`, for a teacher whose answer can change (not the dataset's own rationales)."""
+    return cfg.retry_failed and cfg.backend != "reference"
+
+
+def retryable_failures(config: DistillConfig, done: Generation | None) -> bool:
+    """Whether a finished generation has items whose last attempt hit a protocol fault, for a rerun to ask again."""
+    return bool(done and done.n_failed and asks_again(config.teacher)
+                and any(r.startswith(PROTOCOL_FAULTS) for r in done.failure_reasons))
+
+
+def finish_generation(ws: Workspace, config: DistillConfig, dataset: Dataset, wall_s: float | None = None,
+                      refresh: bool = False) -> Generation:
+    """`refresh`: recount after a rerun retried failed items (the stage's output changes, its fingerprint not)."""
     catalog, cfg, lineage = ws.catalog(), config.teacher, generation_lineage(config, dataset)
-    if done := cached_output(catalog, lineage, Generation):
+    if not refresh and (done := cached_output(catalog, lineage, Generation)):
         return done
     spool = spool_dir(catalog, cfg)
     ingest_spool(catalog, spool)
@@ -224,13 +242,14 @@ def finish_generation(ws: Workspace, config: DistillConfig, dataset: Dataset, wa
 def generate_rationales(ws: Workspace, config: DistillConfig, dataset: Dataset, backend=None,
                         endpoint: str | None = None) -> Generation:
     """plan -> shards -> finish in this process (what the generate flow does, without Prefect)."""
-    if done := cached_output(ws.catalog(), generation_lineage(config, dataset), Generation):
+    done = cached_output(ws.catalog(), generation_lineage(config, dataset), Generation)
+    if done and not retryable_failures(config, done):
         return done
     t0 = time.perf_counter()
     plan = plan_generation(ws.catalog(), config.teacher, dataset.fp)
     for path in plan.shards:
         run_shard(config.teacher, path, endpoint, backend=backend)
-    return finish_generation(ws, config, dataset, wall_s=time.perf_counter() - t0)
+    return finish_generation(ws, config, dataset, wall_s=time.perf_counter() - t0, refresh=done is not None)
 
 
 # ---- Prefect wrappers -----------------------------------------------------------------------------
@@ -257,8 +276,8 @@ def shard_task(cfg: TeacherConfig, requests_path: str, endpoint: str | None) -> 
 
 
 @stage_task("teacher-rationales", generation_lineage)
-def finish_task(config: DistillConfig, dataset: Dataset, wall_s: float | None = None) -> Generation:
-    out = finish_generation(workspace_of(config), config, dataset, wall_s)
+def finish_task(config: DistillConfig, dataset: Dataset, wall_s: float | None = None, refresh: bool = False) -> Generation:
+    out = finish_generation(workspace_of(config), config, dataset, wall_s, refresh)
     get_run_logger().info("teacher %s: %d rationales, %d failed %s, correct rate %.1f%%", config.teacher.backend, out.n,
                           out.n_failed, out.failure_reasons or "", 100 * out.correct_rate)
     create_table_artifact(key="teacher-usage", description="Teacher requests, tokens, throughput and cost",

@@ -4,8 +4,10 @@ Every backend yields (request, result) pairs in completion order, so the stage c
 arrive. I/O problems (429, 5xx, timeouts, connection errors) are retried inside the backend with
 exponential backoff and jitter (the `openai` client's own retry logic); a request that still fails is an
 `IOFailure` — not stored, so the next run asks again — and after `max_consecutive_failures` of them in a
-row the backend raises `TeacherUnavailable` naming the endpoint and the last error. A response that arrives
-but is malformed or empty is data: a failed result with the raw text and a reason.
+row the backend raises `TeacherUnavailable` naming the endpoint and the last error. Protocol faults — a 200
+whose body is not JSON, has no or empty choices, or no text — are transient too: retried with the same
+backoff, and after `max_retries` stored as a failed row with the raw body and the reason (a rerun asks again,
+`teacher.retry_failed`). What the teacher *says* (a wrong or missing answer, text cut at max_tokens) is data.
 
 * `ReferenceTeacher` — the dataset's own rationales (offline default).
 * `OpenAITeacher` — any OpenAI-compatible endpoint, completions or chat, async with bounded concurrency.
@@ -78,6 +80,15 @@ class ReferenceTeacher:
             yield req, GenerationResult(text=text, finish_reason="stop", usage={"prompt_tokens": 0, "completion_tokens": 0})
 
 
+# reasons of protocol faults: transient, so retried and, once stored, asked again by a rerun
+PROTOCOL_FAULTS = ("malformed response", "empty response")
+
+
+def backoff_s(attempt: int) -> float:
+    """The `openai` client's own retry delay: 0.5 s doubling up to 8 s, minus up to 25% jitter."""
+    return min(0.5 * 2 ** attempt, 8.0) * (1 - 0.25 * random.random())
+
+
 def _parse_response(body: str, api: str) -> GenerationResult:
     """A result from the raw response body; anything unexpected becomes a failed result with the raw text."""
     try:
@@ -122,19 +133,24 @@ class OpenAITeacher:
             params["stop"] = cfg.stop
         if cfg.seed is not None and cfg.per_request_seed:
             params["seed"] = cfg.seed + req.sample_index
-        t0 = time.perf_counter()
-        try:
-            if cfg.api == "completions":
-                raw = await client.completions.with_raw_response.create(prompt=req.prompt, **params)
-            else:
-                raw = await client.chat.completions.with_raw_response.create(messages=req.messages, **params)
-        except openai.APIStatusError as err:  # 4xx other than 408/409/429, or 5xx/429 after retries
-            raise IOFailure(f"HTTP {err.status_code}: {str(err.message)[:300]}") from None
-        except (openai.APITimeoutError, openai.APIConnectionError) as err:
-            raise IOFailure(f"{type(err).__name__}: {err}") from None
-        result = _parse_response(raw.http_response.text, cfg.api)
-        result.latency_s = time.perf_counter() - t0
-        return result
+        attempt = 0
+        while True:
+            t0 = time.perf_counter()
+            try:
+                if cfg.api == "completions":
+                    raw = await client.completions.with_raw_response.create(prompt=req.prompt, **params)
+                else:
+                    raw = await client.chat.completions.with_raw_response.create(messages=req.messages, **params)
+            except openai.APIStatusError as err:  # 4xx other than 408/409/429, or 5xx/429 after retries
+                raise IOFailure(f"HTTP {err.status_code}: {str(err.message)[:300]}") from None
+            except (openai.APITimeoutError, openai.APIConnectionError) as err:
+                raise IOFailure(f"{type(err).__name__}: {err}") from None
+            result = _parse_response(raw.http_response.text, cfg.api)
+            result.latency_s = time.perf_counter() - t0
+            if result.status == "ok" or attempt >= cfg.max_retries:
+                return result                   # a protocol fault still there after the retries: a failed row
+            await asyncio.sleep(backoff_s(attempt))
+            attempt += 1
 
     def generate(self, requests: list[GenerationRequest]) -> Iterator[tuple[GenerationRequest, GenerationResult]]:
         """Runs the async client in a background thread and yields results as they complete."""

@@ -205,6 +205,14 @@ def _batch_ids(items: list[EncodedRationale], pad_id: int):
     return ids, pad
 
 
+def lp_target(item: EncodedRationale, step: int, intermediate_target: str) -> str:
+    """What the predictor must produce after the prefix ending with step `step` (§4.1 eq. 5, and the
+    `intermediate_target` switch for prefixes that stop before the last step)."""
+    if intermediate_target == "next_result" and step + 1 < len(item.step_ends) and item.step_results[step + 1]:
+        return item.step_results[step + 1]
+    return item.answer
+
+
 def mask_losses(weighter, predictor, items: list[EncodedRationale], cfg: TokenWeightsConfig, pad_id: int, rng: random.Random,
                 unmasked: bool = False):
     """(L, Lp, Lm) for one batch: §4.1 eq. 4-6 with `n_prefixes` sampled cut points per example.
@@ -223,7 +231,7 @@ def mask_losses(weighter, predictor, items: list[EncodedRationale], cfg: TokenWe
         for cut in rng.sample(it.step_ends, min(cfg.n_prefixes, len(it.step_ends))):
             # question unmasked, rationale masked up to the cut point k
             prefixes.append(torch.cat([x[i, : it.rationale_start], masked[i, it.rationale_start:cut]]))
-            answers.append(it.answer)
+            answers.append(lp_target(it, it.step_ends.index(cut), cfg.intermediate_target))
     lp = predictor.answer_nll(prefixes, answers).sum() / len(items)   # Σ over prefixes k, mean over examples
     lm = torch.cat(lm_terms).mean()
     return (lp, lp, lm) if unmasked else (lp + cfg.alpha * lm, lp, lm)

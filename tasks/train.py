@@ -109,7 +109,7 @@ class KpodData:
             self._cache = {stage: [
                 kpod_sequence(self.tokenizer, self.config.teacher, r, self.config.student.max_length,
                               self.step_ends[r["rationale_id"]], prefix.get(r["rationale_id"], 0),
-                              self.weights.get(r["rationale_id"]))
+                              self.weights.get(r["rationale_id"]), self.config.train.token_weight_scale)
                 for r in self.rows]}
         return self._cache[stage]
 
@@ -210,7 +210,7 @@ def run_epoch(run: TrainingRun, epoch: int) -> dict:
     cfg, model, device = run.cfg, run.model, run.device
     autocast_dtype = torch.bfloat16 if device == "cuda" else None
     model.train()
-    t0, tokens, loss_sum, n_micro = time.perf_counter(), 0, 0.0, 0
+    t0, tokens, supervised, weighted, loss_sum, n_micro = time.perf_counter(), 0, 0, 0.0, 0.0, 0
     if run.staged:
         run.data = run.staged.sequences(epoch)   # curriculum stage min(epoch, T): same examples, other prefixes
     order = list(range(len(run.data)))
@@ -226,13 +226,17 @@ def run_epoch(run: TrainingRun, epoch: int) -> dict:
         loss_sum += loss.item()
         n_micro += 1
         tokens += int(batch["attention_mask"].sum())
+        carries_loss = batch["labels"][:, 1:] != IGNORE          # what the loss sums over (a compute-fair comparison)
+        supervised += int(carries_loss.sum())
+        weighted += float((batch["weights"][:, 1:] * carries_loss).sum())
         if (i + 1) % cfg.grad_accum == 0 or i + 1 == len(micro):
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
             run.optimizer.step()
             run.scheduler.step()
             run.optimizer.zero_grad(set_to_none=True)
     return {"epoch": epoch, "stage": run.staged.stage_of(epoch) if run.staged else None,
-            "loss": loss_sum / max(n_micro, 1), "tokens": tokens,
+            "loss": loss_sum / max(n_micro, 1), "tokens": tokens, "supervised_tokens": supervised,
+            "weighted_tokens": round(weighted, 1),
             "tokens_per_s": tokens / (time.perf_counter() - t0), "lr": run.scheduler.get_last_lr()[0]}
 
 

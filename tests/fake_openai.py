@@ -31,7 +31,7 @@ class FakeOpenAI:
         self.timeout_sleep_s = timeout_sleep_s
         self.die_after = die_after  # after this many successful responses every request gets 503 (endpoint down)
         self.attempts: Counter[str] = Counter()  # prompt -> requests received
-        self.served: Counter[str] = Counter()  # prompt -> successful (200, well-formed) responses
+        self.served: Counter[str] = Counter()  # prompt -> successful (200, well-formed) responses delivered: "paid"
         self.auth_headers: set[str] = set()
         self.requests = 0
         self._lock = threading.Lock()
@@ -84,6 +84,8 @@ class FakeOpenAI:
                                     headers={"retry-after-ms": "10"} if kind == "429" else None)
             if kind == "timeout":
                 await asyncio.sleep(self.timeout_sleep_s)
+                if await request.is_disconnected():   # the client gave up: nothing was delivered, nothing paid
+                    return PlainTextResponse("", status_code=499)
             if kind == "malformed":
                 return PlainTextResponse("<html>upstream error</html>", status_code=200)
             if kind == "no_choices":

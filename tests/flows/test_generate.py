@@ -77,3 +77,20 @@ def test_api_key_from_env_and_secret_block_never_stored(prefect_api, tmp_path, m
     db_path = Path(db.split("///", 1)[-1]) if db.startswith("sqlite") else None
     if db_path and db_path.exists():  # the env-var key must not be anywhere in Prefect's own database
         assert env_key.encode() not in db_path.read_bytes()
+
+
+@pytest.mark.slow
+def test_a_rerun_of_the_generate_flow_asks_again_only_for_failed_items(prefect_api, tmp_path):
+    from flows.distill import generate
+    from storage.workspace import Workspace
+
+    with FakeOpenAI(faults={"malformed": 0.2, "no_choices": 0.1}, fail_attempts=99) as flaky:
+        first = generate(config=openai_config(tmp_path / "ws", flaky, max_retries=1)).generation
+        failed = {p for p in flaky.attempts if flaky.fault_for(p)}
+    assert first.n_failed == len(failed) > 0
+    with FakeOpenAI() as healthy:
+        again = generate(config=openai_config(tmp_path / "ws", healthy, max_retries=1)).generation
+        assert set(healthy.attempts) == failed                            # only what failed, once each
+    assert again.fp == first.fp and again.n_failed == 0 and again.n_ok == again.n == first.n
+    rows = Workspace(tmp_path / "ws").catalog().execute("select status, count(*) as n from rationales group by status")
+    assert rows == [{"status": "ok", "n": first.n}]                       # failed rows replaced, none duplicated

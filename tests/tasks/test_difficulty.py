@@ -48,3 +48,13 @@ def test_stage_scores_every_rationale_step(tmp_path):
     assert s.n_steps == len(rows) == sum(len([e for e in it.step_ends if e > it.rationale_start]) for it in items)
     assert all(r["difficulty"] > 0 for r in rows)
     assert "warmup" in s.scoring_model or "epoch-1" in s.scoring_model
+
+
+def test_eq7_temperature_sharpens_toward_the_highest_weighted_token():
+    it = item()
+    nll = [float(j) for j in range(9)]
+    w = [0.0, 1.0, 0.5, 0.5, 0.5, 0.5]       # step 1: tokens 2-4 with NLL 1, 2, 3
+    (d1, _), _ = step_difficulties(it, nll, w, weighted=True, temperature=1.0)
+    (sharp, _), (flat, _) = step_difficulties(it, nll, w, weighted=True, temperature=0.05)
+    assert sharp == pytest.approx(2.0, abs=1e-3) and abs(sharp - 2.0) < abs(d1 - 2.0)   # token 3 (weight 1) dominates
+    assert flat == pytest.approx(5.0)                                                      # equal weights: still the mean

@@ -80,3 +80,17 @@ def test_truncation_is_reported():
     assert not encode(tok, "Q: x\nA: go.", "He has 3 + 4 = 7 apples.", 1 << 10).truncated
     cut = encode(tok, "Q: x\nA: go.", "He has 3 + 4 = 7 apples.", 6)
     assert cut.truncated and len(cut.ids) == len(cut.labels) == len(cut.offsets) == 6
+
+
+def test_sequence_mean_scale_keeps_the_weights_order_and_makes_their_mean_over_supervised_tokens_1(pipeline):
+    cfg, cat, tok, rows, steps, kpod = pipeline
+    weights = load_weights(cat, kpod["token_weights"])
+    for r in rows[:6]:
+        ends = [s["char_end"] for s in steps[r["rationale_id"]]]
+        for c in range(len(ends)):
+            _, labels, raw = kpod_sequence(tok, cfg.teacher, r, 1 << 30, ends, c, weights[r["rationale_id"]])
+            _, _, scaled = kpod_sequence(tok, cfg.teacher, r, 1 << 30, ends, c, weights[r["rationale_id"]], "sequence_mean")
+            supervised = [j for j, lab in enumerate(labels) if lab != IGNORE]
+            assert sum(scaled[j] for j in supervised) / len(supervised) == pytest.approx(1.0)
+            ratio = scaled[supervised[0]] / raw[supervised[0]]
+            assert all(s == pytest.approx(x * ratio) for s, x in zip(scaled, raw))

@@ -56,18 +56,44 @@ def test_429_5xx_and_timeouts_are_retried(catalog):
     assert {server.fault_for(p) for p in faulty} == {"429", "500", "503", "timeout"}
 
 
-def test_malformed_and_empty_responses_are_kept_as_failed_rows(catalog):
+def test_twenty_percent_faults_of_every_kind_lose_nothing_and_pay_nothing_twice(catalog):
+    """Counted from the server's side: every question gets a rationale, and no well-formed reply is delivered twice."""
+    from tests.fake_openai import KINDS
+
+    dfp, answers = dataset(catalog, n=120)
+    faults = {k: 0.2 / len(KINDS) for k in KINDS}
+    with FakeOpenAI(answers=answers, faults=faults, fail_attempts=1, timeout_sleep_s=3) as server:
+        s = run(catalog, teacher(server, timeout_s=1.0), dfp)
+        faulty = {server.fault_for(p) for p in server.attempts if server.fault_for(p)}
+        assert faulty == set(KINDS)                                   # every kind was injected
+        assert len(server.served) == 120 and set(server.served.values()) == {1}   # 0 lost, 0 paid twice
+    assert s.n_ok == 120 and s.n_failed == 0 and s.correct_rate == 1.0
+
+
+def test_protocol_faults_are_retried_then_stored_with_the_reason_and_a_rerun_asks_again(catalog):
     dfp, answers = dataset(catalog)
+    cfg = teacher(None, max_retries=2)
     with FakeOpenAI(answers=answers, faults={"malformed": 0.2, "empty": 0.2, "no_choices": 0.1}, fail_attempts=99) as server:
-        s = run(catalog, teacher(server), dfp)
+        s = run(catalog, cfg.model_copy(update={"base_url": server.base_url}), dfp)
         expected = {k: sum(1 for p in server.attempts if server.fault_for(p) == k) for k in ("malformed", "empty", "no_choices")}
-    assert server.requests == 40  # data problems are not retried
+        faulty = {p for p in server.attempts if server.fault_for(p)}
+        assert all(server.attempts[p] == 3 for p in faulty)              # retried max_retries times, as 429/5xx are
+        assert all(server.attempts[p] == 1 for p in server.attempts if p not in faulty)
     reasons = s.failure_reasons
     assert reasons.get("malformed response (JSONDecodeError)", 0) == expected["malformed"]
     assert reasons.get("empty response", 0) == expected["empty"]
     assert reasons.get("malformed response (IndexError)", 0) == expected["no_choices"]
     raw = catalog.execute("select text from rationales where reason like 'malformed response (JSONDecodeError)%' limit 1")
     assert not expected["malformed"] or raw[0]["text"] == "<html>upstream error</html>"
+    # the endpoint recovers: a rerun asks exactly for the failed items, never for the ones that succeeded
+    with FakeOpenAI(answers=answers) as healthy:
+        again = run(catalog, cfg.model_copy(update={"base_url": healthy.base_url}), dfp)
+        assert set(healthy.attempts) == faulty and healthy.requests == len(faulty)
+    assert again.n_ok == 40 and again.n_failed == 0 and again.n == 40
+    # ... and with retry_failed off nothing is asked again
+    with FakeOpenAI(answers=answers) as third:
+        run(catalog, cfg.model_copy(update={"base_url": third.base_url, "retry_failed": False}), dfp)
+        assert third.requests == 0
 
 
 def test_unreachable_endpoint_fails_naming_it(catalog):

@@ -101,3 +101,19 @@ def test_student_predictor_is_the_warmed_up_student_shared_with_difficulty(tmp_p
     d = score_difficulty(ws, cfg, gen, stp, tw, scorer)
     warmups = [p for p in ws.root.joinpath("checkpoints").iterdir()]
     assert len(warmups) == 1 and d.scoring_model == str(warmups[0] / "epoch-2")   # trained once, read by both
+
+
+def test_intermediate_prefixes_can_ask_for_the_next_steps_result(tmp_path):
+    from tasks.token_weights import lp_target
+
+    ws, cfg, cat, gen, st, stp, model, tok, items = encoded_pipeline(tmp_path)
+    multi = [it for it in items if len(it.step_ends) > 1]
+    assert multi
+    for it in multi:
+        text = tok.decode(it.ids[it.rationale_start:it.rationale_end])
+        # the generator's steps end "... = <result> <item>.": the result is the last number of each step
+        assert all(res is not None and res in text for res in it.step_results)
+        assert it.step_results[-1] == it.answer
+        for k in range(len(it.step_ends)):
+            assert lp_target(it, k, "answer") == it.answer                       # the paper: always the final answer
+            assert lp_target(it, k, "next_result") == (it.step_results[k + 1] if k + 1 < len(it.step_ends) else it.answer)

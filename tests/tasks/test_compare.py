@@ -1,0 +1,74 @@
+"""Paired comparisons of experiment arms: a gap is real only when it survives resampling questions and seeds."""
+import random
+
+import numpy as np
+import pytest
+
+from tasks.compare import bootstrap_interval, paired_gap, t_interval, write_report
+
+
+def arms(p_a: float, p_b: float, n_q: int = 300, seeds=(0, 1, 2, 3, 4), shared: float = 0.0):
+    """Runs and per-question predictions of two arms: each question right with probability p (per seed);
+    `shared`: how much of a question's outcome both arms share (a hard question is hard for both)."""
+    rng = random.Random(0)
+    hard = [rng.random() for _ in range(n_q)]
+    runs, predictions = [], {}
+    for s in seeds:
+        for name, p in (("a", p_a), ("b", p_b)):
+            right = {("synthetic", f"q{i}"): (hard[i] if rng.random() < shared else rng.random()) < p for i in range(n_q)}
+            fp = f"eval-{name}-{s}"
+            predictions[fp] = right
+            runs.append({"variant": name, "seed": s, "eval_fp": fp, "train_fp": f"train-{name}-{s}",
+                         "accuracy": {"student/synthetic/test": sum(right.values()) / n_q}})
+    return runs, predictions
+
+
+def test_t_interval_of_known_differences():
+    lo, hi = t_interval([0.1, 0.2, 0.3])
+    assert lo == pytest.approx(0.2 - 4.303 * 0.1 / 3 ** 0.5, abs=1e-3) and hi == pytest.approx(0.2 + 4.303 * 0.1 / 3 ** 0.5, abs=1e-3)
+    assert t_interval([0.1]) == (-float("inf"), float("inf"))   # one seed says nothing about seed spread
+
+
+def test_bootstrap_interval_brackets_the_question_level_gap():
+    always, never = np.ones((3, 200)), np.zeros((3, 200))
+    assert bootstrap_interval(always, never) == (1.0, 1.0)
+    assert bootstrap_interval(always, always) == (0.0, 0.0)
+    rng = np.random.default_rng(1)
+    a, b = (rng.random((3, 400)) < 0.6).astype(float), (rng.random((3, 400)) < 0.6).astype(float)
+    lo, hi = bootstrap_interval(a, b)
+    assert lo < a.mean() - b.mean() < hi and hi - lo < 0.15
+
+
+def test_a_clear_gap_is_real_and_no_gap_is_not():
+    runs, preds = arms(0.75, 0.55)
+    g = paired_gap(runs, preds, "a", "b", "synthetic/test")
+    assert g["real"] and g["wins"] == 5 and g["boot_ci"][0] > 0 and g["seed_ci"][0] > 0 and g["n_questions"] == 300
+    runs, preds = arms(0.6, 0.6)
+    g = paired_gap(runs, preds, "a", "b", "synthetic/test")
+    assert not g["real"] and g["boot_ci"][0] < 0 < g["boot_ci"][1]
+
+
+def test_without_paired_predictions_no_gap_is_called_real():
+    runs, _ = arms(0.75, 0.55)
+    g = paired_gap(runs, {}, "a", "b", "synthetic/test")
+    assert g["boot_ci"] is None and not g["real"]
+
+
+def test_report_states_each_gap_with_both_intervals(tmp_path, catalog):
+    import json
+
+    runs, preds = arms(0.75, 0.55)
+    with catalog.transaction() as con:       # what the distill runs would have stored
+        for r in runs:
+            catalog.insert(con, "predictions", [{"eval_fp": r["eval_fp"], "model_label": "student", "dataset": d,
+                                                 "example_id": q, "prompt": "", "output": "", "gold": "1", "correct": c}
+                                                for (d, q), c in preds[r["eval_fp"]].items()])
+            catalog.insert(con, "checkpoints", [{"train_fp": r["train_fp"], "epoch": e, "path": "", "config_json": "{}",
+                                                 "metrics_json": json.dumps({"loss": x, "supervised_tokens": 500})}
+                                                for e, x in ((1, 2.0), (2, 1.0))])
+    out = write_report("t", runs, tmp_path, str(tmp_path / "r.md"), [("a", "b")], catalog)
+    text = (tmp_path / "r.md").read_text()
+    assert "| a | 5 |" in text and "supervised tokens" in text and "bootstrap over 300 questions" in text
+    assert "**real**" in text and "seed spread" in text
+    assert (tmp_path / "r-learning-curves.png").read_bytes()[:4] == b"\x89PNG" and len(out["gaps"]) == 1
+    assert out["rows"][0]["supervised_tokens"] == 1000
