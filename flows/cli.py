@@ -31,11 +31,15 @@ def _overrides(pairs: list[str]) -> dict:
     return out
 
 
-def _config(args):
+def _run_overrides(args) -> dict:
     overrides = _overrides(args.set or [])
     if getattr(args, "workspace", None):
         overrides["storage.workspace"] = args.workspace
-    return load_config(args.config, overrides)
+    return overrides
+
+
+def _config(args):
+    return load_config(args.config, _run_overrides(args))
 
 
 def check_inputs(config) -> None:
@@ -54,7 +58,8 @@ def cmd_run(args) -> int:
     from tasks.evaluate import results_table
     from storage.workspace import Workspace
 
-    summary = distill(config=config)
+    # the preset and the overrides, not the resolved config, are the run's parameters: the UI shows what was asked
+    summary = distill(preset=args.config, overrides=_run_overrides(args))
     rows = Workspace(config.storage.workspace).catalog().query("latest_results", eval_fp=summary["eval_fp"])
     print(results_table(rows))
     print(f"\nreport: {summary['report']}\nworkspace: {summary['workspace']}")

@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger, unmapped
+from prefect import flow, get_client, get_run_logger, unmapped
 from prefect.context import get_run_context
 from pydantic import BaseModel
 
-from keystep.config import DistillConfig, build_config, load_config
+from keystep.config import ConfigError, DistillConfig, build_config, load_config
 from tasks.curriculum import Curriculum, curriculum_task
 from tasks.difficulty import Difficulty, difficulty_task
-from tasks.evaluate import Evaluation, evaluate_task, publish_summary
+from tasks.evaluate import Evaluation, evaluate_task, publish_results, write_summary
 from tasks.ingest import Dataset, ingest_task
 from tasks.stage import cached_output, use_workspace, workspace_of
 from tasks.steps import Steps, split_steps_task
@@ -118,9 +119,34 @@ def evaluate(config: DistillConfig = DistillConfig(), trained: TrainedRun | None
     t = trained or train(config)
     use_workspace(config)
     evaluation = evaluate_task(config, t.trained, t.student, t.eval_datasets)
-    report = publish_summary(config, evaluation, t.generation, [t.train_dataset, *t.eval_datasets], t.trained,
-                             t.curriculum)
+    report = write_summary(config, evaluation, t.generation, [t.train_dataset, *t.eval_datasets], t.trained, t.curriculum)
+    publish_results(config, evaluation, report)
     return EvaluatedRun(**dict(t), evaluation=evaluation, report=report)
+
+
+def resolve_config(config: DistillConfig, preset: str | None, overrides: dict[str, Any] | None) -> DistillConfig:
+    """The run's config: `preset` (then `overrides` on it), or the config fields (then `overrides` on them).
+    A preset together with edited config fields is refused: one of them would be silently ignored."""
+    if preset:
+        if config != DistillConfig():
+            raise ConfigError(f"preset '{preset}' and edited config fields given together; keep the config fields at "
+                              "their defaults and change keys through overrides, e.g. {\"train.epochs\": 2}, or clear "
+                              "preset to run the config fields")
+        return load_config(preset, overrides)
+    return build_config(config.model_dump(mode="json"), overrides) if overrides else config
+
+
+def label_run(config: DistillConfig, preset: str | None) -> None:
+    """Tags (and, unless the caller named it, a name) that say what the run is: preset, loss, format, dataset."""
+    ctx = get_run_context()
+    what = [Path(preset).stem if preset else "config", config.train.loss, config.data.train.name]
+    if config.train.target_format != "cot_then_label":
+        what.insert(2, config.train.target_format)
+    tags = sorted({*ctx.flow_run.tags, f"preset:{what[0]}", f"loss:{config.train.loss}",
+                   f"format:{config.train.target_format}", f"dataset:{config.data.train.name}"})
+    name = None if ctx.flow.flow_run_name else "-".join([*what, ctx.flow_run.name])
+    with get_client(sync_client=True) as client:
+        client.update_flow_run(ctx.flow_run.id, name=name, tags=tags)
 
 
 @flow(name="distill", log_prints=True)
@@ -128,13 +154,12 @@ def distill(config: DistillConfig = DistillConfig(), preset: str | None = None,
             overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """End to end: generate -> prepare -> train -> evaluate.
 
-    `preset` (a YAML file such as configs/demo.yaml, relative to the working directory) replaces `config`;
-    `overrides` are dotted keys applied on top ({"train.epochs": 2}).
+    Either `preset` — a YAML file such as configs/demo.yaml, relative to the working directory — or the config
+    fields; `overrides` (dotted keys, {"train.epochs": 2}) apply on top of either. With a preset, leave the config
+    fields at their defaults: a preset with edited fields is refused rather than one of them silently ignored.
     """
-    if preset:
-        config = load_config(preset, overrides)
-    elif overrides:
-        config = build_config(config.model_dump(mode="json"), overrides)
+    config = resolve_config(config, preset, overrides)
+    label_run(config, preset)
     ws = use_workspace(config)
     catalog = ws.catalog()
     run_id = str(get_run_context().flow_run.id)
@@ -149,5 +174,6 @@ def distill(config: DistillConfig = DistillConfig(), preset: str | None = None,
                "accuracy": out.evaluation.accuracy, "eval_fp": out.evaluation.fp, "train_fp": out.trained.fp}
     catalog.execute("update runs set status = 'completed', finished_at = current_timestamp, summary_json = ? "
                     "where run_id = ?", [json.dumps(summary), run_id])
+    publish_results(config, out.evaluation, out.report)   # the run the user started carries the results too
     get_run_logger().info("results: %s (report %s)", summary["accuracy"], out.report)
     return summary

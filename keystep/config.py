@@ -35,10 +35,16 @@ class DatasetSpec(Section):
     split: str = Field("train", description="Split label; for hub sources also the split to load.")
     limit: int | None = Field(None, ge=1, description="Keep only the first N valid examples (None = all).")
     # generic loader column mapping
-    question_field: str = Field("question", description="file/hub: column holding the question.")
+    question_field: str = Field("question", description="file/hub: column holding the question (a nested key as "
+                                "a.b, e.g. question.stem in CommonsenseQA's jsonl).")
+    question_template: str | None = Field(None, description="file/hub: the question built from several columns, "
+                                          "e.g. '{Body} {Question}' (ASDiv, SVAMP); replaces question_field.")
     answer_field: str = Field("answer", description="file/hub: column holding the gold answer.")
     rationale_field: str | None = Field(None, description="file/hub: column holding a reference rationale, if any.")
-    choices_field: str | None = Field(None, description="file/hub: column holding answer choices, if any.")
+    choices_field: str | None = Field(None, description="file/hub: column holding answer choices, if any (a nested "
+                                      "key as a.b): {label: [...], text: [...]} (hub CommonsenseQA), a list of {label, "
+                                      "text} (CommonsenseQA jsonl), or a list of texts (labelled A, B, ...). The choices "
+                                      "are shown in the prompt and answers are compared by label.")
     answer_type: Literal["number", "choice", "text"] = Field("number", description="How gold answers are normalised and compared.")
     # synthetic:arith
     n: int = Field(2000, ge=1, description="synthetic:arith: number of problems to generate.")
@@ -53,7 +59,20 @@ class DatasetSpec(Section):
             raise ValueError(f"source {self.source!r} needs 'path' (a file path or hub id)")
         if self.min_steps > self.max_steps:
             raise ValueError("min_steps must be <= max_steps")
+        if self.choices_field and self.answer_type != "choice":
+            raise ValueError("choices_field needs answer_type: choice (answers are compared by label)")
+        if self.question_template is not None:
+            try:
+                self.question_template.format_map(_AnyColumn())
+            except (ValueError, IndexError) as err:
+                raise ValueError(f"question_template {self.question_template!r} is not a format string: {err}") from None
         return self
+
+
+class _AnyColumn(dict):
+    """Answers every column name, so a template's syntax can be checked before any file is read."""
+    def __missing__(self, key):
+        return ""
 
 
 class DataConfig(Section):
@@ -231,6 +250,8 @@ class TrainConfig(Section):
         "raw", description="KPOD loss: 'raw' multiplies each rationale token's NLL by its learned weight in [0, 1] "
         "(the paper); 'sequence_mean' rescales a sequence's weights so their mean over its supervised tokens is 1, so "
         "the weights reorder the loss within a sequence without shrinking its size (the learning rate).")
+    allow_truncation: bool = Field(False, description="Train even when more than 20% of the sequences are cut at "
+                                   "student.max_length (more than 5% always warns, on the terminal and in the report).")
     match_cot_tokens: bool = Field(False, description="For formats other than cot_then_label: scale the epochs so the "
                                    "student trains on as many tokens as `epochs` passes of cot_then_label sequences.")
 

@@ -212,6 +212,7 @@ from prefect import task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
 
 from storage.workspace import Workspace  # noqa: E402
+from tasks.stage import artifact_markdown  # noqa: E402
 
 
 @task(name="compare")
@@ -221,6 +222,7 @@ def compare_task(title: str, runs: list[dict], workspace: str, results_path: str
     report = write_report(title, runs, ws.root / "reports" / "experiments", results_path, pairs, ws.catalog())
     create_table_artifact(key="experiment-results", description=title, table=[
         {"variant": r["variant"], "seeds": r["n_seeds"],
-         **{c: f"{r[c]['mean']:.4f} ± {r[c]['std']:.4f}" for c in report["columns"]}} for r in report["rows"]])
-    create_markdown_artifact(key="experiment-report", markdown=report["markdown"], description=report["results_path"])
+         **{c: f"{r[c]['mean']:.1%} ± {r[c]['std']:.1%}" for c in report["columns"]}} for r in report["rows"]])
+    create_markdown_artifact(key="experiment-report", description=report["results_path"],
+                             markdown=artifact_markdown(report["markdown"], Path(report["results_path"]).parent))
     return {k: v for k, v in report.items() if k not in ("rows", "gaps")}

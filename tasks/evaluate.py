@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from pathlib import Path
 from typing import Callable
 
 from keystep.config import LABEL_FIRST, DistillConfig
@@ -18,10 +19,10 @@ from tasks.answers import extract_answer, is_correct
 from tasks.curriculum import Curriculum
 from tasks.formats import format_prompt, generation_prompt
 from tasks.ingest import Dataset
-from tasks.stage import StageOutput, cached_output
+from tasks.stage import StageOutput, cached_output, workspace_of
 from tasks.student import Student, load_student, pick_device
 from tasks.teacher import Generation
-from tasks.train import Trained
+from tasks.train import TRUNCATION_WARN, Trained
 
 CODE_VERSION = "1"
 
@@ -130,8 +131,10 @@ def results_table(rows: list[dict]) -> str:
 
 
 def summary_markdown(config_name: str, results: list[dict], teacher: Generation, datasets: list[Dataset],
-                     train: Trained) -> str:
-    lines = [f"# keystep results: {config_name}", "", "## Accuracy", "", "```", results_table(results), "```", "",
+                     train: Trained, plots: dict[str, str] | None = None) -> str:
+    """`plots`: name -> PNG path relative to the report."""
+    lines = [f"# keystep results: {config_name}", "", "## Accuracy", "", accuracy_markdown(results), "",
+             *[f"![{name}]({path})" for name, path in (plots or {}).items()], "",
              "## Teacher", "",
              f"- rationales: {teacher.n} ({teacher.n_failed} failed), correct rate {teacher.correct_rate:.1%}",
              "", "## Data", ""]
@@ -140,6 +143,10 @@ def summary_markdown(config_name: str, results: list[dict], teacher: Generation,
         lines.append(f"- {d.name}/{d.split}: {d.n_examples} examples{bad}")
     hist = train.history
     if hist:
+        if train.n_truncated > TRUNCATION_WARN * train.n_examples:
+            lines += ["", f"**Warning:** {train.n_truncated} of {train.n_examples} training sequences "
+                      f"({train.n_truncated / train.n_examples:.0%}) were cut at student.max_length; their answers "
+                      "never reached the loss."]
         lines += ["", "## Training", "", f"- device {train.device}, {train.n_examples} sequences, "
                   f"{train.n_truncated} truncated, resumed from epoch {train.resumed_from_epoch}",
                   f"- loss: {train.loss}"
@@ -147,6 +154,71 @@ def summary_markdown(config_name: str, results: list[dict], teacher: Generation,
                   "- loss by epoch: " + ", ".join(f"{h['loss']:.3f}" for h in hist),
                   f"- final checkpoint: `{train.final_dir}`"]
     return "\n".join(lines) + "\n"
+
+
+def accuracy_markdown(rows: list[dict]) -> str:
+    """The results as a markdown table, accuracies in percent."""
+    if not rows:
+        return "(no evaluation results yet)"
+    lines = ["| dataset | split | group | model | n | correct | accuracy |", "|---|---|---|---|---:|---:|---:|"]
+    for r in rows:
+        group = "all" if r["group_key"] == "all" else f"{r['group_key']}={r['group_value']}"
+        lines.append(f"| {r['dataset']} | {r['split']} | {group} | {r['model_label']} | {r['n']} | {r['n_correct']} | "
+                     f"{r['accuracy']:.1%} |")
+    return "\n".join(lines)
+
+
+def summary_plots(results: list[dict], train: Trained, out_dir: Path) -> dict[str, str]:
+    """PNGs beside the report: accuracy per model and group (all, per step count), and the training loss by epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    if results:
+        groups = list(dict.fromkeys((r["dataset"], r["split"], r["group_key"], r["group_value"]) for r in results))
+        models = list(dict.fromkeys(r["model_label"] for r in results))
+        acc = {(r["dataset"], r["split"], r["group_key"], r["group_value"], r["model_label"]): r["accuracy"] for r in results}
+        fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(groups)), 3.4))
+        width = 0.8 / len(models)
+        for i, m in enumerate(models):
+            ax.bar([g + i * width for g in range(len(groups))], [100 * acc.get((*k, m), 0.0) for k in groups], width, label=m)
+        ax.set_xticks([g + width * (len(models) - 1) / 2 for g in range(len(groups))],
+                      [f"{d}/{s}" + ("" if k == "all" else f"\n{k}={v}") for d, s, k, v in groups], fontsize=7)
+        ax.set_ylabel("accuracy (%)")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out_dir / "accuracy.png", dpi=90)
+        plt.close(fig)
+        paths["accuracy"] = str(out_dir / "accuracy.png")
+    if train.history:
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        ax.plot([h["epoch"] for h in train.history], [h["loss"] for h in train.history], "o-")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("training loss")
+        fig.tight_layout()
+        fig.savefig(out_dir / "learning-curve.png", dpi=90)
+        plt.close(fig)
+        paths["learning curve"] = str(out_dir / "learning-curve.png")
+    return paths
+
+
+def write_summary(config: DistillConfig, evaluation: Evaluation, generation: Generation, datasets: list[Dataset],
+                  trained: Trained, curriculum: Curriculum | None = None) -> str:
+    """The run's markdown report, <workspace>/reports/<eval fp>.md, with its plots beside it (accuracy, learning
+    curve, and for KPOD runs the curriculum's per-stage table and plots)."""
+    ws = workspace_of(config)
+    path = ws.report_path(evaluation.fp)
+    results = ws.catalog().query("latest_results", eval_fp=evaluation.fp)
+    plots = summary_plots(results, trained, path.parent / f"{evaluation.fp}-plots")
+    text = summary_markdown(config.data.train.name, results, generation, datasets, trained,
+                            {k: str(Path(v).relative_to(path.parent)) for k, v in plots.items()})
+    if curriculum:
+        text += "\n" + curriculum.markdown
+    path.write_text(text)
+    return str(path)
 
 
 # ---- Prefect wrapper ------------------------------------------------------------------------------
@@ -157,7 +229,7 @@ from prefect.artifacts import (  # noqa: E402
     update_progress_artifact,
 )
 
-from tasks.stage import stage_task, workspace_of  # noqa: E402
+from tasks.stage import artifact_markdown, stage_task  # noqa: E402
 
 
 @stage_task("evaluate", eval_lineage, tags=["gpu"])
@@ -171,23 +243,15 @@ def evaluate_task(config: DistillConfig, trained: Trained, student: Student, dat
         update_progress_artifact(progress, 100.0 * (labels.index(label) + done / total) / len(labels))
 
     out = evaluate_student(ws, config, trained, student, datasets, on_progress)
-    rows = ws.catalog().query("latest_results", eval_fp=out.fp)
-    create_table_artifact(key="distill-results", table=[{**r, "accuracy": round(r["accuracy"], 4)} for r in rows],
-                          description="Accuracy per model, dataset, split and synthetic step count")
+    update_progress_artifact(progress, 100.0)
     return out
 
 
-def publish_summary(config: DistillConfig, evaluation: Evaluation, generation: Generation, datasets: list[Dataset],
-                    trained: Trained, curriculum: Curriculum | None = None) -> str:
-    """The run's markdown report (<workspace>/reports/<eval fp>.md, also a Prefect artifact); for KPOD runs it
-    includes the curriculum's per-stage table and plots (PNG files beside the report)."""
-    ws = workspace_of(config)
-    text = summary_markdown(config.data.train.name, ws.catalog().query("latest_results", eval_fp=evaluation.fp),
-                            generation, datasets, trained)
-    if curriculum:
-        text += "\n" + curriculum.markdown
-    path = ws.report_path(evaluation.fp)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    create_markdown_artifact(key="distill-summary", markdown=text, description=f"report: {path}")
-    return str(path)
+def publish_results(config: DistillConfig, evaluation: Evaluation, report: str) -> None:
+    """The results table (accuracy in percent) and the report (plots embedded) as artifacts of the calling flow
+    run: the evaluate phase and the distill run a user starts both carry them."""
+    rows = workspace_of(config).catalog().query("latest_results", eval_fp=evaluation.fp)
+    create_table_artifact(key="distill-results", description="Accuracy per model, dataset, split and synthetic step count",
+                          table=[{**r, "accuracy": f"{r['accuracy']:.1%}"} for r in rows])
+    create_markdown_artifact(key="distill-summary", markdown=artifact_markdown(Path(report).read_text(), Path(report).parent),
+                             description=f"report: {report}")

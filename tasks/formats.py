@@ -70,11 +70,15 @@ def format_target(fmt: str, text: str, answer: str, cfg: TeacherConfig, key_text
 @dataclass
 class Sequence:
     """One encoded training sequence. `offsets[j]`: the char span of token j within the *target* (negative for
-    prompt tokens; empty for <bos> and <eos>)."""
+    prompt tokens; empty for <bos> and <eos>). `length`: its length before the cut at max_length."""
     ids: list[int]
     labels: list[int]
     offsets: list[tuple[int, int]]
-    truncated: bool
+    length: int
+
+    @property
+    def truncated(self) -> bool:
+        return self.length > len(self.ids)
 
 
 def encode(tokenizer, prompt: str, target: str, max_length: int, input_chars: int = 0) -> Sequence:
@@ -93,8 +97,7 @@ def encode(tokenizer, prompt: str, target: str, max_length: int, input_chars: in
     ids.append(tokenizer.eos_token_id)
     labels.append(tokenizer.eos_token_id)
     offsets.append((len(target), len(target)))
-    truncated = len(ids) > max_length
-    return Sequence(ids[:max_length], labels[:max_length], offsets[:max_length], truncated)
+    return Sequence(ids[:max_length], labels[:max_length], offsets[:max_length], len(ids))
 
 
 def encode_rationale(tokenizer, cfg: TeacherConfig, row: dict, max_length: int, target: str | None = None,

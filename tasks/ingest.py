@@ -32,7 +32,7 @@ class Example:
     answer_value: float | None
     answer_type: str
     reference_rationale: str | None = None
-    choices: list[str] | None = None
+    choices: list[list[str]] | None = None   # [label, text] pairs
     meta: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -183,10 +183,49 @@ def _svamp_row(row: dict) -> dict:
     return {"question": f"{body} {q}".strip(), "answer": row.get("Answer"), "rationale": None}
 
 
+def _field(row: dict, key: str):
+    """A column, or a nested key as a.b (CommonsenseQA's jsonl keeps the question under question.stem)."""
+    value = row
+    for part in key.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
+class _MissingColumn(ValueError):
+    pass
+
+
+class _Columns(dict):
+    def __missing__(self, key):
+        raise _MissingColumn(key)
+
+
+def labelled_choices(raw) -> list[tuple[str, str]] | None:
+    """Choices in any of the usual layouts -> [(label, text)]: {label: [...], text: [...]} (the hub's
+    CommonsenseQA), [{label, text}] (its jsonl), or [text, ...] (labelled A, B, ...)."""
+    if isinstance(raw, dict) and "text" in raw:
+        labels = raw.get("label") or [chr(65 + i) for i in range(len(raw["text"]))]
+        return [(str(a).strip(), str(t).strip()) for a, t in zip(labels, raw["text"])]
+    if isinstance(raw, (list, tuple)) and raw:
+        if all(isinstance(c, dict) and "text" in c for c in raw):
+            return [(str(c.get("label") or chr(65 + i)).strip(), str(c["text"]).strip()) for i, c in enumerate(raw)]
+        return [(chr(65 + i), str(c).strip()) for i, c in enumerate(raw)]
+    return None
+
+
+def with_choices(question: str, choices: list[tuple[str, str]]) -> str:
+    """The question as the teacher and the student read it: its choices listed after it (zero-shot CoT's layout)."""
+    return question + "\nAnswer Choices: " + " ".join(f"({label}) {text}" for label, text in choices)
+
+
 def _mapped_row(spec: DatasetSpec, row: dict) -> dict:
-    return {"question": row.get(spec.question_field), "answer": row.get(spec.answer_field),
-            "rationale": row.get(spec.rationale_field) if spec.rationale_field else None,
-            "choices": row.get(spec.choices_field) if spec.choices_field else None}
+    if spec.question_template:
+        question = spec.question_template.format_map(_Columns({k: ("" if v is None else v) for k, v in row.items()}))
+    else:
+        question = _field(row, spec.question_field)
+    return {"question": question, "answer": _field(row, spec.answer_field),
+            "rationale": _field(row, spec.rationale_field) if spec.rationale_field else None,
+            "choices": labelled_choices(_field(row, spec.choices_field)) if spec.choices_field else None}
 
 
 def _hub_records(spec: DatasetSpec) -> Iterator[tuple[int, Any]]:
@@ -218,8 +257,12 @@ def canonicalise(spec: DatasetSpec, records) -> tuple[list[Example], list[dict]]
         if not isinstance(raw, dict):
             bad.append({"row_index": idx, "reason": "not a record", "raw": str(raw)[:2000]})
             continue
-        row = {"gsm8k": _gsm8k_row, "svamp": _svamp_row}.get(spec.source, lambda r: _mapped_row(spec, r))(raw)
         raw_text = json.dumps(raw, default=str)[:2000]
+        try:
+            row = {"gsm8k": _gsm8k_row, "svamp": _svamp_row}.get(spec.source, lambda r: _mapped_row(spec, r))(raw)
+        except _MissingColumn as err:
+            bad.append({"row_index": idx, "reason": f"missing column {err.args[0]!r} (question_template)", "raw": raw_text})
+            continue
         question = str(row.get("question") or "").strip()
         if not question:
             bad.append({"row_index": idx, "reason": "empty question", "raw": raw_text})
@@ -234,9 +277,17 @@ def canonicalise(spec: DatasetSpec, records) -> tuple[list[Example], list[dict]]
             bad.append({"row_index": idx, "reason": f"unparseable answer ({err})", "raw": raw_text})
             continue
         choices = row.get("choices")
+        if spec.choices_field and not choices:
+            bad.append({"row_index": idx, "reason": f"no choices in '{spec.choices_field}'", "raw": raw_text})
+            continue
+        if choices:
+            if answer not in {label.upper() for label, _ in choices}:
+                bad.append({"row_index": idx, "reason": f"answer {answer!r} is not a choice label", "raw": raw_text})
+                continue
+            question = with_choices(question, choices)
         ex = Example(question=question, answer=answer, answer_value=value, answer_type=answer_type,
                      reference_rationale=(str(row["rationale"]).strip() or None) if row.get("rationale") else None,
-                     choices=list(choices) if isinstance(choices, (list, tuple)) else None,
+                     choices=[[label, text] for label, text in choices] if choices else None,
                      meta={"row_index": idx})
         if ex.example_id in seen:
             bad.append({"row_index": idx, "reason": "duplicate", "raw": raw_text})

@@ -13,7 +13,10 @@
 """
 from __future__ import annotations
 
+import base64
 import inspect
+import re
+from pathlib import Path
 from typing import Callable, TypeVar
 
 from pydantic import BaseModel, ConfigDict
@@ -39,6 +42,21 @@ def cached_output(catalog, lineage: Lineage, kind: type[Output]) -> Output | Non
 
 def workspace_of(config: DistillConfig) -> Workspace:
     return Workspace(config.storage.workspace)
+
+
+_IMAGE = re.compile(r"!\[([^\]]*)\]\(([^)\s]+\.png)\)")
+
+
+def artifact_markdown(markdown: str, base_dir: Path) -> str:
+    """A report's markdown for a Prefect artifact: every PNG it links (relative to `base_dir`) embedded as a data
+    URI, since the UI cannot reach the workspace's files."""
+    def embed(m: re.Match) -> str:
+        path = Path(m.group(2)) if Path(m.group(2)).is_absolute() else base_dir / m.group(2)
+        if not path.is_file():
+            return m.group(0)
+        return f"![{m.group(1)}](data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()})"
+
+    return _IMAGE.sub(embed, markdown)
 
 
 # ---- Prefect --------------------------------------------------------------------------------------

@@ -271,8 +271,10 @@ def plan_task(config: DistillConfig, dataset: Dataset) -> GenerationPlan:
 def shard_task(cfg: TeacherConfig, requests_path: str, endpoint: str | None) -> int:
     """Runs on any worker (thread, Dask or Ray): talks to the teacher, writes Parquet parts, never the catalog."""
     progress = create_progress_artifact(0.0, description=f"teacher shard {Path(requests_path).stem}")
-    return run_shard(cfg, requests_path, endpoint,
-                     on_progress=lambda done, total: update_progress_artifact(progress, 100.0 * done / max(total, 1)))
+    finished = run_shard(cfg, requests_path, endpoint,
+                         on_progress=lambda done, total: update_progress_artifact(progress, 100.0 * done / max(total, 1)))
+    update_progress_artifact(progress, 100.0)   # progress is reported per commit; the shard's end is 100%
+    return finished
 
 
 @stage_task("teacher-rationales", generation_lineage)

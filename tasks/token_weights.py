@@ -319,7 +319,9 @@ def shaded_markdown(tokenizer, items: list[EncodedRationale], weights: list[list
     for it, w in list(zip(items, weights))[:limit]:
         keep = set(keypoints(w, top_k))
         toks = [tokenizer.decode([t]) for t in it.ids[it.rationale_start:it.rationale_end]]
-        lines.append("- " + "".join(f"**{t.strip()}**" if j in keep and t.strip() else t for j, t in enumerate(toks)))
+        # bold only the token's text: its leading space (byte-level tokens carry one) stays outside the markers
+        lines.append("- " + "".join(f"{t[:len(t) - len(t.lstrip())]}**{t.strip()}**" if j in keep and t.strip() else t
+                                    for j, t in enumerate(toks)))
         lines.append("  `" + " ".join(f"{x:.2f}" for x in w) + "`")
     return "\n".join(lines) + "\n"
 
@@ -373,7 +375,7 @@ def load_weights(catalog, token_weights: TokenWeights) -> dict[str, tuple[int, l
 
 # ---- Prefect wrapper ------------------------------------------------------------------------------
 from prefect import get_run_logger  # noqa: E402
-from prefect.artifacts import create_link_artifact, create_markdown_artifact  # noqa: E402
+from prefect.artifacts import create_markdown_artifact  # noqa: E402
 
 from tasks.stage import stage_task, workspace_of  # noqa: E402
 
@@ -390,6 +392,5 @@ def token_weights_task(config: DistillConfig, generation: Generation, steps: Ste
                        100 * out.kept_fraction)
     if out.html:
         create_markdown_artifact(key="token-weights", markdown=Path(out.html).with_suffix(".md").read_text(),
-                                 description="learned token weights, keypoints in bold")
-        create_link_artifact(key="token-weights-html", link=f"file://{out.html}", description="shaded rationales (HTML)")
+                                 description=f"learned token weights, keypoints in bold; shaded page: {out.html}")
     return out

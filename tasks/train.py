@@ -114,6 +114,18 @@ class KpodData:
         return self._cache[stage]
 
 
+TRUNCATION_WARN, TRUNCATION_FAIL = 0.05, 0.20
+
+
+def check_truncation(n_truncated: int, n: int, max_length: int, allowed: bool, longest: int) -> None:
+    """Cut sequences lose their answer (the loss then never sees it): fail above 20% unless allowed; the stage's
+    output carries the count, and the task and the report warn above 5%."""
+    if n and n_truncated / n > TRUNCATION_FAIL and not allowed:
+        raise ValueError(f"config key 'student.max_length': {n_truncated} of {n} training sequences "
+                         f"({n_truncated / n:.0%}) are longer than {max_length} tokens (the longest has {longest}); "
+                         f"raise student.max_length, or set train.allow_truncation: true to train on them cut")
+
+
 def last_whole_epoch(ckpt_root: Path) -> int:
     """Highest epoch whose checkpoint was fully written (published by rename), else 0."""
     epochs = [int(p.name.split("-")[1]) for p in ckpt_root.glob("epoch-*") if (p / "trainer_state.pt").exists()]
@@ -170,13 +182,14 @@ def setup(ws: Workspace, lineage: Lineage, cfg: TrainConfig, config: DistillConf
                                                       k["token_start"], k["keypoints"])
                      for k in catalog.query("token_weights_of", token_weights_fp=token_weights.fp)
                      if k["rationale_id"] in by_id}
-    data, n_truncated, max_length = [], 0, config.student.max_length
+    data, n_truncated, longest, max_length = [], 0, 0, config.student.max_length
     for r in rows:
         target = format_target(cfg.target_format, r["text"], r["answer"], config.teacher,
                                key_texts.get(r["rationale_id"], ""), shuffle_seed=r["rationale_id"])
         seq = encode_rationale(tokenizer, config.teacher, r, max_length, target)
         data.append((seq.ids, seq.labels))
-        n_truncated += seq.truncated
+        n_truncated, longest = n_truncated + seq.truncated, max(longest, seq.length)
+    check_truncation(n_truncated, len(data), max_length, cfg.allow_truncation, longest)
     staged = KpodData(catalog, tokenizer, config, rows, steps, token_weights, curriculum) if cfg.loss == "kpod" else None
     epochs = cfg.epochs
     if cfg.match_cot_tokens and cfg.target_format != "cot_then_label":
@@ -337,4 +350,8 @@ def train_task(config: DistillConfig, generation: Generation, student: Student, 
 
     out = train_student(workspace_of(config), config, generation, student, steps, token_weights, curriculum, on_epoch)
     update_progress_artifact(progress, 100.0)
+    if out.n_truncated > TRUNCATION_WARN * out.n_examples:
+        logger.warning("%d of %d training sequences (%.0f%%) were cut at student.max_length=%d: their answers are lost "
+                       "to the loss; raise student.max_length", out.n_truncated, out.n_examples,
+                       100 * out.n_truncated / out.n_examples, config.student.max_length)
     return out

@@ -46,7 +46,8 @@ def warm_up_student(ws: Workspace, config: DistillConfig, generation: Generation
     done = cached_output(ws.catalog(), lineage, Student)
     if done:
         return done
-    trained = run_training(ws, lineage, TrainConfig(epochs=epochs, seed=1, device=config.train.device), config,
+    trained = run_training(ws, lineage, TrainConfig(epochs=epochs, seed=1, device=config.train.device,
+                                                         allow_truncation=config.train.allow_truncation), config,
                            generation, student)
     out = Student(fp=lineage.fp, model_dir=trained.final_dir, n_params=student.n_params, device=trained.device)
     with ws.catalog().transaction() as con:

@@ -45,6 +45,39 @@ def assert_lineage_is_what_was_hashed(cat, stages: set[str]) -> None:
         assert set(lineage.upstream) <= recorded, f"{r['stage']}: upstream {set(lineage.upstream) - recorded} missing"
 
 
+def flow_run(run_id: str):
+    from prefect.client.orchestration import get_client
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_flow_run(run_id)
+
+    return asyncio.run(read())
+
+
+def artifacts_of(flow_run_id=None) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    async def read():
+        async with get_client() as client:
+            f = ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])) if flow_run_id else None
+            return await client.read_artifacts(artifact_filter=f, limit=200)
+
+    return asyncio.run(read())
+
+
+def assert_artifacts_show_no_local_paths(artifacts) -> None:
+    """Every image is embedded and no link points at this machine's files: the UI runs elsewhere."""
+    import re
+
+    for a in artifacts:
+        text = str(a.data)
+        assert "file://" not in text, a.key
+        for target in re.findall(r"\]\(([^)]+)\)", text):
+            assert target.startswith(("data:image/png;base64,", "http://", "https://")), f"{a.key}: local link {target[:80]}"
+
+
 @pytest.mark.slow
 def test_rerun_is_cached_and_a_train_change_recomputes_only_train_and_eval(prefect_api, tmp_path):
     from flows.distill import distill
@@ -141,5 +174,26 @@ def test_kpod_end_to_end_and_a_curriculum_change_recomputes_only_curriculum_trai
     assert counts["executed"] == ["curriculum", "evaluate", "train-student"]
     assert "token-weights" in counts["cached"] and "teacher-rationales" in counts["cached"]
     assert again["train_fp"] != first["train_fp"]
+    # the UI: the run the user started carries the results and the report; plots embedded; named and tagged
+    assert_artifacts_show_no_local_paths(artifacts_of())
+    own = {a.key: a for a in artifacts_of(first["run_id"])}
+    assert {"distill-results", "distill-summary"} <= set(own)
+    assert "data:image/png;base64," in str(own["distill-summary"].data) and "%" in str(own["distill-results"].data)
+    assert any(a.key == "curriculum" and "data:image/png;base64," in str(a.data) for a in artifacts_of())
+    run = flow_run(first["run_id"])
+    assert run.name.startswith("config-kpod-synthetic-") and {"loss:kpod", "dataset:synthetic"} <= set(run.tags)
     assert_lineage_is_what_was_hashed(cat, {"ingest", "generate", "student", "steps", "student-warmup", "token-weights",
                                             "difficulty", "curriculum", "train", "evaluate"})
+
+
+def test_a_preset_with_edited_config_fields_is_refused_not_silently_ignored():
+    from flows.distill import resolve_config
+    from keystep.config import ConfigError, DistillConfig
+    from tests.conftest import ROOT
+
+    micro = str(ROOT / "configs" / "micro.yaml")
+    assert resolve_config(DistillConfig(), micro, {"train.epochs": 3}).train.epochs == 3      # preset + overrides
+    edited = DistillConfig().model_copy(update={"train": DistillConfig().train.model_copy(update={"epochs": 7})})
+    assert resolve_config(edited, None, {"train.lr": 0.01}).train.epochs == 7                 # fields + overrides
+    with pytest.raises(ConfigError, match="preset .* and edited config fields"):
+        resolve_config(edited, micro, None)

@@ -29,3 +29,19 @@ def test_evaluate_stores_results_and_predictions(tmp_path):
     assert len(preds) == n and all(p["prompt"].startswith("Q: ") for p in preds)
     overall = [r for r in cat.query("latest_results", eval_fp=fp) if r["group_key"] == "all"]
     assert overall[0]["n"] == n and overall[0]["n_correct"] == sum(p["correct"] for p in preds)
+
+
+def test_report_warns_when_more_than_5_percent_were_cut():
+    from tasks.evaluate import summary_markdown
+    from tasks.ingest import Dataset
+    from tasks.teacher import Generation
+
+    gen = Generation(fp="g", dataset_fp="d", teacher_fp="t", n=100, n_ok=100, n_failed=0, n_correct=100, correct_rate=1.0,
+                     failure_reasons={}, prompt_tokens=0, completion_tokens=0, mean_latency_s=0.0)
+    trained = Trained(fp="t", final_dir="x", init_dir="x", epochs=1, target_format="cot_then_label", loss="std_cot",
+                      n_examples=100, n_truncated=6, n_unweighted=None, resumed_from_epoch=0, device="cpu",
+                      history=[{"loss": 1.0, "stage": None}])
+    ds = Dataset(fp="d", name="s", split="train", n_examples=100, n_bad=0, bad_reasons={})
+    assert "**Warning:** 6 of 100 training sequences (6%) were cut" in summary_markdown("x", [], gen, [ds], trained)
+    ok = trained.model_copy(update={"n_truncated": 5})
+    assert "Warning" not in summary_markdown("x", [], gen, [ds], ok)

@@ -113,3 +113,58 @@ def test_eval_overlap_with_train_is_reported_not_silent(catalog):
     ev = DatasetSpec(n=30, seed=0, max_steps=1, max_operand=3, split="test")  # same problems
     s = ingest(ws, ev, exclude=train_ds)
     assert s.n_examples == 0 and s.bad_reasons == {"overlaps training set": 30}
+
+
+def test_question_template_over_columns(tmp_path):
+    """ASDiv/SVAMP-style rows: the question is Body + Question; a row without a column is a counted bad row."""
+    path = tmp_path / "asdiv.csv"
+    path.write_text("Body,Question,Answer\nTom has 3 apples.,How many now?,3\nMia has 2 pens.,,2\n")
+    spec = DatasetSpec(name="asdiv", source="file", path=str(path), question_template="{Body} {Question}",
+                       answer_field="Answer")
+    examples, bad = load_examples(spec)
+    assert [e.question for e in examples] == ["Tom has 3 apples. How many now?", "Mia has 2 pens."]
+    no_question = tmp_path / "asdiv.jsonl"
+    no_question.write_text('{"Body": "Tom has 3 apples.", "Answer": 3}\n')
+    examples, bad = load_examples(spec.model_copy(update={"path": str(no_question)}))
+    assert not examples and bad[0]["reason"] == "missing column 'Question' (question_template)"
+
+
+def test_a_bad_question_template_fails_before_reading_any_file():
+    with pytest.raises(ValueError, match="question_template"):
+        DatasetSpec(name="x", source="file", path="x.csv", question_template="{Body")
+
+
+@pytest.mark.parametrize("layout", ["jsonl", "hub"])
+def test_multiple_choice_questions_show_their_choices_and_answers_are_labels(tmp_path, layout):
+    """CommonsenseQA in its two layouts: the jsonl (question.stem, question.choices [{label, text}]) and the
+    hub's (question, choices {label: [...], text: [...]}, answerKey)."""
+    import json
+
+    rows = [("Where do you put a coat?", ["closet", "oven", "river"], "A"), ("What is cold?", ["fire", "ice", "sun"], "B"),
+            ("Bad row?", ["a", "b"], "E")]
+    if layout == "jsonl":
+        lines = [{"answerKey": a, "question": {"stem": q, "choices": [{"label": chr(65 + i), "text": t} for i, t in enumerate(c)]}}
+                 for q, c, a in rows]
+        spec_kw = {"question_field": "question.stem", "choices_field": "question.choices"}
+    else:
+        lines = [{"answerKey": a, "question": q, "choices": {"label": [chr(65 + i) for i in range(len(c))], "text": c}}
+                 for q, c, a in rows]
+        spec_kw = {"question_field": "question", "choices_field": "choices"}
+    path = tmp_path / "csqa.jsonl"
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    spec = DatasetSpec(name="csqa", source="file", path=str(path), answer_field="answerKey", answer_type="choice", **spec_kw)
+    examples, bad = load_examples(spec)
+    assert examples[0].question == "Where do you put a coat?\nAnswer Choices: (A) closet (B) oven (C) river"
+    assert [e.answer for e in examples] == ["A", "B"] and examples[1].choices[1] == ["B", "ice"]
+    assert [b["reason"] for b in bad] == ["answer 'E' is not a choice label"]   # counted, not silently kept
+    from keystep.config import TeacherConfig
+    from tasks.answers import extract_answer, is_correct
+    from tasks.formats import format_prompt
+    assert "(B) ice" in format_prompt(TeacherConfig(), examples[1].question)       # the teacher and student see them
+    said = "Ice is frozen water, so it is cold. Therefore, the answer is (B)."
+    assert is_correct(extract_answer(said, "choice"), examples[1].answer, "choice")
+
+
+def test_choices_need_the_choice_answer_type():
+    with pytest.raises(ValueError, match="answer_type: choice"):
+        DatasetSpec(name="x", source="file", path="x.jsonl", choices_field="choices")

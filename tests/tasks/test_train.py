@@ -209,3 +209,14 @@ def test_training_units_each_do_one_thing(tmp_path):
     assert resumed.optimizer.state_dict()["state"][0]["step"] == run.optimizer.state_dict()["state"][0]["step"]
     out = cleanup(run)
     assert run.model is None and out.fp == lineage.fp and out.final_dir == str(run.ckpt_root / "epoch-2")
+
+
+def test_too_many_cut_sequences_fail_before_training_unless_allowed(tmp_path):
+    ws = Workspace(tmp_path)
+    cfg, cat, gen, st = prepared(ws, n=16, **{"student.max_length": 32})   # every micro sequence is longer
+    with pytest.raises(ValueError, match=r"student.max_length.*16 of 16.*train.allow_truncation"):
+        train_student(ws, cfg, gen, st)
+    assert cat.execute("select count(*) as n from checkpoints")[0]["n"] == 0    # failed before any epoch
+    allowed = cfg.model_copy(update={"train": cfg.train.model_copy(update={"allow_truncation": True, "epochs": 1})})
+    out = train_student(ws, allowed, gen, st)
+    assert out.n_truncated == out.n_examples == 16                        # counted and reported, not silent
