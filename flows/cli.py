@@ -18,7 +18,9 @@ import os
 import sys
 from pathlib import Path
 
+from flows.preflight import preflight
 from keystep.config import ConfigError, load_config, parse_value
+from tasks.teacher_backends import TeacherUnavailable
 
 
 def _overrides(pairs: list[str]) -> dict:
@@ -42,18 +44,44 @@ def _config(args):
     return load_config(args.config, _run_overrides(args))
 
 
-def check_inputs(config) -> None:
-    """Fail before any work if a dataset file named in the config is missing."""
-    specs = [("data.train", config.data.train)] + [(f"data.eval[{i}]", s) for i, s in enumerate(config.data.eval)]
-    for key, spec in specs:
-        if spec.source in ("gsm8k", "svamp", "file") and not Path(spec.path).is_file():
-            raise ConfigError(f"config key '{key}.path': file '{spec.path}' not found (cwd {Path.cwd()})")
+def quiet_console_tracebacks() -> None:
+    """A user mistake found inside a flow ends with one line on the terminal: Prefect's console handlers print the
+    log records without their traceback, which its API handler still sends to the run's log in the Prefect UI."""
+    import logging
+
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    class WithoutTraceback(logging.Formatter):
+        def __init__(self, inner: logging.Formatter | None):
+            super().__init__()
+            self.inner = inner or logging.Formatter()
+
+        def format(self, record: logging.LogRecord) -> str:
+            saved = record.exc_info, record.exc_text, record.stack_info
+            record.exc_info = record.exc_text = record.stack_info = None
+            try:
+                return self.inner.format(record)
+            finally:
+                record.exc_info, record.exc_text, record.stack_info = saved
+
+    loggers = [logging.getLogger(), *(x for x in logging.Logger.manager.loggerDict.values() if isinstance(x, logging.Logger))]
+    for logger in loggers:
+        for handler in logger.handlers:
+            if isinstance(handler, PrefectConsoleHandler) and not isinstance(handler.formatter, WithoutTraceback):
+                handler.setFormatter(WithoutTraceback(handler.formatter))
+
+
+def start_prefect() -> None:
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    import prefect  # noqa: F401 - configures Prefect's logging, which quiet_console_tracebacks then adjusts
+
+    quiet_console_tracebacks()
 
 
 def cmd_run(args) -> int:
     config = _config(args)
-    check_inputs(config)
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    preflight(config, check_teacher_endpoint=not args.no_check_teacher)
+    start_prefect()
     from flows.distill import distill
     from tasks.evaluate import results_table
     from storage.workspace import Workspace
@@ -71,8 +99,8 @@ def cmd_experiment(args) -> int:
 
     exp = load_experiment(args.file, _overrides(args.set or []))
     for variant in exp.variants:
-        check_inputs(arm_config(exp, variant, exp.seeds[0]))
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+        preflight(arm_config(exp, variant, exp.seeds[0]))
+    start_prefect()
     from flows.experiment import experiment
 
     out = experiment(config=exp)
@@ -110,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("config", help="YAML preset, e.g. configs/demo.yaml")
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     run.add_argument("--workspace", help="workspace folder (default: storage.workspace, .keystep)")
+    run.add_argument("--no-check-teacher", action="store_true", help="skip the pre-flight check that the teacher "
+                     "endpoint answers")
     run.set_defaults(fn=cmd_run)
     exp = sub.add_parser("experiment", help="run an experiment grid (variants x seeds) and print its comparison table")
     exp.add_argument("file", help="experiment YAML, e.g. configs/study-synthetic.yaml")
@@ -131,8 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (ConfigError, ValueError, FileNotFoundError) as err:
-        # user mistakes (including ones found inside a stage) get one line, not a traceback
+    except (ConfigError, ValueError, FileNotFoundError, TeacherUnavailable) as err:
+        # user mistakes (including ones found inside a stage, and a teacher that stopped answering) get one line,
+        # not a traceback; the full one is in the run's log in the Prefect UI
         print(f"keystep: error: {err}", file=sys.stderr)
         return 2
 

@@ -16,6 +16,7 @@ from prefect import flow, get_client, get_run_logger, unmapped
 from prefect.context import get_run_context
 from pydantic import BaseModel
 
+from flows.preflight import preflight
 from keystep.config import ConfigError, DistillConfig, build_config, load_config
 from tasks.curriculum import Curriculum, curriculum_task
 from tasks.difficulty import Difficulty, difficulty_task
@@ -159,6 +160,7 @@ def distill(config: DistillConfig = DistillConfig(), preset: str | None = None,
     fields at their defaults: a preset with edited fields is refused rather than one of them silently ignored.
     """
     config = resolve_config(config, preset, overrides)
+    preflight(config, check_teacher_endpoint=False)   # a deployment run with a bad input fails here, in seconds
     label_run(config, preset)
     ws = use_workspace(config)
     catalog = ws.catalog()

@@ -352,7 +352,10 @@ def read_yaml(path: str | Path, what: str, example: str, shape: str) -> dict:
     try:
         raw = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"{what} '{p}' is not valid YAML: {err}") from None
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{what} '{p}' is not valid YAML: {problem}{where}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{what} '{p}' must hold {shape}")
     return raw

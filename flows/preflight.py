@@ -1,0 +1,125 @@
+"""Pre-flight: the user mistakes that can be found before any work starts, each as one `ConfigError` that names the
+config key or path and what to do. The CLI runs it before Prefect starts; the distill flow runs it first too, so a
+deployment run fails in seconds, not after the teacher was paid.
+
+Checked: the workspace is a writable folder; the device asked for exists; every dataset file is there, parses in
+its format and has valid rows (else: the file, the rejection reasons and the columns it has); the reference
+teacher has reference rationales to read; a student given as a folder loads; the teacher endpoint answers
+(`/models`; `check_teacher=False` skips it).
+"""
+from __future__ import annotations
+
+import os
+from collections import Counter
+from pathlib import Path
+
+from keystep.config import ConfigError, DatasetSpec, DistillConfig, TeacherConfig
+from tasks.ingest import load_examples
+
+
+def check_workspace(path: str) -> None:
+    ws = Path(path).expanduser()
+    if ws.exists() and not ws.is_dir():
+        raise ConfigError(f"config key 'storage.workspace': '{ws}' is a file, not a folder; pass --workspace DIR")
+    existing = next(p for p in [ws, *ws.resolve().parents] if p.exists())
+    if not os.access(existing, os.W_OK):
+        raise ConfigError(f"config key 'storage.workspace': '{existing}' is not writable; pass --workspace DIR")
+
+
+def check_device(setting: str) -> None:
+    if setting == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            raise ConfigError("config key 'train.device': 'cuda' requested but no CUDA device is visible; "
+                              "use 'auto' or 'cpu'")
+
+
+def _columns(path: Path) -> str:
+    """The columns of a file's first record, for an error message."""
+    from tasks.ingest import _read_records
+
+    try:
+        for _, record in _read_records(path):
+            return ", ".join(map(str, record)) if isinstance(record, dict) else type(record).__name__
+    except Exception:  # noqa: BLE001 - only for the message
+        pass
+    return "none"
+
+
+def check_dataset(key: str, spec: DatasetSpec) -> list:
+    """The dataset's valid examples (empty for sources that need a network); raises for a file that cannot be used."""
+    if spec.source == "synthetic:arith" or (spec.source == "hub" and not Path(spec.path).exists()):
+        return []
+    path = Path(spec.path)
+    if spec.source != "hub" and not path.is_file():
+        raise ConfigError(f"config key '{key}.path': file '{spec.path}' not found (cwd {Path.cwd()})")
+    try:
+        examples, bad = load_examples(spec)
+    except ConfigError:
+        raise
+    except Exception as err:  # noqa: BLE001 - a file that its reader cannot parse is the user's to fix
+        raise ConfigError(f"config key '{key}.path': '{spec.path}' cannot be read as {path.suffix or spec.source} "
+                          f"({type(err).__name__}: {str(err)[:150]})") from None
+    if not examples:
+        reasons = dict(Counter(b["reason"].split(" (")[0] for b in bad)) or {"the file is empty": 1}
+        raise ConfigError(f"config key '{key}': '{spec.path}' has no valid row; rejected: {reasons}; its columns: "
+                          f"{_columns(path)}; set {key}.question_field / answer_field (or question_template) to its columns")
+    return examples
+
+
+def check_reference_rationales(spec: DatasetSpec, examples: list) -> None:
+    """The reference teacher reads the dataset's own rationales: they must be there."""
+    if spec.source == "synthetic:arith" or (spec.source == "hub" and not examples):
+        return
+    if not any(ex.reference_rationale for ex in examples):
+        hint = ("set data.train.rationale_field to the column holding them" if spec.source in ("file", "hub")
+                else f"{spec.source} has none")
+        raise ConfigError(f"config key 'teacher.backend': 'reference' reads the training set's own rationales, but "
+                          f"'{spec.path}' has none ({hint}); or use a teacher that writes them (backend openai / vllm)")
+
+
+def check_student(model: str) -> None:
+    if model == "scratch":
+        return
+    path = Path(model).expanduser()
+    if not path.exists():
+        if model.startswith((".", "/", "~")) or os.sep in model.strip("/").split("/", 1)[-1]:
+            raise ConfigError(f"config key 'student.model': folder '{model}' not found")
+        return   # a hub id: loaded where a network exists
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(str(path))
+    except Exception as err:  # noqa: BLE001 - any failure: not a model folder
+        raise ConfigError(f"config key 'student.model': '{model}' is not a Hugging Face model folder "
+                          f"({type(err).__name__}: {str(err)[:150]})") from None
+
+
+def check_teacher(cfg: TeacherConfig) -> None:
+    """An OpenAI-compatible endpoint answers `GET /models` (any HTTP answer counts: authentication is its own matter)."""
+    if cfg.backend == "openai":
+        import httpx
+
+        url = cfg.base_url.rstrip("/") + "/models"
+        key = os.environ.get(cfg.api_key_env) if not cfg.api_key_secret else None
+        try:
+            httpx.get(url, timeout=10, headers={"Authorization": f"Bearer {key}"} if key else None)
+        except httpx.HTTPError as err:
+            raise ConfigError(f"config key 'teacher.base_url': the teacher endpoint {cfg.base_url} does not answer "
+                              f"({type(err).__name__}); start it or fix the URL (--no-check-teacher skips this check)") from None
+    elif cfg.backend == "vllm" and cfg.vllm_python and not Path(cfg.vllm_python).is_file():
+        raise ConfigError(f"config key 'teacher.vllm_python': '{cfg.vllm_python}' not found (the Python of a vLLM "
+                          "environment, e.g. .venv-vllm/bin/python from `make test-vllm`)")
+
+
+def preflight(config: DistillConfig, check_teacher_endpoint: bool = True) -> None:
+    check_workspace(config.storage.workspace)
+    check_device(config.train.device)
+    train = check_dataset("data.train", config.data.train)
+    for i, spec in enumerate(config.data.eval):
+        check_dataset(f"data.eval[{i}]", spec)
+    if config.teacher.backend == "reference":
+        check_reference_rationales(config.data.train, train)
+    check_student(config.student.model)
+    if check_teacher_endpoint:
+        check_teacher(config.teacher)
