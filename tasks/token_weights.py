@@ -314,14 +314,30 @@ def shaded_html(tokenizer, items: list[EncodedRationale], weights: list[list[flo
     return "\n".join(parts)
 
 
+def bold_runs(tokens: list[str], keep: set[int]) -> str:
+    """The tokens as text with the kept ones in **bold**: adjacent kept tokens share one run (subwords of a word),
+    and a token's leading space (byte-level tokens carry one) stays outside the markers."""
+    out, bold = [], False
+    for j, t in enumerate(tokens):
+        lead, core = t[:len(t) - len(t.lstrip())], t.strip()
+        if j in keep and core:
+            if bold and not lead:
+                out.append(core)                          # the next subword of the same bold run
+                continue
+            out.append(("**" if bold else "") + lead + "**" + core)
+            bold = True
+        else:
+            out.append(("**" if bold else "") + t)
+            bold = False
+    return "".join(out) + ("**" if bold else "")
+
+
 def shaded_markdown(tokenizer, items: list[EncodedRationale], weights: list[list[float]], top_k: int, limit: int = 8) -> str:
     lines = ["# Token weights", "", f"Rationale tokens with their weight; the top-{top_k} keypoints in **bold**.", ""]
     for it, w in list(zip(items, weights))[:limit]:
         keep = set(keypoints(w, top_k))
         toks = [tokenizer.decode([t]) for t in it.ids[it.rationale_start:it.rationale_end]]
-        # bold only the token's text: its leading space (byte-level tokens carry one) stays outside the markers
-        lines.append("- " + "".join(f"{t[:len(t) - len(t.lstrip())]}**{t.strip()}**" if j in keep and t.strip() else t
-                                    for j, t in enumerate(toks)))
+        lines.append("- " + bold_runs(toks, keep))
         lines.append("  `" + " ".join(f"{x:.2f}" for x in w) + "`")
     return "\n".join(lines) + "\n"
 

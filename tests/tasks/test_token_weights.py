@@ -117,3 +117,11 @@ def test_intermediate_prefixes_can_ask_for_the_next_steps_result(tmp_path):
         for k in range(len(it.step_ends)):
             assert lp_target(it, k, "answer") == it.answer                       # the paper: always the final answer
             assert lp_target(it, k, "next_result") == (it.step_results[k + 1] if k + 1 < len(it.step_ends) else it.answer)
+
+
+def test_keypoints_markdown_keeps_spaces_and_bolds_whole_runs():
+    from tasks.token_weights import bold_runs
+
+    tokens = ["Losing", " 2", ",", " w", "h", "ic", "h", " means", " 6"]
+    assert bold_runs(tokens, {1, 4, 5, 6, 8}) == "Losing **2**, w**hich** means **6**"
+    assert bold_runs(tokens, set()) == "".join(tokens)
