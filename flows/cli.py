@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import sys
+import uuid
 from pathlib import Path
 
 from flows.preflight import preflight
@@ -78,16 +79,30 @@ def start_prefect() -> None:
     quiet_console_tracebacks()
 
 
+def server_configured() -> bool:
+    from prefect.settings import PREFECT_API_URL
+
+    return bool(PREFECT_API_URL.value())
+
+
 def cmd_run(args) -> int:
     config = _config(args)
     preflight(config, check_teacher_endpoint=not args.no_check_teacher)
     start_prefect()
-    from flows.distill import distill
+    from flows.distill import distill, from_catalog_run, record_run_end, record_run_start
     from tasks.evaluate import results_table
     from storage.workspace import Workspace
 
-    # the preset and the overrides, not the resolved config, are the run's parameters: the UI shows what was asked
-    summary = distill(preset=args.config, overrides=_run_overrides(args))
+    # With no Prefect server configured a run whose every stage is already in the catalog is read from it: it is
+    # recorded in table `runs` without starting Prefect's temporary server (whose own run list is discarded anyway).
+    cached = None if server_configured() else from_catalog_run(config)
+    if cached:
+        run_id = f"catalog-{uuid.uuid4()}"
+        record_run_start(config, run_id, flow_run_id=None)
+        summary = record_run_end(config, run_id, cached)
+    else:
+        # the preset and the overrides, not the resolved config, are the run's parameters: the UI shows what was asked
+        summary = distill(preset=args.config, overrides=_run_overrides(args))
     rows = Workspace(config.storage.workspace).catalog().query("latest_results", eval_fp=summary["eval_fp"])
     print(results_table(rows))
     print(f"\nreport: {summary['report']}\nworkspace: {summary['workspace']}")

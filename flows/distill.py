@@ -22,7 +22,7 @@ from tasks.curriculum import Curriculum, curriculum_task
 from tasks.difficulty import Difficulty, difficulty_task
 from tasks.evaluate import Evaluation, evaluate_task, publish_results, write_summary
 from tasks.ingest import Dataset, ingest_task
-from tasks.stage import cached_output, use_workspace, workspace_of
+from tasks.stage import NotCached, cached_output, from_catalog, use_workspace, workspace_of
 from tasks.steps import Steps, split_steps_task
 from tasks.student import Student, init_student_task
 from tasks.teacher import Generation, finish_task, generation_lineage, plan_task, retryable_failures, shard_task
@@ -55,12 +55,19 @@ class EvaluatedRun(TrainedRun):
     report: str
 
 
-def teacher_rationales(config: DistillConfig, dataset: Dataset) -> Generation:
+def run_task(stage, *args, **kwargs):
+    """How the flows run a stage: call its Prefect task (cached by the stage's fingerprint)."""
+    return stage(*args, **kwargs)
+
+
+def teacher_rationales(config: DistillConfig, dataset: Dataset, run=run_task) -> Generation:
     """plan (here) -> shards (mapped over the task runner: threads, Dask or Ray) -> finish (here, cached)."""
     ws = workspace_of(config)
     done = cached_output(ws.catalog(), generation_lineage(config, dataset), Generation)
     if done and not retryable_failures(config, done):  # done: only the cached finish runs
-        return finish_task(config, dataset)
+        return run(finish_task, config, dataset)
+    if run is not run_task:
+        raise NotCached("teacher-rationales")
     t0 = time.perf_counter()
     plan = plan_task(config, dataset)
     if plan.shards:
@@ -75,54 +82,106 @@ def teacher_rationales(config: DistillConfig, dataset: Dataset) -> Generation:
     return finish_task(config, dataset, time.perf_counter() - t0)
 
 
+# ---- the DAG, once: each phase's stages, given how to run a stage ----------------------------------------------
+def generate_stages(config: DistillConfig, run=run_task) -> Generated:
+    train_ds = run(ingest_task, config, config.data.train)
+    eval_ds = [run(ingest_task, config, spec, exclude=train_ds) for spec in config.data.eval]
+    generation = teacher_rationales(config, train_ds, run)
+    return Generated(train_dataset=train_ds, eval_datasets=eval_ds, generation=generation)
+
+
+def prepare_stages(config: DistillConfig, generated: Generated, run=run_task) -> Prepared:
+    gen = generated.generation
+    student = run(init_student_task, config, gen)
+    steps = run(split_steps_task, config, gen, student)
+    out = Prepared(**dict(generated), student=student, steps=steps)
+    if needs_token_weights(config):
+        epochs = predictor_warmup_epochs(config)
+        predictor = run(warm_up_task, config, gen, student, epochs) if epochs else student
+        out.token_weights = run(token_weights_task, config, gen, steps, predictor)
+        epochs = scorer_warmup_epochs(config)
+        scorer = run(warm_up_task, config, gen, student, epochs) if epochs else student
+        out.difficulty = run(difficulty_task, config, gen, steps, out.token_weights, scorer)
+    if config.train.loss == "kpod":
+        out.curriculum = run(curriculum_task, config, gen, out.difficulty)
+    return out
+
+
+def train_stages(config: DistillConfig, p: Prepared, run=run_task) -> TrainedRun:
+    trained = run(train_task, config, p.generation, p.student, p.steps, p.token_weights, p.curriculum)
+    return TrainedRun(**dict(p), trained=trained)
+
+
+def evaluate_stages(config: DistillConfig, t: TrainedRun, run=run_task) -> EvaluatedRun:
+    evaluation = run(evaluate_task, config, t.trained, t.student, t.eval_datasets)
+    report = str(workspace_of(config).report_path(evaluation.fp))
+    if run is run_task:
+        write_summary(config, evaluation, t.generation, [t.train_dataset, *t.eval_datasets], t.trained, t.curriculum)
+        publish_results(config, evaluation, report)
+    elif not Path(report).exists():
+        raise NotCached("report")
+    return EvaluatedRun(**dict(t), evaluation=evaluation, report=report)
+
+
+def from_catalog_run(config: DistillConfig) -> EvaluatedRun | None:
+    """The whole run read from the catalog when every stage already ran with these inputs (nothing runs, no Prefect
+    server starts); None when some stage has yet to run."""
+    def lookup(stage, *args, **kwargs):
+        return from_catalog(config, stage, *args, **kwargs)
+
+    try:
+        return evaluate_stages(config, train_stages(config, prepare_stages(
+            config, generate_stages(config, lookup), lookup), lookup), lookup)
+    except NotCached:
+        return None
+
+
+# ---- the flows ----------------------------------------------------------------------------------------
 @flow(name="generate", log_prints=True)
 def generate(config: DistillConfig = DistillConfig()) -> Generated:
     """Ingest the training and evaluation sets and generate teacher rationales for the training set."""
     use_workspace(config)
-    train_ds = ingest_task(config, config.data.train)
-    eval_ds = [ingest_task(config, spec, exclude=train_ds) for spec in config.data.eval]
-    generation = teacher_rationales(config, train_ds)
-    return Generated(train_dataset=train_ds, eval_datasets=eval_ds, generation=generation)
+    return generate_stages(config)
 
 
 @flow(name="prepare", log_prints=True)
 def prepare(config: DistillConfig = DistillConfig(), generated: Generated | None = None) -> Prepared:
     """Build the student before distillation (tokenizer + model) and split the rationales into steps; for KPOD
-    also token weights (§4.1), step difficulty (§4.2) and the curriculum (§4.3)."""
+    also the warm-ups, token weights (§4.1), step difficulty (§4.2) and the curriculum (§4.3)."""
     generated = generated or generate(config)
     use_workspace(config)
-    gen = generated.generation
-    student = init_student_task(config, gen)
-    steps = split_steps_task(config, gen, student)
-    out = Prepared(**dict(generated), student=student, steps=steps)
-    if needs_token_weights(config):
-        predictor = warm_up_task(config, gen, student, predictor_warmup_epochs(config))
-        out.token_weights = token_weights_task(config, gen, steps, predictor)
-        scorer = warm_up_task(config, gen, student, scorer_warmup_epochs(config))
-        out.difficulty = difficulty_task(config, gen, steps, out.token_weights, scorer)
-    if config.train.loss == "kpod":
-        out.curriculum = curriculum_task(config, gen, out.difficulty)
-    return out
+    return prepare_stages(config, generated)
 
 
 @flow(name="train", log_prints=True)
 def train(config: DistillConfig = DistillConfig(), prepared: Prepared | None = None) -> TrainedRun:
     """Train the student on the prepared rationales; resumes from the last whole epoch."""
-    p = prepared or prepare(config)
+    prepared = prepared or prepare(config)
     use_workspace(config)
-    trained = train_task(config, p.generation, p.student, p.steps, p.token_weights, p.curriculum)
-    return TrainedRun(**dict(p), trained=trained)
+    return train_stages(config, prepared)
 
 
 @flow(name="evaluate", log_prints=True)
 def evaluate(config: DistillConfig = DistillConfig(), trained: TrainedRun | None = None) -> EvaluatedRun:
     """Evaluate the trained (and untrained) student; publish the results table and the summary report."""
-    t = trained or train(config)
+    trained = trained or train(config)
     use_workspace(config)
-    evaluation = evaluate_task(config, t.trained, t.student, t.eval_datasets)
-    report = write_summary(config, evaluation, t.generation, [t.train_dataset, *t.eval_datasets], t.trained, t.curriculum)
-    publish_results(config, evaluation, report)
-    return EvaluatedRun(**dict(t), evaluation=evaluation, report=report)
+    return evaluate_stages(config, trained)
+
+
+def record_run_start(config: DistillConfig, run_id: str, flow_run_id: str | None) -> None:
+    workspace_of(config).catalog().query("run_started", run_id=run_id, flow_run_id=flow_run_id,
+                                         config_json=json.dumps(config.model_dump(mode="json")))
+
+
+def record_run_end(config: DistillConfig, run_id: str, out: EvaluatedRun | None) -> dict | None:
+    """The run's row in table `runs`: completed with its summary, or failed (`out` None)."""
+    summary = None if out is None else {
+        "run_id": run_id, "workspace": str(workspace_of(config).root), "report": out.report,
+        "accuracy": out.evaluation.accuracy, "eval_fp": out.evaluation.fp, "train_fp": out.trained.fp}
+    workspace_of(config).catalog().query("run_finished", run_id=run_id, status="failed" if out is None else "completed",
+                                         summary_json=json.dumps(summary) if summary else None)
+    return summary
 
 
 def resolve_config(config: DistillConfig, preset: str | None, overrides: dict[str, Any] | None) -> DistillConfig:
@@ -162,20 +221,15 @@ def distill(config: DistillConfig = DistillConfig(), preset: str | None = None,
     config = resolve_config(config, preset, overrides)
     preflight(config, check_teacher_endpoint=False)   # a deployment run with a bad input fails here, in seconds
     label_run(config, preset)
-    ws = use_workspace(config)
-    catalog = ws.catalog()
+    use_workspace(config)
     run_id = str(get_run_context().flow_run.id)
-    catalog.execute("insert or replace into runs (run_id, flow_run_id, config_json, status) values (?, ?, ?, 'running')",
-                    [run_id, run_id, json.dumps(config.model_dump(mode="json"))])
+    record_run_start(config, run_id, flow_run_id=run_id)
     try:
         out = evaluate(config, train(config, prepare(config, generate(config))))
     except BaseException:
-        catalog.execute("update runs set status = 'failed', finished_at = current_timestamp where run_id = ?", [run_id])
+        record_run_end(config, run_id, None)
         raise
-    summary = {"run_id": run_id, "workspace": str(ws.root), "report": out.report,
-               "accuracy": out.evaluation.accuracy, "eval_fp": out.evaluation.fp, "train_fp": out.trained.fp}
-    catalog.execute("update runs set status = 'completed', finished_at = current_timestamp, summary_json = ? "
-                    "where run_id = ?", [json.dumps(summary), run_id])
+    summary = record_run_end(config, run_id, out)
     publish_results(config, out.evaluation, out.report)   # the run the user started carries the results too
     get_run_logger().info("results: %s (report %s)", summary["accuracy"], out.report)
     return summary

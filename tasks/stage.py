@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import inspect
 import re
+import typing
 from pathlib import Path
 from typing import Callable, TypeVar
 
@@ -66,13 +67,41 @@ from prefect.filesystems import LocalFileSystem  # noqa: E402
 
 
 def stage_task(name: str, lineage: Callable[..., Lineage], **options):
-    """A stage's Prefect task, cached by its fingerprint. The task's parameters are `lineage`'s parameters."""
+    """A stage's Prefect task, cached by its fingerprint. The task's parameters are `lineage`'s parameters (and the
+    config); `stage_lineage(task, ...)` gives the lineage of a call without running it."""
     params = inspect.signature(lineage).parameters
 
     def by_fingerprint(context, arguments) -> str:
         return lineage(**{k: arguments[k] for k in params if k in arguments}).fp
 
-    return task(name=name, cache_key_fn=by_fingerprint, persist_result=True, **options)
+    def decorate(fn):
+        stage = task(name=name, cache_key_fn=by_fingerprint, persist_result=True, **options)(fn)
+        stage.lineage = lineage
+        return stage
+
+    return decorate
+
+
+class NotCached(LookupError):
+    """A stage output that is not in the catalog yet: the stage must run."""
+
+
+def stage_lineage(stage, *args, **kwargs) -> Lineage:
+    """The lineage of calling the stage task `stage` with these arguments."""
+    bound = inspect.signature(stage.fn).bind(*args, **kwargs)
+    bound.apply_defaults()
+    params = inspect.signature(stage.lineage).parameters
+    return stage.lineage(**{k: v for k, v in bound.arguments.items() if k in params})
+
+
+def from_catalog(config: DistillConfig, stage, *args, **kwargs):
+    """What calling the stage task would return, read from the catalog without running anything (no Prefect
+    server either); `NotCached` when the stage has not run with these inputs."""
+    kind = typing.get_type_hints(stage.fn)["return"]
+    done = cached_output(workspace_of(config).catalog(), stage_lineage(stage, *args, **kwargs), kind)
+    if done is None:
+        raise NotCached(stage.name)
+    return done
 
 
 _SAVED: set[tuple[str, str]] = set()

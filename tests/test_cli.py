@@ -1,6 +1,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import ROOT
 
 
@@ -54,3 +56,20 @@ def test_experiment_file_with_bad_yaml_exits_2_with_one_line(tmp_path):
 def test_the_old_masks_section_names_its_new_name():
     r = keystep("config", "configs/micro.yaml", "--set", "masks.uniform=true")
     assert r.returncode == 2 and "'masks'" in r.stderr and "token_weights" in r.stderr
+
+
+@pytest.mark.slow
+def test_a_rerun_with_every_stage_cached_is_read_from_the_catalog_and_recorded(tmp_path):
+    """No Prefect server configured: the second run starts none, prints the same results and is still recorded."""
+    import duckdb
+
+    args = ["run", "configs/micro.yaml", "--workspace", str(tmp_path / "ws"), "--set", "train.epochs=1"]
+    first, second = keystep(*args), keystep(*args)
+    assert first.returncode == second.returncode == 0
+    assert second.stdout == first.stdout and "Starting temporary server" not in second.stderr
+    changed = keystep(*args, "--set", "train.lr=0.001")                 # a stage to run: through Prefect again
+    assert changed.returncode == 0 and "Starting temporary server" in changed.stderr
+    with duckdb.connect(str(tmp_path / "ws" / "catalog.duckdb"), read_only=True) as con:
+        runs = con.execute("select run_id, flow_run_id, status from runs order by started_at").fetchall()
+    assert [r[2] for r in runs] == ["completed"] * 3
+    assert runs[1][0].startswith("catalog-") and runs[1][1] is None and runs[2][1] is not None
