@@ -1,8 +1,8 @@
 """Cached rerun: the demo config twice in a fresh workspace; the second run should recompute nothing.
 
 Prints both wall times and the ratio second/first (goal <= 5%). Baseline = the first (cold) run, same process
-setup. Both runs go through `keystep run` in a subprocess, so Prefect's ephemeral server start is counted
-in both. Usage: python bench/cached_rerun.py [CONFIG]  (default configs/demo.yaml)
+setup. Both runs go through `keystep run` in a subprocess with no Prefect server configured: the first starts
+Prefect's temporary server, the second finds every stage in the catalog and starts none. Usage: python bench/cached_rerun.py [CONFIG]  (default configs/demo.yaml)
 """
 import json
 import subprocess
