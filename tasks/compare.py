@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tasks.stage import pyplot, save_figure
+
 BOOTSTRAP = 2000
 
 
@@ -121,11 +123,7 @@ def comparison_markdown(title: str, rows: list[dict], columns: list[str], plots:
 
 def comparison_plot(rows: list[dict], columns: list[str], path: Path) -> str:
     """Accuracy per arm: mean over seeds, error bars = the 95% t interval of the mean over seeds."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     path.parent.mkdir(parents=True, exist_ok=True)
     x = np.arange(len(rows))
     width = 0.8 / max(len(columns), 1)
@@ -136,10 +134,7 @@ def comparison_plot(rows: list[dict], columns: list[str], path: Path) -> str:
     ax.set_xticks(x + width * (len(columns) - 1) / 2, [r["variant"] for r in rows], rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("accuracy (95% interval over seeds)")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return str(path)
+    return save_figure(fig, path)
 
 
 def learning_curves_plot(runs: list[dict], path: Path) -> str | None:
@@ -150,12 +145,7 @@ def learning_curves_plot(runs: list[dict], path: Path) -> str | None:
             curves.setdefault(r["variant"], []).append([h["loss"] for h in r["history"]])
     if not curves:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.6))
+    fig, ax = pyplot().subplots(figsize=(6, 3.6))
     for variant, seeds in curves.items():
         n = min(len(c) for c in seeds)
         ax.plot(range(1, n + 1), [statistics.fmean(c[e] for c in seeds) for e in range(n)], marker=".", label=variant)
@@ -163,10 +153,7 @@ def learning_curves_plot(runs: list[dict], path: Path) -> str | None:
     ax.set_ylabel("training loss (mean over seeds)")
     ax.set_yscale("log")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return str(path)
+    return save_figure(fig, path)
 
 
 def with_run_details(catalog, runs: list[dict]) -> tuple[list[dict], dict[str, dict[tuple[str, str], bool]]]:

@@ -35,7 +35,7 @@ from keystep.config import CurriculumConfig, DistillConfig
 from storage.fingerprint import Lineage
 from storage.workspace import Workspace, publish_dir, temp_dir_for
 from tasks.difficulty import Difficulty
-from tasks.stage import StageOutput, cached_output
+from tasks.stage import StageOutput, cached_output, pyplot, save_figure
 from tasks.teacher import Generation
 
 CODE_VERSION = "1"
@@ -262,11 +262,7 @@ def curriculum_lineage(config: DistillConfig, generation: Generation, difficulty
 # ---- report -------------------------------------------------------------------------------------------
 def plot_schedule(sched: Schedule, out_dir: Path) -> dict[str, str]:
     """PNG plots per stage: budget D(t) vs achieved H(t), cluster coverage of S(t), prefix-length histogram."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     out_dir.mkdir(parents=True, exist_ok=True)
     stages = np.arange(1, len(sched.budget) + 1)
     paths = {}
@@ -276,10 +272,7 @@ def plot_schedule(sched: Schedule, out_dir: Path) -> dict[str, str]:
     ax.set_xlabel("stage")
     ax.set_ylabel("difficulty generated")
     ax.legend()
-    fig.tight_layout()
-    paths["budget"] = str(out_dir / "budget.png")
-    fig.savefig(paths["budget"], dpi=90)
-    plt.close(fig)
+    paths["budget"] = save_figure(fig, out_dir / "budget.png")
 
     cov = np.array(sched.cluster_selected)
     fig, ax = plt.subplots(figsize=(5, 3.2))
@@ -290,10 +283,7 @@ def plot_schedule(sched: Schedule, out_dir: Path) -> dict[str, str]:
     ax.set_xlabel("stage")
     ax.set_ylabel("examples selected in S(t)")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    paths["coverage"] = str(out_dir / "coverage.png")
-    fig.savefig(paths["coverage"], dpi=90)
-    plt.close(fig)
+    paths["coverage"] = save_figure(fig, out_dir / "coverage.png")
 
     top = int(sched.prefix.max()) if sched.prefix.size else 0
     fig, axes = plt.subplots(1, len(stages), figsize=(2.2 * len(stages), 2.6), sharey=True, squeeze=False)
@@ -301,10 +291,7 @@ def plot_schedule(sched: Schedule, out_dir: Path) -> dict[str, str]:
         ax.hist(sched.prefix[t - 1], bins=np.arange(top + 2) - 0.5)
         ax.set_title(f"stage {t}", fontsize=8)
         ax.set_xlabel("prefix steps", fontsize=8)
-    fig.tight_layout()
-    paths["prefix"] = str(out_dir / "prefix_lengths.png")
-    fig.savefig(paths["prefix"], dpi=90)
-    plt.close(fig)
+    paths["prefix"] = save_figure(fig, out_dir / "prefix_lengths.png")
     return paths
 
 

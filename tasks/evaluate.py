@@ -19,7 +19,7 @@ from tasks.answers import extract_answer, is_correct
 from tasks.curriculum import Curriculum
 from tasks.formats import format_prompt, generation_prompt
 from tasks.ingest import Dataset
-from tasks.stage import StageOutput, cached_output, workspace_of
+from tasks.stage import StageOutput, cached_output, pyplot, save_figure, workspace_of
 from tasks.student import Student, load_student, pick_device
 from tasks.teacher import Generation
 from tasks.train import TRUNCATION_WARN, Trained
@@ -170,11 +170,7 @@ def accuracy_markdown(rows: list[dict]) -> str:
 
 def summary_plots(results: list[dict], train: Trained, out_dir: Path) -> dict[str, str]:
     """PNGs beside the report: accuracy per model and group (all, per step count), and the training loss by epoch."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {}
     if results:
@@ -189,19 +185,13 @@ def summary_plots(results: list[dict], train: Trained, out_dir: Path) -> dict[st
                       [f"{d}/{s}" + ("" if k == "all" else f"\n{k}={v}") for d, s, k, v in groups], fontsize=7)
         ax.set_ylabel("accuracy (%)")
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out_dir / "accuracy.png", dpi=90)
-        plt.close(fig)
-        paths["accuracy"] = str(out_dir / "accuracy.png")
+        paths["accuracy"] = save_figure(fig, out_dir / "accuracy.png")
     if train.history:
         fig, ax = plt.subplots(figsize=(5, 3.2))
         ax.plot([h["epoch"] for h in train.history], [h["loss"] for h in train.history], "o-")
         ax.set_xlabel("epoch")
         ax.set_ylabel("training loss")
-        fig.tight_layout()
-        fig.savefig(out_dir / "learning-curve.png", dpi=90)
-        plt.close(fig)
-        paths["learning curve"] = str(out_dir / "learning-curve.png")
+        paths["learning curve"] = save_figure(fig, out_dir / "learning-curve.png")
     return paths
 
 

@@ -45,6 +45,26 @@ def workspace_of(config: DistillConfig) -> Workspace:
     return Workspace(config.storage.workspace)
 
 
+def pyplot():
+    """matplotlib's pyplot on the file-only backend (no display here, nor on a worker)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: Path) -> str:
+    """Lay out, write the PNG (dpi 90: small enough to embed in an artifact), close; returns the path."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return str(path)
+
+
 _IMAGE = re.compile(r"!\[([^\]]*)\]\(([^)\s]+\.png)\)")
 
 
