@@ -5,7 +5,8 @@ server on loopback that the real `openai` client talks to.
 Faults are assigned per prompt, deterministically (hash of the prompt): `faults={"429": 0.2, "500": 0.1}`
 makes about 20% of prompts answer 429 and 10% answer 500 on their first `fail_attempts` attempts (then
 succeed). Kinds: 429, 500, 503, timeout (sleep past the client's timeout), malformed (200, not JSON),
-empty (200, empty text), no_choices (200, JSON without choices).
+empty (200, empty text), no_choices (200, JSON without choices), reset (200 whose body stops short of its
+Content-Length: the connection closes mid-body).
 
     python -m tests.fake_openai --port 8000 --latency 0.05      # standalone, e.g. for bench/
 """
@@ -18,7 +19,7 @@ import threading
 import time
 from collections import Counter
 
-KINDS = ("429", "500", "503", "timeout", "malformed", "empty", "no_choices")
+KINDS = ("429", "500", "503", "timeout", "malformed", "empty", "no_choices", "reset")
 
 
 class FakeOpenAI:
@@ -60,7 +61,7 @@ class FakeOpenAI:
     def app(self):
         # plain Starlette (no FastAPI validation layer): the server's own cost per request stays small
         from starlette.applications import Starlette
-        from starlette.responses import JSONResponse, PlainTextResponse
+        from starlette.responses import JSONResponse, PlainTextResponse, Response
         from starlette.routing import Route
 
         async def health(request):
@@ -90,6 +91,9 @@ class FakeOpenAI:
                 return PlainTextResponse("<html>upstream error</html>", status_code=200)
             if kind == "no_choices":
                 return JSONResponse({"id": "x", "object": "text_completion", "choices": []})
+            if kind == "reset":   # announces more body than it sends: the server closes the connection mid-body
+                return Response(b'{"id": "x", "choi', status_code=200, media_type="application/json",
+                                headers={"content-length": "4096"})
             text = "" if kind == "empty" else self.rationale(prompt)
             if kind != "empty":
                 with self._lock:
