@@ -46,7 +46,7 @@ def test_gsm8k_preset_trains_and_evaluates_out_of_distribution_at_micro_scale(pr
     if not SHARED_DATA.exists():
         pytest.skip("../shared/data is not present")
     small = {"student.vocab_size": 400, "student.hidden_size": 32, "student.num_layers": 1, "student.num_heads": 2,
-             "student.intermediate_size": 64, "student.max_length": 384, "train.epochs": 1, "eval.max_new_tokens": 16}
+             "student.intermediate_size": 64, "student.max_length": 640, "train.epochs": 1, "eval.max_new_tokens": 16}
     cfg = load_config(ROOT / "configs" / "gsm8k.yaml", {
         **small, "storage.workspace": str(tmp_path / "ws"),
         "data.train.path": str(SHARED_DATA / "gsm8k/train.jsonl"), "data.train.limit": 48,
