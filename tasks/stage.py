@@ -89,10 +89,8 @@ from prefect.filesystems import LocalFileSystem  # noqa: E402
 def stage_task(name: str, lineage: Callable[..., Lineage], **options):
     """A stage's Prefect task, cached by its fingerprint. The task's parameters are `lineage`'s parameters (and the
     config); `stage_lineage(task, ...)` gives the lineage of a call without running it."""
-    params = inspect.signature(lineage).parameters
-
     def by_fingerprint(context, arguments) -> str:
-        return lineage(**{k: arguments[k] for k in params if k in arguments}).fp
+        return lineage_of(lineage, arguments).fp
 
     def decorate(fn):
         stage = task(name=name, cache_key_fn=by_fingerprint, persist_result=True, **options)(fn)
@@ -106,12 +104,16 @@ class NotCached(LookupError):
     """A stage output that is not in the catalog yet: the stage must run."""
 
 
+def lineage_of(lineage: Callable[..., Lineage], arguments: dict) -> Lineage:
+    """`lineage` applied to the arguments of a task call (a task may take more, e.g. the whole config)."""
+    return lineage(**{k: arguments[k] for k in inspect.signature(lineage).parameters if k in arguments})
+
+
 def stage_lineage(stage, *args, **kwargs) -> Lineage:
     """The lineage of calling the stage task `stage` with these arguments."""
     bound = inspect.signature(stage.fn).bind(*args, **kwargs)
     bound.apply_defaults()
-    params = inspect.signature(stage.lineage).parameters
-    return stage.lineage(**{k: v for k, v in bound.arguments.items() if k in params})
+    return lineage_of(stage.lineage, bound.arguments)
 
 
 def from_catalog(config: DistillConfig, stage, *args, **kwargs):
