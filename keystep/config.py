@@ -208,6 +208,20 @@ class CurriculumConfig(Section):
     seed: int = Field(0, description="K-means and SVD seed.")
 
 
+class LoraConfig(Section):
+    r: int = Field(16, ge=1, description="Adapter rank.")
+    alpha: int = Field(32, ge=1, description="Adapter scale numerator (the update is scaled by alpha / r).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter's input.")
+    target_modules: list[str] = Field(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        description="Names of the linear layers that get adapters (peft's target_modules; Llama-style names).")
+    quantize: Literal["none", "4bit"] = Field("none", description="'4bit': QLoRA — the frozen base weights in NF4 "
+                                              "through bitsandbytes (install keystep[gpu]); 'none': the base in "
+                                              "train.precision.")
+    merge: bool = Field(True, description="Also write the final epoch merged into a full model folder, which "
+                        "evaluation and vLLM load; off: they load the base with the adapter.")
+
+
 class StudentConfig(Section):
     model: str = Field("scratch", description="'scratch' (tiny Llama-style model + BPE tokenizer trained on the corpus) or an HF causal LM path / hub id.")
     vocab_size: int = Field(1024, ge=260, description="scratch: BPE vocabulary size.")
@@ -217,6 +231,8 @@ class StudentConfig(Section):
     intermediate_size: int = Field(512, ge=16, description="scratch: MLP width.")
     max_length: int = Field(256, ge=32, description="Longest sequence (prompt + rationale + answer) in tokens.")
     seed: int = Field(0, description="scratch: weight initialisation seed.")
+    lora: LoraConfig | None = Field(None, description="Train LoRA adapters (peft) on a frozen student instead of all "
+                                    "its weights; unset: full fine-tuning.")
 
     @model_validator(mode="after")
     def _check(self) -> "StudentConfig":
@@ -230,7 +246,25 @@ class TrainConfig(Section):
                                              "token-weighted NLL on the rationale + NLL on the answer, stage by stage "
                                              "through the curriculum (computes token weights and difficulty).")
     epochs: int = Field(10, ge=1, description="Passes over the training rationales.")
-    batch_size: int = Field(32, ge=1, description="Sequences per micro-batch.")
+    batch_size: int = Field(32, ge=1, description="Sequences per micro-batch (when tokens_per_batch is unset).")
+    tokens_per_batch: int | None = Field(None, ge=1, description="Batches by tokens: a micro-batch takes sequences "
+                                         "(in the epoch's order) while their tokens fit this budget; unset: "
+                                         "batch_size sequences.")
+    packing: bool = Field(True, description="Pack a micro-batch's sequences end to end into rows of pack_length "
+                          "tokens, with per-sequence position ids and no attention across their borders (no padding "
+                          "compute); off: one right-padded sequence per row. The loss is the same either way.")
+    pack_length: int | None = Field(None, ge=16, description="Row length for packing; unset: 2 x student.max_length.")
+    precision: Literal["auto", "fp32", "bf16-mixed", "bf16"] = Field(
+        "auto", description="'fp32'; 'bf16-mixed': fp32 weights, bf16 autocast; 'bf16': weights in bf16 (with LoRA: "
+        "the frozen base; the adapters stay fp32); 'auto': bf16-mixed on CUDA, fp32 on CPU.")
+    compile: Literal["auto", "on", "off"] = Field("auto", description="torch.compile the model: 'auto' on CUDA only "
+                                                  "(on CPU its compile time outweighs its gain at the demo's size).")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass: much less "
+                                         "memory for ~30% more compute (large students, LoRA on 7B).")
+    num_processes: int = Field(1, ge=1, description="Training processes (one per GPU), launched by torchrun as a "
+                               "subprocess of the training task; on CPU they use the gloo backend.")
+    strategy: Literal["ddp", "fsdp"] = Field("ddp", description="With num_processes > 1: 'ddp' replicates the model, "
+                                             "'fsdp' shards weights, gradients and optimizer state (FSDP2).")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimiser step.")
     lr: float = Field(3e-3, gt=0, description="Peak AdamW learning rate.")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")

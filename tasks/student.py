@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from keystep.config import DistillConfig, StudentConfig
+from keystep.config import DistillConfig, StudentConfig, TrainConfig
 from storage.fingerprint import Lineage
 from storage.workspace import Workspace, publish_dir, temp_dir_for
 from tasks.stage import StageOutput, cached_output
@@ -66,25 +66,79 @@ def build_scratch_model(cfg: StudentConfig, tokenizer):
     return LlamaForCausalLM(config)
 
 
-def load_student(path: str | Path, device: str = "cpu", dtype=None):
-    """(model, tokenizer) from an HF directory or hub id; a missing tokenizer pad token falls back to EOS."""
+def load_student(path: str | Path, device: str = "cpu", dtype=None, quantization=None):
+    """(model, tokenizer) from an HF directory or hub id — or a peft LoRA adapter folder, loaded onto the base its
+    adapter_config.json names; a missing tokenizer pad token falls back to EOS."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    adapter = Path(path) / "adapter_config.json"
+    base = json.loads(adapter.read_text())["base_model_name_or_path"] if adapter.exists() else path
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(str(base), dtype=dtype, quantization_config=quantization,
+                                                     **({"device_map": device} if quantization else {}))
     except OSError as err:
-        raise ValueError(f"config key 'student.model': cannot load '{path}' as a Hugging Face causal LM "
+        raise ValueError(f"config key 'student.model': cannot load '{base}' as a Hugging Face causal LM "
                          f"(a local model folder, or a hub id when a network exists): {str(err)[:200]}") from None
+    if adapter.exists():
+        from peft import PeftModel
+        model = PeftModel.from_pretrained(model, str(path))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model.to(device), tokenizer
+    return (model if quantization else model.to(device)), tokenizer
+
+
+# ---- the student as training holds it ---------------------------------------------------------------------
+def resolve_precision(precision: str, device: str) -> str:
+    return ("bf16-mixed" if device.startswith("cuda") else "fp32") if precision == "auto" else precision
+
+
+def build_model(cfg: TrainConfig, config: DistillConfig, student: Student, device: str, resume_dir: Path | None):
+    """(model, tokenizer): the student (or the checkpoint `resume_dir`) in the run's precision; with `student.lora`
+    the base frozen (NF4 with quantize: 4bit) and peft LoRA adapters on it (fp32, restored from `resume_dir`)."""
+    import torch
+
+    precision, lora = resolve_precision(cfg.precision, device), config.student.lora
+    dtype = torch.bfloat16 if precision == "bf16" else None
+    if lora is None:
+        model, tokenizer = load_student(resume_dir or student.model_dir, device=device, dtype=dtype)
+    else:
+        from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+
+        quantization = None
+        if lora.quantize == "4bit":
+            from transformers import BitsAndBytesConfig
+            quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                              bnb_4bit_compute_dtype=torch.bfloat16)
+        model, tokenizer = load_student(student.model_dir, device=device, dtype=dtype, quantization=quantization)
+        if quantization:
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        torch.manual_seed(cfg.seed)   # the adapters' initialisation
+        model = (PeftModel.from_pretrained(model, str(resume_dir), is_trainable=True) if resume_dir else
+                 get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                                  target_modules=lora.target_modules, task_type="CAUSAL_LM")))
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()   # adapters train in fp32 whatever the base's dtype
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model, tokenizer
+
+
+def merge_adapter(adapter_dir: Path, out_dir: Path) -> None:
+    """A LoRA checkpoint merged into its (unquantized) base, saved as a plain HF model folder that evaluation and
+    vLLM load like any student."""
+    model, tokenizer = load_student(adapter_dir, dtype="auto")
+    tmp = temp_dir_for(out_dir)
+    model.merge_and_unload().save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    publish_dir(tmp, out_dir)
 
 
 def student_lineage(config: DistillConfig, generation: Generation) -> Lineage:
     # a scratch tokenizer is trained on the corpus, so it depends on the generation output; a pretrained
     # model does not
-    cfg = config.student
+    cfg = config.student.model_copy(update={"lora": None})   # adapters are the training stage's business
     return Lineage("student", cfg, (generation.fp,) if cfg.model == "scratch" else (), CODE_VERSION)
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -30,13 +31,16 @@ from storage.fingerprint import Lineage
 from storage.workspace import Workspace, publish_dir, temp_dir_for
 from tasks.curriculum import Curriculum, stage_shard
 from tasks.formats import IGNORE, encode_rationale, format_target, keytoken_text, kpod_sequence
+from tasks.packing import collate, collate_packed, model_inputs
+from tasks.parallel import (Dist, full_state, launch, load_optimizer, no_grad_sync, resync, unwrap,
+                            worker_args, wrap)
 from tasks.stage import StageOutput, cached_output
 from tasks.steps import Steps
-from tasks.student import Student, load_student, pick_device
+from tasks.student import Student, build_model, merge_adapter, pick_device, resolve_precision
 from tasks.teacher import Generation
 from tasks.token_weights import TokenWeights, load_weights
 
-CODE_VERSION = "1"
+CODE_VERSION = "2"   # 2: packed batches, loss normalised per optimizer step
 
 if TYPE_CHECKING:
     import torch
@@ -58,31 +62,47 @@ class Trained(StageOutput):
 
 
 # ---- batches and loss ---------------------------------------------------------------------------------
-def collate(batch: list[tuple], pad_id: int) -> dict[str, "torch.Tensor"]:
-    """(ids, labels[, loss weights]) per sequence -> padded tensors; weights default to 1."""
-    import torch
-
-    width = max(len(x[0]) for x in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    weights = torch.zeros((len(batch), width))
-    for i, (x, y, *w) in enumerate(batch):
-        ids[i, : len(x)] = torch.tensor(x)
-        labels[i, : len(y)] = torch.tensor(y)
-        mask[i, : len(x)] = 1
-        weights[i, : len(x)] = torch.tensor(w[0]) if w else 1.0
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask, "weights": weights}
-
-
-def weighted_nll(logits: "torch.Tensor", labels: "torch.Tensor", weights: "torch.Tensor") -> "torch.Tensor":
-    """Σ_j w_j·(−log P(token_j | tokens_<j)) over labelled tokens / their count. With every w_j = 1 this is the
-    usual causal-LM loss (Std-CoT); KPOD passes the learned token weights on rationale tokens, 1 on the answer."""
+def weighted_nll_sum(logits: "torch.Tensor", labels: "torch.Tensor", weights: "torch.Tensor") -> "torch.Tensor":
+    """Σ_j w_j·(−log P(token_j | tokens_<j)) over labelled tokens. With every w_j = 1 this is the usual causal-LM
+    loss (Std-CoT); KPOD passes the learned token weights on rationale tokens, 1 on the answer (§4.3)."""
     import torch
 
     nll = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels[:, 1:],
                                             ignore_index=IGNORE, reduction="none")
-    return (nll * weights[:, 1:]).sum() / (labels[:, 1:] != IGNORE).sum().clamp(min=1)
+    return (nll * weights[:, 1:]).sum()
+
+
+def weighted_nll(logits: "torch.Tensor", labels: "torch.Tensor", weights: "torch.Tensor") -> "torch.Tensor":
+    """`weighted_nll_sum` / the number of labelled tokens."""
+    return weighted_nll_sum(logits, labels, weights) / (labels[:, 1:] != IGNORE).sum().clamp(min=1)
+
+
+def labelled(seq: tuple) -> int:
+    """Tokens of one sequence that carry loss (its first token never does)."""
+    return sum(y != IGNORE for y in seq[1][1:])
+
+
+def micro_batches(lengths: list[int], cfg: TrainConfig, epoch: int) -> list[list[int]]:
+    """The epoch's micro-batches (sequence indices) in a per-(seed, epoch) order, so a resumed run and every rank
+    see the same: batch_size sequences each, or with tokens_per_batch as many as fit that many tokens."""
+    order = list(range(len(lengths)))
+    random.Random(f"{cfg.seed}-{epoch}").shuffle(order)
+    if cfg.tokens_per_batch is None:
+        return [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+    batches, current, used = [], [], 0
+    for i in order:
+        if current and used + lengths[i] > cfg.tokens_per_batch:
+            batches.append(current)
+            current, used = [], 0
+        current.append(i)
+        used += lengths[i]
+    return batches + [current] if current else batches
+
+
+def optimizer_steps(data: list[tuple], cfg: TrainConfig, epoch: int) -> list[list[list[int]]]:
+    """Micro-batches grouped grad_accum at a time: one group per optimizer step."""
+    micro = micro_batches([len(x[0]) for x in data], cfg, epoch)
+    return [micro[i:i + cfg.grad_accum] for i in range(0, len(micro), cfg.grad_accum)]
 
 
 class KpodData:
@@ -132,18 +152,36 @@ def last_whole_epoch(ckpt_root: Path) -> int:
     return max(epochs, default=0)
 
 
+# ---- the model ------------------------------------------------------------------------------------------
+def build_optimizer(model, cfg: TrainConfig, device: str):
+    """AdamW over the trainable weights (no decay on norms and biases), fused into one kernel where torch has it."""
+    import torch
+
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
+    fused = device.startswith("cuda") or device == "cpu"
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95), fused=fused)
+
+
 # ---- the run --------------------------------------------------------------------------------------------
 @dataclass
 class TrainingRun:
     """Everything the training loop touches, built by `setup`."""
     cfg: TrainConfig
+    config: DistillConfig
     lineage: Lineage
     catalog: Any
     ckpt_root: Path
     init_dir: str
     run_config: dict
     device: str
-    model: Any
+    precision: str
+    pack_length: int
+    dist: Dist
+    model: Any                   # possibly wrapped (DDP / FSDP / compiled)
     tokenizer: Any
     optimizer: Any
     scheduler: Any
@@ -153,6 +191,9 @@ class TrainingRun:
     start_epoch: int
     n_truncated: int
     history: list[dict]
+
+    def epoch_data(self, epoch: int) -> list[tuple]:
+        return self.staged.sequences(epoch) if self.staged else self.data
 
 
 def setup(ws: Workspace, lineage: Lineage, cfg: TrainConfig, config: DistillConfig, generation: Generation,
@@ -173,8 +214,10 @@ def setup(ws: Workspace, lineage: Lineage, cfg: TrainConfig, config: DistillConf
         raise ValueError("train.loss 'kpod' needs token weights and a curriculum (run the distill/prepare flow)")
     if cfg.target_format == "label_then_keytokens" and not token_weights:
         raise ValueError("train.target_format 'label_then_keytokens' needs token weights (run the distill/prepare flow)")
+    dist = Dist.from_env(device)
+    device = dist.device(device)
     start_epoch = last_whole_epoch(ckpt_root)
-    model, tokenizer = load_student(ckpt_root / f"epoch-{start_epoch}" if start_epoch else student.model_dir, device=device)
+    model, tokenizer = build_model(cfg, config, student, device, ckpt_root / f"epoch-{start_epoch}" if start_epoch else None)
     key_texts = {}
     if cfg.target_format == "label_then_keytokens":
         by_id = {r["rationale_id"]: r for r in rows}
@@ -196,93 +239,130 @@ def setup(ws: Workspace, lineage: Lineage, cfg: TrainConfig, config: DistillConf
         # as many training tokens as `epochs` passes over rationale-then-answer sequences (Mysteries, equal budget)
         cot = sum(len(encode_rationale(tokenizer, config.teacher, r, max_length).ids) for r in rows)
         epochs = max(1, round(cfg.epochs * cot / sum(len(ids) for ids, _ in data)))
-    total_steps = math.ceil(len(data) / (cfg.batch_size * cfg.grad_accum)) * epochs
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    if cfg.tokens_per_batch is None:
+        total_steps = math.ceil(len(data) / (cfg.batch_size * cfg.grad_accum)) * epochs
+    else:   # the step count depends on the sequences' lengths, which for KPOD change with the stage
+        total_steps = sum(len(optimizer_steps(staged.sequences(e) if staged else data, cfg, e))
+                          for e in range(1, epochs + 1))
+    model = wrap(model, dist, cfg.strategy)
+    if cfg.compile == "on" or (cfg.compile == "auto" and device.startswith("cuda")):
+        model = torch.compile(model)
+    optimizer = build_optimizer(model, cfg, device)
     scheduler = get_cosine_with_min_lr_schedule_with_warmup(
         optimizer, num_warmup_steps=int(cfg.warmup_ratio * total_steps), num_training_steps=total_steps,
         min_lr_rate=cfg.min_lr_ratio)
     history = []
     if start_epoch:
         state = torch.load(ckpt_root / f"epoch-{start_epoch}" / "trainer_state.pt", weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer(model, optimizer, state["optimizer"], dist)
         scheduler.load_state_dict(state["scheduler"])
         history = json.loads((ckpt_root / f"epoch-{start_epoch}" / "metrics.json").read_text())["history"]
     run_config = {**config.model_dump(mode="json"), "train": cfg.model_dump(mode="json")}   # this run's resolved config
-    return TrainingRun(cfg, lineage, catalog, ckpt_root, student.model_dir, run_config, device,
+    return TrainingRun(cfg, config, lineage, catalog, ckpt_root, student.model_dir, run_config, device,
+                       resolve_precision(cfg.precision, device), cfg.pack_length or 2 * max_length, dist,
                        model, tokenizer, optimizer, scheduler, data, staged, epochs, start_epoch, n_truncated, history)
 
 
 def run_epoch(run: TrainingRun, epoch: int) -> dict:
-    """One pass over the data in a per-epoch order (a resumed run sees the same order); returns its metrics."""
+    """One pass over the data in a per-epoch order (a resumed run sees the same order); returns its metrics.
+    A step's loss is Σ over its supervised tokens / their count, whatever the packing, micro-batching or number
+    of processes (each rank sums its share; DDP/FSDP average the gradients, hence the × world)."""
     import torch
 
-    cfg, model, device = run.cfg, run.model, run.device
-    autocast_dtype = torch.bfloat16 if device == "cuda" else None
+    cfg, model, dist = run.cfg, run.model, run.dist
+    device_type = torch.device(run.device).type
+    autocast = run.precision == "bf16-mixed"
     model.train()
-    t0, tokens, supervised, weighted, loss_sum, n_micro = time.perf_counter(), 0, 0, 0.0, 0.0, 0
-    if run.staged:
-        run.data = run.staged.sequences(epoch)   # curriculum stage min(epoch, T): same examples, other prefixes
-    order = list(range(len(run.data)))
-    random.Random(f"{cfg.seed}-{epoch}").shuffle(order)
+    t0 = time.perf_counter()
+    data = run.data = run.epoch_data(epoch)   # KPOD: curriculum stage min(epoch, T): same examples, other prefixes
     torch.manual_seed(cfg.seed * 1000 + epoch)
-    micro = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
-    for i, idx in enumerate(micro):
-        batch = {k: v.to(device) for k, v in collate([run.data[j] for j in idx], run.tokenizer.pad_token_id).items()}
-        with torch.autocast(device_type=device, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        loss = weighted_nll(logits, batch["labels"], batch["weights"])
-        (loss / cfg.grad_accum).backward()
-        loss_sum += loss.item()
-        n_micro += 1
-        tokens += int(batch["attention_mask"].sum())
-        carries_loss = batch["labels"][:, 1:] != IGNORE          # what the loss sums over (a compute-fair comparison)
-        supervised += int(carries_loss.sum())
-        weighted += float((batch["weights"][:, 1:] * carries_loss).sum())
-        if (i + 1) % cfg.grad_accum == 0 or i + 1 == len(micro):
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            run.optimizer.step()
-            run.scheduler.step()
-            run.optimizer.zero_grad(set_to_none=True)
+    totals = torch.zeros(4, dtype=torch.float64)   # tokens, supervised tokens, weighted tokens, Σ step losses
+    groups = optimizer_steps(data, cfg, epoch)
+    loss_total = torch.zeros((), device=run.device)
+    for group in groups:
+        n_labelled = max(1, sum(labelled(data[j]) for idx in group for j in idx))   # the same on every rank
+        step_loss = torch.zeros((), device=run.device)   # this rank's share of the step's mean loss
+        for k, idx in enumerate(group):
+            share = idx[dist.rank::dist.world]
+            seqs = [data[j] for j in share or idx[:1]]   # a rank without a share runs one sequence with no loss
+            batch = (collate_packed(seqs, run.tokenizer.pad_token_id, run.pack_length) if cfg.packing
+                     else collate(seqs, run.tokenizer.pad_token_id))
+            if share:
+                carries_loss = batch["labels"][:, 1:] != IGNORE      # what the loss sums over (a compute-fair comparison)
+                totals += torch.tensor([sum(len(s[0]) for s in seqs), int(carries_loss.sum()),
+                                        float((batch["weights"][:, 1:] * carries_loss).sum()), 0.0], dtype=torch.float64)
+            else:
+                batch["weights"].zero_()
+            batch = {key: v.to(run.device, non_blocking=True) for key, v in batch.items()}
+            last = k + 1 == len(group)
+            if last:
+                resync(model, dist)
+            with no_grad_sync(model, dist, last):
+                with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=autocast):
+                    logits = model(**model_inputs(batch)).logits
+                nll = weighted_nll_sum(logits, batch["labels"], batch["weights"])
+                (nll * dist.world / n_labelled).backward()
+            step_loss += nll.detach() / n_labelled
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        run.optimizer.step()
+        run.scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        loss_total += step_loss
+    totals[3] = float(loss_total)   # one device sync per epoch
+    tokens, supervised, weighted, loss_sum = dist.sum(totals.tolist())
     return {"epoch": epoch, "stage": run.staged.stage_of(epoch) if run.staged else None,
-            "loss": loss_sum / max(n_micro, 1), "tokens": tokens, "supervised_tokens": supervised,
+            "loss": loss_sum / max(len(groups), 1), "tokens": int(tokens), "supervised_tokens": int(supervised),
             "weighted_tokens": round(weighted, 1),
             "tokens_per_s": tokens / (time.perf_counter() - t0), "lr": run.scheduler.get_last_lr()[0]}
 
 
 def save_checkpoint(run: TrainingRun, epoch: int, metrics: dict) -> Path:
-    """Write the epoch to a temp dir, then rename it into place (a kill never leaves a half-written epoch)."""
+    """Write the epoch to a temp dir, then rename it into place (a kill never leaves a half-written epoch). Every
+    rank gathers (FSDP); rank 0 writes. With LoRA the folder holds the adapter (peft format) on the student."""
     import torch
 
     run.history.append(metrics)
     final = run.ckpt_root / f"epoch-{epoch}"
-    tmp = temp_dir_for(final)
-    run.model.save_pretrained(tmp)
-    run.tokenizer.save_pretrained(tmp)
-    torch.save({"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(), "epoch": epoch},
-               tmp / "trainer_state.pt")
-    (tmp / "keystep_config.json").write_text(json.dumps(run.run_config, indent=2))
-    (tmp / "metrics.json").write_text(json.dumps({"history": run.history}, indent=2))
-    publish_dir(tmp, final)
-    with run.catalog.transaction() as con:
-        con.execute("delete from checkpoints where train_fp = ? and epoch = ?", [run.lineage.fp, epoch])
-        run.catalog.insert(con, "checkpoints", [{"train_fp": run.lineage.fp, "epoch": epoch, "path": str(final),
-                                                 "config_json": json.dumps(run.run_config),
-                                                 "metrics_json": json.dumps(metrics)}])
+    model_state, optimizer_state = full_state(run.model, run.optimizer, run.dist)
+    if run.dist.main:
+        tmp = temp_dir_for(final)
+        unwrap(run.model).save_pretrained(tmp, state_dict=model_state)
+        run.tokenizer.save_pretrained(tmp)
+        torch.save({"optimizer": optimizer_state, "scheduler": run.scheduler.state_dict(), "epoch": epoch},
+                   tmp / "trainer_state.pt")
+        (tmp / "keystep_config.json").write_text(json.dumps(run.run_config, indent=2))
+        (tmp / "metrics.json").write_text(json.dumps({"history": run.history}, indent=2))
+        publish_dir(tmp, final)
+        with run.catalog.transaction() as con:
+            con.execute("delete from checkpoints where train_fp = ? and epoch = ?", [run.lineage.fp, epoch])
+            run.catalog.insert(con, "checkpoints", [{"train_fp": run.lineage.fp, "epoch": epoch, "path": str(final),
+                                                     "config_json": json.dumps(run.run_config),
+                                                     "metrics_json": json.dumps(metrics)}])
+    run.dist.barrier()
     return final
 
 
+def merged_dir(run: TrainingRun) -> Path:
+    """What evaluation loads: the last epoch, or with LoRA + merge its adapter merged into the student."""
+    last = run.ckpt_root / f"epoch-{run.epochs}"
+    lora = run.config.student.lora
+    return last / "merged" if lora and lora.merge else last
+
+
 def cleanup(run: TrainingRun) -> Trained:
-    """Free the model and optimizer (and the GPU cache); the output names the final checkpoint."""
+    """Free the model and optimizer (and the GPU cache), merge LoRA adapters when asked (rank 0); the output names
+    the checkpoint evaluation loads."""
     import torch
 
     run.model = run.optimizer = None
-    if run.device == "cuda":
+    if run.device.startswith("cuda"):
         torch.cuda.empty_cache()
-    return Trained(fp=run.lineage.fp, final_dir=str(run.ckpt_root / f"epoch-{run.epochs}"), init_dir=run.init_dir,
+    final = merged_dir(run)
+    if run.dist.main and final.name == "merged" and not final.exists():
+        merge_adapter(final.parent, final)
+    run.dist.barrier()
+    run.dist.close()
+    return Trained(fp=run.lineage.fp, final_dir=str(final), init_dir=run.init_dir,
                    epochs=run.epochs, target_format=run.cfg.target_format, loss=run.cfg.loss, n_examples=len(run.data),
                    n_truncated=run.n_truncated, n_unweighted=run.staged.n_unweighted if run.staged else None,
                    resumed_from_epoch=run.start_epoch, device=run.device, history=run.history)
@@ -297,7 +377,7 @@ def run_training(ws: Workspace, lineage: Lineage, cfg: TrainConfig, config: Dist
     for epoch in range(run.start_epoch + 1, run.epochs + 1):
         metrics = run_epoch(run, epoch)
         save_checkpoint(run, epoch, metrics)
-        if on_epoch:
+        if on_epoch and run.dist.main:
             on_epoch(epoch, run.epochs, metrics)
     return cleanup(run)
 
@@ -312,22 +392,68 @@ def train_lineage(config: DistillConfig, generation: Generation, student: Studen
         upstream += [steps.fp, token_weights.fp, curriculum.fp]
     elif config.train.target_format == "label_then_keytokens":
         upstream += [token_weights.fp]
-    return Lineage("train", config.train, tuple(upstream), CODE_VERSION)
+    # LoRA adapters are trained here, so their settings belong to this stage (not to the student's)
+    what = config.train if config.student.lora is None else {"train": config.train, "lora": config.student.lora}
+    return Lineage("train", what, tuple(upstream), CODE_VERSION)
 
 
 def train_student(ws: Workspace, config: DistillConfig, generation: Generation, student: Student,
                   steps: Steps | None = None, token_weights: TokenWeights | None = None,
                   curriculum: Curriculum | None = None,
-                  on_epoch: Callable[[int, int, dict], None] | None = None) -> Trained:
+                  on_epoch: Callable[[int, int, dict], None] | None = None,
+                  log: Callable[[str], None] = print) -> Trained:
     lineage = train_lineage(config, generation, student, steps, token_weights, curriculum)
     done = cached_output(ws.catalog(), lineage, Trained)
     if done and Path(done.final_dir).exists():
         return done
-    out = run_training(ws, lineage, config.train, config, generation, student, steps, token_weights, curriculum,
-                       on_epoch)
+    if config.train.num_processes > 1:
+        out = launch_training(ws, config, generation, student, steps, token_weights, curriculum, on_epoch, log)
+    else:
+        out = run_training(ws, lineage, config.train, config, generation, student, steps, token_weights, curriculum,
+                           on_epoch)
     with ws.catalog().transaction() as con:
         ws.catalog().record_stage(con, lineage, out.model_dump())
     return out
+
+
+# ---- several processes (tasks/parallel.py) ---------------------------------------------------------------
+EPOCH_LINE = "keystep-epoch "
+
+
+def launch_training(ws: Workspace, config: DistillConfig, generation: Generation, student: Student,
+                    steps: Steps | None, token_weights: TokenWeights | None, curriculum: Curriculum | None,
+                    on_epoch: Callable[[int, int, dict], None] | None = None,
+                    log: Callable[[str], None] = print) -> Trained:
+    """`train.num_processes` ranks under torchrun, each running `worker_main`; their output goes to `log`, their
+    epoch lines to `on_epoch`."""
+    inputs = {"generation": generation, "student": student, "steps": steps, "token_weights": token_weights,
+              "curriculum": curriculum}
+    spec = {"workspace": str(ws.root), "config": config.model_dump(mode="json"),
+            **{k: v.model_dump(mode="json") if v else None for k, v in inputs.items()}}
+
+    def relay(line: str) -> None:
+        if line.startswith(EPOCH_LINE) and on_epoch:
+            on_epoch(*json.loads(line[len(EPOCH_LINE):]))
+        else:
+            log(line)
+
+    out = launch("tasks.train", spec, config.train.num_processes, pick_device(config.train.device), relay)
+    return Trained.model_validate(out)
+
+
+def worker_main() -> None:
+    """One rank: rebuild the inputs from the spec, train, and (rank 0) write the `Trained`."""
+    spec, out_path = worker_args()
+    config = DistillConfig.model_validate(spec["config"])
+    ws = Workspace(spec["workspace"])
+    types = {"steps": Steps, "token_weights": TokenWeights, "curriculum": Curriculum}
+    generation, student = Generation.model_validate(spec["generation"]), Student.model_validate(spec["student"])
+    upstream = {k: t.model_validate(spec[k]) if spec[k] else None for k, t in types.items()}
+    lineage = train_lineage(config, generation, student, **upstream)
+    out = run_training(ws, lineage, config.train, config, generation, student, **upstream,
+                       on_epoch=lambda *a: print(EPOCH_LINE + json.dumps(a), flush=True))
+    if int(os.environ.get("RANK", "0")) == 0:
+        out_path.write_text(out.model_dump_json())
 
 
 # ---- Prefect wrapper ------------------------------------------------------------------------------
@@ -348,10 +474,15 @@ def train_task(config: DistillConfig, generation: Generation, student: Student, 
         update_progress_artifact(progress, 100.0 * epoch / total)
         logger.info("epoch %d/%d loss %.4f (%.0f tokens/s)", epoch, total, metrics["loss"], metrics["tokens_per_s"])
 
-    out = train_student(workspace_of(config), config, generation, student, steps, token_weights, curriculum, on_epoch)
+    out = train_student(workspace_of(config), config, generation, student, steps, token_weights, curriculum, on_epoch,
+                        log=logger.info)
     update_progress_artifact(progress, 100.0)
     if out.n_truncated > TRUNCATION_WARN * out.n_examples:
         logger.warning("%d of %d training sequences (%.0f%%) were cut at student.max_length=%d: their answers are lost "
                        "to the loss; raise student.max_length", out.n_truncated, out.n_examples,
                        100 * out.n_truncated / out.n_examples, config.student.max_length)
     return out
+
+
+if __name__ == "__main__":
+    worker_main()

@@ -1,0 +1,62 @@
+"""LoRA / QLoRA students (peft): adapter checkpoints, a merged model evaluation loads, exact resume."""
+import json
+
+import pytest
+import torch
+
+from storage.workspace import Workspace
+from tasks.student import load_student
+from tasks.train import last_whole_epoch, train_lineage, train_student
+from tests.tasks.helpers import prepared
+from tests.tasks.test_train import Killed, train_killable
+
+LORA = {"student.lora": {"r": 4, "alpha": 8, "dropout": 0.1}, "train.lr": 0.01}
+
+
+def test_lora_trains_adapters_only_and_writes_a_merged_student(tmp_path):
+    ws = Workspace(tmp_path)
+    cfg, cat, gen, st = prepared(ws, n=32, **{"train.epochs": 2, **LORA})
+    out = train_student(ws, cfg, gen, st)
+    epoch = ws.checkpoints_root(out.fp) / "epoch-2"
+    adapter = json.loads((epoch / "adapter_config.json").read_text())
+    assert adapter["r"] == 4 and adapter["base_model_name_or_path"] == st.model_dir
+    assert not (epoch / "model.safetensors").exists()            # an epoch holds the adapter, not a model copy
+    assert out.final_dir == str(epoch / "merged")
+    base, tok = load_student(st.model_dir)
+    merged, _ = load_student(out.final_dir)
+    assert not hasattr(merged, "peft_config")                     # a plain HF model folder (what vLLM serves)
+    with_adapter, _ = load_student(epoch)                          # the adapter folder loads onto its base too
+    ids = torch.tensor([tok("1 + 2 = 3. The answer is 3")["input_ids"]])
+    with torch.no_grad():
+        a, b, c = (m(input_ids=ids).logits for m in (base, merged, with_adapter))
+    assert not torch.allclose(a, b, atol=1e-4)                     # training changed the model ...
+    assert torch.allclose(b, c, atol=1e-4)                         # ... and merging kept what the adapter does
+    assert out.history[-1]["loss"] < out.history[0]["loss"]
+
+
+def test_lora_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path):
+    runs = {}
+    for name, kill in (("full", None), ("killed", 1)):
+        ws = Workspace(tmp_path / name)
+        cfg, cat, gen, st = prepared(ws, n=32, **{"train.epochs": 3, **LORA})
+        if kill:
+            with pytest.raises(Killed):
+                train_killable(ws, cfg, cat, gen, st, kill_after=kill)
+            assert last_whole_epoch(ws.checkpoints_root(train_lineage(cfg, gen, st).fp)) == 1
+        runs[name] = train_killable(ws, cfg, cat, gen, st)
+    full, resumed = runs["full"], runs["killed"]
+    assert resumed.resumed_from_epoch == 1
+    assert [h["loss"] for h in resumed.history] == pytest.approx([h["loss"] for h in full.history], rel=1e-5)
+    a = load_student(full.final_dir)[0].state_dict()
+    b = load_student(resumed.final_dir)[0].state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_qlora_trains_on_a_4bit_base(tmp_path):
+    ws = Workspace(tmp_path)
+    cfg, cat, gen, st = prepared(ws, n=32, **{"train.epochs": 2, "student.lora": {"r": 4, "quantize": "4bit"},
+                                              "train.lr": 0.01})
+    out = train_student(ws, cfg, gen, st)
+    assert all(h["loss"] == h["loss"] for h in out.history)       # finite
+    merged, tok = load_student(out.final_dir)
+    assert merged.dtype in (torch.float32, torch.bfloat16) and not hasattr(merged, "peft_config")
