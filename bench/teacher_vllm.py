@@ -46,7 +46,8 @@ def main() -> None:
                             vllm_args=["--max-model-len", "512", "--gpu-memory-utilization", "0.1"])
         prompts = [f"Q: Tom has {i} apples and buys {i % 7 + 1} more. How many apples?\nA: Let's think step by step."
                    for i in range(N)]
-        with vllm_server(cfg, Path(tmp) / "vllm.log") as url:
+        with vllm_server(cfg.vllm_python, cfg.model, Path(tmp) / "vllm.log", "teacher", 0, cfg.vllm_args,
+                         cfg.server_start_timeout_s, "teacher.vllm_python") as url:
             teacher = OpenAITeacher(cfg, None, base_url=url, model="teacher")
             reqs = [GenerationRequest(example_id=str(i), sample_index=0, prompt=p, question="", answer="",
                                       answer_type="number") for i, p in enumerate(prompts)]

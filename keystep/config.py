@@ -300,7 +300,22 @@ class TrainConfig(Section):
 LABEL_FIRST = ("label_only", "label_then_cot", "label_then_shuffled_cot", "label_then_keytokens")
 
 
+# Evaluation settings that say where the vLLM engine comes from, not what it computes: out of the fingerprint.
+EVAL_OPERATIONAL = {"vllm_python", "server_start_timeout_s", "concurrency"}
+
+
 class EvalConfig(Section):
+    backend: Literal["auto", "hf", "vllm"] = Field(
+        "auto", description="Decoding engine: 'vllm' — vllm.LLM in this process when vLLM imports here, else a vLLM "
+        "server keystep starts from eval.vllm_python (serving the student folder, or its base + LoRA adapter); 'hf' — "
+        "transformers generate; 'auto' — vllm when it imports here or eval.vllm_python is set, else hf. Same greedy "
+        "decoding and the same predictions table either way.")
+    vllm_python: str | None = Field(None, description="vllm: Python of a separate vLLM environment (e.g. "
+                                    ".venv-vllm/bin/python); keystep starts a server with it.")
+    vllm_args: list[str] = Field(default_factory=list, description="vllm: extra engine arguments (server flags, e.g. "
+                                 "['--dtype', 'float32']).")
+    server_start_timeout_s: float = Field(600.0, gt=0, description="vllm server: how long to wait for its health check.")
+    concurrency: int = Field(64, ge=1, description="vllm server: requests in flight.")
     max_new_tokens: int = Field(96, ge=1, description="Greedy decoding length limit.")
     label_max_new_tokens: int = Field(16, ge=1, description="Label-first target formats: tokens decoded for the answer sentence (only the label is decoded).")
     batch_size: int = Field(64, ge=1, description="Prompts per generation batch.")

@@ -3,7 +3,8 @@
 Input: the `Trained` checkpoint (and the untrained `Student` as a baseline), the ingested evaluation `Dataset`s,
 `EvalConfig`. Output: `Evaluation`; rows in `eval_results` (accuracy per model, dataset, split, overall and per synthetic
 step count) and `predictions` (every output with its extracted answer), under the eval fingerprint.
-Decoding is batched with left padding, prompts sorted by length so a batch wastes little padding.
+Decoding is greedy: HF generate batched with left padding (prompts sorted by length so a batch wastes little
+padding), or vLLM (tasks/eval_vllm.py) when `eval.backend` picks it — the same prompts' token ids either way.
 """
 from __future__ import annotations
 
@@ -12,11 +13,12 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Callable
 
-from keystep.config import LABEL_FIRST, DistillConfig
+from keystep.config import EVAL_OPERATIONAL, LABEL_FIRST, DistillConfig
 from storage.fingerprint import Lineage
 from storage.workspace import Workspace
 from tasks.answers import extract_answer, is_correct
 from tasks.curriculum import Curriculum
+from tasks.eval_vllm import engine, vllm_generate
 from tasks.formats import format_prompt, generation_prompt
 from tasks.ingest import Dataset
 from tasks.stage import StageOutput, cached_output, pyplot, save_figure, workspace_of
@@ -32,6 +34,7 @@ class Evaluation(StageOutput):
     n_predictions: int
     accuracy: dict[str, float]
     device: str
+    engine: str = "hf"      # hf | vllm (in process) | vllm-server
 
 
 def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int, device: str,
@@ -71,7 +74,8 @@ def accuracy_rows(preds: list[dict], group_keys=("n_steps",)) -> list[dict]:
 
 
 def eval_lineage(config: DistillConfig, trained: Trained, student: Student, datasets: list[Dataset]) -> Lineage:
-    what = {"eval": config.eval, "prompt": config.teacher.prompt_template, "target_format": config.train.target_format,
+    what = {"eval": config.eval.model_dump(mode="json", exclude=EVAL_OPERATIONAL), "engine": engine(config.eval),
+            "prompt": config.teacher.prompt_template, "target_format": config.train.target_format,
             "device": config.train.device}
     return Lineage("evaluate", what, (trained.fp, student.fp, *[d.fp for d in datasets]), CODE_VERSION)
 
@@ -91,13 +95,18 @@ def evaluate_student(ws: Workspace, config: DistillConfig, trained: Trained, stu
             examples.append({**ex, "dataset": ds.name, "meta": json.loads(ex["meta_json"] or "{}")})
     prompts = [format_prompt(config.teacher, ex["question"]) for ex in examples]
     label_first = config.train.target_format in LABEL_FIRST
-    preds = []
+    preds, decoder = [], engine(cfg)
+    max_new_tokens = cfg.label_max_new_tokens if label_first else cfg.max_new_tokens
     for label, path in models.items():
-        model, tokenizer = load_student(path, device=device)
-        outputs = greedy_generate(model, tokenizer, prompts, cfg.label_max_new_tokens if label_first else cfg.max_new_tokens,
-                                  cfg.batch_size, device,
-                                  on_batch=(lambda d, t, label=label: on_progress(label, d, t)) if on_progress else None)
-        del model
+        if decoder == "hf":
+            model, tokenizer = load_student(path, device=device)
+            outputs = greedy_generate(model, tokenizer, prompts, max_new_tokens, cfg.batch_size, device,
+                                      on_batch=(lambda d, t, label=label: on_progress(label, d, t)) if on_progress else None)
+            del model
+        else:
+            from transformers import AutoTokenizer
+            outputs = vllm_generate(path, AutoTokenizer.from_pretrained(path), prompts, max_new_tokens, cfg,
+                                    ws.root / "logs" / f"vllm-eval-{fp}-{label}.log")
         for ex, prompt, out in zip(examples, prompts, outputs):
             extracted = extract_answer(out, ex["answer_type"], first=label_first)
             preds.append({"model_label": label, "dataset": ex["dataset"], "split": ex["split"], "meta": ex["meta"],
@@ -105,7 +114,7 @@ def evaluate_student(ws: Workspace, config: DistillConfig, trained: Trained, stu
                           "gold": ex["answer"],
                           "correct": is_correct(extracted, ex["answer"], ex["answer_type"], cfg.tolerance)})
     results = accuracy_rows(preds)
-    out = Evaluation(fp=fp, n_predictions=len(preds), device=device,
+    out = Evaluation(fp=fp, n_predictions=len(preds), device=device, engine=decoder,
                      accuracy={f"{r['model_label']}/{r['dataset']}/{r['split']}": r["accuracy"]
                                for r in results if r["group_key"] == "all"})
     with catalog.transaction() as con:

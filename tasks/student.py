@@ -121,8 +121,41 @@ def build_model(cfg: TrainConfig, config: DistillConfig, student: Student, devic
             if p.requires_grad:
                 p.data = p.data.float()   # adapters train in fp32 whatever the base's dtype
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return model, tokenizer
+
+
+def training_memory_gib(model_config, config: DistillConfig) -> dict[str, float]:
+    """A training run's GPU memory by part (GiB), from the model's shape and the train/student settings: weights,
+    what the optimizer trains (gradients + AdamW's two moments, fp32), activations (Korthikanti et al. 2022: ~34·h
+    bytes per token and layer in 16 bits without attention scores — SDPA/flash keep none; with checkpointing only
+    each layer's input, plus one layer recomputed) and the logits (bf16, their fp32 copy and its gradient)."""
+    import torch
+
+    from transformers import AutoModelForCausalLM
+
+    cfg, lora = config.train, config.student.lora
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config)
+    n_params = sum(p.numel() for p in model.parameters())
+    if lora:
+        from peft import LoraConfig, get_peft_model
+        model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, target_modules=lora.target_modules,
+                                                 task_type="CAUSAL_LM"))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen_bytes = 0.56 if lora and lora.quantize == "4bit" else 2 if cfg.precision == "bf16" else 4   # NF4 + scales
+    weight_bytes = frozen_bytes if lora else (2 if cfg.precision == "bf16" else 4)
+    tokens = cfg.tokens_per_batch or cfg.batch_size * config.student.max_length
+    h, layers, vocab = model_config.hidden_size, model_config.num_hidden_layers, model_config.vocab_size
+    act_bytes = 4 if cfg.precision == "fp32" else 2
+    per_layer = 34 * h * tokens * act_bytes / 2
+    gib = 2 ** 30
+    return {"params_b": n_params / 1e9, "trainable_m": trainable / 1e6,
+            "weights": (n_params - (trainable if lora else 0)) * weight_bytes / gib + (trainable * 4 / gib if lora else 0),
+            "optimizer": trainable * (4 + 8) / gib,
+            "activations": ((tokens * h * act_bytes * layers + per_layer) if cfg.gradient_checkpointing
+                            else per_layer * layers) / gib,
+            "logits": tokens * vocab * (act_bytes + 4 + 4) / gib}
 
 
 def merge_adapter(adapter_dir: Path, out_dir: Path) -> None:

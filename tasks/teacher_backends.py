@@ -258,21 +258,22 @@ def free_port() -> int:
 
 
 @contextmanager
-def vllm_server(cfg: TeacherConfig, log_path: Path) -> Iterator[str]:
-    """Start a vLLM OpenAI server from `cfg.vllm_python` on loopback; yield its base URL; stop it afterwards."""
-    python = cfg.vllm_python
+def vllm_server(python: str | None, model: str, log_path: Path, served_name: str, seed: int, args: list[str],
+                start_timeout_s: float, config_key: str) -> Iterator[str]:
+    """Start a vLLM OpenAI server from the vLLM environment's `python` on loopback serving `model` as
+    `served_name`; yield its base URL; stop it afterwards. `config_key` names the setting `python` came from."""
     if not python or not Path(python).exists():
-        raise ValueError(f"config key 'teacher.vllm_python': '{python}' is not a Python executable; point it at the "
+        raise ValueError(f"config key '{config_key}': '{python}' is not a Python executable; point it at the "
                          "python of a separate vLLM environment (see `make test-vllm`), since vLLM does not import here")
     port = free_port()
-    cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", cfg.model, "--served-model-name", "teacher",
-           "--host", "127.0.0.1", "--port", str(port), "--seed", str(cfg.seed or 0), *cfg.vllm_args]
+    cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--served-model-name", served_name,
+           "--host", "127.0.0.1", "--port", str(port), "--seed", str(seed), *args]
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log = open(log_path, "ab")
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
-        deadline = time.monotonic() + cfg.server_start_timeout_s
+        deadline = time.monotonic() + start_timeout_s
         while True:
             if proc.poll() is not None:
                 tail = log_path.read_text(errors="replace")[-2000:]
@@ -284,7 +285,7 @@ def vllm_server(cfg: TeacherConfig, log_path: Path) -> Iterator[str]:
             except OSError:
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError(f"vLLM server not healthy after {cfg.server_start_timeout_s:.0f}s; log {log_path}")
+                raise RuntimeError(f"vLLM server not healthy after {start_timeout_s:.0f}s; log {log_path}")
             time.sleep(1 + random.random())
         yield f"http://127.0.0.1:{port}/v1"
     finally:
@@ -318,7 +319,8 @@ def open_endpoint(cfg: TeacherConfig, log_path: Path) -> Iterator[str | None]:
     """The base URL the OpenAI client should use: cfg.base_url, a vLLM server started here, or None
     (reference teacher, or in-process vLLM)."""
     if cfg.backend == "vllm" and not vllm_importable():
-        with vllm_server(cfg, log_path) as url:
+        with vllm_server(cfg.vllm_python, cfg.model, log_path, "teacher", cfg.seed or 0, cfg.vllm_args,
+                         cfg.server_start_timeout_s, "teacher.vllm_python") as url:
             yield url
     elif cfg.backend == "openai":
         yield cfg.base_url

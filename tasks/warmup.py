@@ -19,7 +19,10 @@ from tasks.student import Student
 from tasks.teacher import Generation
 from tasks.train import run_training
 
-CODE_VERSION = "1"
+CODE_VERSION = "2"
+# How the warm-up runs (not what it learns) comes from the user's train section: a 7B LoRA student warms up
+# with the same precision, checkpointing and packing it trains with.
+INHERITED = ("device", "precision", "compile", "gradient_checkpointing", "packing", "pack_length", "allow_truncation")
 
 
 def predictor_warmup_epochs(config: DistillConfig) -> int:
@@ -34,8 +37,9 @@ def scorer_warmup_epochs(config: DistillConfig) -> int:
 
 
 def warmup_lineage(config: DistillConfig, generation: Generation, student: Student, epochs: int) -> Lineage:
-    return Lineage("student-warmup", {"epochs": epochs, "device": config.train.device}, (generation.fp, student.fp),
-                   CODE_VERSION)
+    return Lineage("student-warmup", {"epochs": epochs, "device": config.train.device,
+                                      "precision": config.train.precision, "lora": config.student.lora},
+                   (generation.fp, student.fp), CODE_VERSION)
 
 
 def warm_up_student(ws: Workspace, config: DistillConfig, generation: Generation, student: Student,
@@ -46,9 +50,8 @@ def warm_up_student(ws: Workspace, config: DistillConfig, generation: Generation
     done = cached_output(ws.catalog(), lineage, Student)
     if done:
         return done
-    trained = run_training(ws, lineage, TrainConfig(epochs=epochs, seed=1, device=config.train.device,
-                                                         allow_truncation=config.train.allow_truncation), config,
-                           generation, student)
+    cfg = TrainConfig(epochs=epochs, seed=1, **{k: getattr(config.train, k) for k in INHERITED})
+    trained = run_training(ws, lineage, cfg, config, generation, student)
     out = Student(fp=lineage.fp, model_dir=trained.final_dir, n_params=student.n_params, device=trained.device)
     with ws.catalog().transaction() as con:
         ws.catalog().record_stage(con, lineage, out.model_dump())

@@ -60,3 +60,40 @@ def test_qlora_trains_on_a_4bit_base(tmp_path):
     assert all(h["loss"] == h["loss"] for h in out.history)       # finite
     merged, tok = load_student(out.final_dir)
     assert merged.dtype in (torch.float32, torch.bfloat16) and not hasattr(merged, "peft_config")
+
+
+def test_the_7b_preset_runs_its_settings_on_a_tiny_llama(tmp_path):
+    """configs/gsm8k-lora-7b.yaml as it is — LoRA, bf16 base, gradient checkpointing, packing, batches by tokens —
+    on a tiny random Llama and synthetic data; and its memory estimate for a LLaMA-7B shape fits one 80 GB GPU."""
+    from transformers import LlamaConfig
+
+    from keystep.config import load_config
+    from tasks import ingest, teacher
+    from tasks.evaluate import evaluate_student
+    from tasks.student import init_student, training_memory_gib
+    from tests.conftest import ROOT
+    from tests.vllm_model import build_tiny_llama
+
+    model_dir = build_tiny_llama(tmp_path / "tiny-llama")
+    synthetic = {"name": "synthetic", "source": "synthetic:arith", "max_steps": 2, "max_operand": 9}
+    cfg = load_config(ROOT / "configs" / "gsm8k-lora-7b.yaml", {
+        "data.train": {**synthetic, "n": 48, "seed": 0}, "data.eval": [{**synthetic, "split": "test", "n": 8, "seed": 1}],
+        "student.model": str(model_dir), "train.epochs": 1, "train.tokens_per_batch": 1024, "train.pack_length": 512,
+        "train.device": "cpu", "eval.max_new_tokens": 16, "storage.workspace": str(tmp_path / "ws")})
+    assert cfg.student.lora and cfg.train.precision == "bf16" and cfg.train.gradient_checkpointing and cfg.train.packing
+    ws = Workspace(tmp_path / "ws")
+    gen = teacher.generate_rationales(ws, cfg, ingest.ingest(ws, cfg.data.train))
+    st = init_student(ws, cfg, gen)
+    out = train_student(ws, cfg, gen, st)
+    assert out.history[0]["loss"] == out.history[0]["loss"] and len(out.history) == 1
+    saved = json.loads((ws.checkpoints_root(out.fp) / "epoch-1" / "keystep_config.json").read_text())
+    assert saved["train"]["precision"] == "bf16" and saved["student"]["lora"]["r"] == 16
+    ev = evaluate_student(ws, cfg, out, st, [ingest.ingest(ws, spec) for spec in cfg.data.eval])
+    assert ev.engine == "hf" and ev.n_predictions == 16                 # student + untrained, 8 each
+
+    llama_7b = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                           num_attention_heads=32, num_key_value_heads=32)
+    gib = training_memory_gib(llama_7b, load_config(ROOT / "configs" / "gsm8k-lora-7b.yaml"))
+    total = gib["weights"] + gib["optimizer"] + gib["activations"] + gib["logits"]
+    assert gib["trainable_m"] == pytest.approx(39.98, abs=0.01)        # r=16 on all 7 linear layers of 32 blocks
+    assert total == pytest.approx(24.1, abs=0.2) and total < 80 * 0.9    # the README's figure; fits one 80 GB GPU

@@ -220,3 +220,19 @@ def test_too_many_cut_sequences_fail_before_training_unless_allowed(tmp_path):
     allowed = cfg.model_copy(update={"train": cfg.train.model_copy(update={"allow_truncation": True, "epochs": 1})})
     out = train_student(ws, allowed, gen, st)
     assert out.n_truncated == out.n_examples == 16                        # counted and reported, not silent
+
+
+def test_throughput_settings_change_the_speed_not_the_run(tmp_path):
+    """Gradient checkpointing recomputes the same activations; bf16 weights and tokens_per_batch still train."""
+    runs = {}
+    for name, extra in (("plain", {}), ("checkpointed", {"train.gradient_checkpointing": True}),
+                        ("bf16", {"train.precision": "bf16"}), ("by_tokens", {"train.tokens_per_batch": 600})):
+        ws = Workspace(tmp_path / name)
+        cfg, cat, gen, st = prepared(ws, n=32, **{"train.epochs": 2, "train.lr": 0.01, **extra})
+        runs[name] = train_student(ws, cfg, gen, st)
+    loss = {k: [h["loss"] for h in r.history] for k, r in runs.items()}
+    assert loss["checkpointed"] == pytest.approx(loss["plain"], rel=1e-5)
+    assert loss["bf16"][-1] < loss["bf16"][0] and loss["by_tokens"][-1] < loss["by_tokens"][0]
+    assert runs["bf16"].history[0]["loss"] == pytest.approx(loss["plain"][0], rel=0.05)
+    from transformers import AutoConfig
+    assert AutoConfig.from_pretrained(runs["bf16"].final_dir).dtype == torch.bfloat16
