@@ -21,7 +21,7 @@ VLLM_ARGS = ["--dtype", "float32", "--gpu-memory-utilization", "0.1"]
 def test_vllm_evaluation_matches_hf_generate(tmp_path, lora):
     ws = Workspace(tmp_path)
     extra = {"student.lora": {"r": 8, "merge": False}} if lora else {}
-    cfg, cat, gen, st = prepared(ws, n=48, **{"train.epochs": 3, "train.lr": 0.01, **STUDENT, **extra})
+    cfg, cat, gen, st = prepared(ws, n=64, **{"train.epochs": 10, "train.lr": 0.005, **STUDENT, **extra})
     trained = train_student(ws, cfg, gen, st)
     datasets = [ingest(ws, spec) for spec in cfg.data.eval]
     hf_cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"backend": "hf", "include_untrained": False})})
@@ -35,5 +35,5 @@ def test_vllm_evaluation_matches_hf_generate(tmp_path, lora):
           for e, o in (("hf", hf), ("vllm", vl))}
     same = sum(by["hf"][k] == by["vllm"][k] for k in by["hf"])
     assert same >= 0.8 * len(by["hf"]), (same, len(by["hf"]))      # greedy both: near-identical text
-    assert any(by["vllm"].values())
+    assert sum(map(bool, by["hf"].values())) >= 0.8 * len(by["hf"])   # a student that says something
     assert (ws.root / "logs" / f"vllm-eval-{vl.fp}-student.log").exists()
