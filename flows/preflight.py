@@ -112,6 +112,41 @@ def check_teacher(cfg: TeacherConfig) -> None:
                           "environment, e.g. .venv-vllm/bin/python from `make test-vllm`)")
 
 
+def check_training(config: DistillConfig) -> None:
+    """Processes, the evaluation engine and — for a model folder on a GPU — the training memory estimate."""
+    from tasks.eval_vllm import engine
+
+    cfg = config.train
+    if cfg.num_processes > 1 and cfg.device != "cpu":
+        import torch
+        if torch.cuda.is_available() and torch.cuda.device_count() < cfg.num_processes:
+            raise ConfigError(f"config key 'train.num_processes': {cfg.num_processes} processes need as many GPUs, but "
+                              f"{torch.cuda.device_count()} are visible; lower it or expose more GPUs")
+    if config.eval.vllm_python and not Path(config.eval.vllm_python).is_file():
+        raise ConfigError(f"config key 'eval.vllm_python': '{config.eval.vllm_python}' not found (the Python of a vLLM "
+                          "environment, e.g. .venv-vllm/bin/python from `make test-vllm`)")
+    try:
+        engine(config.eval)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    path = Path(config.student.model).expanduser()
+    if path.is_dir() and cfg.device != "cpu":
+        import torch
+        if torch.cuda.is_available():
+            from transformers import AutoConfig
+
+            from tasks.student import training_memory_gib
+            parts = training_memory_gib(AutoConfig.from_pretrained(str(path)), config)
+            need = sum(v for k, v in parts.items() if k not in ("params_b", "trainable_m")) / max(
+                1, cfg.num_processes if cfg.strategy == "fsdp" else 1)
+            have = torch.cuda.get_device_properties(0).total_memory / 2 ** 30
+            if need > have:
+                raise ConfigError(f"config key 'train': training this {parts['params_b']:.1f}B student needs about "
+                                  f"{need:.0f} GiB per GPU, more than the {have:.0f} GiB here; set student.lora, "
+                                  "train.gradient_checkpointing: true, train.precision: bf16 or a smaller "
+                                  "train.tokens_per_batch (configs/gsm8k-lora-7b.yaml shows a 7B setup)")
+
+
 def preflight(config: DistillConfig, check_teacher_endpoint: bool = True) -> None:
     check_workspace(config.storage.workspace)
     check_device(config.train.device)
@@ -121,5 +156,6 @@ def preflight(config: DistillConfig, check_teacher_endpoint: bool = True) -> Non
     if config.teacher.backend == "reference":
         check_reference_rationales(config.data.train, train)
     check_student(config.student.model)
+    check_training(config)
     if check_teacher_endpoint:
         check_teacher(config.teacher)

@@ -339,6 +339,14 @@ class DistillConfig(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation.")
     storage: StorageConfig = Field(default_factory=StorageConfig, description="Where results live.")
 
+    @model_validator(mode="after")
+    def _check_sections(self) -> "DistillConfig":
+        lora, train = self.student.lora, self.train
+        if lora and lora.quantize == "4bit" and train.num_processes > 1 and train.strategy == "fsdp":
+            raise ValueError("student.lora.quantize '4bit' cannot be sharded by train.strategy 'fsdp' (FSDP does not "
+                             "shard bitsandbytes' 4-bit weights); use train.strategy: ddp, or quantize: none")
+        return self
+
 
 def _describe(err: ValidationError) -> str:
     first = err.errors()[0]

@@ -6,6 +6,11 @@ load it). `pick_device` resolves `train.device` for every stage that runs a mode
 
 `scratch` builds a tiny Llama-style causal LM and trains a byte-level BPE tokenizer on the corpus with
 `tokenizers`; any other value is a Hugging Face causal LM path or hub id, loaded as is.
+
+Also the student as the model stages hold it: `load_student` (a model folder, or a peft LoRA adapter folder onto its
+base), `build_model` (training's copy: precision, LoRA/QLoRA adapters through peft, activation checkpointing),
+`merge_adapter` (a LoRA checkpoint as a plain model folder) and `training_memory_gib` (the estimate the preflight
+and the README's 7B figure use).
 """
 from __future__ import annotations
 

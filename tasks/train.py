@@ -13,7 +13,10 @@ state are restored and the data order is a function of (seed, epoch), so the res
 
 In the style of nanoGPT and torchtune's recipes: `setup` builds everything the loop touches (a `TrainingRun`),
 `run_epoch` is one explicit pass, `save_checkpoint` publishes an epoch, `cleanup` frees the device and returns
-the output; `run_training` is the loop over them.
+the output; `run_training` is the loop over them. Batches are packed rows (tasks/packing.py); a step's loss is its
+supervised tokens' summed loss over their count, so packing, micro-batching and the number of processes
+(tasks/parallel.py: `train.num_processes` > 1 runs this module under torchrun) leave the gradient unchanged.
+With `student.lora` an epoch's checkpoint is the adapter; the last one is also merged (`final_dir`).
 """
 from __future__ import annotations
 

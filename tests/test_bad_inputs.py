@@ -77,6 +77,12 @@ CASES = [
         "{tmp}/no-rationales.jsonl", choices_field="choices")], "answer_type"),
     ("KPOD loss with a label-first format", ["run", MICRO, "--set", "train.loss=kpod", "--set",
      "train.target_format=label_only"], "target_format"),
+    ("vLLM evaluation with no vLLM anywhere", ["run", MICRO, "--set", "eval.backend=vllm"], "eval.vllm_python"),
+    ("vLLM evaluation python that is not there", ["run", MICRO, "--set", "eval.vllm_python=/no/such/python"],
+     "eval.vllm_python"),
+    ("a LoRA key that does not exist", ["run", MICRO, "--set", 'student.lora={"rank": 8}'], "student.lora.rank"),
+    ("QLoRA sharded by FSDP", ["run", MICRO, "--set", 'student.lora={"quantize": "4bit"}', "--set",
+     "train.num_processes=2", "--set", "train.strategy=fsdp"], "train.strategy"),
     ("experiment file without variants", ["experiment", "{tmp}/exp-no-variants.yaml"], "variants"),
     ("results without a catalog", ["results", "--workspace", "{tmp}/empty-ws"], "no catalog"),
 ]
