@@ -202,3 +202,29 @@ def test_a_preset_with_edited_config_fields_is_refused_not_silently_ignored():
     assert resolve_config(edited, None, {"train.lr": 0.01}).train.epochs == 7                 # fields + overrides
     with pytest.raises(ConfigError, match="preset .* and edited config fields"):
         resolve_config(edited, micro, None)
+
+
+def test_two_training_processes_run_inside_the_train_task(prefect_api, tmp_path):
+    """train.num_processes: 2 — the train-student task launches torchrun and its log carries the ranks' output
+    and the epoch lines (one task run: the `gpu` tag's concurrency limit counts it once)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterTaskRunId
+
+    from flows.distill import distill
+
+    seen: set = set()
+    _, seen = stage_runs(seen)
+    out = distill(config=micro_config(tmp_path / "ws", **{"train.num_processes": 2}))
+    assert out["accuracy"]
+
+    async def train_logs():
+        async with get_client() as client:
+            runs = [r for r in await client.read_task_runs(limit=200) if r.id not in seen
+                    and r.name.startswith("train-student")]
+            assert len(runs) == 1 and "gpu" in runs[0].tags
+            logs = await client.read_logs(LogFilter(task_run_id=LogFilterTaskRunId(any_=[runs[0].id])))
+            return [log.message for log in logs]
+
+    messages = asyncio.run(train_logs())
+    assert any("epoch 2/2" in m for m in messages)
+    assert {m for m in messages if m.startswith("rank ")} == {"rank 0 of 2 joined (gloo)", "rank 1 of 2 joined (gloo)"}

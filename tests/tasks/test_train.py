@@ -236,3 +236,13 @@ def test_throughput_settings_change_the_speed_not_the_run(tmp_path):
     assert runs["bf16"].history[0]["loss"] == pytest.approx(loss["plain"][0], rel=0.05)
     from transformers import AutoConfig
     assert AutoConfig.from_pretrained(runs["bf16"].final_dir).dtype == torch.bfloat16
+
+
+def test_compiled_model_trains_the_same_run(tmp_path):
+    """train.compile: on (the CUDA default) on the CPU: torch.compile's graph gives the eager run's losses."""
+    runs = {}
+    for name, extra in (("eager", {}), ("compiled", {"train.compile": "on"})):
+        ws = Workspace(tmp_path / name)
+        cfg, cat, gen, st = prepared(ws, n=16, **{"train.epochs": 1, "train.batch_size": 16, **extra})
+        runs[name] = [h["loss"] for h in train_student(ws, cfg, gen, st).history]
+    assert runs["compiled"] == pytest.approx(runs["eager"], rel=1e-4)
