@@ -45,7 +45,9 @@ class Dist:
             if device == "cuda":
                 torch.cuda.set_device(local_rank)
             dist.init_process_group("nccl" if device == "cuda" else "gloo")
-        print(f"rank {dist.get_rank()} of {world} joined ({dist.get_backend()})", flush=True)
+        # one write per line: the ranks share torchrun's stdout
+        sys.stdout.write(f"rank {dist.get_rank()} of {world} joined ({dist.get_backend()})\n")
+        sys.stdout.flush()
         return cls(dist.get_rank(), world, local_rank)
 
     def device(self, device: str) -> str:

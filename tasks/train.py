@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import random
 import time
 from dataclasses import dataclass
@@ -436,7 +437,12 @@ def launch_training(ws: Workspace, config: DistillConfig, generation: Generation
 
     def relay(line: str) -> None:
         if line.startswith(EPOCH_LINE) and on_epoch:
-            on_epoch(*json.loads(line[len(EPOCH_LINE):]))
+            try:
+                epoch = json.loads(line[len(EPOCH_LINE):])
+            except ValueError:   # another rank's output got into the line: progress is cosmetic, keep the text
+                log(line)
+                return
+            on_epoch(*epoch)
         else:
             log(line)
 
@@ -454,7 +460,7 @@ def worker_main() -> None:
     upstream = {k: t.model_validate(spec[k]) if spec[k] else None for k, t in types.items()}
     lineage = train_lineage(config, generation, student, **upstream)
     out = run_training(ws, lineage, config.train, config, generation, student, **upstream,
-                       on_epoch=lambda *a: print(EPOCH_LINE + json.dumps(a), flush=True))
+                       on_epoch=lambda *a: (sys.stdout.write(EPOCH_LINE + json.dumps(a) + "\n"), sys.stdout.flush()))
     if int(os.environ.get("RANK", "0")) == 0:
         out_path.write_text(out.model_dump_json())
 

@@ -227,4 +227,5 @@ def test_two_training_processes_run_inside_the_train_task(prefect_api, tmp_path)
 
     messages = asyncio.run(train_logs())
     assert any("epoch 2/2" in m for m in messages)
-    assert {m for m in messages if m.startswith("rank ")} == {"rank 0 of 2 joined (gloo)", "rank 1 of 2 joined (gloo)"}
+    text = "\n".join(messages)   # the two ranks write to one pipe: their lines may interleave
+    assert "rank 0 of 2 joined (gloo)" in text and "rank 1 of 2 joined (gloo)" in text
