@@ -29,6 +29,7 @@ import time
 import urllib.request
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -306,6 +307,7 @@ def resolve_api_key(cfg: TeacherConfig) -> str | None:
     return os.environ.get(cfg.api_key_env)
 
 
+@cache   # asked per stage and per cache key; an import attempt can take seconds
 def vllm_importable() -> bool:
     try:
         import vllm  # noqa: F401
