@@ -259,6 +259,10 @@ class TrainConfig(Section):
         "the frozen base; the adapters stay fp32); 'auto': bf16-mixed on CUDA, fp32 on CPU.")
     compile: Literal["auto", "on", "off"] = Field("auto", description="torch.compile the model: 'auto' on CUDA only "
                                                   "(on CPU its compile time outweighs its gain at the demo's size).")
+    attention: Literal["auto", "sdpa", "eager", "flash_attention_2", "flex_attention"] = Field(
+        "auto", description="Attention kernel for training (each takes packed rows: the borders come from the position "
+        "ids). 'auto': flash_attention_2 (varlen, no O(row²) mask) on CUDA when the flash-attn package imports, else "
+        "sdpa. flex_attention trains on CUDA only (no CPU backward).")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass: much less "
                                          "memory for ~30% more compute (large students, LoRA on 7B).")
     num_processes: int = Field(1, ge=1, description="Training processes (one per GPU), launched by torchrun as a "

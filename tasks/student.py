@@ -98,6 +98,19 @@ def resolve_precision(precision: str, device: str) -> str:
     return ("bf16-mixed" if device.startswith("cuda") else "fp32") if precision == "auto" else precision
 
 
+def attention_kernel(setting: str, device: str) -> str:
+    """`train.attention` -> a transformers attn_implementation."""
+    if setting != "auto":
+        return setting
+    if device.startswith("cuda"):
+        try:
+            import flash_attn  # noqa: F401
+            return "flash_attention_2"
+        except ImportError:
+            pass
+    return "sdpa"
+
+
 def build_model(cfg: TrainConfig, config: DistillConfig, student: Student, device: str, resume_dir: Path | None):
     """(model, tokenizer): the student (or the checkpoint `resume_dir`) in the run's precision; with `student.lora`
     the base frozen (NF4 with quantize: 4bit) and peft LoRA adapters on it (fp32, restored from `resume_dir`)."""
@@ -125,6 +138,7 @@ def build_model(cfg: TrainConfig, config: DistillConfig, student: Student, devic
         for p in model.parameters():
             if p.requires_grad:
                 p.data = p.data.float()   # adapters train in fp32 whatever the base's dtype
+    model.set_attn_implementation(attention_kernel(cfg.attention, device))
     if cfg.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return model, tokenizer

@@ -24,13 +24,15 @@ def test_pack_rows_places_every_sequence_once_within_the_row_length():
     assert sorted(map(sorted, rows)) == [[0, 1], [2, 4, 5], [3, 7], [6]]   # 90+30 | 60+10+45 | 120+5 | 200
 
 
-def test_packed_kpod_loss_equals_padded_loss_with_weights_and_prefixes(tmp_path):
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_packed_kpod_loss_equals_padded_loss_with_weights_and_prefixes(tmp_path, attention):
     """fp32: Σ weighted NLL of packed rows == Σ over the same sequences one per padded row (1e-4), for a curriculum
     stage with step prefixes (no loss on them) and the learned token weights."""
     torch.manual_seed(0)
     ws = Workspace(tmp_path)
     cfg, cat, gen, st, kpod = kpod_prepared(ws, n=24, epochs=2)
     model, tok = load_student(st.model_dir)
+    model.set_attn_implementation(attention)
     model.eval()
     rows = cat.query("kept_rationales", dataset_fp=gen.dataset_fp, teacher_fp=gen.teacher_fp, only_correct=True)
     data = KpodData(cat, tok, cfg, rows, kpod["steps"], kpod["token_weights"], kpod["curriculum"]).sequences(1)
@@ -44,23 +46,27 @@ def test_packed_kpod_loss_equals_padded_loss_with_weights_and_prefixes(tmp_path)
             assert loss_sum(model, packed).item() == pytest.approx(padded.item(), rel=1e-4)
 
 
-def test_a_sequences_outputs_do_not_change_when_others_share_its_row(tmp_path):
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_a_sequences_outputs_do_not_change_when_others_share_its_row(tmp_path, attention):
     ws = Workspace(tmp_path)
     cfg, cat, gen, st = prepared(ws, n=8)
     model, tok = load_student(st.model_dir)
+    model.set_attn_implementation(attention)
     model.eval()
     from tasks.formats import encode_rationale
     rows = cat.query("kept_rationales", dataset_fp=gen.dataset_fp, teacher_fp=gen.teacher_fp, only_correct=True)
     seqs = [(s.ids, s.labels) for s in (encode_rationale(tok, cfg.teacher, r, 256) for r in rows)]
+    packed = collate_packed(seqs, tok.pad_token_id, row_length=10_000)     # all in one row
+    assert packed["input_ids"].shape[0] == 1
+    starts = (packed["position_ids"][0] == 0).nonzero().flatten().tolist()    # where each sequence begins
     with torch.no_grad():
-        alone = model(input_ids=torch.tensor([seqs[0][0]])).logits[0]
-        packed = collate_packed(seqs, tok.pad_token_id, row_length=10_000)     # all in one row
-        assert packed["input_ids"].shape[0] == 1
-        ids = packed["input_ids"][0].tolist()
-        n = len(seqs[0][0])
-        start = next(i for i in range(len(ids)) if ids[i:i + n] == seqs[0][0])
-        together = model(**model_inputs(packed)).logits[0, start:start + n]
-    assert torch.allclose(alone, together, atol=1e-5)
+        together = model(**model_inputs(packed)).logits[0]
+        for seq_ids, _ in seqs:               # every one of them, the ones after others in the row included
+            n = len(seq_ids)
+            start = next(i for i in starts if packed["input_ids"][0, i:i + n].tolist() == seq_ids)
+            alone = model(input_ids=torch.tensor([seq_ids])).logits[0]
+            assert torch.allclose(alone, together[start:start + n], atol=1e-5)
+    assert max(starts[:len(seqs)]) > 0
 
 
 def test_tokens_per_batch_fills_micro_batches_up_to_the_budget():
