@@ -107,6 +107,8 @@ def evaluate_student(ws: Workspace, config: DistillConfig, trained: Trained, stu
             from transformers import AutoTokenizer
             outputs = vllm_generate(path, AutoTokenizer.from_pretrained(path), prompts, max_new_tokens, cfg,
                                     ws.root / "logs" / f"vllm-eval-{fp}-{label}.log")
+            if on_progress:   # vLLM decodes all prompts in one go: the progress moves once per model
+                on_progress(label, len(prompts), len(prompts))
         for ex, prompt, out in zip(examples, prompts, outputs):
             extracted = extract_answer(out, ex["answer_type"], first=label_first)
             preds.append({"model_label": label, "dataset": ex["dataset"], "split": ex["split"], "meta": ex["meta"],
