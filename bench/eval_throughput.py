@@ -22,7 +22,7 @@ from keystep.config import load_config, parse_value  # noqa: E402
 from storage.workspace import Workspace  # noqa: E402
 from tasks import eval_vllm, ingest, teacher  # noqa: E402
 from tasks.evaluate import greedy_generate  # noqa: E402
-from tasks.formats import format_prompt, generation_prompt  # noqa: E402
+from tasks.formats import format_prompt  # noqa: E402
 from tasks.student import init_student, load_student, pick_device  # noqa: E402
 from tasks.teacher_backends import vllm_importable, vllm_server  # noqa: E402
 from tasks.train import train_student  # noqa: E402
@@ -32,11 +32,7 @@ VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
 
 def vllm_outputs(path: str, tok, prompts: list[str], max_new: int, device: str) -> tuple[list[str], float, float]:
     """(texts, decode seconds, start-up seconds)."""
-    from transformers import AutoConfig
-
-    room = AutoConfig.from_pretrained(path).max_position_embeddings
-    ids = [tok(generation_prompt(tok, p), add_special_tokens=False)["input_ids"] for p in prompts]
-    budgets = [max(1, min(max_new, room - len(i))) for i in ids]
+    ids, budgets, room = eval_vllm.vllm_requests(path, tok, prompts, max_new)
     if vllm_importable():
         t0 = time.perf_counter()
         texts = eval_vllm.generate_in_process(path, ids, budgets, room)   # includes engine start-up

@@ -9,10 +9,10 @@ continuations' texts in prompt order, which tasks/evaluate.py scores into the sa
 from __future__ import annotations
 
 import asyncio
-import json
 from pathlib import Path
 
 from keystep.config import EvalConfig
+from tasks.student import adapter_config, weights_folder
 from tasks.teacher_backends import vllm_importable, vllm_server
 
 SERVED_NAME = "student"
@@ -32,19 +32,13 @@ def engine(cfg: EvalConfig) -> str:
     return "hf"
 
 
-def adapter_of(path: str | Path) -> dict | None:
-    """A peft adapter folder's adapter_config.json (its base and rank), else None."""
-    p = Path(path) / "adapter_config.json"
-    return json.loads(p.read_text()) if p.exists() else None
-
-
 def generate_in_process(path: str, prompt_ids: list[list[int]], budgets: list[int], max_model_len: int) -> list[str]:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
     from vllm.lora.request import LoRARequest
 
-    adapter = adapter_of(path)
-    llm = LLM(model=adapter["base_model_name_or_path"] if adapter else path, tokenizer=path, seed=0,
+    adapter = adapter_config(path)
+    llm = LLM(model=weights_folder(path), tokenizer=path, seed=0,
               max_model_len=max_model_len, enable_lora=bool(adapter),
               **({"max_lora_rank": adapter["r"]} if adapter else {}))
     params = [SamplingParams(temperature=0.0, max_tokens=b) for b in budgets]
@@ -56,12 +50,11 @@ def generate_in_process(path: str, prompt_ids: list[list[int]], budgets: list[in
 
 def generate_with_server(path: str, prompt_ids: list[list[int]], budgets: list[int], max_model_len: int,
                          cfg: EvalConfig, log_path: Path) -> list[str]:
-    adapter = adapter_of(path)
+    adapter = adapter_config(path)
     args = ["--max-model-len", str(max_model_len), "--tokenizer", str(path), *cfg.vllm_args]
     if adapter:
         args += ["--enable-lora", "--max-lora-rank", str(adapter["r"]), "--lora-modules", f"{SERVED_NAME}={path}"]
-    model = adapter["base_model_name_or_path"] if adapter else path
-    with vllm_server(cfg.vllm_python, model, log_path, "base" if adapter else SERVED_NAME, 0, args,
+    with vllm_server(cfg.vllm_python, weights_folder(path), log_path, "base" if adapter else SERVED_NAME, 0, args,
                      cfg.server_start_timeout_s, "eval.vllm_python") as url:
         return asyncio.run(_complete_all(url, prompt_ids, budgets, cfg.concurrency))
 
@@ -87,18 +80,22 @@ async def _complete_all(url: str, prompt_ids: list[list[int]], budgets: list[int
         await client.close()
 
 
+def vllm_requests(path: str, tokenizer, prompts: list[str], max_new_tokens: int) -> tuple[list[list[int]], list[int], int]:
+    """(prompt token ids, token budget per prompt, the model's context length): the evaluation prompts as HF
+    generate sees them, each budget cut so a prompt never decodes past the context (as HF generate is limited)."""
+    from transformers import AutoConfig
+
+    from tasks.formats import generation_prompt
+
+    room = getattr(AutoConfig.from_pretrained(weights_folder(path)), "max_position_embeddings", None) or 4096
+    prompt_ids = [tokenizer(generation_prompt(tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts]
+    return prompt_ids, [max(1, min(max_new_tokens, room - len(ids))) for ids in prompt_ids], room
+
+
 def vllm_generate(path: str, tokenizer, prompts: list[str], max_new_tokens: int, cfg: EvalConfig,
                   log_path: Path) -> list[str]:
     """The greedy continuation of each prompt by vLLM, stripped as HF generate's are."""
-    from transformers import AutoConfig
-    from tasks.formats import generation_prompt
-
-    adapter = adapter_of(path)
-    room = getattr(AutoConfig.from_pretrained(adapter["base_model_name_or_path"] if adapter else path),
-                   "max_position_embeddings", None) or 4096
-    prompt_ids = [tokenizer(generation_prompt(tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts]
-    # never decode past the model's context (a scratch student has a short one), as HF generate is limited
-    budgets = [max(1, min(max_new_tokens, room - len(ids))) for ids in prompt_ids]
+    prompt_ids, budgets, room = vllm_requests(path, tokenizer, prompts, max_new_tokens)
     if engine(cfg) == "vllm":
         texts = generate_in_process(path, prompt_ids, budgets, room)
     else:

@@ -99,9 +99,14 @@ def wrap(model, dist: Dist, strategy: str):
     return DistributedDataParallel(model, device_ids=[dist.local_rank] if on_cuda else None)
 
 
+def uncompiled(model):
+    """The module under torch.compile's wrapper (DDP's or FSDP's own methods live there)."""
+    return getattr(model, "_orig_mod", model)
+
+
 def unwrap(model):
     """The model under torch.compile and DDP wrappers (what save_pretrained is called on)."""
-    model = getattr(model, "_orig_mod", model)
+    model = uncompiled(model)
     return getattr(model, "module", model)
 
 
@@ -109,7 +114,7 @@ def no_grad_sync(model, dist: Dist, sync: bool):
     """Skip the gradient all-reduce on the micro-batches before a step's last one (grad_accum > 1)."""
     if dist.world == 1 or sync:
         return nullcontext()
-    inner = getattr(model, "_orig_mod", model)
+    inner = uncompiled(model)
     if hasattr(inner, "no_sync"):   # DDP
         return inner.no_sync()
     inner.set_requires_gradient_sync(False)   # FSDP2: re-enabled below before the last micro-batch
@@ -117,7 +122,7 @@ def no_grad_sync(model, dist: Dist, sync: bool):
 
 
 def resync(model, dist: Dist) -> None:
-    inner = getattr(model, "_orig_mod", model)
+    inner = uncompiled(model)
     if dist.world > 1 and hasattr(inner, "set_requires_gradient_sync"):
         inner.set_requires_gradient_sync(True)
 
@@ -144,7 +149,7 @@ def load_optimizer(model, optimizer, state: dict, dist: Dist) -> None:
 
 
 def _is_fsdp(model) -> bool:
-    return hasattr(getattr(model, "_orig_mod", model), "set_requires_gradient_sync")
+    return hasattr(uncompiled(model), "set_requires_gradient_sync")
 
 
 # ---- the launcher (the training task's side) ----------------------------------------------------------

@@ -71,13 +71,25 @@ def build_scratch_model(cfg: StudentConfig, tokenizer):
     return LlamaForCausalLM(config)
 
 
+def adapter_config(path: str | Path) -> dict | None:
+    """A peft LoRA adapter folder's adapter_config.json (its base and rank); None for a plain model folder."""
+    p = Path(path) / "adapter_config.json"
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def weights_folder(path: str | Path) -> str:
+    """Where a student's base weights are: the adapter's base for an adapter folder, else the folder itself."""
+    adapter = adapter_config(path)
+    return adapter["base_model_name_or_path"] if adapter else str(path)
+
+
 def load_student(path: str | Path, device: str = "cpu", dtype=None, quantization=None):
     """(model, tokenizer) from an HF directory or hub id — or a peft LoRA adapter folder, loaded onto the base its
     adapter_config.json names; a missing tokenizer pad token falls back to EOS."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    adapter = Path(path) / "adapter_config.json"
-    base = json.loads(adapter.read_text())["base_model_name_or_path"] if adapter.exists() else path
+    adapter = adapter_config(path)
+    base = weights_folder(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
         model = AutoModelForCausalLM.from_pretrained(str(base), dtype=dtype, quantization_config=quantization,
@@ -85,7 +97,7 @@ def load_student(path: str | Path, device: str = "cpu", dtype=None, quantization
     except OSError as err:
         raise ValueError(f"config key 'student.model': cannot load '{base}' as a Hugging Face causal LM "
                          f"(a local model folder, or a hub id when a network exists): {str(err)[:200]}") from None
-    if adapter.exists():
+    if adapter:
         from peft import PeftModel
         model = PeftModel.from_pretrained(model, str(path))
     if tokenizer.pad_token is None:

@@ -5,11 +5,7 @@ import torch
 from storage.workspace import Workspace
 from tasks.train import train_student
 from tests.tasks.helpers import prepared
-
-
-def weights(path):
-    from transformers import AutoModelForCausalLM
-    return AutoModelForCausalLM.from_pretrained(path).state_dict()
+from tests.tasks.test_train import weights
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
