@@ -6,10 +6,14 @@
 2. Spearman correlation between step difficulty (§4.2, on the training rationales) and the generator's step
    complexity. Goal >= 0.3. Beside it, the same scoring model with other weightings (`spearman_references`):
    eq. 7 with the ground-truth key marks as 0/1 weights, the plain mean NLL, the result token's NLL alone.
-Usage: python bench/token_weights.py [N_TRAIN] [section.key=value ...]
+3. The mean learned weight by token role (the generator's key marks; bench/kpod_diagnosis.py's roles).
+Runs configs/kpod.yaml's settings; the held-out rationales are a validation set (generator seed 2), not a test set.
+Usage: python bench/token_weights.py [N_TRAIN] [section.key=value ...] [--workspace=DIR]
 """
 import json
+import statistics
 import sys
+from collections import defaultdict
 import tempfile
 from pathlib import Path
 
@@ -20,6 +24,11 @@ from keystep.config import load_config  # noqa: E402
 from storage.workspace import Workspace  # noqa: E402
 from tasks import difficulty, ingest, steps, student, teacher, token_weights  # noqa: E402
 from tasks.warmup import warm_up_student  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "bench"))
+from kpod_diagnosis import token_roles  # noqa: E402
+
+VALIDATION_SEED = 2
 
 
 def generated(ws, cfg, spec):
@@ -74,14 +83,17 @@ def main() -> None:
 
     from keystep.config import parse_value
 
-    n_train = int(sys.argv[1]) if len(sys.argv) > 1 else 1000
-    overrides = {k: parse_value(v) for k, _, v in (a.partition("=") for a in sys.argv[2:])}
-    cfg = load_config(ROOT / "configs" / "demo.yaml", {"data.train.n": n_train, **overrides})
+    args = [a for a in sys.argv[1:] if not a.startswith("--workspace=")]
+    ws_arg = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--workspace=")), None)
+    n_train = int(args[0]) if args and "=" not in args[0] else 1000
+    overrides = {k: parse_value(v) for k, _, v in (a.partition("=") for a in args if "=" in a)}
+    cfg = load_config(ROOT / "configs" / "kpod.yaml", {"data.train.n": n_train, **overrides})
     with tempfile.TemporaryDirectory() as tmp:
-        ws = Workspace(tmp)
+        ws = Workspace(ws_arg or tmp)   # a kept workspace reuses the warm-ups across settings
         cat = ws.catalog()
         train_ds, gen = generated(ws, cfg, cfg.data.train)
-        test_ds, tgen = generated(ws, cfg, cfg.data.eval[0])
+        # held out: a validation set (its own generator seed), not the test set the studies report on
+        test_ds, tgen = generated(ws, cfg, cfg.data.eval[0].model_copy(update={"seed": VALIDATION_SEED}))
         st = student.init_student(ws, cfg, gen)
         _, tok = student.load_student(st.model_dir)
         train_steps, test_steps = steps.split_rationales(ws, cfg, gen, st), steps.split_rationales(ws, cfg, tgen, st)
@@ -101,6 +113,10 @@ def main() -> None:
             labels += key_marks(tok, it, meta[by_rid[it.rationale_id]["example_id"]]["key_spans"])
             learned += w
             digits += [float(any(c.isdigit() for c in tok.decode([i]))) for i in it.ids[it.rationale_start:it.rationale_end]]
+        by_role = defaultdict(list)
+        for it, w in zip(test_items, weights):
+            for role, x in zip(token_roles(tok, it, meta[by_rid[it.rationale_id]["example_id"]]["key_spans"]), w):
+                by_role[role].append(x)
         auc = roc_auc_score(labels, learned)
         auc_digits = roc_auc_score(labels, digits)
 
@@ -125,6 +141,7 @@ def main() -> None:
                       "details": {"auc_uniform": 0.5, "auc_digits_only": round(auc_digits, 4),
                                   "spearman_difficulty_vs_complexity": round(float(rho), 4), "n_steps_scored": len(d_vals),
                                   "spearman_references": references,
+                                  "weight_by_role": {k: round(statistics.fmean(v), 3) for k, v in sorted(by_role.items())},
                                   "n_train": len(train_items), "overrides": overrides, "n_heldout": len(test_items), "key_token_rate": sum(labels) / len(labels),
                                   "mask_history": history}}))
 

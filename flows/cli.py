@@ -4,6 +4,7 @@
     keystep results [--workspace DIR] [--format table|json]
     keystep config [CONFIG] [--set ...]        print the resolved config as YAML
     keystep experiment FILE [--set key=value]  run an experiment grid (e.g. configs/study-synthetic.yaml)
+    keystep report FILE [--set key=value]      rebuild its report from the study files alone
 
 `run` calls the distill flow in this process: against the Prefect server in PREFECT_API_URL if set, else an
 ephemeral one. User mistakes (bad config, unknown key, missing file) exit 2 with one line, no traceback.
@@ -19,9 +20,16 @@ import sys
 import uuid
 from pathlib import Path
 
-from flows.preflight import preflight
-from keystep.config import ConfigError, load_config, parse_value
-from tasks.teacher_backends import TeacherUnavailable
+# Before anything imports Prefect (it reads its settings once): no telemetry offline, and a temporary server that
+# may take minutes to start — on its first start it creates and migrates its database, which on two busy cores
+# often takes longer than Prefect's default 20 s.
+STARTUP_TIMEOUT_S = "600"
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", STARTUP_TIMEOUT_S)
+
+from flows.preflight import preflight  # noqa: E402
+from keystep.config import ConfigError, load_config, parse_value  # noqa: E402
+from tasks.teacher_backends import TeacherUnavailable  # noqa: E402
 
 
 def _overrides(pairs: list[str]) -> dict:
@@ -72,17 +80,49 @@ def quiet_console_tracebacks() -> None:
                 handler.setFormatter(WithoutTraceback(handler.formatter))
 
 
+class PrefectUnavailable(RuntimeError):
+    """Prefect's server could not be reached or started: one line that says what to do."""
+
+
 def start_prefect() -> None:
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     import prefect  # noqa: F401 - configures Prefect's logging, which quiet_console_tracebacks then adjusts
 
     quiet_console_tracebacks()
+    check_server()
 
 
 def server_configured() -> bool:
     from prefect.settings import PREFECT_API_URL
 
     return bool(PREFECT_API_URL.value())
+
+
+def check_server() -> None:
+    """A configured server (PREFECT_API_URL) must answer before any work starts."""
+    if not server_configured():
+        return
+    import httpx
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value().rstrip("/")
+    try:
+        httpx.get(f"{url}/health", timeout=10).raise_for_status()
+    except httpx.HTTPError as err:
+        raise PrefectUnavailable(f"the Prefect server at PREFECT_API_URL={url} does not answer ({type(err).__name__}); "
+                                 "start it (`make serve`), or unset PREFECT_API_URL to run on a temporary server") from None
+
+
+def prefect_start_failure(err: BaseException) -> PrefectUnavailable | None:
+    """Prefect's own start-up errors as one actionable line (None for any other error)."""
+    text = str(err)
+    if "ephemeral Prefect API server" in text:
+        return PrefectUnavailable(
+            "Prefect's temporary server did not start within "
+            f"{os.environ.get('PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS')} s (the first start creates its "
+            "database under PREFECT_HOME, slow on busy cores); run the command again, raise "
+            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, or start a server with `make serve` and set "
+            "PREFECT_API_URL=http://127.0.0.1:4200/api")
+    return None
 
 
 def cmd_run(args) -> int:
@@ -113,14 +153,27 @@ def cmd_experiment(args) -> int:
     from keystep.config import arm_config, load_experiment
 
     exp = load_experiment(args.file, _overrides(args.set or []))
-    for variant in exp.variants:
-        preflight(arm_config(exp, variant, exp.seeds[0]))
+    if exp.pretrain:
+        preflight(load_config(exp.pretrain))
+    for variant in exp.variants:   # a pretrained student's folder is checked once `pretrain` has made it
+        preflight(arm_config(exp, variant, exp.seeds_of(variant)[0]))
     start_prefect()
     from flows.experiment import experiment
 
     out = experiment(config=exp)
     print(out["markdown"])
     print(f"results: {out['results_path']}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    """An experiment's report rebuilt from its committed study files alone (no catalog, no Prefect)."""
+    from keystep.config import load_experiment
+    from tasks.compare import study_report
+
+    out = study_report(load_experiment(args.file, _overrides(args.set or [])))
+    print(out["markdown"])
+    print(f"results: {out['results_path']} ({len(out['runs'])} runs, {len(out['missing'])} not run yet)")
     return 0
 
 
@@ -160,6 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("file", help="experiment YAML, e.g. configs/study-synthetic.yaml")
     exp.add_argument("--set", action="append", metavar="KEY=VALUE", help="override an experiment key, e.g. seeds=[0]")
     exp.set_defaults(fn=cmd_experiment)
+    rep = sub.add_parser("report", help="rebuild an experiment's report from its study files (docs/studies/...)")
+    rep.add_argument("file", help="experiment YAML, e.g. configs/study-scratch.yaml")
+    rep.add_argument("--set", action="append", metavar="KEY=VALUE", help="override an experiment key")
+    rep.set_defaults(fn=cmd_report)
     res = sub.add_parser("results", help="print the latest evaluation results from the catalog")
     res.add_argument("--workspace", help="workspace folder (default .keystep)")
     res.add_argument("--format", choices=["table", "json"], default="table")
@@ -176,10 +233,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (ConfigError, ValueError, FileNotFoundError, TeacherUnavailable) as err:
+    except (ConfigError, ValueError, FileNotFoundError, TeacherUnavailable, PrefectUnavailable) as err:
         # user mistakes (including ones found inside a stage, and a teacher that stopped answering) get one line,
         # not a traceback; the full one is in the run's log in the Prefect UI
         print(f"keystep: error: {err}", file=sys.stderr)
+        return 2
+    except RuntimeError as err:
+        failure = prefect_start_failure(err)
+        if failure is None:
+            raise
+        print(f"keystep: error: {failure}", file=sys.stderr)
         return 2
 
 

@@ -178,7 +178,8 @@ def record_run_end(config: DistillConfig, run_id: str, out: EvaluatedRun | None)
     """The run's row in table `runs`: completed with its summary, or failed (`out` None)."""
     summary = None if out is None else {
         "run_id": run_id, "workspace": str(workspace_of(config).root), "report": out.report,
-        "accuracy": out.evaluation.accuracy, "eval_fp": out.evaluation.fp, "train_fp": out.trained.fp}
+        "accuracy": out.evaluation.accuracy, "eval_fp": out.evaluation.fp, "train_fp": out.trained.fp,
+        "final_dir": out.trained.final_dir}
     workspace_of(config).catalog().query("run_finished", run_id=run_id, status="failed" if out is None else "completed",
                                          summary_json=json.dumps(summary) if summary else None)
     return summary

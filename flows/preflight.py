@@ -2,8 +2,9 @@
 config key or path and what to do. The CLI runs it before Prefect starts; the distill flow runs it first too, so a
 deployment run fails in seconds, not after the teacher was paid.
 
-Checked: the workspace is a writable folder; the device asked for exists; every dataset file is there, parses in
-its format and has valid rows (else: the file, the rejection reasons and the columns it has); the reference
+Checked: the workspace is a writable folder; the device asked for exists; every dataset file is there (a file, not a
+folder), parses in its format and has valid rows (else: the file, the rejection reasons and the columns it has); no
+evaluation set lies wholly inside the training set; the reference
 teacher has reference rationales to read; a student given as a folder loads; the teacher endpoint answers
 (`/models`; `check_teacher=False` skips it).
 """
@@ -48,9 +49,14 @@ def _columns(path: Path) -> str:
 
 def check_dataset(key: str, spec: DatasetSpec) -> list:
     """The dataset's valid examples (empty for sources that need a network); raises for a file that cannot be used."""
-    if spec.source == "synthetic:arith" or (spec.source == "hub" and not Path(spec.path).exists()):
+    if spec.source == "synthetic:arith":
+        return load_examples(spec)[0]
+    if spec.source == "hub" and not Path(spec.path).exists():
         return []
     path = Path(spec.path)
+    if spec.source != "hub" and path.is_dir():
+        raise ConfigError(f"config key '{key}.path': '{spec.path}' is a directory, not a dataset file; name the file "
+                          "(jsonl, json, csv or parquet) inside it")
     if spec.source != "hub" and not path.is_file():
         raise ConfigError(f"config key '{key}.path': file '{spec.path}' not found (cwd {Path.cwd()})")
     try:
@@ -65,6 +71,19 @@ def check_dataset(key: str, spec: DatasetSpec) -> list:
         raise ConfigError(f"config key '{key}': '{spec.path}' has no valid row; rejected: {reasons}; its columns: "
                           f"{_columns(path)}; set {key}.question_field / answer_field (or question_template) to its columns")
     return examples
+
+
+def check_overlap(key: str, spec: DatasetSpec, examples: list, train: list) -> None:
+    """An evaluation set whose every question is also in the training set would be dropped row by row at ingest
+    (each counted as 'overlaps training set') and leave nothing to evaluate: say so before any work."""
+    if not examples or not train:
+        return
+    seen = {ex.example_id for ex in train}
+    overlap = sum(ex.example_id in seen for ex in examples)
+    if overlap == len(examples):
+        raise ConfigError(f"config key '{key}': all {overlap} rows of evaluation set '{spec.name}/{spec.split}' are also "
+                          "in the training set (data.train), so nothing would be left to evaluate; evaluate on other "
+                          "data (for synthetic:arith another seed)")
 
 
 def check_reference_rationales(spec: DatasetSpec, examples: list) -> None:
@@ -152,7 +171,7 @@ def preflight(config: DistillConfig, check_teacher_endpoint: bool = True) -> Non
     check_device(config.train.device)
     train = check_dataset("data.train", config.data.train)
     for i, spec in enumerate(config.data.eval):
-        check_dataset(f"data.eval[{i}]", spec)
+        check_overlap(f"data.eval[{i}]", spec, check_dataset(f"data.eval[{i}]", spec), train)
     if config.teacher.backend == "reference":
         check_reference_rationales(config.data.train, train)
     check_student(config.student.model)

@@ -152,13 +152,24 @@ class TokenWeightsConfig(Section):
     """KPOD §4.1 token weighting: which rationale tokens matter for predicting the answer (the top-k are the keypoints)."""
     compute: bool = Field(False, description="Run token weighting and step difficulty in the prepare phase (KPOD needs them; the Std-CoT baseline does not).")
     uniform: bool = Field(False, description="Ablation: no token weighting (every weight 1; the module is not trained).")
-    alpha: float = Field(0.5, ge=0, description="Weight of the mask-size penalty Lm = mean(m) (paper: 0.5).")
+    alpha: float = Field(0.5, ge=0, description="α, weight of the mask-size penalty Lm (paper: 0.5).")
+    mask_penalty: Literal["sum", "mean"] = Field(
+        "sum", description="Lm per rationale: 'sum' Σ_j m_j over its tokens (the paper, eq. 6), or 'mean' (about L "
+        "times weaker: the weights stay near init_keep; docs/measurements.md).")
+    weighter_input: Literal["rationale", "sequence"] = Field(
+        "rationale", description="What the weighting module's self-attention reads: the rationale tokens (the paper, "
+        "e = Att(Emb(r))), or the whole training sequence (question, rationale and answer sentence).")
     gumbel_tau: float = Field(0.5, gt=0, description="Gumbel-sigmoid temperature.")
+    straight_through: bool = Field(True, description="Hard 0/1 masks in the forward pass with the relaxed sample's "
+                                   "gradient (straight-through, the paper's Gumbel masks); off: the relaxed sample "
+                                   "itself, in [0, 1], whose gradient is the exact one of what the forward pass computes.")
     n_prefixes: int = Field(2, ge=1, description="Rationale prefixes (cut points at step ends) sampled per example for Lp.")
-    intermediate_target: Literal["answer", "next_result"] = Field(
+    intermediate_target: Literal["answer", "next_result", "step_result"] = Field(
         "answer", description="What Lp asks the predictor for after a prefix that stops before the last step: the final "
-        "answer (the paper), which such a prefix cannot contain, or the next step's result (the last number that step "
-        "states; the final answer when it states none), which the prefix's last result leads to.")
+        "answer (the paper), which such a prefix cannot contain; the next step's result (the last number that step "
+        "states; the final answer when it states none), which the prefix's last result leads to; or 'step_result': "
+        "the whole rationale asked for the answer plus sampled steps each cut just before the number it ends with and "
+        "asked for that number (the step's sub-answer, which its operands and operator produce).")
     attention_heads: int = Field(4, ge=1, description="Heads of the weighting module's self-attention layer.")
     mlp_hidden: int = Field(128, ge=1, description="Hidden width of the 2-layer weighting MLP.")
     predictor: str = Field("student", description="Answer predictor: 'student' (the student itself after "
@@ -202,6 +213,11 @@ class CurriculumConfig(Section):
     step_size: int = Field(1, ge=1, description="Δs, input steps an example gives up when selected (paper: 1).")
     pace: float = Field(0.5, gt=0, description="p in the budget D(t) = u·t^(p+1)/(p+1) + C0 (paper: 0.5).")
     start_fraction: float = Field(0.3, ge=0, le=1, description="C0 as a fraction of the total difficulty B (paper: 0.3).")
+    start: Literal["budget", "last_step"] = Field(
+        "budget", description="c_i(0), which the paper leaves open: 'budget' — every step given as input, then the "
+        "stage objective picks examples that generate their last step within D(0) = C0, so H(0) ≤ C0 as eq. 8 has it; "
+        "'last_step' — c_i(0) = n_i − 1 for every example (H(0) is then ~0.5·B on synthetic:arith, above D(1), and "
+        "the first stage selects nothing).")
     embedding: Literal["tfidf", "sentence-model"] = Field("tfidf", description="Question embedding for the clusters: TF-IDF + SVD, or a sentence-embedding model (through sentence-transformers when installed, else the HF encoder with mean pooling).")
     embedding_model: str | None = Field(None, description="sentence-model: model folder or hub id (e.g. sentence-transformers/all-MiniLM-L6-v2).")
     svd_dim: int = Field(64, ge=2, description="tfidf: truncated-SVD dimensions.")
@@ -438,13 +454,33 @@ class ExperimentConfig(Section):
     name: str = Field("experiment", description="Title of the comparison table and report.")
     base: str = Field("configs/demo.yaml", description="Base distill preset (path relative to the working directory).")
     overrides: dict[str, Any] = Field(default_factory=dict, description="Dotted-key overrides applied to every arm.")
-    variants: dict[str, dict[str, Any]] = Field(description="Arm name -> dotted-key overrides, e.g. {kpod: {train.loss: kpod}}.")
+    variants: dict[str, dict[str, Any]] = Field(description="Arm name -> dotted-key overrides, e.g. {kpod: {train.loss: "
+                                                "kpod}}; the key `base` names another preset for that arm (e.g. "
+                                                "{kpod: {base: configs/kpod.yaml}}).")
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1, description="Seeds per arm.")
     seed_keys: list[str] = Field(default_factory=lambda: ["train.seed"], description="Config keys set to the seed "
                                  "(train.seed: data order; upstream stages stay shared across seeds).")
-    results_path: str | None = Field(None, description="Markdown results file the flow writes (e.g. docs/results.md).")
+    results_path: str | None = Field(None, description="Markdown results file the flow writes (e.g. docs/results.md); "
+                                     "several studies can share one file, each rewriting only its own section.")
+    study_dir: str | None = Field(None, description="Folder of the per-run result files (a summary and per-question "
+                                  "predictions for each variant × seed; default docs/studies/<experiment file name>). "
+                                  "A run whose files exist is not run again, and `keystep report` rebuilds the report "
+                                  "from these files alone.")
+    variant_seeds: dict[str, list[int]] = Field(default_factory=dict, description="Seeds of particular variants "
+                                                "(e.g. fewer for ablations); the others run `seeds`.")
+    pretrain: str | None = Field(None, description="A distill preset run first (once, cached in its own workspace) "
+                                 "whose trained student is every arm's student.model: a student that already writes "
+                                 "steps, fixed across seeds.")
     gaps: list[tuple[str, str]] = Field(default_factory=list, description="Variant pairs (a, b) whose accuracy gap the "
                                         "report states, and whether it exceeds the seed spread.")
+
+    def seeds_of(self, variant: str) -> list[int]:
+        return self.variant_seeds.get(variant, self.seeds)
+
+    def plan(self) -> list[tuple[str, int]]:
+        """(variant, seed) in run order: seed by seed, so the arms of a paired comparison finish together."""
+        every = sorted({s for v in self.variants for s in self.seeds_of(v)})
+        return [(v, s) for s in every for v in self.variants if s in self.seeds_of(v)]
 
 
 def load_experiment(path: str | Path, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
@@ -455,19 +491,35 @@ def load_experiment(path: str | Path, overrides: dict[str, Any] | None = None) -
         exp = ExperimentConfig.model_validate(apply_overrides(raw, overrides or {}))
     except ValidationError as err:
         raise ConfigError(f"{p}: {_describe(err)}") from None
-    base = Path(exp.base)
-    if not base.is_absolute() and not base.exists() and (p.parent.parent / base).exists():
-        exp.base = str((p.parent.parent / base).resolve())   # configs/x.yaml next to the experiment file's repo
-    for variant in exp.variants:
-        for seed in exp.seeds:
-            try:
-                arm_config(exp, variant, seed)
-            except ConfigError as err:
-                raise ConfigError(f"{p}: variant '{variant}': {err}") from None
+    repo = p.resolve().parent.parent            # configs/x.yaml: paths resolve against the experiment file's repo
+    for key in ("base", "pretrain"):
+        value = getattr(exp, key)
+        if value and not Path(value).is_absolute() and not Path(value).exists() and (repo / value).exists():
+            setattr(exp, key, str((repo / value).resolve()))
+    for name, arm in exp.variants.items():
+        value = arm.get("base")
+        if value and not Path(value).is_absolute() and not Path(value).exists() and (repo / value).exists():
+            exp.variants[name] = {**arm, "base": str((repo / value).resolve())}
+    if exp.study_dir is None:
+        exp.study_dir = str(repo / "docs" / "studies" / p.stem)
+    unknown = sorted(set(exp.variant_seeds) - set(exp.variants))
+    if unknown:
+        raise ConfigError(f"{p}: variant_seeds names {unknown}, which are not variants ({sorted(exp.variants)})")
+    if exp.pretrain:
+        load_config(exp.pretrain)
+    for variant, seed in exp.plan():
+        try:
+            arm_config(exp, variant, seed)
+        except ConfigError as err:
+            raise ConfigError(f"{p}: variant '{variant}': {err}") from None
     return exp
 
 
-def arm_config(exp: ExperimentConfig, variant: str, seed: int) -> DistillConfig:
-    """The distill config of one arm: base preset + shared overrides + the variant's + the seed."""
-    return load_config(exp.base, {**exp.overrides, **exp.variants[variant], **{k: seed for k in exp.seed_keys}})
+def arm_config(exp: ExperimentConfig, variant: str, seed: int, student_model: str | None = None) -> DistillConfig:
+    """The distill config of one arm: base preset + shared overrides + the variant's + the seed (+ the pretrained
+    student's folder, once the `pretrain` preset has trained it)."""
+    pretrained = {"student.model": student_model} if student_model else {}
+    arm = dict(exp.variants[variant])
+    base = arm.pop("base", exp.base)
+    return load_config(base, {**exp.overrides, **arm, **{k: seed for k in exp.seed_keys}, **pretrained})
 

@@ -1,20 +1,21 @@
-"""Comparison stage for experiment grids: one table from many distill runs, with paired statistics.
+"""Comparison stage for experiment grids: one report from many distill runs, with paired statistics.
 
-Input: per arm (variant × seed) the distill summary (accuracy per model/dataset/split, eval and train
-fingerprints); the catalog's per-question predictions and per-epoch training metrics. Output: a comparison table
-(rows = variants, columns = evaluation sets: mean ± std over seeds of the trained student's accuracy, and the
-tokens each arm's loss supervised), for each listed gap the mean difference, a paired comparison across seeds
-and a 95% bootstrap interval over test questions from the paired predictions, plots (accuracy per arm with
-intervals, learning curves), a markdown report (written to the experiment's `results_path`), and the
-`experiment-results` table artifact plus an `experiment-report` markdown artifact.
+Input: the study files of an experiment (tasks/study.py): per arm (variant × seed) its accuracy per evaluation set
+and per step count, per-epoch training metrics, supervised tokens and per-question predictions. Output: a comparison
+table (rows = variants, columns = evaluation sets: mean ± std over seeds of the trained student's accuracy, and the
+tokens each arm's loss supervised), accuracy by step count, for each listed gap the mean difference, a paired
+comparison across seeds and a 95% bootstrap interval over test questions from the paired predictions, plots
+(accuracy per arm with intervals, learning curves), and the markdown report: the experiment's section of its
+`results_path` (several studies share docs/results.md, each between its own markers). The Prefect task adds the
+`experiment-results` table artifact and an `experiment-report` markdown artifact.
 
 A gap is called real only when both intervals exclude 0: the bootstrap over questions (is the difference more
 than which questions happened to be in the test set?) and the paired t interval over seeds (more than which
-training trajectory a seed happened to take?).
+training trajectory a seed happened to take?). The study decides it when the interval over seeds is at most ±3
+points; until then the report says how many seeds the spread seen so far needs.
 """
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from pathlib import Path
@@ -90,18 +91,56 @@ def paired_gap(runs: list[dict], predictions: dict[str, dict[tuple[str, str], bo
     return out
 
 
+SEED_HALF_WIDTH = 0.03   # a study decides a gap when its 95% interval over seeds is at most ±3 points wide
+
+
+def seeds_needed(diffs: list[float], half_width: float = SEED_HALF_WIDTH) -> int | None:
+    """Fewest seeds whose 95% t interval of the mean paired difference is ±`half_width`, at the spread seen so far."""
+    from scipy.stats import t
+
+    if len(diffs) < 2:
+        return None
+    sd = statistics.stdev(diffs)
+    return next(n for n in range(2, 10_000) if t.ppf(0.975, n - 1) * sd / math.sqrt(n) <= half_width)
+
+
 def gap_line(g: dict, spread: float) -> str:
     lo, hi = g["seed_ci"]
     boot = (f"bootstrap over {g['n_questions']} questions [{g['boot_ci'][0]:+.1%}, {g['boot_ci'][1]:+.1%}]"
             if g["boot_ci"] else "no paired predictions")
     verdict = "real" if g["real"] else "not shown (an interval includes 0)"
+    half = (hi - lo) / 2
+    need = seeds_needed(g["diffs"])
+    width = (f"seed interval ±{half:.1%}: decisive" if half <= SEED_HALF_WIDTH + 1e-12 else
+             f"seed interval ±{half:.1%}: not decisive yet" + (f" (about {need} seeds at this spread)" if need else ""))
     return (f"{g['a']} − {g['b']} on {g['column']} = {g['mean']:+.1%} (paired over {len(g['seeds'])} seeds: "
-            f"{g['a']} higher on {g['wins']}, t interval [{lo:+.1%}, {hi:+.1%}]; {boot}; seed spread ±{spread:.1%}): "
-            f"**{verdict}**")
+            f"{g['a']} higher on {g['wins']}, t interval [{lo:+.1%}, {hi:+.1%}]; {boot}; seed spread ±{spread:.1%}; "
+            f"{width}): **{verdict}**")
+
+
+def steps_markdown(runs: list[dict]) -> list[str]:
+    """Accuracy by number of steps: per arm, mean over seeds (and the per-seed values)."""
+    cells: dict[tuple[str, str], dict[str, list[float]]] = {}
+    for r in runs:
+        for column, by in r.get("by_steps", {}).items():
+            for k, acc in by.items():
+                cells.setdefault((r["variant"], column), {}).setdefault(k, []).append(acc)
+    if not cells:
+        return []
+    lines = []
+    for column in sorted({c for _, c in cells}):
+        steps = sorted({k for (v, c), by in cells.items() if c == column for k in by}, key=int)
+        lines += ["", f"Accuracy on {column} by number of steps (trained student, mean over seeds):", "",
+                  "| variant | " + " | ".join(f"{k} step{'s' * (k != '1')}" for k in steps) + " |",
+                  "|---|" + "---:|" * len(steps)]
+        for v in dict.fromkeys(r["variant"] for r in runs):
+            by = cells.get((v, column), {})
+            lines.append(f"| {v} | " + " | ".join(f"{statistics.fmean(by[k]):.1%}" if k in by else "" for k in steps) + " |")
+    return lines
 
 
 def comparison_markdown(title: str, rows: list[dict], columns: list[str], plots: dict[str, str], notes: list[str],
-                        relative_to: Path | None = None) -> str:
+                        relative_to: Path | None = None, runs: list[dict] = (), missing: list = ()) -> str:
     tokens = any("supervised_tokens" in r for r in rows)
     head = "| variant | seeds | " + " | ".join(columns) + (" | supervised tokens |" if tokens else " |")
     lines = [f"# {title}", "", "Trained student accuracy, mean ± std over seeds"
@@ -112,9 +151,13 @@ def comparison_markdown(title: str, rows: list[dict], columns: list[str], plots:
         if tokens:
             cells.append(f"{r['supervised_tokens'] / 1e6:.2f}M" if "supervised_tokens" in r else "")
         lines.append(f"| {r['variant']} | {r['n_seeds']} | " + " | ".join(cells) + " |")
+    if missing:
+        lines += ["", f"Not run yet ({len(missing)}): " + ", ".join(f"{v} seed {s}" for v, s in missing) + "."]
     if notes:
-        lines += ["", "Gaps (a gap is real only when the interval over questions and the one over seeds both exclude 0):",
+        lines += ["", "Gaps (a gap is real only when the interval over questions and the one over seeds both exclude 0; "
+                  f"the study decides it when the interval over seeds is at most ±{SEED_HALF_WIDTH:.0%}):",
                   "", *[f"- {n}" for n in notes]]
+    lines += steps_markdown(list(runs))
     for name, plot in plots.items():
         link = str(Path(plot).relative_to(relative_to)) if relative_to else plot
         lines += ["", f"![{name}]({link})"]
@@ -156,58 +199,64 @@ def learning_curves_plot(runs: list[dict], path: Path) -> str | None:
     return save_figure(fig, path)
 
 
-def with_run_details(catalog, runs: list[dict]) -> tuple[list[dict], dict[str, dict[tuple[str, str], bool]]]:
-    """Each run with its per-epoch training history and supervised tokens; the trained student's per-question
-    predictions of each evaluation."""
-    out, predictions = [], {}
-    for r in runs:
-        history = [json.loads(h["metrics_json"]) for h in catalog.query("train_history", train_fp=r["train_fp"])]
-        extra = {"history": history}
-        if history and all("supervised_tokens" in h for h in history):
-            extra["supervised_tokens"] = sum(h["supervised_tokens"] for h in history)
-        out.append({**r, **extra})
-        if r.get("eval_fp"):
-            predictions[r["eval_fp"]] = {(p["dataset"], p["example_id"]): bool(p["correct"])
-                                         for p in catalog.query("student_predictions", eval_fp=r["eval_fp"])}
-    return out, predictions
+def replace_section(path: Path, name: str, markdown: str) -> str:
+    """`path`'s text with study `name`'s section (between its markers) replaced by `markdown`, or appended; the other
+    studies' sections stay as they are."""
+    start, end = f"<!-- study: {name} -->", f"<!-- /study: {name} -->"
+    block = f"{start}\n{markdown.rstrip()}\n{end}\n"
+    text = path.read_text() if path.exists() else ""
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        return head + block + rest.split(end, 1)[1].lstrip("\n")
+    return (text.rstrip() + "\n\n" if text.strip() else "") + block
 
 
-def write_report(title: str, runs: list[dict], out_dir: Path, results_path: str | None,
-                 pairs: list[tuple[str, str]] = (), catalog=None) -> dict:
-    """Table, plots and markdown into `out_dir` (and `results_path`, with the plots beside it)."""
-    predictions: dict = {}
-    if catalog is not None:
-        runs, predictions = with_run_details(catalog, runs)
+def write_report(title: str, runs: list[dict], predictions: dict, results_path: str | Path,
+                 pairs: list[tuple[str, str]] = (), study: str | None = None, missing: list = ()) -> dict:
+    """Table, plots and markdown; into `results_path` (study `study`'s section of it, when named), the plots beside
+    it. `runs`: the study files' summaries; `predictions`: eval_fp -> {(dataset, example_id): correct}."""
+    target = Path(results_path)
+    target.parent.mkdir(parents=True, exist_ok=True)
     rows, columns = comparison_rows(runs)
     spread = {(r["variant"], c): r[c]["std"] for r in rows for c in columns}
     gaps = [g for c in columns for a, b in pairs if (g := paired_gap(runs, predictions, a, b, c))]
     notes = [gap_line(g, spread[(g["a"], g["column"])] + spread[(g["b"], g["column"])]) for g in gaps]
-    target = Path(results_path) if results_path else out_dir / "results.md"
-    plots = {"accuracy by variant": comparison_plot(rows, columns, target.parent / f"{target.stem}.png")}
-    curves = learning_curves_plot(runs, target.parent / f"{target.stem}-learning-curves.png")
+    stem = f"{target.stem}-{study}" if study else target.stem
+    plots = {"accuracy by variant": comparison_plot(rows, columns, target.parent / f"{stem}.png")}
+    curves = learning_curves_plot(runs, target.parent / f"{stem}-learning-curves.png")
     if curves:
         plots["learning curves"] = curves
-    markdown = comparison_markdown(title, rows, columns, plots, notes, relative_to=target.parent)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(markdown)
+    markdown = comparison_markdown(title, rows, columns, plots, notes, relative_to=target.parent, runs=runs,
+                                   missing=missing)
+    target.write_text(replace_section(target, study, markdown) if study else markdown)
     return {"rows": rows, "columns": columns, "gaps": gaps, "markdown": markdown, "results_path": str(target),
             "plot": plots["accuracy by variant"], "plots": plots}
+
+
+def study_report(exp) -> dict:
+    """The experiment's report from its study files alone (`keystep report`, and the experiment flow's last step)."""
+    from tasks.study import load_study
+
+    runs, predictions, missing = load_study(exp)
+    if not runs:
+        raise ValueError(f"no finished runs under '{exp.study_dir}' yet; run `keystep experiment` on the study first")
+    results = exp.results_path or str(Path(exp.study_dir) / "results.md")
+    out = write_report(exp.name, runs, predictions, results, [tuple(g) for g in exp.gaps],
+                       study=Path(exp.study_dir).name, missing=missing)
+    return {**out, "runs": runs, "missing": missing}
 
 
 # ---- Prefect wrapper ----------------------------------------------------------------------------------
 from prefect import task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
 
-from storage.workspace import Workspace  # noqa: E402
 from tasks.stage import artifact_markdown  # noqa: E402
 
 
 @task(name="compare")
-def compare_task(title: str, runs: list[dict], workspace: str, results_path: str | None,
-                 pairs: list[tuple[str, str]] = ()) -> dict:
-    ws = Workspace(workspace)
-    report = write_report(title, runs, ws.root / "reports" / "experiments", results_path, pairs, ws.catalog())
-    create_table_artifact(key="experiment-results", description=title, table=[
+def compare_task(exp) -> dict:
+    report = study_report(exp)
+    create_table_artifact(key="experiment-results", description=exp.name, table=[
         {"variant": r["variant"], "seeds": r["n_seeds"],
          **{c: f"{r[c]['mean']:.1%} ± {r[c]['std']:.1%}" for c in report["columns"]}} for r in report["rows"]])
     create_markdown_artifact(key="experiment-report", description=report["results_path"],

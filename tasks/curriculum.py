@@ -6,7 +6,9 @@ Output: table `curriculum(fp, stage, example_id, rationale_id, prefix_steps)` �
 `<workspace>/curricula/<fp>/stage=N/*.parquet`, written by DuckDB's COPY … PARTITION_BY and published by
 rename. Plus per-stage plots (budget vs achieved difficulty, cluster coverage, prefix lengths).
 
-Schedule (§4.3): T = ceil(epochs / 2) stages. c_i(0) = n_i − 1 (only the last step generated). The budget
+Schedule (§4.3): T = ceil(epochs / 2) stages. c_i(0), which the paper leaves open (`curriculum.start`): 'budget'
+starts from every step as input and lets the stage objective pick the examples that generate their last step
+within D(0) = C0, so H(0) ≤ C0 as eq. 8 has it; 'last_step' gives every example c_i(0) = n_i − 1. The budget
 D(t) = u·t^{p+1}/(p+1) + C0 with C0 = 0.3·B, B = Σ_ij d_ij, u = (B − C0)(p+1)/T^{p+1}, so D(T) = B (eq. 8).
 At stage t < T choose S(t) maximising F(S) = −(ΔD(t) − ΔH(S)) + β·Σ_k sqrt(|C_k ∩ S|) subject to
 ΔH(S) ≤ ΔD(t) (eq. 9-10), where ΔD(t) = D(t) − H(t−1) is what the budget still allows and ΔH(S) the
@@ -38,7 +40,7 @@ from tasks.difficulty import Difficulty
 from tasks.stage import StageOutput, cached_output, pyplot, save_figure
 from tasks.teacher import Generation
 
-CODE_VERSION = "1"
+CODE_VERSION = "2"   # 2: curriculum.start
 
 
 # ---- objective and solver ---------------------------------------------------------------------------
@@ -209,7 +211,20 @@ def build_schedule(difficulties: list[np.ndarray], clusters: np.ndarray, stages:
     p = cfg.pace
     u = (total - c0) * (p + 1) / stages ** (p + 1)
     beta = cfg.beta if cfg.diversity else 0.0
-    c = np.maximum(n_steps - 1, 0)                              # c_i(0) = n_i − 1
+    def select(c: np.ndarray, budget: float, step_size: int) -> tuple[np.ndarray, np.ndarray, Selection]:
+        """S maximising eq. 9 within `budget` (eq. 10); each chosen example gives up `step_size` input steps."""
+        cand = np.nonzero(c > 0)[0]
+        step = np.minimum(step_size, c[cand])
+        cost = csum[offsets[cand] + c[cand]] - csum[offsets[cand] + c[cand] - step]   # ΔH_i
+        sel = greedy_max(cost, clusters[cand], budget, beta)
+        c = c.copy()
+        c[cand[sel.chosen]] -= step[sel.chosen]
+        return c, np.bincount(clusters[cand[sel.chosen]], minlength=n_clusters), sel
+
+    if cfg.start == "last_step":
+        c = np.maximum(n_steps - 1, 0)                          # c_i(0) = n_i − 1
+    else:   # every step as input, then the last steps that fit D(0) = C0 (eq. 8 at t = 0)
+        c, _, _ = select(n_steps.copy(), c0, 1)
     h_prev = generated(c)
     sched = Schedule(np.zeros((stages, len(difficulties)), dtype=np.int64), [], [], [], start_achieved=h_prev)
     for t in range(1, stages + 1):
@@ -220,14 +235,7 @@ def build_schedule(difficulties: list[np.ndarray], clusters: np.ndarray, stages:
             sched.greedy_values.append(0.0)
             sched.solver_values.append(0.0)
         else:
-            cand = np.nonzero(c > 0)[0]
-            step = np.minimum(cfg.step_size, c[cand])
-            cost = csum[offsets[cand] + c[cand]] - csum[offsets[cand] + c[cand] - step]   # ΔH_i
-            sel = greedy_max(cost, clusters[cand], d_t - h_prev, beta)   # ΔD(t) = D(t) − H(t−1)
-            chosen = cand[sel.chosen]
-            c = c.copy()
-            c[chosen] -= step[sel.chosen]
-            picked = np.bincount(clusters[chosen], minlength=n_clusters)
+            c, picked, sel = select(c, d_t - h_prev, cfg.step_size)   # ΔD(t) = D(t) − H(t−1)
             sched.greedy_values.append(sel.greedy_value)
             sched.solver_values.append(sel.value)
         h_prev = generated(c)

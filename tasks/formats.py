@@ -133,6 +133,7 @@ class EncodedRationale:
     answer: str
     char_spans: list[tuple[int, int]]  # per token: char span in the target text (for evaluation against marks)
     step_results: list[str | None] = field(default_factory=list)   # per step: the last number it states, if any
+    result_spans: list[tuple[int, int] | None] = field(default_factory=list)   # per step: that number's token positions
 
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
@@ -152,11 +153,28 @@ def rationale_positions(tokenizer, cfg: TeacherConfig, row: dict, step_spans: li
         return None
     start, end = r_tokens[0], r_tokens[-1] + 1
     ends = sorted({min(max(b, start + 1), end) for a, b in step_spans if b is not None and a < end}) or [end]
-    results = []
+    results, result_spans = [], []
     for a, b in zip([start, *ends[:-1]], ends):
         numbers = _NUMBER.findall(tokenizer.decode(seq.ids[a:b]))
         results.append(numbers[-1].replace(",", "") if numbers else None)
-    return EncodedRationale(row["rationale_id"], seq.ids, start, end, ends, row["answer"], seq.offsets, results)
+        result_spans.append(_last_number_tokens(tokenizer, seq.ids, a, b))
+    return EncodedRationale(row["rationale_id"], seq.ids, start, end, ends, row["answer"], seq.offsets, results,
+                            result_spans)
+
+
+def _last_number_tokens(tokenizer, ids: list[int], a: int, b: int) -> tuple[int, int] | None:
+    """[start, end) positions of the tokens of the last number in ids[a:b] (one number may span several tokens:
+    " 1", ",", "500"); None when no token there holds a digit."""
+    texts = [tokenizer.decode([t]) for t in ids[a:b]]
+    digit = [j for j, t in enumerate(texts) if any(c.isdigit() for c in t)]
+    if not digit:
+        return None
+    start = end = digit[-1]
+    # walk back over the tokens the number continues from: a token that starts without a space continues the
+    # previous one when that one is part of a number too
+    while start > 0 and not texts[start][:1].isspace() and re.fullmatch(r"\$?[\d.,]+", texts[start - 1].strip()):
+        start -= 1
+    return a + start, a + end + 1
 
 
 def kpod_sequence(tokenizer, cfg: TeacherConfig, row: dict, max_length: int, step_char_ends: list[int],

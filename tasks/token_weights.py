@@ -11,7 +11,8 @@ layer; w_j = sigmoid(MLP(e_j)) with a 2-layer MLP; m_j = GumbelSigmoid(w_j), str
 The answer predictor sees the *masked embeddings* m_j·Emb(r_j) + (1-m_j)·e_mask, so the gradient of Lp
 reaches the MLP and the attention layer (replacing token ids after a hard threshold would cut it).
 Loss (§4.1, eq. 4-6): L = Lp + α·Lm, Lp = Σ_k -log P(y | x, r[m]_<k) over sampled prefixes k ending at step
-boundaries (the paper sums all prefixes), Lm = mean(m).
+boundaries (the paper sums all prefixes), Lm = Σ_j m_j over the rationale (`mask_penalty: sum`, the paper; `mean`
+divides by the rationale's length). The attention reads only the rationale's tokens (`weighter_input: rationale`).
 
 The attention layer reads the embeddings without positions (as eq. 1 writes it), so two copies of one token in a
 rationale get the same weight (the lead-in "6" and the operand "6"); adding positions was measured and did not
@@ -44,7 +45,7 @@ from tasks.teacher import Generation
 if TYPE_CHECKING:
     import torch
 
-CODE_VERSION = "2"
+CODE_VERSION = "3"   # 3: mask_penalty, weighter_input
 
 
 class TokenWeights(StageOutput):
@@ -112,9 +113,12 @@ def build_modules(cfg: TokenWeightsConfig, embedding, tokenizer, predictor_dir: 
             nn.init.constant_(self.mlp[2].bias, math.log(cfg.init_keep / (1 - cfg.init_keep)))  # masks start open
             self.e_mask = nn.Parameter(torch.zeros(dim))
 
-        def forward(self, ids, pad):
+        def forward(self, ids, pad, rationale):
+            """`pad`: real tokens; `rationale`: the rationale's tokens. With weighter_input 'rationale' the attention
+            reads only those (eq. 1: e = Att(Emb(r))); every other position's logit goes unused."""
             x = self.emb(ids)
-            a, _ = self.att(x, x, x, key_padding_mask=~pad, need_weights=False)
+            keys = rationale if cfg.weighter_input == "rationale" else pad
+            a, _ = self.att(x, x, x, key_padding_mask=~keys, need_weights=False)
             e = self.norm(x + a)                  # e = Att(Emb(r)), with the layer's residual
             return x, self.mlp(e).squeeze(-1)     # token embeddings, logits of w
 
@@ -146,8 +150,9 @@ def build_modules(cfg: TokenWeightsConfig, embedding, tokenizer, predictor_dir: 
             width = self.lm.get_input_embeddings().embedding_dim
             self.proj = nn.Linear(dim, width) if width != dim else nn.Identity()  # embedding sizes may differ
 
-        def answer_nll(self, prefixes: list, answers: list[str]):
-            """−log P(y | prefix) per prefix, summed over the answer's tokens (§4.1 eq. 5)."""
+        def answer_nll(self, prefixes: list, answers: list):
+            """−log P(y | prefix) per prefix, summed over the answer's tokens (§4.1 eq. 5). An answer is a string
+            (read after the answer template's lead-in) or token ids that continue the prefix (a step's result)."""
             dev = prefixes[0].device
             emb = self.lm.get_input_embeddings()
             if self.kind == "seq2seq":
@@ -160,9 +165,13 @@ def build_modules(cfg: TokenWeightsConfig, embedding, tokenizer, predictor_dir: 
             lead = torch.tensor(self.tok(" " + lead_in.strip(), add_special_tokens=False).input_ids if lead_in.strip() else [],
                                 dtype=torch.long, device=dev)
             for p, ans in zip(prefixes, answers):
-                ans_ids = torch.tensor(self.tok(" " + ans + tail, add_special_tokens=False).input_ids + [self.tok.eos_token_id], device=dev)
-                rows.append(torch.cat([self.proj(p), emb(lead), emb(ans_ids)]))
-                labels.append(torch.cat([torch.full((len(p) + len(lead),), -100, device=dev), ans_ids]))
+                if isinstance(ans, str):   # the answer sentence after the template's lead-in
+                    before = lead
+                    ans_ids = torch.tensor(self.tok(" " + ans + tail, add_special_tokens=False).input_ids + [self.tok.eos_token_id], device=dev)
+                else:                      # token ids that continue the prefix itself (a step's result)
+                    before, ans_ids = lead[:0], torch.tensor(ans, dtype=torch.long, device=dev)
+                rows.append(torch.cat([self.proj(p), emb(before), emb(ans_ids)]))
+                labels.append(torch.cat([torch.full((len(p) + len(before),), -100, device=dev), ans_ids]))
             seq, mask = _pad(rows)
             lab = torch.full(mask.shape, -100, dtype=torch.long, device=dev)
             for i, lb in enumerate(labels):
@@ -193,16 +202,33 @@ def _pad(rows: list) -> tuple:
     return out, mask
 
 
-def _batch_ids(items: list[EncodedRationale], pad_id: int):
+def _batch_ids(items: list[EncodedRationale], pad_id: int, device=None):
+    """(ids, real-token mask, rationale-token mask), right-padded."""
     import torch
 
     width = max(len(it.ids) for it in items)
     ids = torch.full((len(items), width), pad_id, dtype=torch.long)
     pad = torch.zeros((len(items), width), dtype=torch.bool)
+    rationale = torch.zeros((len(items), width), dtype=torch.bool)
     for i, it in enumerate(items):
         ids[i, : len(it.ids)] = torch.tensor(it.ids)
         pad[i, : len(it.ids)] = True
-    return ids, pad
+        rationale[i, it.rationale_start:it.rationale_end] = True
+    return ids.to(device), pad.to(device), rationale.to(device)
+
+
+def lp_terms(item: EncodedRationale, cfg: TokenWeightsConfig, rng: random.Random) -> list[tuple[int, str | list[int]]]:
+    """The (cut point, target) pairs of one example's Lp: `n_prefixes` sampled step ends, each asked for the answer
+    (or, `next_result`, the next step's result). With `step_result`: the whole rationale asked for the answer (the
+    paper's k = n term), plus `n_prefixes` sampled steps, each cut just before the number it ends with and asked
+    for that number — the sub-answer the step's own operands and operator produce."""
+    if cfg.intermediate_target == "step_result":
+        steps = [k for k, span in enumerate(item.result_spans) if span and span[0] > item.rationale_start]
+        picked = rng.sample(steps, min(cfg.n_prefixes, len(steps)))
+        return [(item.rationale_end, item.answer)] + \
+               [(item.result_spans[k][0], item.ids[item.result_spans[k][0]:item.result_spans[k][1]]) for k in picked]
+    cuts = rng.sample(item.step_ends, min(cfg.n_prefixes, len(item.step_ends)))
+    return [(cut, lp_target(item, item.step_ends.index(cut), cfg.intermediate_target)) for cut in cuts]
 
 
 def lp_target(item: EncodedRationale, step: int, intermediate_target: str) -> str:
@@ -219,21 +245,21 @@ def mask_losses(weighter, predictor, items: list[EncodedRationale], cfg: TokenWe
     `unmasked` (predictor warm-up): every token visible, only Lp."""
     import torch
 
-    ids, pad = _batch_ids(items, pad_id)
-    dev = weighter.e_mask.device
-    x, logits = weighter(ids.to(dev), pad.to(dev))
-    m = torch.ones_like(logits) if unmasked else gumbel_sigmoid(logits, cfg.gumbel_tau)
+    x, logits = weighter(*_batch_ids(items, pad_id, weighter.e_mask.device))
+    m = torch.ones_like(logits) if unmasked else gumbel_sigmoid(logits, cfg.gumbel_tau, hard=cfg.straight_through)
     masked = m.unsqueeze(-1) * x + (1 - m.unsqueeze(-1)) * weighter.e_mask  # masked embeddings, not masked ids
     prefixes, answers, lm_terms = [], [], []
     for i, it in enumerate(items):
         r = slice(it.rationale_start, it.rationale_end)
         lm_terms.append(m[i, r])
-        for cut in rng.sample(it.step_ends, min(cfg.n_prefixes, len(it.step_ends))):
+        for cut, target in lp_terms(it, cfg, rng):
             # question unmasked, rationale masked up to the cut point k
             prefixes.append(torch.cat([x[i, : it.rationale_start], masked[i, it.rationale_start:cut]]))
-            answers.append(lp_target(it, it.step_ends.index(cut), cfg.intermediate_target))
+            answers.append(target)
     lp = predictor.answer_nll(prefixes, answers).sum() / len(items)   # Σ over prefixes k, mean over examples
-    lm = torch.cat(lm_terms).mean()
+    # eq. 6: Lm = Σ_j m_j over a rationale's tokens (mean over examples, as Lp); 'mean' divides by its length too
+    per_rationale = [t.sum() if cfg.mask_penalty == "sum" else t.mean() for t in lm_terms]
+    lm = torch.stack(per_rationale).mean()
     return (lp, lp, lm) if unmasked else (lp + cfg.alpha * lm, lp, lm)
 
 
@@ -288,8 +314,7 @@ def infer_weights(weighter, items: list[EncodedRationale], pad_id: int, batch_si
     with torch.no_grad():
         for b in range(0, len(items), batch_size):
             chunk = items[b:b + batch_size]
-            ids, pad = _batch_ids(chunk, pad_id)
-            _, logits = weighter(ids.to(weighter.e_mask.device), pad.to(weighter.e_mask.device))
+            _, logits = weighter(*_batch_ids(chunk, pad_id, weighter.e_mask.device))
             w = torch.sigmoid(logits)
             out += [w[i, it.rationale_start:it.rationale_end].tolist() for i, it in enumerate(chunk)]
     return out

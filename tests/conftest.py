@@ -1,9 +1,13 @@
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# As on a fresh machine: no Prefect database from an earlier run (the CLI's temporary server creates its own, slowly,
+# on first start — the failure a new user meets first). Set before anything imports Prefect; subprocesses inherit it.
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="keystep-test-prefect-home-")
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 

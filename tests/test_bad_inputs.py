@@ -84,6 +84,10 @@ CASES = [
     ("QLoRA sharded by FSDP", ["run", MICRO, "--set", 'student.lora={"quantize": "4bit"}', "--set",
      "train.num_processes=2", "--set", "train.strategy=fsdp"], "train.strategy"),
     ("experiment file without variants", ["experiment", "{tmp}/exp-no-variants.yaml"], "variants"),
+    ("a dataset path that is a directory", ["run", MICRO, "--set", file_spec("{tmp}/not-a-model")], "is a directory"),
+    ("an evaluation set inside the training set", ["run", MICRO, "--set",
+     'data.eval=[{"name": "same", "source": "synthetic:arith", "n": 64, "seed": 0, "max_steps": 2, "max_operand": 9}]'],
+     "all 64 rows of evaluation set 'same/train'"),
     ("results without a catalog", ["results", "--workspace", "{tmp}/empty-ws"], "no catalog"),
 ]
 

@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 
@@ -6,9 +7,44 @@ import pytest
 from tests.conftest import ROOT
 
 
-def keystep(*args, cwd=ROOT):
+def keystep(*args, cwd=ROOT, env=None):
     return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=600)
+                          timeout=900, env=None if env is None else {**os.environ, **env})
+
+
+BUSY = "import time\nt = time.time() + 600\nwhile time.time() < t: pass"
+
+
+@pytest.mark.slow
+def test_first_run_on_a_fresh_machine_with_busy_cores_starts_prefect(tmp_path):
+    """An empty PREFECT_HOME (Prefect's temporary server must create its database) while two processes keep both
+    cores busy: the run still starts and finishes."""
+    busy = [subprocess.Popen([sys.executable, "-c", BUSY]) for _ in range(2)]
+    try:
+        r = keystep("run", "configs/micro.yaml", "--set", "train.epochs=1", "--workspace", str(tmp_path / "ws"),
+                    env={"PREFECT_HOME": str(tmp_path / "prefect-home")})
+    finally:
+        for p in busy:
+            p.kill()
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "accuracy" in r.stdout and (tmp_path / "prefect-home").is_dir()
+
+
+def test_a_server_that_does_not_start_in_time_is_one_line_with_what_to_do(tmp_path):
+    r = keystep("run", "configs/micro.yaml", "--workspace", str(tmp_path / "ws"),
+                env={"PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "1"})
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("keystep: error:")]
+    assert len(errors) == 1
+    assert "temporary server did not start within 1 s" in errors[0] and "PREFECT_API_URL" in errors[0]
+
+
+def test_an_unreachable_configured_server_is_one_line(tmp_path):
+    r = keystep("run", "configs/micro.yaml", "--workspace", str(tmp_path / "ws"),
+                env={"PREFECT_API_URL": "http://127.0.0.1:9/api"})
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "does not answer" in r.stderr and "make serve" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
 
 
 def test_unknown_key_exits_2_with_one_line():

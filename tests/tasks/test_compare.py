@@ -4,7 +4,8 @@ import random
 import numpy as np
 import pytest
 
-from tasks.compare import bootstrap_interval, paired_gap, t_interval, write_report
+from tasks.compare import (bootstrap_interval, gap_line, paired_gap, replace_section, seeds_needed, t_interval,
+                           write_report)
 
 
 def arms(p_a: float, p_b: float, n_q: int = 300, seeds=(0, 1, 2, 3, 4), shared: float = 0.0):
@@ -54,21 +55,33 @@ def test_without_paired_predictions_no_gap_is_called_real():
     assert g["boot_ci"] is None and not g["real"]
 
 
-def test_report_states_each_gap_with_both_intervals(tmp_path, catalog):
-    import json
-
+def test_report_states_each_gap_with_both_intervals(tmp_path):
     runs, preds = arms(0.75, 0.55)
-    with catalog.transaction() as con:       # what the distill runs would have stored
-        for r in runs:
-            catalog.insert(con, "predictions", [{"eval_fp": r["eval_fp"], "model_label": "student", "dataset": d,
-                                                 "example_id": q, "prompt": "", "output": "", "gold": "1", "correct": c}
-                                                for (d, q), c in preds[r["eval_fp"]].items()])
-            catalog.insert(con, "checkpoints", [{"train_fp": r["train_fp"], "epoch": e, "path": "", "config_json": "{}",
-                                                 "metrics_json": json.dumps({"loss": x, "supervised_tokens": 500})}
-                                                for e, x in ((1, 2.0), (2, 1.0))])
-    out = write_report("t", runs, tmp_path, str(tmp_path / "r.md"), [("a", "b")], catalog)
+    for r in runs:       # what the study files hold
+        r.update(supervised_tokens=1000, history=[{"epoch": 1, "loss": 2.0}, {"epoch": 2, "loss": 1.0}],
+                 by_steps={"synthetic/test": {"1": 0.9, "2": 0.5}})
+    out = write_report("t", runs, preds, tmp_path / "r.md", [("a", "b")])
     text = (tmp_path / "r.md").read_text()
     assert "| a | 5 |" in text and "supervised tokens" in text and "bootstrap over 300 questions" in text
-    assert "**real**" in text and "seed spread" in text
+    assert "**real**" in text and "seed spread" in text and "| a | 90.0% | 50.0% |" in text
     assert (tmp_path / "r-learning-curves.png").read_bytes()[:4] == b"\x89PNG" and len(out["gaps"]) == 1
     assert out["rows"][0]["supervised_tokens"] == 1000
+
+
+def test_each_gap_says_whether_its_seed_interval_decides_it():
+    assert seeds_needed([0.01, 0.03, 0.02, 0.04]) == 4            # sd 1.3 points: t(0.975, 3)·sd/2 ≤ 3 points
+    need = seeds_needed([-0.05, 0.02, -0.08, 0.04, 0.0])
+    assert need > 5
+    runs, preds = arms(0.6, 0.6, seeds=(0, 1, 2))
+    line = gap_line(paired_gap(runs, preds, "a", "b", "synthetic/test"), 0.0)
+    assert "decisive" in line
+
+
+def test_studies_share_one_results_file_each_in_its_own_section(tmp_path):
+    path = tmp_path / "results.md"
+    path.write_text(replace_section(path, "one", "# one\nfirst"))
+    path.write_text(replace_section(path, "two", "# two"))
+    path.write_text(replace_section(path, "one", "# one\nsecond"))
+    text = path.read_text()
+    assert "second" in text and "first" not in text and text.index("# one") < text.index("# two")
+    assert text.count("<!-- study: one -->") == 1

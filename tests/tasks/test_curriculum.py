@@ -75,7 +75,7 @@ def schedule(n=200, epochs=8, **cfg):
 
 
 def test_schedule_starts_with_the_last_step_and_ends_with_whole_rationales():
-    diffs, _, s = schedule()
+    diffs, _, s = schedule(start="last_step")
     n_steps = np.array([len(d) for d in diffs])
     assert s.prefix.shape == (4, 200)
     assert s.start_achieved == pytest.approx(sum(d[-1] for d in diffs))   # c_i(0) = n_i − 1
@@ -90,6 +90,18 @@ def test_schedule_starts_with_the_last_step_and_ends_with_whole_rationales():
     assert s.budget[0] == pytest.approx(u / (p + 1) + c0)
     for t in range(t_max - 1):                              # never over the stage's budget
         assert s.achieved[t] <= max(s.budget[t], s.achieved[t - 1] if t else s.start_achieved) + 1e-9
+
+
+def test_budget_start_fits_c0_and_the_first_stage_selects():
+    """curriculum.start 'budget': H(0) ≤ C0 = D(0), every example starts at n_i or n_i − 1 input steps, and stage 1
+    has budget left to select from."""
+    diffs, _, s = schedule(start="budget")
+    n_steps = np.array([len(d) for d in diffs])
+    total = sum(d.sum() for d in diffs)
+    assert 0 < s.start_achieved <= 0.3 * total + 1e-9
+    assert s.start_achieved > 0.25 * total                      # the solver fills most of C0
+    assert sum(s.cluster_selected[0]) > 0
+    assert (s.prefix[0] >= n_steps - 2).all() and (s.prefix[-1] == 0).all()
 
 
 def test_ablation_switches():

@@ -1,0 +1,129 @@
+"""Study files: each finished (variant, seed) run of an experiment, as small files that are committed with the code.
+
+A study of many arms × seeds takes CPU-hours, so it is run over several sessions and its results must outlive the
+workspace that made them. After each run the experiment flow writes, under the experiment's `study_dir`
+(default docs/studies/<experiment file name>/):
+
+    <variant>/seed-<k>.json            what ran (the arm's overrides and config fingerprint, the train and eval
+                                       fingerprints, keystep's commit, wall time) and what came out (accuracy per
+                                       evaluation set and per step count, the per-epoch training metrics, the tokens
+                                       the loss supervised)
+    <variant>/seed-<k>.predictions.csv per test question: dataset, example_id, correct, extracted answer
+
+Both are written to a temp name and renamed, so a kill never leaves half a run. A run whose files exist with the
+same arm fingerprint is not run again; files from another config are an error (delete them to rerun). The report
+(tasks/compare.py) is built from these files alone, so `keystep report FILE` re-derives every table and interval
+without a catalog.
+
+Input: the experiment config, the catalog of the arm's workspace (for a run that just finished). Output: the files,
+and `load_study` -> (runs, per-question predictions) for the report.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+from keystep.config import ConfigError, ExperimentConfig, arm_config, load_config
+from storage.fingerprint import fingerprint
+
+EPOCH_KEYS = ("epoch", "stage", "loss", "tokens", "supervised_tokens", "weighted_tokens", "lr", "tokens_per_s")
+
+
+def arm_fp(exp: ExperimentConfig, variant: str, seed: int) -> str:
+    """What a run is, independent of where it ran: the arm's resolved config without its workspace; a pretrained
+    student is named by its preset's resolved config, not by the folder it was trained into."""
+    cfg = arm_config(exp, variant, seed).model_dump(mode="json")
+    cfg.pop("storage")
+    if exp.pretrain:
+        pre = load_config(exp.pretrain).model_dump(mode="json")
+        pre.pop("storage")
+        cfg["student"]["model"] = {"pretrained": pre}
+    return fingerprint("study-arm", cfg)
+
+
+def run_paths(study_dir: str | Path, variant: str, seed: int) -> tuple[Path, Path]:
+    folder = Path(study_dir) / variant
+    return folder / f"seed-{seed}.json", folder / f"seed-{seed}.predictions.csv"
+
+
+def finished_run(exp: ExperimentConfig, variant: str, seed: int) -> dict | None:
+    """The run's summary when its files exist for this very arm; None when it has yet to run."""
+    summary_path, predictions_path = run_paths(exp.study_dir, variant, seed)
+    if not (summary_path.exists() and predictions_path.exists()):
+        return None
+    summary = json.loads(summary_path.read_text())
+    if summary.get("arm_fp") != arm_fp(exp, variant, seed):
+        raise ConfigError(f"{summary_path} was written by another config of arm '{variant}' seed {seed} (the "
+                          f"experiment file, its base preset or its pretrain preset changed); delete "
+                          f"{summary_path.parent} to run it again, or point study_dir elsewhere")
+    return summary
+
+
+def _portable(arm: dict) -> dict:
+    """An arm's overrides as they read in the experiment file: a variant's `base` relative to the repository."""
+    base = arm.get("base")
+    if base:
+        repo = Path(__file__).resolve().parents[1]
+        arm = {**arm, "base": str(Path(base).relative_to(repo)) if Path(base).is_relative_to(repo) else base}
+    return arm
+
+
+def _commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+                              cwd=Path(__file__).resolve().parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def write_run(exp: ExperimentConfig, variant: str, seed: int, catalog, summary: dict, wall_s: float) -> dict:
+    """The files of a run that just finished (`summary`: the distill flow's), read from its catalog."""
+    history = [json.loads(h["metrics_json"]) for h in catalog.query("train_history", train_fp=summary["train_fp"])]
+    results = catalog.query("latest_results", eval_fp=summary["eval_fp"])
+    by_steps: dict[str, dict[str, float]] = {}
+    for r in results:
+        if r["model_label"] == "student" and r["group_key"] == "n_steps":
+            by_steps.setdefault(f"{r['dataset']}/{r['split']}", {})[r["group_value"]] = r["accuracy"]
+    record = {"variant": variant, "seed": seed, "arm_fp": arm_fp(exp, variant, seed),
+              "overrides": _portable(exp.variants[variant]), "accuracy": summary["accuracy"], "by_steps": by_steps,
+              "supervised_tokens": sum(h.get("supervised_tokens", 0) for h in history),
+              "history": [{k: h.get(k) for k in EPOCH_KEYS} for h in history],
+              "train_fp": summary["train_fp"], "eval_fp": summary["eval_fp"], "wall_s": round(wall_s, 1),
+              "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "keystep_commit": _commit()}
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["dataset", "example_id", "correct", "extracted"])
+    for p in sorted(catalog.query("student_predictions", eval_fp=summary["eval_fp"]),
+                    key=lambda p: (p["dataset"], p["example_id"])):
+        writer.writerow([p["dataset"], p["example_id"], int(bool(p["correct"])), p["extracted"] or ""])
+    summary_path, predictions_path = run_paths(exp.study_dir, variant, seed)
+    _write_atomic(predictions_path, out.getvalue())
+    _write_atomic(summary_path, json.dumps(record, indent=1) + "\n")   # last: the summary marks the run finished
+    return record
+
+
+def load_study(exp: ExperimentConfig) -> tuple[list[dict], dict[str, dict[tuple[str, str], bool]], list[tuple[str, int]]]:
+    """(finished runs in plan order, eval_fp -> {(dataset, example_id): correct}, the (variant, seed) still missing)."""
+    runs, predictions, missing = [], {}, []
+    for variant, seed in exp.plan():
+        summary = finished_run(exp, variant, seed)
+        if summary is None:
+            missing.append((variant, seed))
+            continue
+        runs.append(summary)
+        with open(run_paths(exp.study_dir, variant, seed)[1], newline="") as f:
+            predictions[summary["eval_fp"]] = {(row["dataset"], row["example_id"]): row["correct"] == "1"
+                                               for row in csv.DictReader(f)}
+    return runs, predictions, missing
