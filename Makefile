@@ -42,15 +42,27 @@ test-vllm: install $(VLLM_STAMP)
 bench: install $(VLLM_STAMP)
 	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
-# A local Prefect server (telemetry off) and a process worker; Ctrl-C stops both.
+# A local Prefect server (telemetry off) and a process worker; Ctrl-C stops both. On any PORT: the UI is told its
+# API's address (PREFECT_UI_API_URL), which otherwise stays 4200.
+API := http://127.0.0.1:$(PORT)/api
+POOL := keystep-process
 serve: install
-	$(VENV)/bin/prefect server start --host 127.0.0.1 --port $(PORT) & server=$$!; \
+	PREFECT_UI_API_URL=$(API) $(VENV)/bin/prefect server start --host 127.0.0.1 --port $(PORT) & server=$$!; \
 	trap "kill $$server" EXIT; \
-	until curl -sf http://127.0.0.1:$(PORT)/api/health >/dev/null; do sleep 1; done; \
-	PREFECT_API_URL=http://127.0.0.1:$(PORT)/api $(VENV)/bin/prefect worker start --pool keystep-process --type process
+	until curl -sf $(API)/health >/dev/null; do sleep 1; done; \
+	echo "Prefect UI: http://127.0.0.1:$(PORT)"; \
+	PREFECT_API_URL=$(API) $(VENV)/bin/prefect worker start --pool $(POOL) --type process
 
-deploy: install
-	PREFECT_API_URL=http://127.0.0.1:$(PORT)/api $(VENV)/bin/prefect --no-prompt deploy --all
+# Registers prefect.yaml's deployments; creates the work pool first when no worker has yet (any order works).
+deploy: install prefect.yaml
+	PREFECT_API_URL=$(API) $(VENV)/bin/prefect work-pool inspect $(POOL) >/dev/null 2>&1 || \
+	PREFECT_API_URL=$(API) $(VENV)/bin/prefect work-pool create $(POOL) --type process >/dev/null 2>&1 || \
+	PREFECT_API_URL=$(API) $(VENV)/bin/prefect work-pool inspect $(POOL) >/dev/null   # a worker made it meanwhile
+	PREFECT_API_URL=$(API) $(VENV)/bin/prefect --no-prompt deploy --all
+
+# prefect.yaml is written from the presets (each deployment's form opens on its preset's resolved config)
+prefect.yaml: $(wildcard configs/*.yaml) flows/deployments.py | install
+	$(PY) -m flows.deployments
 
 clean:
 	rm -rf .keystep .keystep-micro .keystep-gsm8k

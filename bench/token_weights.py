@@ -100,10 +100,9 @@ def main() -> None:
         _, train_items = token_weights.load_encoded(ws, cfg, tok, gen, train_steps)
         test_rows, test_items = token_weights.load_encoded(ws, cfg, tok, tgen, test_steps)
         predictor = warm_up_student(ws, cfg, gen, st, cfg.token_weights.predictor_warmup_epochs)
-        model, _ = student.load_student(predictor.model_dir)
-        weighter, history = token_weights.train_masks(cfg.token_weights, model.get_input_embeddings(), tok, train_items,
-                                                      predictor_dir=predictor.model_dir,
-                                                      answer_template=cfg.teacher.answer_template)
+        tw = token_weights.learn_token_weights(ws, cfg, gen, train_steps, predictor)   # trained once, by the stage
+        history = tw.history
+        weighter = token_weights.load_weighter(ws, cfg, tw, predictor)
         weights = token_weights.infer_weights(weighter, test_items, tok.pad_token_id)
 
         meta = {r["example_id"]: json.loads(r["meta_json"]) for r in cat.query("examples_of_dataset", dataset_fp=test_ds.fp)}
@@ -121,7 +120,6 @@ def main() -> None:
         auc_digits = roc_auc_score(labels, digits)
 
         # step difficulty on the training rationales, through the stages themselves
-        tw = token_weights.learn_token_weights(ws, cfg, gen, train_steps, predictor)
         scorer = warm_up_student(ws, cfg, gen, st, cfg.difficulty.warmup_epochs)
         dif = difficulty.score_difficulty(ws, cfg, gen, train_steps, tw, scorer)
         train_meta = {r["example_id"]: json.loads(r["meta_json"]) for r in cat.query("examples_of_dataset", dataset_fp=train_ds.fp)}

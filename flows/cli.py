@@ -5,6 +5,7 @@
     keystep config [CONFIG] [--set ...]        print the resolved config as YAML
     keystep experiment FILE [--set key=value]  run an experiment grid (e.g. configs/study-synthetic.yaml)
     keystep report FILE [--set key=value]      rebuild its report from the study files alone
+    keystep export CONFIG --out DIR [--all] [--push-to-hub REPO]   the rationales as a dataset folder
 
 `run` calls the distill flow in this process: against the Prefect server in PREFECT_API_URL if set, else an
 ephemeral one. User mistakes (bad config, unknown key, missing file) exit 2 with one line, no traceback.
@@ -138,7 +139,7 @@ def cmd_run(args) -> int:
     cached = None if server_configured() else from_catalog_run(config)
     if cached:
         run_id = f"catalog-{uuid.uuid4()}"
-        record_run_start(config, run_id, flow_run_id=None)
+        record_run_start(config, run_id, flow_run_id=None).stop()
         summary = record_run_end(config, run_id, cached)
     else:
         # the preset and the overrides, not the resolved config, are the run's parameters: the UI shows what was asked
@@ -166,6 +167,50 @@ def cmd_experiment(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    """The rationales of the generation CONFIG resolves to, as a dataset folder (and a hub repo with --push-to-hub)."""
+    overrides = _run_overrides(args)
+    if args.out:
+        overrides["export.out"] = args.out
+    if args.push_to_hub:
+        overrides["export.push_to_hub"] = args.push_to_hub
+    if args.all:
+        overrides["export.rows"] = "all"
+    config = load_config(args.config, overrides)
+    from tasks.export import check_export
+    check_export(config)                                   # a push without a token: one line, before any work
+    preflight(config, check_teacher_endpoint=False)
+    from flows.distill import generate_stages
+    from tasks.stage import NotCached, from_catalog
+
+    def lookup(stage, *a, **kw):
+        return from_catalog(config, stage, *a, **kw)
+
+    try:
+        generated = generate_stages(config, lookup)
+    except NotCached:
+        if config.teacher.backend != "reference":   # an export never pays the teacher
+            raise ConfigError(f"no teacher rationales for {args.config} in workspace '{config.storage.workspace}' yet; "
+                              "run `keystep run CONFIG` (or the generate deployment) first, or pass --workspace") from None
+        generated = None
+    if generated is None or server_configured():
+        start_prefect()
+    if generated is not None and not server_configured():   # everything it reads is in the catalog: no Prefect
+        from flows.export import prepared_in_catalog
+        from storage.workspace import Workspace
+        from tasks.export import export_dataset, push_to_hub
+
+        done = export_dataset(Workspace(config.storage.workspace), config, generated.generation,
+                              **prepared_in_catalog(config, generated))
+        out = {**done.model_dump(), "hub_url": push_to_hub(config, done) if config.export.push_to_hub else None}
+    else:
+        from flows.export import export
+        out = export(preset=args.config, overrides=overrides)
+    print(f"exported {out['n_rows']} rationales and {out['n_sft']} SFT rows ({', '.join(out['formats'])}) to "
+          f"{out['out_dir']}" + (f"\nuploaded: {out['hub_url']}" if out.get("hub_url") else ""))
+    return 0
+
+
 def cmd_report(args) -> int:
     """An experiment's report rebuilt from its committed study files alone (no catalog, no Prefect)."""
     from keystep.config import load_experiment
@@ -179,16 +224,24 @@ def cmd_report(args) -> int:
 
 def cmd_results(args) -> int:
     from storage.catalog import Catalog
+    from storage.runs import reconcile
     from tasks.evaluate import results_table
 
     path = Path(args.workspace or ".keystep") / "catalog.duckdb"
     if not path.exists():
         raise ConfigError(f"no catalog at '{path}'; run `keystep run CONFIG` first or pass --workspace DIR")
-    rows = Catalog(path).query("latest_results", eval_fp=None)
+    catalog = Catalog(path)
+    reconcile(catalog, path.parent)          # a run killed without warning shows as killed, never as running
+    rows = catalog.query("latest_results", eval_fp=None)
+    runs = catalog.query("runs_recent", limit=5)
     if args.format == "json":
-        print(json.dumps(rows, indent=2, default=str))
+        print(json.dumps({"results": rows, "runs": runs}, indent=2, default=str))
     else:
         print(results_table(rows))
+        print("\nlatest runs:")
+        for r in runs:
+            print(f"  {r['run_id']}  {r['status']:<9}  started {r['started_at']:%Y-%m-%d %H:%M:%S}"
+                  + (f", ended {r['finished_at']:%H:%M:%S}" if r["finished_at"] else ""))
     return 0
 
 
@@ -213,6 +266,14 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("file", help="experiment YAML, e.g. configs/study-synthetic.yaml")
     exp.add_argument("--set", action="append", metavar="KEY=VALUE", help="override an experiment key, e.g. seeds=[0]")
     exp.set_defaults(fn=cmd_experiment)
+    exp_ = sub.add_parser("export", help="write the teacher's rationales as a dataset (HF datasets, Parquet, SFT layouts, card)")
+    exp_.add_argument("config", help="YAML preset whose generation to export, e.g. configs/demo.yaml")
+    exp_.add_argument("--out", help="folder to write (default <workspace>/exports/<fingerprint>)")
+    exp_.add_argument("--workspace", help="workspace folder (default: storage.workspace)")
+    exp_.add_argument("--all", action="store_true", help="every rationale with its status and reason, not only kept ones")
+    exp_.add_argument("--push-to-hub", metavar="REPO", help="upload to this Hugging Face dataset repo (token in $HF_TOKEN)")
+    exp_.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. export.formats=[label_only]")
+    exp_.set_defaults(fn=cmd_export)
     rep = sub.add_parser("report", help="rebuild an experiment's report from its study files (docs/studies/...)")
     rep.add_argument("file", help="experiment YAML, e.g. configs/study-scratch.yaml")
     rep.add_argument("--set", action="append", metavar="KEY=VALUE", help="override an experiment key")

@@ -12,20 +12,24 @@ import time
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_client, get_run_logger, unmapped
+from prefect import flow, get_client, get_run_logger, tags, unmapped
 from prefect.context import get_run_context
+from prefect.states import Crashed
 from pydantic import BaseModel
 
 from flows.preflight import preflight
 from keystep.config import ConfigError, DistillConfig, build_config, load_config
+from storage.runs import Heartbeat, reconcile, run_lock, start_run
 from tasks.curriculum import Curriculum, curriculum_task
 from tasks.difficulty import Difficulty, difficulty_task
-from tasks.evaluate import Evaluation, evaluate_task, publish_results, write_summary
+from tasks.evaluate import Evaluation, evaluate_task, publish_results, run_header, write_summary
+from tasks.export import check_export, export_task, push_to_hub
 from tasks.ingest import Dataset, ingest_task
 from tasks.stage import NotCached, cached_output, from_catalog, use_workspace, workspace_of
 from tasks.steps import Steps, split_steps_task
 from tasks.student import Student, init_student_task
-from tasks.teacher import Generation, finish_task, generation_lineage, plan_task, retryable_failures, shard_task
+from tasks.teacher import (Generation, batch_task, finish_task, generation_lineage, plan_task, retryable_failures,
+                           shard_task)
 from tasks.teacher_backends import open_endpoint
 from tasks.token_weights import TokenWeights, needs_token_weights, token_weights_task
 from tasks.train import Trained, train_task
@@ -70,7 +74,9 @@ def teacher_rationales(config: DistillConfig, dataset: Dataset, run=run_task) ->
         raise NotCached("teacher-rationales")
     t0 = time.perf_counter()
     plan = plan_task(config, dataset)
-    if plan.shards:
+    if plan.shards and config.teacher.api == "batch":
+        batch_task(config, plan.shards)   # here, in the flow process: the batches' ledger is in the catalog
+    elif plan.shards:
         with open_endpoint(config.teacher, ws.root / "logs" / f"vllm-{plan.teacher_fp}.log") as endpoint:
             futures = shard_task.map(unmapped(config.teacher), plan.shards, unmapped(endpoint))
             futures.wait()
@@ -117,7 +123,6 @@ def evaluate_stages(config: DistillConfig, t: TrainedRun, run=run_task) -> Evalu
     report = str(workspace_of(config).report_path(evaluation.fp))
     if run is run_task:
         write_summary(config, evaluation, t.generation, [t.train_dataset, *t.eval_datasets], t.trained, t.curriculum)
-        publish_results(config, evaluation, report)
     elif not Path(report).exists():
         raise NotCached("report")
     return EvaluatedRun(**dict(t), evaluation=evaluation, report=report)
@@ -166,18 +171,47 @@ def evaluate(config: DistillConfig = DistillConfig(), trained: TrainedRun | None
     """Evaluate the trained (and untrained) student; publish the results table and the summary report."""
     trained = trained or train(config)
     use_workspace(config)
-    return evaluate_stages(config, trained)
+    out = evaluate_stages(config, trained)
+    if get_run_context().flow_run.parent_task_run_id is None:   # run alone; as distill's phase, distill publishes
+        publish_results(config, out.evaluation, out.report)
+    return out
 
 
-def record_run_start(config: DistillConfig, run_id: str, flow_run_id: str | None) -> None:
-    workspace_of(config).catalog().query("run_started", run_id=run_id, flow_run_id=flow_run_id,
-                                         config_json=json.dumps(config.model_dump(mode="json")))
+def record_run_start(config: DistillConfig, run_id: str, flow_run_id: str | None) -> Heartbeat:
+    """The run's row in table `runs` ('running', pid, host), kept alive by the returned heartbeat until stopped."""
+    return start_run(workspace_of(config).catalog(), run_id, flow_run_id, json.dumps(config.model_dump(mode="json")))
 
 
-def record_run_end(config: DistillConfig, run_id: str, out: EvaluatedRun | None) -> dict | None:
+def reconcile_dead_runs(config: DistillConfig, logger) -> None:
+    """Runs of this workspace whose process is gone are marked 'killed' in table `runs` and, where the Prefect server
+    knows them, Crashed there, so neither the catalog nor the UI shows a dead run as running."""
+    ws = workspace_of(config)
+    for dead in reconcile(ws.catalog(), ws.root):
+        logger.warning("run %s was still marked running but its %s: marked killed", dead["run_id"], dead["reason"])
+        if dead["flow_run_id"]:
+            try:
+                with get_client(sync_client=True) as client:
+                    client.set_flow_run_state(dead["flow_run_id"], Crashed(message=f"keystep: {dead['reason']}"),
+                                              force=True)
+            except Exception:  # noqa: BLE001 - a run of another (temporary) server is unknown to this one
+                pass
+
+
+def write_run_header(config: DistillConfig, out: EvaluatedRun, label: str, run_id: str, wall_s: float) -> None:
+    """The report opens with what ran and the headline (against the untrained student and the previous run)."""
+    catalog = workspace_of(config).catalog()
+    previous = catalog.query("previous_run", run_id=run_id, label=label)
+    header = run_header(label, config, catalog.query("latest_results", eval_fp=out.evaluation.fp),
+                        [out.train_dataset, *out.eval_datasets], out.trained, out.student.n_params, wall_s,
+                        previous[0] if previous else None)
+    report = Path(out.report)
+    report.write_text(header + report.read_text())
+
+
+def record_run_end(config: DistillConfig, run_id: str, out: EvaluatedRun | None, label: str | None = None) -> dict | None:
     """The run's row in table `runs`: completed with its summary, or failed (`out` None)."""
     summary = None if out is None else {
-        "run_id": run_id, "workspace": str(workspace_of(config).root), "report": out.report,
+        "run_id": run_id, "label": label, "workspace": str(workspace_of(config).root), "report": out.report,
         "accuracy": out.evaluation.accuracy, "eval_fp": out.evaluation.fp, "train_fp": out.trained.fp,
         "final_dir": out.trained.final_dir}
     workspace_of(config).catalog().query("run_finished", run_id=run_id, status="failed" if out is None else "completed",
@@ -185,52 +219,122 @@ def record_run_end(config: DistillConfig, run_id: str, out: EvaluatedRun | None)
     return summary
 
 
-def resolve_config(config: DistillConfig, preset: str | None, overrides: dict[str, Any] | None) -> DistillConfig:
+def deployment_config() -> DistillConfig | None:
+    """The `config` parameter of the deployment this flow run came from (None outside a deployment)."""
+    ctx = get_run_context()
+    if not ctx.flow_run.deployment_id:
+        return None
+    with get_client(sync_client=True) as client:
+        raw = client.read_deployment(ctx.flow_run.deployment_id).parameters.get("config")
+    return DistillConfig.model_validate(raw) if raw else None
+
+
+def resolve_config(config: DistillConfig, preset: str | None, overrides: dict[str, Any] | None,
+                   deployed: DistillConfig | None = None) -> DistillConfig:
     """The run's config: `preset` (then `overrides` on it), or the config fields (then `overrides` on them).
-    A preset together with edited config fields is refused: one of them would be silently ignored."""
+    A preset together with edited config fields is refused: one of them would be silently ignored. Fields left as
+    the deployment (`deployed`) set them, or equal to what the preset resolves to (a rerun of an earlier run), are
+    not edits."""
     if preset:
-        if config != DistillConfig():
-            raise ConfigError(f"preset '{preset}' and edited config fields given together; keep the config fields at "
-                              "their defaults and change keys through overrides, e.g. {\"train.epochs\": 2}, or clear "
-                              "preset to run the config fields")
-        return load_config(preset, overrides)
+        resolved = load_config(preset, overrides)
+        if config not in (DistillConfig(), resolved, deployed):
+            raise ConfigError(f"preset '{preset}' and edited config fields given together; clear preset to run the "
+                              "config fields (change a key through overrides, e.g. {\"train.epochs\": 2}), or leave "
+                              "the config fields as they were")
+        return resolved
     return build_config(config.model_dump(mode="json"), overrides) if overrides else config
 
 
-def label_run(config: DistillConfig, preset: str | None) -> None:
-    """Tags (and, unless the caller named it, a name) that say what the run is: preset, loss, format, dataset."""
+def distill_config(config: DistillConfig, preset: str | None, overrides: dict[str, Any] | None) -> DistillConfig:
+    """The config a flow run with these parameters runs (`resolve_config`, knowing its deployment's own config)."""
+    return resolve_config(config, preset, overrides, deployment_config())
+
+
+def export_stages(config: DistillConfig, generation: Generation, prepared: dict[str, Any]) -> dict[str, Any]:
+    """The export stage, then the hub upload when `export.push_to_hub` names a repo (never cached)."""
+    out = export_task(config, generation, **prepared)
+    url = push_to_hub(config, out) if config.export.push_to_hub else None
+    if url:
+        get_run_logger().info("uploaded %s to %s", out.out_dir, url)
+    return {**out.model_dump(), "hub_url": url}
+
+
+def run_label(preset: str | None) -> str:
+    """What the run was started from: its preset's name, else its deployment's, else 'config'."""
+    if preset:
+        return Path(preset).stem
     ctx = get_run_context()
-    what = [Path(preset).stem if preset else "config", config.train.loss, config.data.train.name]
+    if ctx.flow_run.deployment_id:
+        with get_client(sync_client=True) as client:
+            return client.read_deployment(ctx.flow_run.deployment_id).name
+    return "config"
+
+
+def label_run(config: DistillConfig, preset: str | None, overrides: dict[str, Any] | None) -> tuple[str, list[str]]:
+    """Tags (and, unless the caller named it, a name) that say what the run is — preset, loss, format, dataset, e.g.
+    `kpod-synthetic-<name>` with tags preset:kpod, loss:kpod, ... — and the run's parameters rewritten to the
+    resolved config (with the preset and overrides it came from), so the UI's Parameters tab shows what ran.
+    Returns (label, name, tags): the label for the run's summary, name and tags for the phase subflows."""
+    ctx = get_run_context()
+    label = run_label(preset)
+    what = [label] + ([config.train.loss] if config.train.loss.replace("_", "") not in label.replace("-", "") else [])
     if config.train.target_format != "cot_then_label":
-        what.insert(2, config.train.target_format)
-    tags = sorted({*ctx.flow_run.tags, f"preset:{what[0]}", f"loss:{config.train.loss}",
+        what.append(config.train.target_format)
+    what.append(config.data.train.name)
+    tags = sorted({*ctx.flow_run.tags, f"preset:{label}", f"loss:{config.train.loss}",
                    f"format:{config.train.target_format}", f"dataset:{config.data.train.name}"})
-    name = None if ctx.flow.flow_run_name else "-".join([*what, ctx.flow_run.name])
+    name = ctx.flow_run.name if ctx.flow.flow_run_name else "-".join([*what, ctx.flow_run.name])
+    shown = {"config": config.model_dump(mode="json"), "preset": preset, "overrides": overrides}
     with get_client(sync_client=True) as client:
-        client.update_flow_run(ctx.flow_run.id, name=name, tags=tags)
+        client.update_flow_run(ctx.flow_run.id, name=None if ctx.flow.flow_run_name else name, tags=tags,
+                               parameters=shown)
+    return label, name, tags
 
 
 @flow(name="distill", log_prints=True)
-def distill(config: DistillConfig = DistillConfig(), preset: str | None = None,
-            overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+def distill(preset: str | None = None, overrides: dict[str, Any] | None = None,
+            config: DistillConfig = DistillConfig()) -> dict[str, Any]:
     """End to end: generate -> prepare -> train -> evaluate.
 
-    Either `preset` — a YAML file such as configs/demo.yaml, relative to the working directory — or the config
-    fields; `overrides` (dotted keys, {"train.epochs": 2}) apply on top of either. With a preset, leave the config
-    fields at their defaults: a preset with edited fields is refused rather than one of them silently ignored.
+    Args:
+        preset: Optional. A YAML preset such as configs/demo.yaml (relative to the working directory); when set it
+            is what runs, and the config fields below must stay as they are (a preset with edited fields is refused).
+        overrides: Optional. Dotted keys applied on top of the preset or of the config fields, e.g.
+            {"train.epochs": 2, "data.train.n": 500}.
+        config: The run's config, section by section. A deployment opens it on its preset's values: change a
+            field here (and leave preset empty) to run exactly that.
     """
-    config = resolve_config(config, preset, overrides)
+    config = distill_config(config, preset, overrides)
     preflight(config, check_teacher_endpoint=False)   # a deployment run with a bad input fails here, in seconds
-    label_run(config, preset)
+    if config.export.enabled:
+        check_export(config)
+    t0 = time.perf_counter()
+    label, name, run_tags = label_run(config, preset, overrides)
     use_workspace(config)
+    logger = get_run_logger()
     run_id = str(get_run_context().flow_run.id)
-    record_run_start(config, run_id, flow_run_id=run_id)
-    try:
-        out = evaluate(config, train(config, prepare(config, generate(config))))
-    except BaseException:
-        record_run_end(config, run_id, None)
-        raise
-    summary = record_run_end(config, run_id, out)
-    publish_results(config, out.evaluation, out.report)   # the run the user started carries the results too
-    get_run_logger().info("results: %s (report %s)", summary["accuracy"], out.report)
+
+    def phase(flow_, *args):   # a phase subflow named and tagged after this run, so a long run list ties them up
+        with tags(*run_tags):
+            return flow_.with_options(flow_run_name=f"{name}-{flow_.name}")(config, *args)
+
+    with run_lock(workspace_of(config).root, on_wait=logger.warning):   # one run at a time on a workspace
+        reconcile_dead_runs(config, logger)
+        heartbeat = record_run_start(config, run_id, flow_run_id=run_id)
+        try:
+            out = phase(evaluate, phase(train, phase(prepare, phase(generate))))
+            exported = export_stages(config, out.generation, {
+                "student": out.student, "steps": out.steps, "token_weights": out.token_weights,
+                "difficulty": out.difficulty}) if config.export.enabled else None
+        except BaseException:
+            record_run_end(config, run_id, None)
+            raise
+        finally:
+            heartbeat.stop()
+        summary = record_run_end(config, run_id, out, label)
+    if exported:
+        summary["export"] = exported["out_dir"]
+    write_run_header(config, out, label, run_id, time.perf_counter() - t0)
+    publish_results(config, out.evaluation, out.report)   # the run the user started carries the results
+    logger.info("results: %s (report %s)", summary["accuracy"], out.report)
     return summary

@@ -121,11 +121,18 @@ def check_teacher(cfg: TeacherConfig) -> None:
 
         url = cfg.base_url.rstrip("/") + "/models"
         key = os.environ.get(cfg.api_key_env) if not cfg.api_key_secret else None
+        headers = {"Authorization": f"Bearer {key}"} if key else None
         try:
-            httpx.get(url, timeout=10, headers={"Authorization": f"Bearer {key}"} if key else None)
+            httpx.get(url, timeout=10, headers=headers)
         except httpx.HTTPError as err:
             raise ConfigError(f"config key 'teacher.base_url': the teacher endpoint {cfg.base_url} does not answer "
                               f"({type(err).__name__}); start it or fix the URL (--no-check-teacher skips this check)") from None
+        if cfg.api == "batch":
+            files = httpx.get(cfg.base_url.rstrip("/") + "/batches", params={"limit": 1}, timeout=10, headers=headers)
+            if files.status_code in (404, 405, 501):
+                raise ConfigError(f"config key 'teacher.api': 'batch' needs the OpenAI files and batches API, which the "
+                                  f"teacher endpoint {cfg.base_url} does not implement (GET /batches answered "
+                                  f"{files.status_code}); use teacher.api: completions (or chat) there")
     elif cfg.backend == "vllm" and cfg.vllm_python and not Path(cfg.vllm_python).is_file():
         raise ConfigError(f"config key 'teacher.vllm_python': '{cfg.vllm_python}' not found (the Python of a vLLM "
                           "environment, e.g. .venv-vllm/bin/python from `make test-vllm`)")

@@ -20,14 +20,19 @@ from storage.workspace import Workspace
 DATA_SUFFIXES = {".jsonl", ".json", ".csv", ".parquet"}
 
 
-def registry_entries(registry_dir: str | None, hub_ids: list[str]) -> list[tuple[str, str, str]]:
-    """(entry, source, content hash) for every dataset in the registry."""
+def registry_entries(registry_dir: str | None, hub_ids: list[str], log=print) -> list[tuple[str, str, str]]:
+    """(entry, source, content hash) for every dataset in the registry. A registry folder that is not there is one
+    log line and an empty scan (a scheduled run every hour must not crash for it), a path that is a file an error."""
     entries = []
     if registry_dir:
         folder = Path(registry_dir)
-        if not folder.is_dir():
-            raise ValueError(f"registry_dir '{registry_dir}' is not a folder")
-        for p in sorted(folder.iterdir()):
+        if not folder.exists():
+            log(f"registry folder '{folder.resolve()}' does not exist: nothing to scan; create it and drop dataset "
+                "files there (see datasets/README.md), or set registry_dir")
+        elif not folder.is_dir():
+            raise ValueError(f"registry_dir '{registry_dir}' is a file, not a folder of dataset files")
+    if registry_dir and Path(registry_dir).is_dir():
+        for p in sorted(Path(registry_dir).iterdir()):
             if p.suffix.lower() in DATA_SUFFIXES and p.is_file():
                 entries.append((str(p), "file", file_hash(p)))
     for hub_id in hub_ids:
@@ -51,7 +56,7 @@ def rerun_new_datasets(preset: str = "configs/demo.yaml", registry_dir: str | No
     done = {(r["entry"], r["content_hash"]) for r in
             catalog.execute("select entry, content_hash from registry_scans where status = 'completed'")}
     started, skipped, failed = [], [], []
-    for entry, source, digest in registry_entries(registry_dir, hub_ids or []):
+    for entry, source, digest in registry_entries(registry_dir, hub_ids or [], log=logger.warning):
         if (entry, digest) in done:
             skipped.append(entry)
             continue

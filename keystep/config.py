@@ -94,7 +94,9 @@ class FewShotExample(Section):
 # fingerprint, so retuning them never re-pays for stored rationales.
 TEACHER_OPERATIONAL = {"base_url", "api_key_env", "api_key_secret", "concurrency", "timeout_s", "max_retries", "retry_failed",
                        "max_consecutive_failures", "commit_every", "shards", "vllm_python", "vllm_args",
-                       "server_start_timeout_s", "cost_per_1k_prompt_tokens", "cost_per_1k_completion_tokens"}
+                       "server_start_timeout_s", "cost_per_1k_prompt_tokens", "cost_per_1k_completion_tokens",
+                       "batch_poll_s", "batch_completion_window", "batch_max_requests", "batch_max_bytes",
+                       "cost_per_1k_prompt_tokens_batch", "cost_per_1k_completion_tokens_batch"}
 
 
 class TeacherConfig(Section):
@@ -104,7 +106,21 @@ class TeacherConfig(Section):
         "vLLM server that keystep starts from teacher.vllm_python.")
     model: str | None = Field(None, description="openai/vllm: model name (endpoint) or model folder (vllm).")
     base_url: str | None = Field(None, description="openai: endpoint base URL, e.g. http://127.0.0.1:8000/v1.")
-    api: Literal["completions", "chat"] = Field("completions", description="openai/vllm server: completions or chat API (chat applies the model's chat template).")
+    api: Literal["completions", "chat", "batch"] = Field(
+        "completions", description="openai/vllm server: completions or chat API (chat applies the model's chat "
+        "template); 'batch': the requests go as batches — through the OpenAI Batch API (files + batches endpoints; "
+        "providers price it at about half) for backend openai, through vLLM's offline runner (run_batch, no server) "
+        "for backend vllm — each line calling `batch_endpoint`. Online and batch rationales of one teacher are the "
+        "same items: switching never pays twice.")
+    batch_endpoint: Literal["completions", "chat"] = Field("completions", description="api batch: the endpoint each "
+                                                           "request line calls (/v1/completions or /v1/chat/completions).")
+    batch_poll_s: float = Field(30.0, gt=0, description="api batch: seconds between polls of a running batch.")
+    batch_completion_window: str = Field("24h", description="api batch: the completion window asked for (the OpenAI "
+                                         "Batch API accepts 24h).")
+    batch_max_requests: int = Field(50_000, ge=1, description="api batch: most requests per batch (the OpenAI limit); "
+                                    "more are split into several batches.")
+    batch_max_bytes: int = Field(200 * 1024 * 1024, ge=1024, description="api batch: largest request file per batch "
+                                 "(the OpenAI limit is 200 MB); more are split into several batches.")
     api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the API key (never stored).")
     api_key_secret: str | None = Field(None, description="Name of a Prefect Secret block holding the API key (overrides api_key_env).")
     prompt_template: str = Field(KPOD_PROMPT, description="Prompt before the rationale (KPOD zero-shot CoT); {question} is filled in.")
@@ -133,6 +149,15 @@ class TeacherConfig(Section):
     server_start_timeout_s: float = Field(600.0, gt=0, description="vllm: how long to wait for the server's health check.")
     cost_per_1k_prompt_tokens: float | None = Field(None, ge=0, description="Optional price for the cost estimate.")
     cost_per_1k_completion_tokens: float | None = Field(None, ge=0, description="Optional price for the cost estimate.")
+    cost_per_1k_prompt_tokens_batch: float | None = Field(None, ge=0, description="api batch: the batch price per 1k "
+                                                          "prompt tokens, for the cost estimate.")
+    cost_per_1k_completion_tokens_batch: float | None = Field(None, ge=0, description="api batch: the batch price "
+                                                              "per 1k completion tokens, for the cost estimate.")
+
+    @property
+    def request_api(self) -> str:
+        """What each request calls: `api`, or for a batch the endpoint its lines call."""
+        return self.batch_endpoint if self.api == "batch" else self.api
 
     @model_validator(mode="after")
     def _check(self) -> "TeacherConfig":
@@ -140,6 +165,9 @@ class TeacherConfig(Section):
             raise ValueError("backend 'openai' needs teacher.base_url and teacher.model")
         if self.backend == "vllm" and not self.model:
             raise ValueError("backend 'vllm' needs teacher.model (a model folder or hub id)")
+        if self.backend == "vllm" and self.api == "batch" and self.batch_endpoint != "chat":
+            raise ValueError("api 'batch' with backend 'vllm' runs vLLM's run_batch, which takes chat lines only; set "
+                             "teacher.batch_endpoint: chat (the model's chat template applies)")
         return self
 
 
@@ -160,10 +188,19 @@ class TokenWeightsConfig(Section):
         "rationale", description="What the weighting module's self-attention reads: the rationale tokens (the paper, "
         "e = Att(Emb(r))), or the whole training sequence (question, rationale and answer sentence).")
     gumbel_tau: float = Field(0.5, gt=0, description="Gumbel-sigmoid temperature.")
-    straight_through: bool = Field(True, description="Hard 0/1 masks in the forward pass with the relaxed sample's "
-                                   "gradient (straight-through, the paper's Gumbel masks); off: the relaxed sample "
-                                   "itself, in [0, 1], whose gradient is the exact one of what the forward pass computes.")
+    estimator: Literal["straight_through", "relaxed", "score_function"] = Field(
+        "straight_through", description="How the masks learn: 'straight_through' — hard 0/1 Gumbel-sigmoid masks with "
+        "the relaxed sample's gradient through the predictor (the paper); 'relaxed' — the relaxed sample in [0, 1] "
+        "itself; 'score_function' — hard Bernoulli masks, E[Lp] differentiated by REINFORCE with a leave-one-out "
+        "baseline over `mask_samples` masks (no gradient through the predictor; why: docs/measurements.md) and Lm "
+        "as the expected mask size Σ_j w_j.")
+    mask_samples: int = Field(4, ge=2, description="score_function: masks sampled per example (the baseline of each "
+                              "is the mean Lp of the others).")
     n_prefixes: int = Field(2, ge=1, description="Rationale prefixes (cut points at step ends) sampled per example for Lp.")
+    lp_scale: Literal["all_prefixes", "sampled"] = Field(
+        "all_prefixes", description="Lp of an example: 'all_prefixes' — the mean of its sampled prefix terms times its "
+        "rationale's token count, in scale the paper's sum over every token prefix (eq. 5), which is what α = 0.5 is "
+        "weighed against; 'sampled' — the sum of the sampled terms alone (about L / n_prefixes times smaller).")
     intermediate_target: Literal["answer", "next_result", "step_result"] = Field(
         "answer", description="What Lp asks the predictor for after a prefix that stops before the last step: the final "
         "answer (the paper), which such a prefix cannot contain; the next step's result (the last number that step "
@@ -182,6 +219,11 @@ class TokenWeightsConfig(Section):
     predictor_warmup_epochs: int = Field(6, ge=0, description="Epochs teaching the predictor to answer from unmasked "
                                          "rationales before the masks are learned ('student': Std-CoT epochs, shared "
                                          "with difficulty.warmup_epochs when equal; 'scratch': predictor-only epochs).")
+    predictor_mask_epochs: int = Field(0, ge=0, description="Epochs teaching the predictor Lp on randomly masked "
+                                       "rationales (each token kept with a probability drawn per example from 0.5-1) "
+                                       "before the masks are learned, so that masking a token it does not need costs it "
+                                       "nothing — the paper's predictor trains with the masks and learns that; a frozen "
+                                       "one that has never seen a mask pays for every token masked (docs/measurements.md).")
     freeze_predictor: bool = Field(True, description="Keep the predictor fixed while the masks are learned, so the masks "
                                    "must keep what it reads (why: docs/measurements.md).")
     init_keep: float = Field(0.9, gt=0, lt=1, description="Initial weight of every token (bias of the MLP's output), so masks start open.")
@@ -343,11 +385,39 @@ class EvalConfig(Section):
     include_untrained: bool = Field(True, description="Also evaluate the student before training, as a baseline.")
 
 
+# Export settings that say whether it runs and where it is uploaded, not what is written: out of its fingerprint.
+EXPORT_OPERATIONAL = {"enabled", "push_to_hub", "hub_token_env", "private"}
+SFT_LAYOUTS = ("prompt_completion", "messages")
+
+
+class ExportConfig(Section):
+    """The distilled dataset as files: Hugging Face `datasets` folders, Parquet, SFT layouts and a dataset card."""
+    enabled: bool = Field(False, description="Run the export as the last stage of `distill` (`keystep export` and "
+                          "the export flow run it on their own).")
+    out: str | None = Field(None, description="Folder to write (replaced as a whole, by rename); unset: "
+                            "<workspace>/exports/<export fingerprint>.")
+    rows: Literal["kept", "all"] = Field("kept", description="'kept': the rationales the student trains on; 'all': "
+                                         "every rationale, failed and wrong ones too, with status and reason.")
+    formats: list[Literal["cot_then_label", "label_only", "label_then_cot", "label_then_shuffled_cot",
+                          "label_then_keytokens"]] = Field(
+        default_factory=lambda: ["cot_then_label", "label_then_cot"],
+        description="Target formats of the SFT layouts (prompt/completion and chat messages, as TRL's SFTTrainer reads "
+        "them), each built by tasks/formats.py exactly as keystep trains on it; label_then_keytokens needs token weights.")
+    license: str | None = Field(None, description="License field of the dataset card (e.g. cc-by-4.0); unset: 'other'.")
+    pretty_name: str | None = Field(None, description="Dataset card title; unset: '<dataset> rationales from <teacher>'.")
+    push_to_hub: str | None = Field(None, description="Hugging Face dataset repo id to upload the folder to (needs a "
+                                    "token in hub_token_env and a network).")
+    hub_token_env: str = Field("HF_TOKEN", description="Environment variable holding the Hugging Face token (never "
+                               "stored or logged).")
+    private: bool = Field(True, description="push_to_hub: create the repo private.")
+
+
 class StorageConfig(Section):
     workspace: str = Field(".keystep", description="Folder for the catalog, models, checkpoints and cached results.")
 
 
 class DistillConfig(Section):
+    """The flow parameter: one section per stage."""
     data: DataConfig = Field(default_factory=DataConfig, description="Datasets to distil on and evaluate on.")
     teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="Teacher rationale generation.")
     steps: StepsConfig = Field(default_factory=StepsConfig, description="Rationale step splitting.")
@@ -357,6 +427,7 @@ class DistillConfig(Section):
     student: StudentConfig = Field(default_factory=StudentConfig, description="The student model.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Student training.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation.")
+    export: ExportConfig = Field(default_factory=ExportConfig, description="The distilled dataset as files (optional last stage).")
     storage: StorageConfig = Field(default_factory=StorageConfig, description="Where results live.")
 
     @model_validator(mode="after")

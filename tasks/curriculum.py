@@ -270,28 +270,35 @@ def curriculum_lineage(config: DistillConfig, generation: Generation, difficulty
 # ---- report -------------------------------------------------------------------------------------------
 def plot_schedule(sched: Schedule, out_dir: Path) -> dict[str, str]:
     """PNG plots per stage: budget D(t) vs achieved H(t), cluster coverage of S(t), prefix-length histogram."""
+    from matplotlib.ticker import MaxNLocator
+
     plt = pyplot()
     out_dir.mkdir(parents=True, exist_ok=True)
     stages = np.arange(1, len(sched.budget) + 1)
-    paths = {}
+    paths: dict[str, str] = {}
+    if len(stages) < 2:      # one stage: whole rationales from the start, nothing to plot
+        return paths
     fig, ax = plt.subplots(figsize=(5, 3.2))
     ax.plot(stages, sched.budget, "o-", label="budget D(t)")
     ax.plot(stages, sched.achieved, "s--", label="achieved H(t)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("stage")
     ax.set_ylabel("difficulty generated")
     ax.legend()
     paths["budget"] = save_figure(fig, out_dir / "budget.png")
 
     cov = np.array(sched.cluster_selected)
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    bottom = np.zeros(len(stages))
-    for k in range(cov.shape[1]):
-        ax.bar(stages, cov[:, k], bottom=bottom, label=f"cluster {k}")
-        bottom += cov[:, k]
-    ax.set_xlabel("stage")
-    ax.set_ylabel("examples selected in S(t)")
-    ax.legend(fontsize=7)
-    paths["coverage"] = save_figure(fig, out_dir / "coverage.png")
+    if cov.sum():
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        bottom = np.zeros(len(stages))
+        for k in range(cov.shape[1]):
+            ax.bar(stages, cov[:, k], bottom=bottom, label=f"cluster {k}")
+            bottom += cov[:, k]
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("stage")
+        ax.set_ylabel("examples selected in S(t)")
+        ax.legend(fontsize=7)
+        paths["coverage"] = save_figure(fig, out_dir / "coverage.png")
 
     top = int(sched.prefix.max()) if sched.prefix.size else 0
     fig, axes = plt.subplots(1, len(stages), figsize=(2.2 * len(stages), 2.6), sharey=True, squeeze=False)
@@ -311,8 +318,13 @@ def schedule_markdown(sched: Schedule, plots: dict[str, str], relative_to: Path 
              "|---:|---:|---:|---:|---:|"]
     for t, (d, h, sel) in enumerate(zip(sched.budget, sched.achieved, sched.cluster_selected), start=1):
         lines.append(f"| {t} | {d:.1f} | {h:.1f} | {sum(sel)} | {sched.prefix[t - 1].mean():.2f} |")
-    lines += ["", f"![budget vs achieved]({link(plots['budget'])})", f"![cluster coverage]({link(plots['coverage'])})",
-              f"![prefix lengths]({link(plots['prefix'])})", ""]
+    titles = {"budget": "budget vs achieved", "coverage": "cluster coverage", "prefix": "prefix lengths"}
+    lines.append("")
+    if len(sched.budget) < 2:
+        lines.append("One stage (T = ceil(epochs / 2) = 1): every example trains on its whole rationale from the start.")
+    elif "coverage" not in plots:
+        lines.append("No stage selected an example: the budget never exceeded the starting state.")
+    lines += [f"![{titles[k]}]({link(v)})" for k, v in plots.items()] + [""]
     return "\n".join(lines)
 
 

@@ -141,6 +141,35 @@ def results_table(rows: list[dict]) -> str:
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, body)])
 
 
+def run_header(label: str, config: DistillConfig, results: list[dict], datasets: list[Dataset], trained: Trained,
+               n_params: int, wall_s: float, previous: dict | None) -> str:
+    """The top of a run's summary: what ran, then the headline — the trained student against the untrained one and
+    against the previous run of the same preset."""
+    train_set, evals = datasets[0], datasets[1:]
+    rows = [("preset", label), ("loss", config.train.loss), ("target format", config.train.target_format),
+            ("training set", f"{train_set.name}/{train_set.split}, {train_set.n_examples} examples"),
+            ("evaluation", ", ".join(f"{d.name}/{d.split} ({d.n_examples})" for d in evals)),
+            ("student", f"{config.student.model}, " + (f"{n_params / 1e6:.1f}M" if n_params >= 1e6 else
+                                                        f"{n_params / 1e3:.0f}k") + " parameters"),
+            ("epochs", str(trained.epochs)), ("device", trained.device), ("wall time", f"{wall_s / 60:.1f} min")]
+    lines = [f"# {label}: {config.train.loss} on {train_set.name}", "", "| what ran | |", "|---|---|",
+             *[f"| {k} | {v} |" for k, v in rows], "", "## Headline", ""]
+    overall = {(r["model_label"], f"{r['dataset']}/{r['split']}"): r["accuracy"] for r in results if r["group_key"] == "all"}
+    before = json.loads(previous["summary_json"])["accuracy"] if previous else {}
+    for (model, column), acc in overall.items():
+        if model != "student":
+            continue
+        parts = [f"**{column}: {acc:.1%}**"]
+        if ("untrained", column) in overall:
+            base = overall[("untrained", column)]
+            parts.append(f"untrained {base:.1%} ({100 * (acc - base):+.1f} points)")
+        if f"student/{column}" in before:
+            prev = before[f"student/{column}"]
+            parts.append(f"previous {label} run {prev:.1%} ({100 * (acc - prev):+.1f} points, {previous['finished_at']:%Y-%m-%d %H:%M})")
+        lines.append("- " + "; ".join(parts))
+    return "\n".join(lines) + "\n\n"
+
+
 def summary_markdown(config_name: str, results: list[dict], teacher: Generation, datasets: list[Dataset],
                      train: Trained, plots: dict[str, str] | None = None) -> str:
     """`plots`: name -> PNG path relative to the report."""
@@ -195,11 +224,15 @@ def summary_plots(results: list[dict], train: Trained, out_dir: Path) -> dict[st
         ax.set_xticks([g + width * (len(models) - 1) / 2 for g in range(len(groups))],
                       [f"{d}/{s}" + ("" if k == "all" else f"\n{k}={v}") for d, s, k, v in groups], fontsize=7)
         ax.set_ylabel("accuracy (%)")
+        ax.set_ylim(0, 100)
         ax.legend(fontsize=7)
         paths["accuracy"] = save_figure(fig, out_dir / "accuracy.png")
     if train.history:
+        from matplotlib.ticker import MaxNLocator
+
         fig, ax = plt.subplots(figsize=(5, 3.2))
         ax.plot([h["epoch"] for h in train.history], [h["loss"] for h in train.history], "o-")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.set_ylabel("training loss")
         paths["learning curve"] = save_figure(fig, out_dir / "learning-curve.png")
@@ -248,11 +281,16 @@ def evaluate_task(config: DistillConfig, trained: Trained, student: Student, dat
     return out
 
 
-def publish_results(config: DistillConfig, evaluation: Evaluation, report: str) -> None:
-    """The results table (accuracy in percent) and the report (plots embedded) as artifacts of the calling flow
-    run: the evaluate phase and the distill run a user starts both carry them."""
+def publish_results(config: DistillConfig, evaluation: Evaluation, report: str, header: str = "") -> None:
+    """The results table (accuracy in percent) and the report (plots embedded, `header` first: what ran and the
+    headline) as artifacts of the calling flow run — the distill run a user starts, or the evaluate flow run alone."""
     rows = workspace_of(config).catalog().query("latest_results", eval_fp=evaluation.fp)
-    create_table_artifact(key="distill-results", description="Accuracy per model, dataset, split and synthetic step count",
-                          table=[{**r, "accuracy": f"{r['accuracy']:.1%}"} for r in rows])
-    create_markdown_artifact(key="distill-summary", markdown=artifact_markdown(Path(report).read_text(), Path(report).parent),
-                             description=f"report: {report}")
+    create_table_artifact(key="distill-results", description="Accuracy (%) per model, evaluation set and step count",
+                          table=[{"dataset": f"{r['dataset']}/{r['split']}",
+                                  "group": "all" if r["group_key"] == "all" else f"{r['group_key']}={r['group_value']}",
+                                  "model": r["model_label"], "accuracy": f"{r['accuracy']:.1%}",
+                                  "correct": f"{r['n_correct']} of {r['n']}"} for r in rows])
+    text = header + Path(report).read_text()
+    create_markdown_artifact(key="distill-summary", markdown=artifact_markdown(text, Path(report).parent),
+                             description="What ran, accuracy against the untrained student and the previous run, "
+                                         f"learning curve (report file {Path(report).name} in the workspace)")

@@ -34,13 +34,23 @@ from tasks.formats import format_prompt
 from tasks.ingest import Dataset
 from tasks.stage import StageOutput, cached_output
 from tasks.teacher_backends import (PROTOCOL_FAULTS, GenerationRequest, GenerationResult, TeacherUnavailable,
-                                    make_backend)
+                                    make_backend, resolve_api_key)
 
 CODE_VERSION = "2"
 
 
+def teacher_identity(cfg: TeacherConfig) -> dict:
+    """What makes the teacher's text what it is: its settings less how requests are sent (TEACHER_OPERATIONAL), with
+    a batch counted as the endpoint its lines call — so online and batch requests are the same items, and configs
+    from before batches existed keep their fingerprint."""
+    what = cfg.model_dump(mode="json", exclude=TEACHER_OPERATIONAL | {"batch_endpoint"})
+    what["api"] = cfg.request_api
+    return what
+
+
 def teacher_fingerprint(cfg: TeacherConfig) -> str:
-    what = cfg.model_dump(mode="json", exclude=TEACHER_OPERATIONAL | {"keep_only_correct"})
+    what = teacher_identity(cfg)
+    what.pop("keep_only_correct")
     return fingerprint("teacher", what, code_version=CODE_VERSION)
 
 
@@ -72,8 +82,7 @@ class GenerationPlan(BaseModel):
 
 def generation_lineage(config: DistillConfig, dataset: Dataset) -> Lineage:
     """What changes the generated text (and keep_only_correct, which changes what is kept); not how requests are sent."""
-    return Lineage("generate", config.teacher.model_dump(mode="json", exclude=TEACHER_OPERATIONAL), (dataset.fp,),
-                   CODE_VERSION)
+    return Lineage("generate", teacher_identity(config.teacher), (dataset.fp,), CODE_VERSION)
 
 
 def rationale_id(teacher_fp: str, example_id: str, sample_index: int) -> str:
@@ -168,7 +177,7 @@ def run_shard(cfg: TeacherConfig, requests_path: str, endpoint: str | None, back
     t_fp = teacher_fingerprint(cfg)
     requests = [GenerationRequest(example_id=r["example_id"], sample_index=r["sample_index"],
                                   prompt=format_prompt(cfg, r["question"]),
-                                  messages=chat_messages(cfg, r["question"]) if cfg.api == "chat" else None,
+                                  messages=chat_messages(cfg, r["question"]) if cfg.request_api == "chat" else None,
                                   question=r["question"], answer=r["answer"], answer_type=r["answer_type"],
                                   reference_rationale=r["reference_rationale"])
                 for r in pq.read_table(req_path).to_pylist() if r["rationale_id"] not in done_ids]
@@ -195,6 +204,25 @@ def run_shard(cfg: TeacherConfig, requests_path: str, endpoint: str | None, back
         flush()  # keep whatever finished, also when the endpoint gave up
     req_path.unlink()
     return finished
+
+
+def batch_backend(catalog, cfg: TeacherConfig, on_progress: Callable[[dict], None] | None = None):
+    """`teacher.api: batch`: the Batch API (backend openai) or vLLM's run_batch (backend vllm), with the catalog's
+    ledger of batches (tasks/teacher_batch.py); only the flow process runs it, since the ledger is in the catalog."""
+    from tasks.teacher_batch import BatchTeacher, Ledger
+
+    t_fp, runner = teacher_fingerprint(cfg), "vllm" if cfg.backend == "vllm" else "openai"
+    return BatchTeacher(cfg, Ledger(catalog, t_fp, runner, cfg.base_url if runner == "openai" else None),
+                        spool_dir(catalog, cfg) / "batches", "teacher" if runner == "vllm" else cfg.model,
+                        custom_id=lambda req: rationale_id(t_fp, req.example_id, req.sample_index),
+                        api_key=resolve_api_key(cfg) if runner == "openai" else None,
+                        base_url=cfg.base_url if runner == "openai" else None, on_progress=on_progress)
+
+
+def run_batches(catalog, cfg: TeacherConfig, shards: list[str], on_progress: Callable[[dict], None] | None = None) -> int:
+    """Every planned shard through one batch backend (its batches split by the API's limits, not by shard)."""
+    backend = batch_backend(catalog, cfg, on_progress)
+    return sum(run_shard(cfg, path, None, backend=backend) for path in shards)
 
 
 def asks_again(cfg: TeacherConfig) -> bool:
@@ -224,9 +252,10 @@ def finish_generation(ws: Workspace, config: DistillConfig, dataset: Dataset, wa
     per_reason = {r["reason"]: r["n"] for r in catalog.query("generation_failures", dataset_fp=dataset.fp, teacher_fp=t_fp)}
     n = s["n"] or 0
     cost = None
-    if cfg.cost_per_1k_prompt_tokens is not None or cfg.cost_per_1k_completion_tokens is not None:
-        cost = ((s["prompt_tokens"] or 0) * (cfg.cost_per_1k_prompt_tokens or 0)
-                + (s["completion_tokens"] or 0) * (cfg.cost_per_1k_completion_tokens or 0)) / 1000
+    prompt_price, completion_price = prices(cfg)
+    if prompt_price is not None or completion_price is not None:
+        cost = ((s["prompt_tokens"] or 0) * (prompt_price or 0)
+                + (s["completion_tokens"] or 0) * (completion_price or 0)) / 1000
     out = Generation(fp=lineage.fp, teacher_fp=t_fp, dataset_fp=dataset.fp, n=n, n_ok=s["n_ok"] or 0,
                      n_failed=n - (s["n_ok"] or 0), n_correct=s["n_correct"] or 0,
                      correct_rate=s["n_correct"] / n if n else 0.0, failure_reasons=per_reason,
@@ -247,9 +276,41 @@ def generate_rationales(ws: Workspace, config: DistillConfig, dataset: Dataset, 
         return done
     t0 = time.perf_counter()
     plan = plan_generation(ws.catalog(), config.teacher, dataset.fp)
-    for path in plan.shards:
-        run_shard(config.teacher, path, endpoint, backend=backend)
+    if config.teacher.api == "batch" and backend is None:
+        run_batches(ws.catalog(), config.teacher, plan.shards)
+    else:
+        for path in plan.shards:
+            run_shard(config.teacher, path, endpoint, backend=backend)
     return finish_generation(ws, config, dataset, wall_s=time.perf_counter() - t0, refresh=done is not None)
+
+
+def prices(cfg: TeacherConfig) -> tuple[float | None, float | None]:
+    """(prompt, completion) price per 1k tokens: the batch prices for `api: batch`."""
+    if cfg.api == "batch":
+        return cfg.cost_per_1k_prompt_tokens_batch, cfg.cost_per_1k_completion_tokens_batch
+    return cfg.cost_per_1k_prompt_tokens, cfg.cost_per_1k_completion_tokens
+
+
+def usage_table(cfg: TeacherConfig, out: Generation) -> list[dict]:
+    """The teacher-usage artifact's row, what a person reads first first: counts, tokens, throughput, cost, rounded;
+    the fingerprints last."""
+    batch = "_batch" if cfg.api == "batch" else ""
+    cost = (f"{out.cost_estimate:.2f}" + (" (batch price)" if batch else "") if out.cost_estimate is not None else
+            "no tokens billed" if cfg.backend == "reference" else f"unpriced: set teacher.cost_per_1k_*_tokens{batch}")
+    return [{"teacher": cfg.backend if cfg.backend == "reference" else f"{cfg.backend}: {cfg.model}",
+             "rationales": out.n, "failed": out.n_failed, "correct": f"{out.correct_rate:.1%}",
+             "prompt tokens": out.prompt_tokens, "completion tokens": out.completion_tokens,
+             "tokens/s": round(out.completion_tokens_per_s) if out.completion_tokens_per_s else "",
+             "cost": cost, "mean latency s": round(out.mean_latency_s, 2), "wall s": round(out.wall_s, 1) if out.wall_s else "",
+             "failures": ", ".join(f"{k}: {v}" for k, v in out.failure_reasons.items()) or "none",
+             "teacher fp": out.teacher_fp, "dataset fp": out.dataset_fp}]
+
+
+def usage_description(cfg: TeacherConfig, out: Generation) -> str:
+    if cfg.backend == "reference":
+        return (f"Reference teacher: the dataset's own rationales, no tokens billed ({out.n} rationales, "
+                f"{out.correct_rate:.1%} correct)")
+    return f"Teacher {cfg.model}: requests, tokens, throughput and cost of generation {out.fp}"
 
 
 # ---- Prefect wrappers -----------------------------------------------------------------------------
@@ -267,6 +328,25 @@ def plan_task(config: DistillConfig, dataset: Dataset) -> GenerationPlan:
     return plan
 
 
+@task(name="teacher-batches")
+def batch_task(config: DistillConfig, shards: list[str]) -> int:
+    """`teacher.api: batch`, in the flow process (the batch ledger is in the catalog): submit, poll — with a progress
+    artifact of the server's request counts — download and store, resuming any batch a killed run left."""
+    progress = create_progress_artifact(0.0, key="teacher-batches", description="teacher batches: requests done")
+    logger, seen = get_run_logger(), {}
+
+    def on_progress(state: dict) -> None:
+        seen[state["batch"]] = state
+        total = sum(s.get("total") or 0 for s in seen.values())
+        done = sum((s.get("completed") or 0) + (s.get("failed") or 0) for s in seen.values())
+        update_progress_artifact(progress, 100.0 * done / total if total else 0.0)
+        logger.info("batch %s: %s, %s of %s requests done", state["batch"], state["status"], done, total)
+
+    finished = run_batches(workspace_of(config).catalog(), config.teacher, shards, on_progress)
+    update_progress_artifact(progress, 100.0)
+    return finished
+
+
 @task(name="teacher-shard")
 def shard_task(cfg: TeacherConfig, requests_path: str, endpoint: str | None) -> int:
     """Runs on any worker (thread, Dask or Ray): talks to the teacher, writes Parquet parts, never the catalog."""
@@ -282,6 +362,6 @@ def finish_task(config: DistillConfig, dataset: Dataset, wall_s: float | None = 
     out = finish_generation(workspace_of(config), config, dataset, wall_s, refresh)
     get_run_logger().info("teacher %s: %d rationales, %d failed %s, correct rate %.1f%%", config.teacher.backend, out.n,
                           out.n_failed, out.failure_reasons or "", 100 * out.correct_rate)
-    create_table_artifact(key="teacher-usage", description="Teacher requests, tokens, throughput and cost",
-                          table=[{k: v for k, v in out.model_dump().items() if not isinstance(v, dict)}])
+    create_table_artifact(key="teacher-usage", description=usage_description(config.teacher, out),
+                          table=usage_table(config.teacher, out))
     return out

@@ -138,7 +138,7 @@ class OpenAITeacher:
         while True:
             t0 = time.perf_counter()
             try:
-                if cfg.api == "completions":
+                if cfg.request_api == "completions":
                     raw = await client.completions.with_raw_response.create(prompt=req.prompt, **params)
                 else:
                     raw = await client.chat.completions.with_raw_response.create(messages=req.messages, **params)
@@ -146,7 +146,7 @@ class OpenAITeacher:
                 raise IOFailure(f"HTTP {err.status_code}: {str(err.message)[:300]}") from None
             except (openai.APITimeoutError, openai.APIConnectionError) as err:
                 raise IOFailure(f"{type(err).__name__}: {err}") from None
-            result = _parse_response(raw.http_response.text, cfg.api)
+            result = _parse_response(raw.http_response.text, cfg.request_api)
             result.latency_s = time.perf_counter() - t0
             if result.status == "ok" or attempt >= cfg.max_retries:
                 return result                   # a protocol fault still there after the retries: a failed row
@@ -238,7 +238,7 @@ class InProcessVLLM:
         params = SamplingParams(n=1, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens,
                                 stop=cfg.stop or None)
         t0 = time.perf_counter()
-        if cfg.api == "chat":
+        if cfg.request_api == "chat":
             outputs = self._llm.chat([r.messages for r in requests], params)
         else:
             outputs = self._llm.generate([r.prompt for r in requests], params)

@@ -45,7 +45,7 @@ from tasks.teacher import Generation
 if TYPE_CHECKING:
     import torch
 
-CODE_VERSION = "3"   # 3: mask_penalty, weighter_input
+CODE_VERSION = "3"   # 3: mask_penalty, weighter_input, intermediate_target step_result, estimator
 
 
 class TokenWeights(StageOutput):
@@ -240,27 +240,88 @@ def lp_target(item: EncodedRationale, step: int, intermediate_target: str) -> st
 
 
 def mask_losses(weighter, predictor, items: list[EncodedRationale], cfg: TokenWeightsConfig, pad_id: int, rng: random.Random,
-                unmasked: bool = False):
+                unmasked: bool = False, random_masks: bool = False):
     """(L, Lp, Lm) for one batch: §4.1 eq. 4-6 with `n_prefixes` sampled cut points per example.
-    `unmasked` (predictor warm-up): every token visible, only Lp."""
+    `unmasked` (predictor warm-up): every token visible, only Lp. `random_masks` (predictor mask warm-up): each
+    example's tokens kept with a probability drawn from 0.5-1, only Lp."""
     import torch
 
     x, logits = weighter(*_batch_ids(items, pad_id, weighter.e_mask.device))
-    m = torch.ones_like(logits) if unmasked else gumbel_sigmoid(logits, cfg.gumbel_tau, hard=cfg.straight_through)
+    terms = [lp_terms(it, cfg, rng) for it in items]
+    if cfg.estimator == "score_function" and not (unmasked or random_masks):
+        return _score_function_losses(weighter, predictor, items, terms, x, logits, cfg)
+    if random_masks:
+        keep = torch.empty((len(items), 1), device=x.device).uniform_(0.5, 1.0)
+        m = torch.bernoulli(keep.expand_as(logits))
+        unmasked = True   # only Lp: the masks are not learned here
+    elif unmasked:
+        m = torch.ones_like(logits)
+    else:
+        m = gumbel_sigmoid(logits, cfg.gumbel_tau, hard=cfg.estimator == "straight_through")
     masked = m.unsqueeze(-1) * x + (1 - m.unsqueeze(-1)) * weighter.e_mask  # masked embeddings, not masked ids
     prefixes, answers, lm_terms = [], [], []
-    for i, it in enumerate(items):
-        r = slice(it.rationale_start, it.rationale_end)
-        lm_terms.append(m[i, r])
-        for cut, target in lp_terms(it, cfg, rng):
+    for i, (it, its_terms) in enumerate(zip(items, terms)):
+        lm_terms.append(m[i, it.rationale_start:it.rationale_end])
+        for cut, target in its_terms:
             # question unmasked, rationale masked up to the cut point k
             prefixes.append(torch.cat([x[i, : it.rationale_start], masked[i, it.rationale_start:cut]]))
             answers.append(target)
-    lp = predictor.answer_nll(prefixes, answers).sum() / len(items)   # Σ over prefixes k, mean over examples
-    # eq. 6: Lm = Σ_j m_j over a rationale's tokens (mean over examples, as Lp); 'mean' divides by its length too
-    per_rationale = [t.sum() if cfg.mask_penalty == "sum" else t.mean() for t in lm_terms]
-    lm = torch.stack(per_rationale).mean()
+    scale = torch.tensor([x for it, t in zip(items, terms) for x in _term_scales(it, t, cfg)], device=x.device)
+    lp = (predictor.answer_nll(prefixes, answers) * scale).sum() / len(items)   # Σ over prefixes k, mean over examples
+    lm = _mask_size(lm_terms, cfg)
     return (lp, lp, lm) if unmasked else (lp + cfg.alpha * lm, lp, lm)
+
+
+def _term_scales(item: EncodedRationale, terms: list, cfg: TokenWeightsConfig) -> list[float]:
+    """Per sampled prefix term, its weight in Lp: 'all_prefixes' — L / (terms sampled), so an example's Lp is in
+    scale the paper's sum over its L token prefixes (eq. 5); 'sampled' — 1."""
+    if cfg.lp_scale == "sampled":
+        return [1.0] * len(terms)
+    return [(item.rationale_end - item.rationale_start) / len(terms)] * len(terms)
+
+
+def _mask_size(per_rationale_masks: list, cfg: TokenWeightsConfig):
+    """eq. 6: Lm = Σ_j m_j over a rationale's tokens (mean over examples, as Lp); 'mean' divides by its length too."""
+    import torch
+
+    return torch.stack([t.sum() if cfg.mask_penalty == "sum" else t.mean() for t in per_rationale_masks]).mean()
+
+
+def _score_function_losses(weighter, predictor, items, terms, x, logits, cfg: TokenWeightsConfig):
+    """`estimator: score_function`. Masks m ~ Bernoulli(w) on the rationale; Lp of each of `mask_samples` masks
+    under no grad; ∂E[Lp]/∂logit by REINFORCE, each sample's baseline the mean Lp of the others (Kool et al.,
+    "Buy 4 REINFORCE samples, get a baseline for free", 2019); Lm = Σ_j w_j, the expected mask size, exactly.
+    Returns (surrogate + α·Lm, E[Lp], Lm)."""
+    import torch
+
+    k = cfg.mask_samples
+    w = torch.sigmoid(logits)
+    masks = torch.bernoulli(w.detach().unsqueeze(0).expand(k, *w.shape))          # (K, batch, length)
+    with torch.no_grad():
+        prefixes, answers, owner = [], [], []
+        for s in range(k):
+            masked = masks[s].unsqueeze(-1) * x + (1 - masks[s].unsqueeze(-1)) * weighter.e_mask
+            for i, (it, its_terms) in enumerate(zip(items, terms)):
+                for cut, target in its_terms:
+                    prefixes.append(torch.cat([x[i, : it.rationale_start], masked[i, it.rationale_start:cut]]))
+                    answers.append(target)
+                    owner.append(s * len(items) + i)
+        scale = torch.tensor([x for it, t in zip(items, terms) for x in _term_scales(it, t, cfg)] * k, device=x.device)
+        nll = predictor.answer_nll(prefixes, answers) * scale
+        lp = torch.zeros(k * len(items), device=nll.device).index_add_(0, torch.tensor(owner, device=nll.device), nll)
+        lp = lp.view(k, len(items))                                              # Σ over an example's prefixes
+        advantage = lp - (lp.sum(0, keepdim=True) - lp) / (k - 1)
+    log_p = -torch.nn.functional.binary_cross_entropy_with_logits(
+        logits.unsqueeze(0).expand_as(masks), masks, reduction="none")           # log P(m_j | w_j)
+    surrogate = 0.0
+    lm_terms = []
+    for i, it in enumerate(items):
+        r = slice(it.rationale_start, it.rationale_end)
+        surrogate = surrogate + (advantage[:, i] * log_p[:, i, r].sum(-1)).mean()
+        lm_terms.append(w[i, r])
+    surrogate = surrogate / len(items)
+    lm = _mask_size(lm_terms, cfg)
+    return surrogate + cfg.alpha * lm, lp.mean(0).mean(), lm
 
 
 def train_masks(cfg: TokenWeightsConfig, embedding, tokenizer, items: list[EncodedRationale],
@@ -277,11 +338,13 @@ def train_masks(cfg: TokenWeightsConfig, embedding, tokenizer, items: list[Encod
                              {"params": list(predictor.parameters()), "lr": cfg.lr}], weight_decay=0.0)
     rng = random.Random(cfg.seed)
     history = []
-    # a scratch predictor first learns to read unmasked rationales here; the student predictor arrives warmed up
+    # a scratch predictor first learns to read unmasked rationales here; the student predictor arrives warmed up.
+    # Then (predictor_mask_epochs) it learns to read randomly masked ones, then the masks are learned.
     warm = cfg.predictor_warmup_epochs if cfg.predictor == "scratch" else 0
-    for epoch in range(1, warm + cfg.epochs + 1):
-        unmasked = epoch <= warm
-        if not unmasked and cfg.freeze_predictor:
+    masked_warm = warm + cfg.predictor_mask_epochs
+    for epoch in range(1, masked_warm + cfg.epochs + 1):
+        unmasked, random_masks = epoch <= warm, warm < epoch <= masked_warm
+        if epoch > masked_warm and cfg.freeze_predictor:
             predictor.requires_grad_(False)  # gradients still flow through it to the masked embeddings
         order = list(range(len(items)))
         rng.shuffle(order)
@@ -289,7 +352,7 @@ def train_masks(cfg: TokenWeightsConfig, embedding, tokenizer, items: list[Encod
         n = 0
         for b in range(0, len(order), cfg.batch_size):
             loss, lp, lm = mask_losses(weighter, predictor, [items[j] for j in order[b:b + cfg.batch_size]], cfg,
-                                       tokenizer.pad_token_id, rng, unmasked=unmasked)
+                                       tokenizer.pad_token_id, rng, unmasked=unmasked, random_masks=random_masks)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_([p for p in params if p.requires_grad], 1.0)
@@ -297,7 +360,8 @@ def train_masks(cfg: TokenWeightsConfig, embedding, tokenizer, items: list[Encod
             for k, v in (("loss", loss), ("lp", lp), ("lm", lm)):
                 sums[k] += v.item()
             n += 1
-        metrics = {"epoch": epoch, "phase": "predictor warm-up" if unmasked else "masks",
+        metrics = {"epoch": epoch, "phase": "predictor warm-up" if unmasked else
+                   "predictor on random masks" if random_masks else "masks",
                    **{k: v / max(n, 1) for k, v in sums.items()}}
         history.append(metrics)
         if on_epoch:
@@ -339,31 +403,51 @@ def shaded_html(tokenizer, items: list[EncodedRationale], weights: list[list[flo
     return "\n".join(parts)
 
 
+_MD_SPECIAL = str.maketrans({c: "\\" + c for c in "\\`*_[]|<>#"})
+
+
 def bold_runs(tokens: list[str], keep: set[int]) -> str:
-    """The tokens as text with the kept ones in **bold**: adjacent kept tokens share one run (subwords of a word),
-    and a token's leading space (byte-level tokens carry one) stays outside the markers."""
+    """The tokens as markdown with the kept ones in **bold**: adjacent kept tokens share one run (subwords of a word),
+    a token's leading space (byte-level tokens carry one) stays outside the markers, and punctuation is never bolded
+    (markers around a lone "," render literally) — the per-step table lists it. Markdown characters are escaped."""
     out, bold = [], False
     for j, t in enumerate(tokens):
         lead, core = t[:len(t) - len(t.lstrip())], t.strip()
-        if j in keep and core:
+        strong = j in keep and any(c.isalnum() for c in core)
+        core = core.translate(_MD_SPECIAL)
+        if strong:
             if bold and not lead:
                 out.append(core)                          # the next subword of the same bold run
                 continue
             out.append(("**" if bold else "") + lead + "**" + core)
             bold = True
         else:
-            out.append(("**" if bold else "") + t)
+            out.append(("**" if bold else "") + lead + core)
             bold = False
     return "".join(out) + ("**" if bold else "")
 
 
 def shaded_markdown(tokenizer, items: list[EncodedRationale], weights: list[list[float]], top_k: int, limit: int = 8) -> str:
-    lines = ["# Token weights", "", f"Rationale tokens with their weight; the top-{top_k} keypoints in **bold**.", ""]
-    for it, w in list(zip(items, weights))[:limit]:
+    """Sample rationales, step by step: the text with its keypoints in bold, the step's mean weight, and its three
+    highest-weighted tokens with their weights."""
+    lines = ["# Token weights", "", f"Sample rationales step by step: the top-{top_k} keypoints by learned weight in "
+             "**bold**, each step's mean weight and its three highest-weighted tokens.", ""]
+    for n, (it, w) in enumerate(list(zip(items, weights))[:limit], start=1):
         keep = set(keypoints(w, top_k))
         toks = [tokenizer.decode([t]) for t in it.ids[it.rationale_start:it.rationale_end]]
-        lines.append("- " + bold_runs(toks, keep))
-        lines.append("  `" + " ".join(f"{x:.2f}" for x in w) + "`")
+        lines += [f"**Rationale {n}** (answer {it.answer})", "", "| step | text | mean weight | top tokens |",
+                  "|---:|---|---:|---|"]
+        start = 0
+        for k, end in enumerate(it.step_ends, start=1):
+            a, b = start, end - it.rationale_start
+            if b <= a:
+                continue
+            top = sorted(range(a, b), key=lambda j: -w[j])[:3]
+            shown = ", ".join(f"`{toks[j].strip() or '␣'}` {w[j]:.2f}".replace("|", "\\|") for j in top)
+            text = bold_runs(toks[a:b], {j - a for j in keep if a <= j < b}).strip()
+            lines.append(f"| {k} | {text} | {sum(w[a:b]) / (b - a):.2f} | {shown} |")
+            start = b
+        lines.append("")
     return "\n".join(lines) + "\n"
 
 
@@ -388,6 +472,9 @@ def learn_token_weights(ws: Workspace, config: DistillConfig, generation: Genera
         weighter, history = train_masks(cfg, model.get_input_embeddings(), tokenizer, items, on_epoch,
                                         predictor.model_dir, config.teacher.answer_template, device)
         weights = infer_weights(weighter, items, tokenizer.pad_token_id)
+        import torch
+        weighter_path(ws, fp).parent.mkdir(parents=True, exist_ok=True)
+        torch.save(weighter.state_dict(), weighter_path(ws, fp))   # to weigh new rationales (load_weighter)
     table = [{"token_weights_fp": fp, "rationale_id": it.rationale_id, "token_start": it.rationale_start, "weights": w,
               "keypoints": keypoints(w, cfg.top_k)} for it, w in zip(items, weights)]
     kept = sum(x >= 0.5 for w in weights for x in w)
@@ -406,6 +493,21 @@ def learn_token_weights(ws: Workspace, config: DistillConfig, generation: Genera
         catalog.insert(con, "token_weights", table)
         catalog.record_stage(con, lineage, out.model_dump())
     return out
+
+
+def weighter_path(ws: Workspace, fp: str) -> Path:
+    return ws.root / "models" / f"{fp}-weighter.pt"
+
+
+def load_weighter(ws: Workspace, config: DistillConfig, token_weights: TokenWeights, predictor: Student):
+    """The trained weighting module of `token_weights` (for `infer_weights` on rationales it did not see)."""
+    import torch
+
+    model, tokenizer = load_student(predictor.model_dir)
+    weighter, _ = build_modules(config.token_weights, model.get_input_embeddings(), tokenizer, predictor.model_dir,
+                                config.teacher.answer_template)
+    weighter.load_state_dict(torch.load(weighter_path(ws, token_weights.fp), weights_only=True))
+    return weighter
 
 
 def load_weights(catalog, token_weights: TokenWeights) -> dict[str, tuple[int, list[float]]]:

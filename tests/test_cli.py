@@ -1,4 +1,5 @@
 import os
+import re
 import subprocess
 import sys
 
@@ -109,3 +110,26 @@ def test_a_rerun_with_every_stage_cached_is_read_from_the_catalog_and_recorded(t
         runs = con.execute("select run_id, flow_run_id, status from runs order by started_at").fetchall()
     assert [r[2] for r in runs] == ["completed"] * 3
     assert runs[1][0].startswith("catalog-") and runs[1][1] is None and runs[2][1] is not None
+
+
+@pytest.mark.slow
+def test_two_runs_at_once_on_one_workspace_both_end_cleanly_with_nothing_duplicated(tmp_path):
+    """One waits for the other (saying so) and then finds its stages cached: same results, no duplicate row."""
+    from storage.catalog import Catalog
+    from tests.flows.test_chaos import UNIQUE
+
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}
+    cmd = [sys.executable, "-m", "flows.cli", "run", "configs/micro.yaml", "--set", "train.epochs=1",
+           "--workspace", str(tmp_path / "ws")]
+    procs = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=900)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-1500:] + outs[1][-1500:]
+    tables = [re.search(r"^dataset +split.*?(?=^report:)", o, re.M | re.S).group(0) for o in outs]
+    assert tables[0] == tables[1]
+    assert sum("is in use by" in o for o in outs) == 1                  # the second one said whom it waited for
+    cat = Catalog(tmp_path / "ws" / "catalog.duckdb")
+    for table, key in UNIQUE.items():
+        assert not cat.execute(f"select {key}, count(*) from {table} group by all having count(*) > 1"), table
+    assert sorted(r["status"] for r in cat.execute("select status from runs")) == ["completed", "completed"]
+    assert cat.execute("select count(*) as n from stage_outputs where stage = 'train'")[0]["n"] == 1

@@ -69,3 +69,17 @@ def test_experiment_with_a_bad_arm_names_the_variant(tmp_path):
     bad.write_text(f"base: {ROOT / 'configs' / 'micro.yaml'}\nvariants:\n  good: {{}}\n  broken: {{train.lr: -1}}\n")
     with pytest.raises(ConfigError, match="variant 'broken'.*train.lr"):
         load_experiment(bad)
+
+
+def test_the_pretrained_students_data_never_meets_the_kpod_studys_test_or_validation_questions():
+    """R2's pretrained student (configs/pretrain-arith.yaml) must not have seen a question it is tested or tuned on."""
+    from keystep.config import load_experiment
+    from tasks.ingest import load_examples
+
+    pre = {ex.question for ex in load_examples(load_config(ROOT / "configs" / "pretrain-arith.yaml").data.train)[0]}
+    for name in ("study-pretrained.yaml", "tune-pretrained.yaml"):
+        exp = load_experiment(ROOT / "configs" / name)
+        assert exp.pretrain and exp.pretrain.endswith("pretrain-arith.yaml")
+        for spec in load_config(exp.base, exp.overrides).data.eval:
+            questions = {ex.question for ex in load_examples(spec)[0]}
+            assert len(questions) >= 500 and not questions & pre, (name, len(questions & pre))

@@ -9,8 +9,16 @@ import urllib.request
 
 import pytest
 
+from keystep.config import load_config
 from tasks.teacher_backends import free_port
 from tests.conftest import ROOT
+
+
+def test_prefect_yaml_is_written_from_the_presets():
+    """Each distill deployment's form opens on its preset's resolved config: prefect.yaml must match the presets."""
+    from flows.deployments import prefect_yaml
+
+    assert (ROOT / "prefect.yaml").read_text() == prefect_yaml(), "run `python -m flows.deployments`"
 
 
 @pytest.mark.slow
@@ -42,8 +50,17 @@ def test_demo_deployment_runs_through_a_real_worker(tmp_path):
             except OSError:
                 assert time.monotonic() < deadline, (logs / "server.log").read_text()[-3000:]
                 time.sleep(1)
-        run(["work-pool", "create", "keystep-process", "--type", "process"])
-        run(["--no-prompt", "deploy", "--name", "demo"])
+        # `make deploy` before any worker: it creates the pool itself, then registers every deployment
+        r = subprocess.run(["make", "deploy", f"PORT={port}"], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=600)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/deployments/name/distill/kpod") as resp:
+            kpod = json.loads(resp.read())
+        assert kpod["parameters"]["config"] == load_config(ROOT / "configs" / "kpod.yaml").model_dump(mode="json")
+        assert kpod["parameters"]["config"]["train"]["loss"] == "kpod"      # the form opens on what it runs
+        schema = kpod["parameter_openapi_schema"]["properties"]
+        assert [k for k, _ in sorted(schema.items(), key=lambda kv: kv[1]["position"])] == ["preset", "overrides", "config"]
+        assert "edited fields is refused" in schema["preset"]["description"]
         start("worker", ["worker", "start", "--pool", "keystep-process", "--type", "process"])
         ws = tmp_path / "ws"
         params = {"preset": "configs/micro.yaml", "overrides": {"storage.workspace": str(ws)}}

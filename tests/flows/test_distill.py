@@ -178,6 +178,18 @@ def test_kpod_end_to_end_and_a_curriculum_change_recomputes_only_curriculum_trai
     assert_artifacts_show_no_local_paths(artifacts_of())
     own = {a.key: a for a in artifacts_of(first["run_id"])}
     assert {"distill-results", "distill-summary"} <= set(own)
+    from prefect.client.orchestration import get_client
+    with get_client(sync_client=True) as client:    # published once per run: by distill, not by its evaluate phase too
+        publishers = {client.read_flow(client.read_flow_run(a.flow_run_id).flow_id).name
+                      for a in artifacts_of() if a.key == "distill-results"}
+        parent = client.read_flow_run(first["run_id"])
+        phases = client.read_flow_runs(flow_run_filter=__import__("prefect.client.schemas.filters", fromlist=["x"])
+                                       .FlowRunFilter(parent_flow_run_id={"any_": [parent.id]}))
+    assert publishers == {"distill"}
+    assert parent.name.startswith("config-kpod-synthetic-") and "loss:kpod" in parent.tags
+    assert parent.parameters["config"]["train"]["loss"] == "kpod"          # the Parameters tab shows what ran
+    assert sorted(p.name.rsplit("-", 1)[1] for p in phases) == ["evaluate", "generate", "prepare", "train"]
+    assert all(p.name.startswith(parent.name) and "loss:kpod" in p.tags for p in phases)
     assert "data:image/png;base64," in str(own["distill-summary"].data) and "%" in str(own["distill-results"].data)
     assert any(a.key == "curriculum" and "data:image/png;base64," in str(a.data) for a in artifacts_of())
     run = flow_run(first["run_id"])
@@ -202,6 +214,9 @@ def test_a_preset_with_edited_config_fields_is_refused_not_silently_ignored():
     assert resolve_config(edited, None, {"train.lr": 0.01}).train.epochs == 7                 # fields + overrides
     with pytest.raises(ConfigError, match="preset .* and edited config fields"):
         resolve_config(edited, micro, None)
+    resolved = resolve_config(DistillConfig(), micro, {"train.epochs": 3})
+    assert resolve_config(resolved, micro, {"train.epochs": 3}) == resolved     # a rerun of a run shows its config
+    assert resolve_config(edited, micro, None, deployed=edited).train.epochs == 2   # fields as the deployment set them
 
 
 def test_two_training_processes_run_inside_the_train_task(prefect_api, tmp_path):

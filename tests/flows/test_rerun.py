@@ -40,3 +40,32 @@ def test_scan_runs_new_and_changed_datasets_once(prefect_api, tmp_path):
     assert cat.execute("select count(*) as n from registry_scans where status = 'completed'")[0]["n"] == 3
     # b's new version reused b's stored rationales: 24 + 2 rationales for b, 24 for a
     assert cat.execute("select count(*) as n from rationales")[0]["n"] == 24 + 26 - 24 + 24
+
+
+@pytest.mark.slow
+def test_a_registry_folder_that_is_not_there_is_one_log_line_not_a_crashed_run(prefect_api, tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    from flows.rerun import rerun_new_datasets
+    from tests.conftest import ROOT
+
+    state = rerun_new_datasets(preset=str(ROOT / "configs" / "micro.yaml"), registry_dir=str(tmp_path / "nowhere"),
+                               overrides={"storage.workspace": str(tmp_path / "ws")}, return_state=True)
+    assert state.is_completed() and state.result() == {"started": [], "skipped": []}
+    from prefect.logging.handlers import APILogWorker
+    APILogWorker.drain_all(timeout=10)                          # logs reach the API in batches
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    said = [log.message for log in logs if "does not exist: nothing to scan" in log.message]
+    assert len(said) == 1 and log_level(logs, said[0]) == 30     # one warning line
+
+
+def test_the_repository_has_the_folder_the_hourly_scan_reads():
+    from tests.conftest import ROOT
+
+    assert (ROOT / "datasets" / "README.md").is_file()
+
+
+def log_level(logs, message):
+    return next(log.level for log in logs if log.message == message)

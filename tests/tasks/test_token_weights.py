@@ -5,7 +5,7 @@ import torch
 
 from storage.workspace import Workspace
 from tasks.steps import split_rationales
-from tasks.token_weights import (build_modules, gumbel_sigmoid, infer_weights, keypoints, learn_token_weights,
+from tasks.token_weights import (_batch_ids, build_modules, gumbel_sigmoid, infer_weights, keypoints, learn_token_weights,
                                  load_encoded, load_weights, mask_losses)
 from tests.tasks.helpers import MICRO_MASKS, predictor_of, prepared
 
@@ -125,3 +125,79 @@ def test_keypoints_markdown_keeps_spaces_and_bolds_whole_runs():
     tokens = ["Losing", " 2", ",", " w", "h", "ic", "h", " means", " 6"]
     assert bold_runs(tokens, {1, 4, 5, 6, 8}) == "Losing **2**, w**hich** means **6**"
     assert bold_runs(tokens, set()) == "".join(tokens)
+    # punctuation keypoints are not bolded (markers around a lone "," show literally), markdown is escaped
+    assert bold_runs(["many", ",", " so", " 3", " *", " 4"], {1, 3, 4, 5}) == "many, so **3** \\* **4**"
+
+
+def test_step_result_terms_cut_before_each_steps_number_and_keep_the_answer_term(tmp_path):
+    from tasks.token_weights import lp_terms
+
+    ws, cfg, cat, gen, st, stp, model, tok, items = encoded_pipeline(tmp_path)
+    tw = cfg.token_weights.model_copy(update={"intermediate_target": "step_result", "n_prefixes": 5})
+    for it in items:
+        terms = lp_terms(it, tw, random.Random(0))
+        assert terms[0] == (it.rationale_end, it.answer)                     # the paper's whole-rationale term
+        assert len(terms) == 1 + len(it.step_ends)
+        for cut, target in terms[1:]:
+            # cut just before a step's result; the target is that result's tokens as the rationale writes them
+            assert it.rationale_start < cut < it.rationale_end and target == it.ids[cut:cut + len(target)]
+            assert tok.decode(target).strip() in it.step_results
+
+
+def test_penalty_scale_and_the_weighting_modules_input(tmp_path):
+    from tasks.token_weights import _term_scales
+
+    ws, cfg, cat, gen, st, stp, model, tok, items = encoded_pipeline(tmp_path)
+    tw = cfg.token_weights
+    it = items[0]
+    n_tokens = it.rationale_end - it.rationale_start
+    assert _term_scales(it, [1, 2], tw.model_copy(update={"lp_scale": "all_prefixes"})) == [n_tokens / 2] * 2
+    assert _term_scales(it, [1, 2], tw.model_copy(update={"lp_scale": "sampled"})) == [1.0, 1.0]
+    torch.manual_seed(0)
+    weighter, predictor = build_modules(tw, model.get_input_embeddings(), tok, predictor_dir=st.model_dir)
+    sums = {}
+    for penalty in ("sum", "mean"):
+        torch.manual_seed(1)
+        _, _, sums[penalty] = mask_losses(weighter, predictor, items[:4], tw.model_copy(update={"mask_penalty": penalty}),
+                                          tok.pad_token_id, random.Random(0))
+    lengths = [x.rationale_end - x.rationale_start for x in items[:4]]
+    assert sums["sum"] > 5 * sums["mean"] and sums["sum"] <= max(lengths)       # Σ_j m_j, not a mean
+    # weighter_input 'rationale' (eq. 1): a rationale's weights do not depend on its question
+    other = items[1].__class__(**{**items[0].__dict__, "ids": [items[0].ids[0], *([items[0].ids[1]] * 3),
+                                                                *items[0].ids[items[0].rationale_start:]]})
+    other.rationale_start, other.rationale_end = 4, 4 + n_tokens
+    a, b = infer_weights(weighter, [items[0], other], tok.pad_token_id)
+    assert a == pytest.approx(b, abs=1e-5)
+    whole, _ = build_modules(tw.model_copy(update={"weighter_input": "sequence"}), model.get_input_embeddings(), tok,
+                             predictor_dir=st.model_dir)
+    whole.load_state_dict(weighter.state_dict())
+    a, b = infer_weights(whole, [items[0], other], tok.pad_token_id)
+    assert a != pytest.approx(b, abs=1e-5)                                     # the whole sequence: it does
+
+
+def test_score_function_gradient_reaches_the_weighter_not_through_the_predictor(tmp_path):
+    ws, cfg, cat, gen, st, stp, model, tok, items = encoded_pipeline(tmp_path)
+    tw = cfg.token_weights.model_copy(update={"estimator": "score_function", "mask_samples": 3})
+    weighter, predictor = build_modules(tw, model.get_input_embeddings(), tok, predictor_dir=st.model_dir)
+    loss, lp, lm = mask_losses(weighter, predictor, items[:4], tw, tok.pad_token_id, random.Random(0))
+    loss.backward()
+    assert weighter.mlp[0].weight.grad.abs().sum() > 0 and weighter.att.in_proj_weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in predictor.parameters())             # no backward through the predictor
+    with torch.no_grad():
+        w = torch.sigmoid(weighter(*_batch_ids(items[:4], tok.pad_token_id))[1])
+    expected = sum(float(w[i, x.rationale_start:x.rationale_end].sum()) for i, x in enumerate(items[:4])) / 4
+    assert float(lm) == pytest.approx(expected, rel=1e-5)                  # Lm = Σ_j w_j, the expected mask size
+    assert float(lp) > 0
+
+
+def test_the_predictor_first_reads_random_masks_and_the_trained_module_is_kept(tmp_path):
+    from tasks.token_weights import load_weighter
+
+    ws, cfg, cat, gen, st, stp, model, tok, items = encoded_pipeline(tmp_path)
+    cfg = with_token_weights(cfg, predictor_mask_epochs=1, epochs=1, estimator="score_function")
+    predictor = predictor_of(ws, cfg, gen, st)
+    tw = learn_token_weights(ws, cfg, gen, stp, predictor)
+    assert [h["phase"] for h in tw.history] == ["predictor on random masks", "masks"]
+    again = infer_weights(load_weighter(ws, cfg, tw, predictor), items, tok.pad_token_id)
+    stored = load_weights(cat, tw)
+    assert all(stored[it.rationale_id][1] == pytest.approx(w, abs=1e-5) for it, w in zip(items, again))

@@ -34,3 +34,31 @@ def test_generate_flow_through_a_vllm_server_keystep_starts(prefect_api, tmp_pat
     # the server was stopped afterwards: no vLLM server process is left
     import subprocess
     assert subprocess.run(["pgrep", "-f", "vllm.entrypoints.openai.api_server"], capture_output=True).returncode == 1
+
+
+def test_vllm_offline_batch_runner_stores_the_rows_the_server_path_stores(prefect_api, tmp_path):
+    """`teacher.api: batch` with backend vllm: vLLM's run_batch on the request file (no server, no HTTP; it takes chat
+    lines only); greedy, so every row equals the one the server path's chat API stores."""
+    from flows.distill import generate
+    from storage.workspace import Workspace
+
+    model = build_tiny_llama(tmp_path / "tiny-llama")
+
+    def config(ws, **teacher):
+        cfg = micro_config(tmp_path / ws, **{"data.train.n": 24})
+        return cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={
+            "backend": "vllm", "model": str(model), "vllm_python": VLLM_PYTHON, "max_tokens": 24, "stop": [],
+            "temperature": 0.0, "per_request_seed": False, "keep_only_correct": False,
+            "vllm_args": ["--max-model-len", "512", "--gpu-memory-utilization", "0.1"], **teacher})})
+
+    served = generate(config=config("server", api="chat")).generation
+    batched = generate(config=config("batch", api="batch", batch_endpoint="chat")).generation
+    assert served.fp == batched.fp and batched.n == 24                 # the same items: switching never pays twice
+    rows = {ws: {r["rationale_id"]: r for r in Workspace(tmp_path / ws).catalog().execute("select * from rationales")}
+            for ws in ("server", "batch")}
+    assert rows["server"].keys() == rows["batch"].keys()
+    for rid, r in rows["batch"].items():
+        assert (r["text"], r["status"], r["finish_reason"]) == (rows["server"][rid]["text"], rows["server"][rid]["status"],
+                                                                rows["server"][rid]["finish_reason"])
+    ledger = Workspace(tmp_path / "batch").catalog().execute("select runner, status, server_status from teacher_batches")
+    assert ledger == [{"runner": "vllm", "status": "finished", "server_status": "completed"}]

@@ -1,0 +1,53 @@
+"""The `export` flow: the rationales of the generation a config resolves to, as a dataset folder (tasks/export.py).
+
+It runs the generate phase (a cache hit when the teacher already ran) and reads from the catalog what the prepare
+phase computed for it — steps, token weights, step difficulty — without computing what is missing; then exports,
+and uploads to the Hugging Face hub when `export.push_to_hub` names a repo. `distill` runs the same stage last when
+`export.enabled`.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow
+
+from flows.distill import Generated, distill_config, export_stages, generate, prepare_stages
+from keystep.config import DistillConfig
+from tasks.export import check_export
+from tasks.stage import NotCached, from_catalog, use_workspace
+from tasks.steps import split_steps_task
+from tasks.student import init_student_task
+
+
+def prepared_in_catalog(config: DistillConfig, generated: Generated) -> dict[str, Any]:
+    """The prepare phase's outputs for this generation as far as they are in the catalog (nothing runs)."""
+    def lookup(stage, *args, **kwargs):
+        return from_catalog(config, stage, *args, **kwargs)
+
+    try:
+        p = prepare_stages(config, generated, lookup)
+        return {"student": p.student, "steps": p.steps, "token_weights": p.token_weights, "difficulty": p.difficulty}
+    except NotCached:
+        pass
+    try:
+        student = lookup(init_student_task, config, generated.generation)
+        return {"student": student, "steps": lookup(split_steps_task, config, generated.generation, student)}
+    except NotCached:
+        return {}
+
+
+@flow(name="export", log_prints=True)
+def export(preset: str | None = None, overrides: dict[str, Any] | None = None,
+           config: DistillConfig = DistillConfig()) -> dict[str, Any]:
+    """Write the teacher's rationales as a Hugging Face dataset folder, Parquet files, SFT layouts and a card.
+
+    Args:
+        preset: Optional. A YAML preset such as configs/kpod.yaml; when set it is what is exported.
+        overrides: Optional. Dotted keys on top, e.g. {"export.out": "exports/mine", "export.rows": "all"}.
+        config: The config whose generation is exported (its `export` section says how).
+    """
+    config = distill_config(config, preset, overrides)
+    check_export(config)
+    use_workspace(config)
+    generated = generate(config)
+    return export_stages(config, generated.generation, prepared_in_catalog(config, generated))

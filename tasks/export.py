@@ -1,0 +1,256 @@
+"""Export stage: the distilled dataset as a product — the teacher's rationales out of the catalog, as files.
+
+Input: the `Generation` (its rationales and their examples), and what the prepare phase computed for it when it
+ran: `Steps` (char spans), `TokenWeights` (per-token weights, keypoints) and `Difficulty` (per step), with the
+`Student` whose tokenizer those token positions index. Output: `Exported`, and one folder:
+
+    README.md                        dataset card: YAML metadata (configs, license, tags) + teacher, prompt template,
+                                     sampling parameters, counts by status and reason, filters, fingerprints, lineage
+    rationales/train.parquet         one row per rationale (kept only, or all with status and reason); `steps` end
+                                     with the answer sentence, `step_difficulty` has one value per reasoning step
+    sft/<format>/train.parquet       per target format: prompt, completion and chat messages (TRL's SFTTrainer
+                                     layouts), built by tasks/formats.py exactly as keystep trains on them
+    hf/rationales/, hf/sft-<format>/  the same as Hugging Face `datasets` folders (`datasets.load_from_disk`)
+    export.json                      what was exported (fingerprint, counts, files)
+
+The folder is written under a temp name and published by rename. The stage's fingerprint is the generation's (and
+the prepare outputs it read) plus the export section (less whether it runs in `distill` and the hub upload:
+`EXPORT_OPERATIONAL`). Uploading to the hub (`push_to_hub`) is a step after it, never cached.
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from pathlib import Path
+
+from keystep.config import EXPORT_OPERATIONAL, SFT_LAYOUTS, ConfigError, DistillConfig
+from storage.fingerprint import Lineage
+from storage.workspace import Workspace, publish_dir, temp_dir_for
+from tasks.difficulty import Difficulty
+from tasks.formats import encode_rationale, format_prompt, format_target, keytoken_text
+from tasks.stage import StageOutput, cached_output
+from tasks.steps import Steps
+from tasks.student import Student
+from tasks.teacher import Generation
+from tasks.token_weights import TokenWeights
+
+CODE_VERSION = "1"
+KEYSTEP_VERSION = "0.1.0"
+
+
+class Exported(StageOutput):
+    """An exported dataset folder."""
+    out_dir: str
+    n_rows: int
+    n_sft: int
+    formats: list[str]
+    files: dict[str, str]
+    with_steps: bool
+    with_token_weights: bool
+    with_difficulty: bool
+
+
+def export_lineage(config: DistillConfig, generation: Generation, student: Student | None = None,
+                   steps: Steps | None = None, token_weights: TokenWeights | None = None,
+                   difficulty: Difficulty | None = None) -> Lineage:
+    upstream = [generation.fp, *(x.fp for x in (student, steps, token_weights, difficulty) if x)]
+    return Lineage("export", config.export.model_dump(mode="json", exclude=EXPORT_OPERATIONAL), tuple(upstream),
+                   CODE_VERSION)
+
+
+def check_export(config: DistillConfig, token_weights: TokenWeights | None = "unknown") -> None:
+    """Mistakes an export can know before any work: a push without a token, key tokens without token weights."""
+    cfg = config.export
+    if cfg.push_to_hub:
+        import os
+        if not os.environ.get(cfg.hub_token_env):
+            raise ConfigError(f"config key 'export.push_to_hub': pushing to '{cfg.push_to_hub}' needs a Hugging Face "
+                              f"token in ${cfg.hub_token_env}; set it (or export.hub_token_env), or drop --push-to-hub")
+    if token_weights is None and "label_then_keytokens" in cfg.formats:
+        raise ConfigError("config key 'export.formats': label_then_keytokens needs token weights, which this config's "
+                          "prepare phase has not computed (set token_weights.compute: true and run it), or drop it")
+
+
+def rationale_rows(ws: Workspace, config: DistillConfig, generation: Generation, tokenizer=None,
+                   steps: Steps | None = None, token_weights: TokenWeights | None = None,
+                   difficulty: Difficulty | None = None) -> list[dict]:
+    """One row per rationale: question, gold answer, rationale, extracted answer, correctness, status and reason,
+    teacher, prompt, sampling parameters, usage; steps, token weights, keypoints and difficulties where computed."""
+    catalog, teacher = ws.catalog(), config.teacher
+    rows = catalog.query("export_rationales", dataset_fp=generation.dataset_fp, teacher_fp=generation.teacher_fp,
+                         only_kept=config.export.rows == "kept", only_correct=teacher.keep_only_correct)
+    by = lambda q, key, **kw: {r["rationale_id"]: r for r in catalog.query(q, **kw)} if key else {}  # noqa: E731
+    step_rows: dict[str, list[dict]] = {}
+    for s in (catalog.query("steps_of_rationales", steps_fp=steps.fp) if steps else []):
+        step_rows.setdefault(s["rationale_id"], []).append(
+            {"text": s["text"], "char_start": s["char_start"], "char_end": s["char_end"]})
+    weights = by("token_weights_of", token_weights, token_weights_fp=token_weights.fp if token_weights else None)
+    hardness: dict[str, list[float]] = {}
+    for d in (catalog.query("difficulty_of", difficulty_fp=difficulty.fp) if difficulty else []):
+        hardness.setdefault(d["rationale_id"], []).append(d["difficulty"])
+    model = teacher.model or ("reference rationales" if teacher.backend == "reference" else None)
+    out = []
+    for r in rows:
+        usage = json.loads(r["usage_json"] or "{}")
+        row = {"example_id": r["example_id"], "rationale_id": r["rationale_id"], "sample_index": r["sample_index"],
+               "split": r["split"], "question": r["question"], "answer": r["answer"], "answer_type": r["answer_type"],
+               "rationale": r["text"], "extracted_answer": r["extracted_answer"], "correct": bool(r["correct"]),
+               "status": r["status"], "reason": r["reason"], "finish_reason": r["finish_reason"],
+               "teacher_backend": teacher.backend, "teacher_model": model, "prompt": r["prompt"],
+               "sampling_params": r["params_json"], "prompt_tokens": usage.get("prompt_tokens"),
+               "completion_tokens": usage.get("completion_tokens"), "latency_s": r["latency_s"]}
+        if steps:
+            row["steps"] = step_rows.get(r["rationale_id"], [])
+        if token_weights:
+            w = weights.get(r["rationale_id"])
+            row["token_weights"] = list(w["weights"]) if w else None
+            row["keypoints"] = (keytoken_text(tokenizer, teacher, r, w["token_start"], list(w["keypoints"]))
+                                if w and tokenizer is not None else None)
+        if difficulty:
+            row["step_difficulty"] = hardness.get(r["rationale_id"])
+        out.append(row)
+    return out
+
+
+def sft_rows(config: DistillConfig, rows: list[dict], fmt: str) -> list[dict]:
+    """The kept rationales in one target format, as TRL's SFTTrainer reads them: `prompt` + `completion` (their
+    concatenation is exactly keystep's training text for that format, <bos>/<eos> aside) and chat `messages`."""
+    teacher, out = config.teacher, []
+    for r in rows:
+        if r["status"] != "ok" or (teacher.keep_only_correct and not r["correct"]):
+            continue
+        target = format_target(fmt, r["rationale"], r["answer"], teacher, r.get("keypoints") or "",
+                               shuffle_seed=r["rationale_id"])
+        prompt = format_prompt(teacher, r["question"])
+        out.append({"example_id": r["example_id"], "rationale_id": r["rationale_id"], "format": fmt, "prompt": prompt,
+                    "completion": " " + target, "messages": [{"role": "user", "content": prompt},
+                                                             {"role": "assistant", "content": target}]})
+    return out
+
+
+def training_text(tokenizer, config: DistillConfig, row: dict, fmt: str, key_text: str = "") -> str:
+    """What keystep trains on for `row` in format `fmt`, decoded (for checking an export against training)."""
+    target = format_target(fmt, row["text"], row["answer"], config.teacher, key_text, shuffle_seed=row["rationale_id"])
+    seq = encode_rationale(tokenizer, config.teacher, row, 1 << 30, target)
+    return tokenizer.decode(seq.ids, skip_special_tokens=True)
+
+
+def dataset_card(config: DistillConfig, generation: Generation, lineage: Lineage, rows: list[dict],
+                 formats: list[str], files: dict[str, str]) -> str:
+    """README.md with YAML metadata for the Hugging Face hub: where each config's files are, license, tags; then what
+    a reader needs to trust and reuse the data."""
+    import yaml
+
+    cfg, teacher = config.export, config.teacher
+    model = teacher.model or "reference"
+    source = (f"generated by **{teacher.model}**" if teacher.model else
+              "taken from the dataset itself (keystep's reference teacher)")
+    name = cfg.pretty_name or f"{config.data.train.name} rationales ({model})"
+    configs = [{"config_name": key, "data_files": [{"split": "train", "path": path}]} for key, path in files.items()]
+    meta = {"license": cfg.license or "other", "pretty_name": name, "language": ["en"],
+            "tags": ["keystep", "chain-of-thought", "distillation", "rationales"],
+            "task_categories": ["text-generation"], "configs": configs}
+    status = Counter(r["status"] for r in rows)
+    reasons = Counter(r["reason"] for r in rows if r["reason"])
+    correct = sum(r["correct"] for r in rows)
+    params = {k: getattr(teacher, k) for k in ("backend", "model", "api", "temperature", "top_p", "max_tokens", "stop",
+                                               "seed", "n_samples")}
+    lines = ["---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---", "", f"# {name}", "",
+             f"Chain-of-thought rationales {source} for **{config.data.train.name}** "
+             f"({config.data.train.source}), exported by keystep {KEYSTEP_VERSION}.", "",
+             "## Contents", "",
+             f"- `rationales`: {len(rows)} rows ({'kept only: status ok' + (' and the gold answer' if teacher.keep_only_correct else '') if cfg.rows == 'kept' else 'every rationale, with its status and reason'})."]
+    for fmt in formats:
+        lines.append(f"- `sft-{fmt}`: the kept rationales as `{fmt}` training targets — `prompt` + `completion` "
+                     "(TRL SFTTrainer's prompt-completion layout) and `messages` (its conversational layout).")
+    lines += ["", "## Generation", "", f"- prompt template: `{teacher.prompt_template!r}`",
+              f"- answer sentence: `{teacher.answer_template!r}`",
+              f"- sampling parameters: `{json.dumps(params)}`",
+              f"- counts by status: {dict(status)}" + (f"; reasons: {dict(reasons)}" if reasons else ""),
+              f"- correct (extracted answer = gold): {correct} of {len(rows)}",
+              f"- filters: rows = {cfg.rows}; teacher.keep_only_correct = {teacher.keep_only_correct}", "",
+              "## Lineage", "", f"- generation fingerprint: `{generation.fp}` (teacher `{generation.teacher_fp}`, "
+              f"dataset `{generation.dataset_fp}`)", f"- export fingerprint: `{lineage.fp}` (upstream: "
+              + ", ".join(f"`{u}`" for u in lineage.upstream) + ")",
+              f"- exported {time.strftime('%Y-%m-%d', time.gmtime())} by keystep {KEYSTEP_VERSION}", "",
+              "## Use", "", "```python", "from datasets import load_dataset, load_from_disk",
+              "rows = load_from_disk('hf/rationales')            # or: load_dataset('parquet', "
+              "data_files='rationales/train.parquet')",
+              f"sft = load_from_disk('hf/sft-{formats[0]}')" if formats else "", "```", ""]
+    return "\n".join(lines)
+
+
+def export_dataset(ws: Workspace, config: DistillConfig, generation: Generation, student: Student | None = None,
+                   steps: Steps | None = None, token_weights: TokenWeights | None = None,
+                   difficulty: Difficulty | None = None) -> Exported:
+    import datasets
+
+    datasets.disable_progress_bars()
+    lineage = export_lineage(config, generation, student, steps, token_weights, difficulty)
+    out_dir = Path(config.export.out).expanduser().resolve() if config.export.out else ws.root / "exports" / lineage.fp
+    done = cached_output(ws.catalog(), lineage, Exported)
+    if done and Path(done.out_dir) == out_dir and (out_dir / "export.json").exists():
+        return done
+    check_export(config, token_weights)
+    tokenizer = None
+    if token_weights and student:
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(student.model_dir)
+    rows = rationale_rows(ws, config, generation, tokenizer, steps, token_weights, difficulty)
+    formats = list(dict.fromkeys(config.export.formats))
+    tmp = temp_dir_for(out_dir)
+    files, n_sft = {"rationales": "rationales/train.parquet"}, 0
+    tables = {"rationales": datasets.Dataset.from_list(rows) if rows else datasets.Dataset.from_dict({"rationale": []})}
+    for fmt in formats:
+        sft = sft_rows(config, rows, fmt)
+        n_sft += len(sft)
+        files[f"sft-{fmt}"] = f"sft/{fmt}/train.parquet"
+        tables[f"sft-{fmt}"] = datasets.Dataset.from_list(sft)
+    for key, table in tables.items():
+        (tmp / files[key]).parent.mkdir(parents=True, exist_ok=True)
+        table.to_parquet(str(tmp / files[key]))
+        table.save_to_disk(str(tmp / "hf" / key))
+    (tmp / "README.md").write_text(dataset_card(config, generation, lineage, rows, formats, files))
+    out = Exported(fp=lineage.fp, out_dir=str(out_dir), n_rows=len(rows), n_sft=n_sft, formats=formats, files=files,
+                   with_steps=steps is not None, with_token_weights=token_weights is not None,
+                   with_difficulty=difficulty is not None)
+    (tmp / "export.json").write_text(out.model_dump_json(indent=2))
+    publish_dir(tmp, out_dir)
+    with ws.catalog().transaction() as con:
+        ws.catalog().record_stage(con, lineage, out.model_dump())
+    return out
+
+
+def push_to_hub(config: DistillConfig, exported: Exported) -> str:
+    """Upload the export folder to the Hugging Face hub as a dataset repo (its card's YAML names the configs)."""
+    import os
+
+    from huggingface_hub import HfApi
+
+    cfg = config.export
+    api = HfApi(token=os.environ[cfg.hub_token_env])
+    api.create_repo(cfg.push_to_hub, repo_type="dataset", private=cfg.private, exist_ok=True)
+    api.upload_folder(folder_path=exported.out_dir, repo_id=cfg.push_to_hub, repo_type="dataset",
+                      commit_message=f"keystep export {exported.fp}")
+    return f"https://huggingface.co/datasets/{cfg.push_to_hub}"
+
+
+# ---- Prefect wrapper ----------------------------------------------------------------------------------
+from prefect import get_run_logger  # noqa: E402
+from prefect.artifacts import create_markdown_artifact  # noqa: E402
+
+from tasks.stage import stage_task, workspace_of  # noqa: E402
+
+
+@stage_task("export", export_lineage)
+def export_task(config: DistillConfig, generation: Generation, student: Student | None = None,
+                steps: Steps | None = None, token_weights: TokenWeights | None = None,
+                difficulty: Difficulty | None = None) -> Exported:
+    out = export_dataset(workspace_of(config), config, generation, student, steps, token_weights, difficulty)
+    get_run_logger().info("exported %d rationales (%d SFT rows in %s) to %s", out.n_rows, out.n_sft,
+                          ", ".join(out.formats) or "no format", out.out_dir)
+    create_markdown_artifact(key="dataset-export", markdown=Path(out.out_dir, "README.md").read_text().split("---", 2)[-1],
+                             description=f"exported dataset: {out.n_rows} rationales ({out.out_dir})")
+    return out
+

@@ -1,0 +1,91 @@
+"""The distilled dataset as files: loadable by `datasets`, one row per rationale with what the prepare phase
+computed, SFT layouts that are exactly keystep's training text, a dataset card, and a cached, atomic stage."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from storage.workspace import Workspace
+from tasks.export import export_dataset, training_text
+from tests.conftest import ROOT
+from tests.tasks.helpers import kpod_prepared, prepared
+
+FORMATS = ["cot_then_label", "label_then_cot", "label_only", "label_then_shuffled_cot", "label_then_keytokens"]
+
+
+def test_export_loads_back_and_its_sft_rows_are_the_training_text(tmp_path):
+    import datasets
+    from transformers import AutoTokenizer
+
+    ws = Workspace(tmp_path / "ws")
+    cfg, cat, gen, st, kpod = kpod_prepared(ws, n=16, **{"export.formats": FORMATS, "export.license": "cc-by-4.0"})
+    from tasks.difficulty import score_difficulty
+    dif = score_difficulty(ws, cfg, gen, kpod["steps"], kpod["token_weights"], st)   # the helper's (cached) stage
+    out = export_dataset(ws, cfg, gen, st, kpod["steps"], kpod["token_weights"], dif)
+    kept = cat.query("kept_rationales", dataset_fp=gen.dataset_fp, teacher_fp=gen.teacher_fp, only_correct=True)
+
+    rows = datasets.load_from_disk(f"{out.out_dir}/hf/rationales")
+    same = datasets.load_dataset("parquet", data_files=f"{out.out_dir}/rationales/train.parquet", split="train")
+    assert len(rows) == len(same) == len(kept) == out.n_rows
+    assert {"question", "answer", "rationale", "extracted_answer", "correct", "status", "reason", "steps",
+            "token_weights", "keypoints", "step_difficulty", "teacher_model", "prompt", "sampling_params",
+            "prompt_tokens", "completion_tokens"} <= set(rows.column_names)
+    first = rows[0]
+    assert first["steps"] and all(first["rationale"][s["char_start"]:s["char_end"]] == s["text"] for s in first["steps"])
+    answer_sentence = cfg.teacher.answer_template.format(answer=first["answer"])
+    assert first["steps"][-1]["text"] == answer_sentence                # steps end with the answer sentence ...
+    assert len(first["step_difficulty"]) == len(first["steps"]) - 1 and first["keypoints"]   # ... which has no difficulty
+    assert all(0 <= w <= 1 for w in first["token_weights"])
+
+    tok = AutoTokenizer.from_pretrained(st.model_dir)
+    keys = {r["rationale_id"]: r["keypoints"] for r in rows}
+    for fmt in FORMATS:
+        sft = datasets.load_dataset("parquet", data_files=f"{out.out_dir}/sft/{fmt}/train.parquet", split="train")
+        assert len(sft) == len(kept) and datasets.load_from_disk(f"{out.out_dir}/hf/sft-{fmt}").num_rows == len(kept)
+        by_id = {r["rationale_id"]: r for r in sft}
+        for row in kept:
+            s = by_id[row["rationale_id"]]
+            # TRL concatenates prompt + completion: exactly the text keystep trains on in this format
+            assert tok.decode(tok(s["prompt"] + s["completion"]).input_ids) == \
+                training_text(tok, cfg, row, fmt, keys[row["rationale_id"]])
+            assert s["messages"][0]["content"] == s["prompt"] and " " + s["messages"][1]["content"] == s["completion"]
+
+    card = (tmp_path / out.out_dir / "README.md").read_text()
+    meta = card.split("---")[1]
+    assert "license: cc-by-4.0" in meta and "config_name: sft-label_then_keytokens" in meta
+    assert gen.fp in card and "temperature" in card and "counts by status" in card
+
+
+def test_all_rows_keep_failed_ones_with_their_reason_and_the_stage_is_cached(tmp_path):
+    ws = Workspace(tmp_path / "ws")
+    cfg, cat, gen, st = prepared(ws, n=16, **{"export.rows": "all", "export.out": str(tmp_path / "out")})
+    victim = cat.execute("select rationale_id from rationales limit 1")[0]["rationale_id"]
+    cat.execute("update rationales set status = 'failed', reason = 'malformed response (KeyError)', correct = false "
+                "where rationale_id = ?", [victim])
+    out = export_dataset(ws, cfg, gen, st)
+    rows = {r["rationale_id"]: r for r in __import__("datasets").load_from_disk(f"{out.out_dir}/hf/rationales")}
+    assert len(rows) == 16 and rows[victim]["status"] == "failed" and rows[victim]["reason"].startswith("malformed")
+    assert out.n_sft == 2 * 15                                          # SFT layouts hold what training reads
+    stamp = (tmp_path / "out" / "export.json").stat().st_mtime_ns
+    again = export_dataset(ws, cfg, gen, st)
+    assert again == out and (tmp_path / "out" / "export.json").stat().st_mtime_ns == stamp   # cached
+    assert not list(tmp_path.glob(".tmp-*"))                            # published by rename
+
+
+def test_cli_export_and_a_push_without_a_token_is_one_line_before_any_work(tmp_path):
+    env = {k: v for k, v in __import__("os").environ.items() if k != "HF_TOKEN"}
+
+    def keystep(*args):
+        return subprocess.run([sys.executable, "-m", "flows.cli", "export", "configs/micro.yaml", "--workspace",
+                               str(tmp_path / "ws"), *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                              env=env)
+
+    r = keystep("--out", str(tmp_path / "pushed"), "--push-to-hub", "me/rationales")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "HF_TOKEN" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "pushed").exists() and not (tmp_path / "ws" / "catalog.duckdb").exists()
+    r = keystep("--out", str(tmp_path / "out"), "--set", "export.formats=[label_only]")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "exported 64 rationales and 64 SFT rows (label_only)" in r.stdout
+    assert json.loads((tmp_path / "out" / "export.json").read_text())["formats"] == ["label_only"]
