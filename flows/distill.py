@@ -23,7 +23,7 @@ from storage.runs import Heartbeat, reconcile, run_lock, start_run
 from tasks.curriculum import Curriculum, curriculum_task
 from tasks.difficulty import Difficulty, difficulty_task
 from tasks.evaluate import Evaluation, evaluate_task, publish_results, run_header, write_summary
-from tasks.export import check_export, export_task, push_to_hub
+from tasks.export import export_task, push_to_hub
 from tasks.ingest import Dataset, ingest_task
 from tasks.stage import NotCached, cached_output, from_catalog, use_workspace, workspace_of
 from tasks.steps import Steps, split_steps_task
@@ -306,8 +306,6 @@ def distill(preset: str | None = None, overrides: dict[str, Any] | None = None,
     """
     config = distill_config(config, preset, overrides)
     preflight(config, check_teacher_endpoint=False)   # a deployment run with a bad input fails here, in seconds
-    if config.export.enabled:
-        check_export(config)
     t0 = time.perf_counter()
     label, name, run_tags = label_run(config, preset, overrides)
     use_workspace(config)

@@ -50,5 +50,5 @@ def experiment(preset: str | None = None, config: ExperimentConfig | None = None
         logger.info("arm %s, seed %d", variant, seed)
         t0 = time.perf_counter()
         out = distill.with_options(flow_run_name=f"{variant}-seed{seed}")(config=cfg)
-        write_run(config, variant, seed, Workspace(cfg.storage.workspace).catalog(), out, time.perf_counter() - t0)
+        write_run(config, variant, seed, Workspace(cfg.storage.workspace).catalog(), out, time.perf_counter() - t0, cfg)
     return compare_task(config)

@@ -183,5 +183,8 @@ def preflight(config: DistillConfig, check_teacher_endpoint: bool = True) -> Non
         check_reference_rationales(config.data.train, train)
     check_student(config.student.model)
     check_training(config)
+    if config.export.enabled:
+        from tasks.export import check_export
+        check_export(config)
     if check_teacher_endpoint:
         check_teacher(config.teacher)

@@ -4,14 +4,15 @@ A study of many arms × seeds takes CPU-hours, so it is run over several session
 workspace that made them. After each run the experiment flow writes, under the experiment's `study_dir`
 (default docs/studies/<experiment file name>/):
 
-    <variant>/seed-<k>.json            what ran (the arm's overrides and config fingerprint, the train and eval
-                                       fingerprints, keystep's commit, wall time) and what came out (accuracy per
+    <variant>/seed-<k>.json            what ran (the arm's overrides and fingerprint, its resolved config, the train
+                                       and eval fingerprints, keystep's commit, wall time) and what came out (accuracy per
                                        evaluation set and per step count, the per-epoch training metrics, the tokens
                                        the loss supervised)
     <variant>/seed-<k>.predictions.csv per test question: dataset, example_id, correct, extracted answer
 
 Both are written to a temp name and renamed, so a kill never leaves half a run. A run whose files exist with the
-same arm fingerprint is not run again; files from another config are an error (delete them to rerun). The report
+same arm fingerprint is not run again; files of an arm the study file now asks differently for are an error
+(delete them to rerun; after a keystep change that alters results, delete them too). The report
 (tasks/compare.py) is built from these files alone, so `keystep report FILE` re-derives every table and interval
 without a catalog.
 
@@ -28,22 +29,23 @@ import subprocess
 import time
 from pathlib import Path
 
-from keystep.config import ConfigError, ExperimentConfig, arm_config, load_config
+from keystep.config import ConfigError, ExperimentConfig, arm_config
 from storage.fingerprint import fingerprint
 
 EPOCH_KEYS = ("epoch", "stage", "loss", "tokens", "supervised_tokens", "weighted_tokens", "lr", "tokens_per_s")
 
 
 def arm_fp(exp: ExperimentConfig, variant: str, seed: int) -> str:
-    """What a run is, independent of where it ran: the arm's resolved config without its workspace; a pretrained
-    student is named by its preset's resolved config, not by the folder it was trained into."""
-    cfg = arm_config(exp, variant, seed).model_dump(mode="json")
-    cfg.pop("storage")
-    if exp.pretrain:
-        pre = load_config(exp.pretrain).model_dump(mode="json")
-        pre.pop("storage")
-        cfg["student"]["model"] = {"pretrained": pre}
-    return fingerprint("study-arm", cfg)
+    """What a run is, as the study file asks for it: the arm's overrides (shared and its own), its seed, and the
+    contents of the presets it names (base, variant base, pretrain) — not the resolved config, so a keystep upgrade
+    that adds a setting with its old behaviour as the default keeps finished runs (each run file also records the
+    resolved config and keystep's commit). Where a run ran (workspace) is not part of it."""
+    arm = dict(exp.variants[variant])
+    base = arm.pop("base", exp.base)
+    text = lambda path: Path(path).read_text() if path else None  # noqa: E731
+    shared = {k: v for k, v in exp.overrides.items() if not k.startswith("storage.")}
+    return fingerprint("study-arm", {"base": text(base), "pretrain": text(exp.pretrain), "overrides": shared,
+                                     "arm": arm, "seed": {k: seed for k in exp.seed_keys}})
 
 
 def run_paths(study_dir: str | Path, variant: str, seed: int) -> tuple[Path, Path]:
@@ -88,8 +90,11 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def write_run(exp: ExperimentConfig, variant: str, seed: int, catalog, summary: dict, wall_s: float) -> dict:
-    """The files of a run that just finished (`summary`: the distill flow's), read from its catalog."""
+def write_run(exp: ExperimentConfig, variant: str, seed: int, catalog, summary: dict, wall_s: float,
+              config=None) -> dict:
+    """The files of a run that just finished (`summary`: the distill flow's; `config`: the arm's resolved config),
+    read from its catalog."""
+    config = config or arm_config(exp, variant, seed)
     history = [json.loads(h["metrics_json"]) for h in catalog.query("train_history", train_fp=summary["train_fp"])]
     results = catalog.query("latest_results", eval_fp=summary["eval_fp"])
     by_steps: dict[str, dict[str, float]] = {}
@@ -97,7 +102,7 @@ def write_run(exp: ExperimentConfig, variant: str, seed: int, catalog, summary: 
         if r["model_label"] == "student" and r["group_key"] == "n_steps":
             by_steps.setdefault(f"{r['dataset']}/{r['split']}", {})[r["group_value"]] = r["accuracy"]
     record = {"variant": variant, "seed": seed, "arm_fp": arm_fp(exp, variant, seed),
-              "overrides": _portable(exp.variants[variant]), "accuracy": summary["accuracy"], "by_steps": by_steps,
+              "overrides": _portable(exp.variants[variant]), "config": config.model_dump(mode="json"), "accuracy": summary["accuracy"], "by_steps": by_steps,
               "supervised_tokens": sum(h.get("supervised_tokens", 0) for h in history),
               "history": [{k: h.get(k) for k in EPOCH_KEYS} for h in history],
               "train_fp": summary["train_fp"], "eval_fp": summary["eval_fp"], "wall_s": round(wall_s, 1),

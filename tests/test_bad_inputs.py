@@ -84,6 +84,9 @@ CASES = [
     ("QLoRA sharded by FSDP", ["run", MICRO, "--set", 'student.lora={"quantize": "4bit"}', "--set",
      "train.num_processes=2", "--set", "train.strategy=fsdp"], "train.strategy"),
     ("experiment file without variants", ["experiment", "{tmp}/exp-no-variants.yaml"], "variants"),
+    ("an unknown export format", ["export", MICRO, "--set", "export.formats=[cot_and_label]"], "export.formats"),
+    ("an export push without a token", ["run", MICRO, "--set", "export.enabled=true", "--set",
+     "export.push_to_hub=me/data"], "export.push_to_hub"),
     ("a dataset path that is a directory", ["run", MICRO, "--set", file_spec("{tmp}/not-a-model")], "is a directory"),
     ("an evaluation set inside the training set", ["run", MICRO, "--set",
      'data.eval=[{"name": "same", "source": "synthetic:arith", "n": 64, "seed": 0, "max_steps": 2, "max_operand": 9}]'],
@@ -94,10 +97,11 @@ CASES = [
 
 def keystep(args, tmp):
     args = [a.replace("{tmp}", str(tmp)) for a in args]
-    if args[0] == "run" and "--workspace" not in args:
+    if args[0] in ("run", "export") and "--workspace" not in args:
         args += ["--workspace", str(tmp / "ws")]
     return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=tmp, capture_output=True, text=True,
-                          timeout=300, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+                          timeout=300, env={**{k: v for k, v in __import__("os").environ.items() if k != "HF_TOKEN"},
+                                            "PYTHONPATH": str(ROOT)})
 
 
 @pytest.mark.parametrize("case,args,named", CASES, ids=[c[0] for c in CASES])
