@@ -144,9 +144,9 @@ def cmd_run(args) -> int:
     else:
         # the preset and the overrides, not the resolved config, are the run's parameters: the UI shows what was asked
         summary = distill(preset=args.config, overrides=_run_overrides(args))
-    rows = Workspace(config.storage.workspace).catalog().query("latest_results", eval_fp=summary["eval_fp"])
+    rows = Workspace(config.storage.workspace).catalog().query("latest_results", eval_fp=summary.eval_fp)
     print(results_table(rows))
-    print(f"\nreport: {summary['report']}\nworkspace: {summary['workspace']}")
+    print(f"\nreport: {summary.report}\nworkspace: {summary.workspace}")
     return 0
 
 
@@ -162,8 +162,8 @@ def cmd_experiment(args) -> int:
     from flows.experiment import experiment
 
     out = experiment(config=exp)
-    print(out["markdown"])
-    print(f"results: {out['results_path']}")
+    print(out.markdown)
+    print(f"results: {out.results_path}")
     return 0
 
 

@@ -54,6 +54,19 @@ class TrainedRun(Prepared):
     trained: Trained
 
 
+class RunSummary(BaseModel):
+    """What a `distill` run returns; table `runs` keeps it as the run's summary_json."""
+    run_id: str
+    label: str | None = None      # the preset (or deployment) it was started from
+    workspace: str
+    report: str
+    accuracy: dict[str, float]    # "model/dataset/split" -> accuracy
+    eval_fp: str
+    train_fp: str
+    final_dir: str                # the trained student's folder
+    export: str | None = None     # the dataset folder, when export.enabled
+
+
 class EvaluatedRun(TrainedRun):
     evaluation: Evaluation
     report: str
@@ -208,14 +221,15 @@ def write_run_header(config: DistillConfig, out: EvaluatedRun, label: str, run_i
     report.write_text(header + report.read_text())
 
 
-def record_run_end(config: DistillConfig, run_id: str, out: EvaluatedRun | None, label: str | None = None) -> dict | None:
+def record_run_end(config: DistillConfig, run_id: str, out: EvaluatedRun | None, label: str | None = None,
+                   export: str | None = None) -> RunSummary | None:
     """The run's row in table `runs`: completed with its summary, or failed (`out` None)."""
-    summary = None if out is None else {
-        "run_id": run_id, "label": label, "workspace": str(workspace_of(config).root), "report": out.report,
-        "accuracy": out.evaluation.accuracy, "eval_fp": out.evaluation.fp, "train_fp": out.trained.fp,
-        "final_dir": out.trained.final_dir}
+    summary = None if out is None else RunSummary(
+        run_id=run_id, label=label, workspace=str(workspace_of(config).root), report=out.report,
+        accuracy=out.evaluation.accuracy, eval_fp=out.evaluation.fp, train_fp=out.trained.fp,
+        final_dir=out.trained.final_dir, export=export)
     workspace_of(config).catalog().query("run_finished", run_id=run_id, status="failed" if out is None else "completed",
-                                         summary_json=json.dumps(summary) if summary else None)
+                                         summary_json=summary.model_dump_json() if summary else None)
     return summary
 
 
@@ -293,7 +307,7 @@ def label_run(config: DistillConfig, preset: str | None, overrides: dict[str, An
 
 @flow(name="distill", log_prints=True)
 def distill(preset: str | None = None, overrides: dict[str, Any] | None = None,
-            config: DistillConfig = DistillConfig()) -> dict[str, Any]:
+            config: DistillConfig = DistillConfig()) -> RunSummary:
     """End to end: generate -> prepare -> train -> evaluate.
 
     Args:
@@ -329,10 +343,8 @@ def distill(preset: str | None = None, overrides: dict[str, Any] | None = None,
             raise
         finally:
             heartbeat.stop()
-        summary = record_run_end(config, run_id, out, label)
-    if exported:
-        summary["export"] = exported["out_dir"]
+        summary = record_run_end(config, run_id, out, label, exported["out_dir"] if exported else None)
     write_run_header(config, out, label, run_id, time.perf_counter() - t0)
     publish_results(config, out.evaluation, out.report)   # the run the user started carries the results
-    logger.info("results: %s (report %s)", summary["accuracy"], out.report)
+    logger.info("results: %s (report %s)", summary.accuracy, out.report)
     return summary

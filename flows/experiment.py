@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 from prefect import flow, get_run_logger
+from pydantic import BaseModel
 
 from flows.distill import distill
 from keystep.config import ExperimentConfig, arm_config, load_config, load_experiment
@@ -21,17 +22,28 @@ from tasks.compare import compare_task
 from tasks.study import finished_run, write_run
 
 
+class ExperimentSummary(BaseModel):
+    """What an `experiment` run returns: the comparison report and the runs it was built from."""
+    name: str
+    results_path: str
+    markdown: str
+    columns: list[str]
+    runs: list[dict]                    # each finished arm's study-file summary
+    missing: list[tuple[str, int]]      # (variant, seed) not run yet
+    plots: dict[str, str]
+
+
 def pretrained_student(config: ExperimentConfig) -> str | None:
     """The `pretrain` preset's trained student folder (trained once; a cache hit afterwards)."""
     if not config.pretrain:
         return None
     out = distill.with_options(flow_run_name="pretrain")(config=load_config(config.pretrain))
-    return out["final_dir"]
+    return out.final_dir
 
 
 @flow(name="experiment", log_prints=True)
 def experiment(preset: str | None = None, config: ExperimentConfig | None = None,
-               overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+               overrides: dict[str, Any] | None = None) -> "ExperimentSummary":
     """Run every variant × seed of an experiment file (e.g. configs/study-synthetic.yaml) that has no result files
     yet, then compare them all."""
     if preset:
@@ -50,5 +62,7 @@ def experiment(preset: str | None = None, config: ExperimentConfig | None = None
         logger.info("arm %s, seed %d", variant, seed)
         t0 = time.perf_counter()
         out = distill.with_options(flow_run_name=f"{variant}-seed{seed}")(config=cfg)
-        write_run(config, variant, seed, Workspace(cfg.storage.workspace).catalog(), out, time.perf_counter() - t0, cfg)
-    return compare_task(config)
+        write_run(config, variant, seed, Workspace(cfg.storage.workspace).catalog(), out.model_dump(),
+                  time.perf_counter() - t0, cfg)
+    report = compare_task(config)
+    return ExperimentSummary(name=config.name, **{k: report[k] for k in ExperimentSummary.model_fields if k in report})

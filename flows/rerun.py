@@ -69,7 +69,7 @@ def rerun_new_datasets(preset: str = "configs/demo.yaml", registry_dir: str | No
         try:
             summary = distill(config=config)
             catalog.execute("insert into registry_scans (entry, content_hash, status, distill_run_id) values (?, ?, 'completed', ?)",
-                            [entry, digest, summary["run_id"]])
+                            [entry, digest, summary.run_id])
             started.append(entry)
         except Exception as err:  # noqa: BLE001 - one bad dataset must not stop the others
             catalog.execute("insert into registry_scans (entry, content_hash, status, error) values (?, ?, 'failed', ?)",

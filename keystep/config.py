@@ -24,6 +24,21 @@ class ConfigError(ValueError):
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
+    def fingerprinted(self, exclude: set[str] = frozenset()) -> dict:
+        """The section as its stage's fingerprint sees it: every field but those marked `operational` (how a stage
+        is run or where its files go, not what it computes) and `exclude`."""
+        out = {name for name, f in type(self).model_fields.items()
+               if (f.json_schema_extra or {}).get("fingerprint") is False}
+        return self.model_dump(mode="json", exclude=out | set(exclude))
+
+
+def operational(default: Any = ..., **kwargs: Any) -> Any:
+    """A `Field` left out of its stage's fingerprint: changing it never recomputes (or re-pays for) a stage output,
+    e.g. the teacher's concurrency or retries, where vLLM comes from, where an export is uploaded."""
+    if "default_factory" in kwargs:
+        return Field(json_schema_extra={"fingerprint": False}, **kwargs)
+    return Field(default, json_schema_extra={"fingerprint": False}, **kwargs)
+
 
 class DatasetSpec(Section):
     name: str = Field("synthetic", description="Label used in the catalog and the results table.")
@@ -90,22 +105,13 @@ class FewShotExample(Section):
     answer: str = Field(description="Demonstration answer.")
 
 
-# Teacher settings that change how requests are sent, not what is generated: left out of the teacher
-# fingerprint, so retuning them never re-pays for stored rationales.
-TEACHER_OPERATIONAL = {"base_url", "api_key_env", "api_key_secret", "concurrency", "timeout_s", "max_retries", "retry_failed",
-                       "max_consecutive_failures", "commit_every", "shards", "vllm_python", "vllm_args",
-                       "server_start_timeout_s", "cost_per_1k_prompt_tokens", "cost_per_1k_completion_tokens",
-                       "batch_poll_s", "batch_completion_window", "batch_max_requests", "batch_max_bytes",
-                       "cost_per_1k_prompt_tokens_batch", "cost_per_1k_completion_tokens_batch"}
-
-
 class TeacherConfig(Section):
     backend: Literal["reference", "openai", "vllm"] = Field(
         "reference", description="'reference' uses the dataset's own rationales (offline default); 'openai' any "
         "OpenAI-compatible endpoint (vllm serve, OpenAI, ...); 'vllm' in-process vllm.LLM if importable, else a "
         "vLLM server that keystep starts from teacher.vllm_python.")
     model: str | None = Field(None, description="openai/vllm: model name (endpoint) or model folder (vllm).")
-    base_url: str | None = Field(None, description="openai: endpoint base URL, e.g. http://127.0.0.1:8000/v1.")
+    base_url: str | None = operational(None, description="openai: endpoint base URL, e.g. http://127.0.0.1:8000/v1.")
     api: Literal["completions", "chat", "batch"] = Field(
         "completions", description="openai/vllm server: completions or chat API (chat applies the model's chat "
         "template); 'batch': the requests go as batches — through the OpenAI Batch API (files + batches endpoints; "
@@ -114,15 +120,15 @@ class TeacherConfig(Section):
         "same items: switching never pays twice.")
     batch_endpoint: Literal["completions", "chat"] = Field("completions", description="api batch: the endpoint each "
                                                            "request line calls (/v1/completions or /v1/chat/completions).")
-    batch_poll_s: float = Field(30.0, gt=0, description="api batch: seconds between polls of a running batch.")
-    batch_completion_window: str = Field("24h", description="api batch: the completion window asked for (the OpenAI "
+    batch_poll_s: float = operational(30.0, gt=0, description="api batch: seconds between polls of a running batch.")
+    batch_completion_window: str = operational("24h", description="api batch: the completion window asked for (the OpenAI "
                                          "Batch API accepts 24h).")
-    batch_max_requests: int = Field(50_000, ge=1, description="api batch: most requests per batch (the OpenAI limit); "
+    batch_max_requests: int = operational(50_000, ge=1, description="api batch: most requests per batch (the OpenAI limit); "
                                     "more are split into several batches.")
-    batch_max_bytes: int = Field(200 * 1024 * 1024, ge=1024, description="api batch: largest request file per batch "
+    batch_max_bytes: int = operational(200 * 1024 * 1024, ge=1024, description="api batch: largest request file per batch "
                                  "(the OpenAI limit is 200 MB); more are split into several batches.")
-    api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the API key (never stored).")
-    api_key_secret: str | None = Field(None, description="Name of a Prefect Secret block holding the API key (overrides api_key_env).")
+    api_key_env: str = operational("OPENAI_API_KEY", description="Environment variable holding the API key (never stored).")
+    api_key_secret: str | None = operational(None, description="Name of a Prefect Secret block holding the API key (overrides api_key_env).")
     prompt_template: str = Field(KPOD_PROMPT, description="Prompt before the rationale (KPOD zero-shot CoT); {question} is filled in.")
     answer_template: str = Field(ANSWER_PHRASE, description="Sentence appended after the rationale; {answer} is filled in.")
     system_prompt: str | None = Field(None, description="chat: optional system message.")
@@ -135,23 +141,23 @@ class TeacherConfig(Section):
     seed: int | None = Field(0, description="Sampling seed: per request (seed + sample index) for openai, LLM(seed=...) for vllm.")
     per_request_seed: bool = Field(True, description="openai: send a per-request seed (turn off for servers that reject it).")
     keep_only_correct: bool = Field(True, description="Train only on rationales whose extracted answer matches gold.")
-    concurrency: int = Field(16, ge=1, description="openai: requests in flight at once.")
-    timeout_s: float = Field(120.0, gt=0, description="openai: per-request timeout in seconds.")
-    max_retries: int = Field(5, ge=0, description="openai: retries (exponential backoff + jitter) on 429, 5xx, timeouts, connection errors and protocol faults (malformed or empty replies).")
-    retry_failed: bool = Field(True, description="openai/vllm: a rerun asks again for items whose last attempt ended "
+    concurrency: int = operational(16, ge=1, description="openai: requests in flight at once.")
+    timeout_s: float = operational(120.0, gt=0, description="openai: per-request timeout in seconds.")
+    max_retries: int = operational(5, ge=0, description="openai: retries (exponential backoff + jitter) on 429, 5xx, timeouts, connection errors and protocol faults (malformed or empty replies).")
+    retry_failed: bool = operational(True, description="openai/vllm: a rerun asks again for items whose last attempt ended "
                                "in a protocol fault (malformed or empty reply after max_retries); items that succeeded "
                                "are never asked again.")
-    max_consecutive_failures: int = Field(20, ge=1, description="Fail the task after this many requests in a row fail after retries (finished work is kept).")
-    commit_every: int = Field(64, ge=1, description="Commit finished rationales to the catalog every N results.")
-    shards: int = Field(1, ge=1, description="Split generation into N shards mapped over the task runner (Dask/Ray spread them).")
-    vllm_python: str | None = Field(None, description="vllm: Python of a separate vLLM environment; keystep starts a server with it.")
-    vllm_args: list[str] = Field(default_factory=list, description="vllm: extra arguments for the vLLM server.")
-    server_start_timeout_s: float = Field(600.0, gt=0, description="vllm: how long to wait for the server's health check.")
-    cost_per_1k_prompt_tokens: float | None = Field(None, ge=0, description="Optional price for the cost estimate.")
-    cost_per_1k_completion_tokens: float | None = Field(None, ge=0, description="Optional price for the cost estimate.")
-    cost_per_1k_prompt_tokens_batch: float | None = Field(None, ge=0, description="api batch: the batch price per 1k "
+    max_consecutive_failures: int = operational(20, ge=1, description="Fail the task after this many requests in a row fail after retries (finished work is kept).")
+    commit_every: int = operational(64, ge=1, description="Commit finished rationales to the catalog every N results.")
+    shards: int = operational(1, ge=1, description="Split generation into N shards mapped over the task runner (Dask/Ray spread them).")
+    vllm_python: str | None = operational(None, description="vllm: Python of a separate vLLM environment; keystep starts a server with it.")
+    vllm_args: list[str] = operational(default_factory=list, description="vllm: extra arguments for the vLLM server.")
+    server_start_timeout_s: float = operational(600.0, gt=0, description="vllm: how long to wait for the server's health check.")
+    cost_per_1k_prompt_tokens: float | None = operational(None, ge=0, description="Optional price for the cost estimate.")
+    cost_per_1k_completion_tokens: float | None = operational(None, ge=0, description="Optional price for the cost estimate.")
+    cost_per_1k_prompt_tokens_batch: float | None = operational(None, ge=0, description="api batch: the batch price per 1k "
                                                           "prompt tokens, for the cost estimate.")
-    cost_per_1k_completion_tokens_batch: float | None = Field(None, ge=0, description="api batch: the batch price "
+    cost_per_1k_completion_tokens_batch: float | None = operational(None, ge=0, description="api batch: the batch price "
                                                               "per 1k completion tokens, for the cost estimate.")
 
     @property
@@ -362,22 +368,18 @@ class TrainConfig(Section):
 LABEL_FIRST = ("label_only", "label_then_cot", "label_then_shuffled_cot", "label_then_keytokens")
 
 
-# Evaluation settings that say where the vLLM engine comes from, not what it computes: out of the fingerprint.
-EVAL_OPERATIONAL = {"vllm_python", "server_start_timeout_s", "concurrency"}
-
-
 class EvalConfig(Section):
     backend: Literal["auto", "hf", "vllm"] = Field(
         "auto", description="Decoding engine: 'vllm' — vllm.LLM in this process when vLLM imports here, else a vLLM "
         "server keystep starts from eval.vllm_python (serving the student folder, or its base + LoRA adapter); 'hf' — "
         "transformers generate; 'auto' — vllm when it imports here or eval.vllm_python is set, else hf. Same greedy "
         "decoding and the same predictions table either way.")
-    vllm_python: str | None = Field(None, description="vllm: Python of a separate vLLM environment (e.g. "
+    vllm_python: str | None = operational(None, description="vllm: Python of a separate vLLM environment (e.g. "
                                     ".venv-vllm/bin/python); keystep starts a server with it.")
     vllm_args: list[str] = Field(default_factory=list, description="vllm: extra engine arguments (server flags, e.g. "
                                  "['--dtype', 'float32']).")
-    server_start_timeout_s: float = Field(600.0, gt=0, description="vllm server: how long to wait for its health check.")
-    concurrency: int = Field(64, ge=1, description="vllm server: requests in flight.")
+    server_start_timeout_s: float = operational(600.0, gt=0, description="vllm server: how long to wait for its health check.")
+    concurrency: int = operational(64, ge=1, description="vllm server: requests in flight.")
     max_new_tokens: int = Field(96, ge=1, description="Greedy decoding length limit.")
     label_max_new_tokens: int = Field(16, ge=1, description="Label-first target formats: tokens decoded for the answer sentence (only the label is decoded).")
     batch_size: int = Field(64, ge=1, description="Prompts per generation batch.")
@@ -385,14 +387,11 @@ class EvalConfig(Section):
     include_untrained: bool = Field(True, description="Also evaluate the student before training, as a baseline.")
 
 
-# Export settings that say whether it runs and where it is uploaded, not what is written: out of its fingerprint.
-EXPORT_OPERATIONAL = {"enabled", "push_to_hub", "hub_token_env", "private"}
-SFT_LAYOUTS = ("prompt_completion", "messages")
 
 
 class ExportConfig(Section):
     """The distilled dataset as files: Hugging Face `datasets` folders, Parquet, SFT layouts and a dataset card."""
-    enabled: bool = Field(False, description="Run the export as the last stage of `distill` (`keystep export` and "
+    enabled: bool = operational(False, description="Run the export as the last stage of `distill` (`keystep export` and "
                           "the export flow run it on their own).")
     out: str | None = Field(None, description="Folder to write (replaced as a whole, by rename); unset: "
                             "<workspace>/exports/<export fingerprint>.")
@@ -405,11 +404,11 @@ class ExportConfig(Section):
         "them), each built by tasks/formats.py exactly as keystep trains on it; label_then_keytokens needs token weights.")
     license: str | None = Field(None, description="License field of the dataset card (e.g. cc-by-4.0); unset: 'other'.")
     pretty_name: str | None = Field(None, description="Dataset card title; unset: '<dataset> rationales from <teacher>'.")
-    push_to_hub: str | None = Field(None, description="Hugging Face dataset repo id to upload the folder to (needs a "
+    push_to_hub: str | None = operational(None, description="Hugging Face dataset repo id to upload the folder to (needs a "
                                     "token in hub_token_env and a network).")
-    hub_token_env: str = Field("HF_TOKEN", description="Environment variable holding the Hugging Face token (never "
+    hub_token_env: str = operational("HF_TOKEN", description="Environment variable holding the Hugging Face token (never "
                                "stored or logged).")
-    private: bool = Field(True, description="push_to_hub: create the repo private.")
+    private: bool = operational(True, description="push_to_hub: create the repo private.")
 
 
 class StorageConfig(Section):
@@ -444,7 +443,7 @@ def _describe(err: ValidationError) -> str:
     key = ".".join(str(p) for p in first["loc"]) or "(top level)"
     msg = first["msg"]
     if first["type"] == "extra_forbidden":
-        msg = "unknown key; check the spelling against `keystep config --show` or configs/demo.yaml"
+        msg = "unknown key; check the spelling against `keystep config` (every key with its value) or configs/demo.yaml"
     return f"config key '{key}': {msg}"
 
 

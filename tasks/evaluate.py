@@ -13,7 +13,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Callable
 
-from keystep.config import EVAL_OPERATIONAL, LABEL_FIRST, DistillConfig
+from keystep.config import LABEL_FIRST, DistillConfig
 from storage.fingerprint import Lineage
 from storage.workspace import Workspace
 from tasks.answers import extract_answer, is_correct
@@ -74,7 +74,7 @@ def accuracy_rows(preds: list[dict], group_keys=("n_steps",)) -> list[dict]:
 
 
 def eval_lineage(config: DistillConfig, trained: Trained, student: Student, datasets: list[Dataset]) -> Lineage:
-    what = {"eval": config.eval.model_dump(mode="json", exclude=EVAL_OPERATIONAL), "engine": engine(config.eval),
+    what = {"eval": config.eval.fingerprinted(), "engine": engine(config.eval),
             "prompt": config.teacher.prompt_template, "target_format": config.train.target_format,
             "device": config.train.device}
     return Lineage("evaluate", what, (trained.fp, student.fp, *[d.fp for d in datasets]), CODE_VERSION)

@@ -14,8 +14,8 @@ ran: `Steps` (char spans), `TokenWeights` (per-token weights, keypoints) and `Di
     export.json                      what was exported (fingerprint, counts, files)
 
 The folder is written under a temp name and published by rename. The stage's fingerprint is the generation's (and
-the prepare outputs it read) plus the export section (less whether it runs in `distill` and the hub upload:
-`EXPORT_OPERATIONAL`). Uploading to the hub (`push_to_hub`) is a step after it, never cached.
+the prepare outputs it read) plus the export section (less whether it runs in `distill` and the hub upload: its
+`operational` fields). Uploading to the hub (`push_to_hub`) is a step after it, never cached.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from keystep.config import EXPORT_OPERATIONAL, SFT_LAYOUTS, ConfigError, DistillConfig
+from keystep.config import ConfigError, DistillConfig
 from storage.fingerprint import Lineage
 from storage.workspace import Workspace, publish_dir, temp_dir_for
 from tasks.difficulty import Difficulty
@@ -55,7 +55,7 @@ def export_lineage(config: DistillConfig, generation: Generation, student: Stude
                    steps: Steps | None = None, token_weights: TokenWeights | None = None,
                    difficulty: Difficulty | None = None) -> Lineage:
     upstream = [generation.fp, *(x.fp for x in (student, steps, token_weights, difficulty) if x)]
-    return Lineage("export", config.export.model_dump(mode="json", exclude=EXPORT_OPERATIONAL), tuple(upstream),
+    return Lineage("export", config.export.fingerprinted(), tuple(upstream),
                    CODE_VERSION)
 
 

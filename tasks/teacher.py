@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from pydantic import BaseModel
 
-from keystep.config import TEACHER_OPERATIONAL, DistillConfig, TeacherConfig
+from keystep.config import DistillConfig, TeacherConfig
 from storage.fingerprint import Lineage, content_hash, fingerprint
 from storage.workspace import Workspace
 from tasks.answers import extract_answer, is_correct
@@ -40,10 +40,10 @@ CODE_VERSION = "2"
 
 
 def teacher_identity(cfg: TeacherConfig) -> dict:
-    """What makes the teacher's text what it is: its settings less how requests are sent (TEACHER_OPERATIONAL), with
+    """What makes the teacher's text what it is: its settings less how requests are sent (the `operational` fields), with
     a batch counted as the endpoint its lines call — so online and batch requests are the same items, and configs
     from before batches existed keep their fingerprint."""
-    what = cfg.model_dump(mode="json", exclude=TEACHER_OPERATIONAL | {"batch_endpoint"})
+    what = cfg.fingerprinted(exclude={"batch_endpoint"})
     what["api"] = cfg.request_api
     return what
 

@@ -93,18 +93,18 @@ def test_rerun_is_cached_and_a_train_change_recomputes_only_train_and_eval(prefe
     second = distill(config=cfg)
     counts, seen = stage_runs(seen)
     assert not counts["executed"] and len(counts["cached"]) == 7
-    assert second["accuracy"] == first["accuracy"]
+    assert second.accuracy == first.accuracy
 
     changed = distill(config=micro_config(tmp_path / "ws", **{"train.lr": 0.001}))
     counts, seen = stage_runs(seen)
     assert counts["executed"] == ["evaluate", "train-student"]
     assert len(counts["cached"]) == 5
-    assert changed["train_fp"] != first["train_fp"]
+    assert changed.train_fp != first.train_fp
 
     cat = Workspace(tmp_path / "ws").catalog()
     runs = cat.execute("select status from runs")
     assert [r["status"] for r in runs] == ["completed"] * 3
-    assert cat.query("latest_results", eval_fp=changed["eval_fp"])
+    assert cat.query("latest_results", eval_fp=changed.eval_fp)
     assert_lineage_is_what_was_hashed(cat, {"ingest", "generate", "student", "steps", "train", "evaluate"})
 
 
@@ -161,28 +161,28 @@ def test_kpod_end_to_end_and_a_curriculum_change_recomputes_only_curriculum_trai
     cat = ws.catalog()
     stages = cat.execute("select stage, count(*) as n from curriculum group by stage order by stage")
     assert [s["stage"] for s in stages] == [1, 2]                      # T = ceil(4 / 2)
-    ckpt = cat.execute("select metrics_json from checkpoints where train_fp = ? order by epoch", [first["train_fp"]])
+    ckpt = cat.execute("select metrics_json from checkpoints where train_fp = ? order by epoch", [first.train_fp])
     assert [__import__("json").loads(c["metrics_json"])["stage"] for c in ckpt] == [1, 2, 2, 2]
-    report = Path(first["report"]).read_text()
+    report = Path(first.report).read_text()
     assert "## Curriculum" in report and "budget vs achieved" in report
     for line in report.splitlines():                                   # plots resolve relative to the report
         if line.startswith("!["):
-            assert (Path(first["report"]).parent / line.split("(")[1].rstrip(")")).is_file()
+            assert (Path(first.report).parent / line.split("(")[1].rstrip(")")).is_file()
 
     again = distill(config=micro_config(tmp_path / "ws", **{**base, "curriculum.beta": 3.0}))
     counts, seen = stage_runs(seen, extra=extra)
     assert counts["executed"] == ["curriculum", "evaluate", "train-student"]
     assert "token-weights" in counts["cached"] and "teacher-rationales" in counts["cached"]
-    assert again["train_fp"] != first["train_fp"]
+    assert again.train_fp != first.train_fp
     # the UI: the run the user started carries the results and the report; plots embedded; named and tagged
     assert_artifacts_show_no_local_paths(artifacts_of())
-    own = {a.key: a for a in artifacts_of(first["run_id"])}
+    own = {a.key: a for a in artifacts_of(first.run_id)}
     assert {"distill-results", "distill-summary"} <= set(own)
     from prefect.client.orchestration import get_client
     with get_client(sync_client=True) as client:    # published once per run: by distill, not by its evaluate phase too
         publishers = {client.read_flow(client.read_flow_run(a.flow_run_id).flow_id).name
                       for a in artifacts_of() if a.key == "distill-results"}
-        parent = client.read_flow_run(first["run_id"])
+        parent = client.read_flow_run(first.run_id)
         phases = client.read_flow_runs(flow_run_filter=__import__("prefect.client.schemas.filters", fromlist=["x"])
                                        .FlowRunFilter(parent_flow_run_id={"any_": [parent.id]}))
     assert publishers == {"distill"}
@@ -192,14 +192,14 @@ def test_kpod_end_to_end_and_a_curriculum_change_recomputes_only_curriculum_trai
     assert all(p.name.startswith(parent.name) and "loss:kpod" in p.tags for p in phases)
     assert "data:image/png;base64," in str(own["distill-summary"].data) and "%" in str(own["distill-results"].data)
     assert any(a.key == "curriculum" and "data:image/png;base64," in str(a.data) for a in artifacts_of())
-    run = flow_run(first["run_id"])
+    run = flow_run(first.run_id)
     assert run.name.startswith("config-kpod-synthetic-") and {"loss:kpod", "dataset:synthetic"} <= set(run.tags)
     assert_lineage_is_what_was_hashed(cat, {"ingest", "generate", "student", "steps", "student-warmup", "token-weights",
                                             "difficulty", "curriculum", "train", "evaluate"})
     # the same DAG, resolved from the catalog alone, finds exactly what the flow computed
     from flows.distill import from_catalog_run
     read = from_catalog_run(micro_config(tmp_path / "ws", **base))
-    assert read.evaluation.fp == first["eval_fp"] and read.trained.fp == first["train_fp"] and read.curriculum
+    assert read.evaluation.fp == first.eval_fp and read.trained.fp == first.train_fp and read.curriculum
     assert from_catalog_run(micro_config(tmp_path / "ws", **{**base, "curriculum.beta": 5.0})) is None   # not run yet
 
 
@@ -230,7 +230,7 @@ def test_two_training_processes_run_inside_the_train_task(prefect_api, tmp_path)
     seen: set = set()
     _, seen = stage_runs(seen)
     out = distill(config=micro_config(tmp_path / "ws", **{"train.num_processes": 2}))
-    assert out["accuracy"]
+    assert out.accuracy
 
     async def train_logs():
         async with get_client() as client:

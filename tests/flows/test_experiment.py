@@ -40,15 +40,15 @@ gaps: [[std_cot, label_then_cot]]
     assert counts["executed"].count("teacher-rationales") == 1      # shared upstream: generated once
     assert counts["executed"].count("student-init") == 1
     assert counts["executed"].count("train-student") == 4           # 2 variants x 2 seeds
-    assert len(out["runs"]) == 4 and len({r["train_fp"] for r in out["runs"]}) == 4
+    assert len(out.runs) == 4 and len({r["train_fp"] for r in out.runs}) == 4
     text = (tmp_path / "docs" / "results.md").read_text()
     assert "| std_cot | 2 |" in text and "| label_then_cot | 2 |" in text and "±" in text
-    assert "synthetic/test" in out["columns"] and "seed spread" in text and "by number of steps" in text
+    assert "synthetic/test" in out.columns and "seed spread" in text and "by number of steps" in text
     assert (tmp_path / "docs" / "results-exp.png").read_bytes()[:4] == b"\x89PNG"
     # each run's files: its summary and one prediction per test question
     study = tmp_path / "docs" / "studies" / "exp"
     summary = json.loads((study / "std_cot" / "seed-1.json").read_text())
-    assert summary["accuracy"]["student/synthetic/test"] == out["runs"][1]["accuracy"]["student/synthetic/test"]
+    assert summary["accuracy"]["student/synthetic/test"] == out.runs[1]["accuracy"]["student/synthetic/test"]
     assert len(summary["history"]) == 1 and summary["supervised_tokens"] > 0
     assert len((study / "std_cot" / "seed-1.predictions.csv").read_text().splitlines()) == 1 + 16
 
@@ -59,7 +59,7 @@ gaps: [[std_cot, label_then_cot]]
     shutil.rmtree(tmp_path / "ws")
     (tmp_path / "docs" / "results.md").unlink()
     again = study_report(load_experiment(spec))
-    assert again["markdown"] == out["markdown"] and not again["missing"]
+    assert again["markdown"] == out.markdown and not again["missing"]
 
     # a changed arm is refused rather than mixed with the old files
     spec.write_text(spec.read_text().replace("train.epochs: 1", "train.epochs: 2"))
@@ -89,7 +89,7 @@ study_dir: {tmp_path / 'study'}
     counts, _ = stage_runs(seen)
     assert counts["executed"].count("train-student") == 3            # the pretrained student once, then 2 arms
     pre = next((tmp_path / "pre-ws" / "checkpoints").glob("*/epoch-1"))
-    for run in out["runs"]:
+    for run in out.runs:
         saved = json.loads((tmp_path / "ws" / "checkpoints" / run["train_fp"] / "epoch-1" / "keystep_config.json").read_text())
         assert saved["student"]["model"] == str(pre)
     assert arm_config(load_experiment(spec), "std_cot", 0).student.model == "scratch"   # until pretrain has run
@@ -112,5 +112,5 @@ def test_gsm8k_preset_trains_and_evaluates_out_of_distribution_at_micro_scale(pr
         "data.eval": [{"name": "gsm8k", "source": "gsm8k", "path": str(SHARED_DATA / "gsm8k/test.jsonl"), "split": "test", "limit": 16},
                       {"name": "svamp", "source": "svamp", "path": str(SHARED_DATA / "svamp/SVAMP.json"), "split": "test", "limit": 16}]})
     out = distill(config=cfg)
-    assert {"student/gsm8k/test", "student/svamp/test", "untrained/svamp/test"} <= set(out["accuracy"])
-    assert all(0.0 <= v <= 1.0 for v in out["accuracy"].values())
+    assert {"student/gsm8k/test", "student/svamp/test", "untrained/svamp/test"} <= set(out.accuracy)
+    assert all(0.0 <= v <= 1.0 for v in out.accuracy.values())
