@@ -27,7 +27,7 @@ from storage.workspace import Workspace  # noqa: E402
 from tasks import curriculum, difficulty, ingest, steps, student, teacher, token_weights  # noqa: E402
 from tasks.formats import IGNORE, encode_rationale  # noqa: E402
 from tasks.train import KpodData  # noqa: E402
-from tasks.warmup import predictor_warmup_epochs, scorer_warmup_epochs, warm_up_student  # noqa: E402
+from tasks.warmup import warm_up_student  # noqa: E402
 
 ROLES = ["value", "operator", "operand", "equals", "result"]   # the generator's 5 key spans per step, in order
 
@@ -71,8 +71,8 @@ def main() -> None:
         gen = teacher.generate_rationales(ws, cfg, train_ds)
         st = student.init_student(ws, cfg, gen)
         stp = steps.split_rationales(ws, cfg, gen, st)
-        tw = token_weights.learn_token_weights(ws, cfg, gen, stp, warm_up_student(ws, cfg, gen, st, predictor_warmup_epochs(cfg)))
-        dif = difficulty.score_difficulty(ws, cfg, gen, stp, tw, warm_up_student(ws, cfg, gen, st, scorer_warmup_epochs(cfg)))
+        tw = token_weights.learn_token_weights(ws, cfg, gen, stp, warm_up_student(ws, cfg, gen, st, cfg.predictor_warmup_epochs))
+        dif = difficulty.score_difficulty(ws, cfg, gen, stp, tw, warm_up_student(ws, cfg, gen, st, cfg.scorer_warmup_epochs))
         cur = curriculum.build_curriculum(ws, cfg, gen, dif)
         cat = ws.catalog()
         _, tok = student.load_student(st.model_dir)

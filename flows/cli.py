@@ -180,14 +180,11 @@ def cmd_export(args) -> int:
     from tasks.export import check_export
     check_export(config)                                   # a push without a token: one line, before any work
     preflight(config, check_teacher_endpoint=False)
-    from flows.distill import generate_stages
-    from tasks.stage import NotCached, from_catalog
-
-    def lookup(stage, *a, **kw):
-        return from_catalog(config, stage, *a, **kw)
+    from flows.distill import CatalogStages, generate_stages
+    from tasks.stage import NotCached
 
     try:
-        generated = generate_stages(config, lookup)
+        generated = generate_stages(config, CatalogStages(config))
     except NotCached:
         if config.teacher.backend != "reference":   # an export never pays the teacher
             raise ConfigError(f"no teacher rationales for {args.config} in workspace '{config.storage.workspace}' yet; "

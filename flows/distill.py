@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_client, get_run_logger, tags, unmapped
+from prefect import flow, get_client, get_run_logger, tags
 from prefect.context import get_run_context
 from prefect.states import Crashed
 from pydantic import BaseModel
@@ -28,12 +28,10 @@ from tasks.ingest import Dataset, ingest_task
 from tasks.stage import NotCached, cached_output, from_catalog, use_workspace, workspace_of
 from tasks.steps import Steps, split_steps_task
 from tasks.student import Student, init_student_task
-from tasks.teacher import (Generation, batch_task, finish_task, generation_lineage, plan_task, retryable_failures,
-                           shard_task)
-from tasks.teacher_backends import open_endpoint
-from tasks.token_weights import TokenWeights, needs_token_weights, token_weights_task
+from tasks.teacher import Generation, finished_generation, teacher_rationales
+from tasks.token_weights import TokenWeights, token_weights_task
 from tasks.train import Trained, train_task
-from tasks.warmup import predictor_warmup_epochs, scorer_warmup_epochs, warm_up_task
+from tasks.warmup import warm_up_task
 
 
 class Generated(BaseModel):
@@ -72,84 +70,88 @@ class EvaluatedRun(TrainedRun):
     report: str
 
 
-def run_task(stage, *args, **kwargs):
-    """How the flows run a stage: call its Prefect task (cached by the stage's fingerprint)."""
-    return stage(*args, **kwargs)
+class PrefectStages:
+    """How the flows run the DAG: each stage as its Prefect task, cached by the stage's fingerprint."""
+
+    def __call__(self, stage, *args, **kwargs):
+        return stage(*args, **kwargs)
+
+    def teacher(self, config: DistillConfig, dataset: Dataset) -> Generation:
+        return teacher_rationales(config, dataset)       # plan -> shards (or batches) -> finish
+
+    def report(self, config: DistillConfig, evaluation: Evaluation, t: "TrainedRun") -> str:
+        return write_summary(config, evaluation, t.generation, [t.train_dataset, *t.eval_datasets], t.trained,
+                             t.curriculum)
 
 
-def teacher_rationales(config: DistillConfig, dataset: Dataset, run=run_task) -> Generation:
-    """plan (here) -> shards (mapped over the task runner: threads, Dask or Ray) -> finish (here, cached)."""
-    ws = workspace_of(config)
-    done = cached_output(ws.catalog(), generation_lineage(config, dataset), Generation)
-    if done and not retryable_failures(config, done):  # done: only the cached finish runs
-        return run(finish_task, config, dataset)
-    if run is not run_task:
-        raise NotCached("teacher-rationales")
-    t0 = time.perf_counter()
-    plan = plan_task(config, dataset)
-    if plan.shards and config.teacher.api == "batch":
-        batch_task(config, plan.shards)   # here, in the flow process: the batches' ledger is in the catalog
-    elif plan.shards:
-        with open_endpoint(config.teacher, ws.root / "logs" / f"vllm-{plan.teacher_fp}.log") as endpoint:
-            futures = shard_task.map(unmapped(config.teacher), plan.shards, unmapped(endpoint))
-            futures.wait()
-            failed = [f for f in futures if f.state.is_failed()]
-            if failed:
-                failed[0].result()  # re-raise the first shard's error (finished parts stay in the spool)
-    if done:   # a rerun that asked again for failed items: count them anew under the same fingerprint
-        return finish_task.with_options(refresh_cache=True)(config, dataset, time.perf_counter() - t0, refresh=True)
-    return finish_task(config, dataset, time.perf_counter() - t0)
+class CatalogStages:
+    """The same DAG read from the catalog: nothing runs and no Prefect server starts; `NotCached` where a stage has
+    yet to run with these inputs."""
+
+    def __init__(self, config: DistillConfig):
+        self.config = config
+
+    def __call__(self, stage, *args, **kwargs):
+        return from_catalog(self.config, stage, *args, **kwargs)
+
+    def teacher(self, config: DistillConfig, dataset: Dataset) -> Generation:
+        done = finished_generation(config, dataset)
+        if done is None:
+            raise NotCached("teacher-rationales")
+        return done
+
+    def report(self, config: DistillConfig, evaluation: Evaluation, t: "TrainedRun") -> str:
+        report = workspace_of(config).report_path(evaluation.fp)
+        if not report.exists():
+            raise NotCached("report")
+        return str(report)
+
+
+PREFECT = PrefectStages()
 
 
 # ---- the DAG, once: each phase's stages, given how to run a stage ----------------------------------------------
-def generate_stages(config: DistillConfig, run=run_task) -> Generated:
+def generate_stages(config: DistillConfig, run=PREFECT) -> Generated:
     train_ds = run(ingest_task, config, config.data.train)
     eval_ds = [run(ingest_task, config, spec, exclude=train_ds) for spec in config.data.eval]
-    generation = teacher_rationales(config, train_ds, run)
+    generation = run.teacher(config, train_ds)
     return Generated(train_dataset=train_ds, eval_datasets=eval_ds, generation=generation)
 
 
-def prepare_stages(config: DistillConfig, generated: Generated, run=run_task) -> Prepared:
+def prepare_stages(config: DistillConfig, generated: Generated, run=PREFECT) -> Prepared:
     gen = generated.generation
     student = run(init_student_task, config, gen)
     steps = run(split_steps_task, config, gen, student)
     out = Prepared(**dict(generated), student=student, steps=steps)
-    if needs_token_weights(config):
-        epochs = predictor_warmup_epochs(config)
+    if config.needs_token_weights:
+        epochs = config.predictor_warmup_epochs
         predictor = run(warm_up_task, config, gen, student, epochs) if epochs else student
         out.token_weights = run(token_weights_task, config, gen, steps, predictor)
-        epochs = scorer_warmup_epochs(config)
+        epochs = config.scorer_warmup_epochs
         scorer = run(warm_up_task, config, gen, student, epochs) if epochs else student
         out.difficulty = run(difficulty_task, config, gen, steps, out.token_weights, scorer)
-    if config.train.loss == "kpod":
+    if config.needs_curriculum:
         out.curriculum = run(curriculum_task, config, gen, out.difficulty)
     return out
 
 
-def train_stages(config: DistillConfig, p: Prepared, run=run_task) -> TrainedRun:
+def train_stages(config: DistillConfig, p: Prepared, run=PREFECT) -> TrainedRun:
     trained = run(train_task, config, p.generation, p.student, p.steps, p.token_weights, p.curriculum)
     return TrainedRun(**dict(p), trained=trained)
 
 
-def evaluate_stages(config: DistillConfig, t: TrainedRun, run=run_task) -> EvaluatedRun:
+def evaluate_stages(config: DistillConfig, t: TrainedRun, run=PREFECT) -> EvaluatedRun:
     evaluation = run(evaluate_task, config, t.trained, t.student, t.eval_datasets)
-    report = str(workspace_of(config).report_path(evaluation.fp))
-    if run is run_task:
-        write_summary(config, evaluation, t.generation, [t.train_dataset, *t.eval_datasets], t.trained, t.curriculum)
-    elif not Path(report).exists():
-        raise NotCached("report")
-    return EvaluatedRun(**dict(t), evaluation=evaluation, report=report)
+    return EvaluatedRun(**dict(t), evaluation=evaluation, report=run.report(config, evaluation, t))
 
 
 def from_catalog_run(config: DistillConfig) -> EvaluatedRun | None:
     """The whole run read from the catalog when every stage already ran with these inputs (nothing runs, no Prefect
     server starts); None when some stage has yet to run."""
-    def lookup(stage, *args, **kwargs):
-        return from_catalog(config, stage, *args, **kwargs)
-
+    run = CatalogStages(config)
     try:
-        return evaluate_stages(config, train_stages(config, prepare_stages(
-            config, generate_stages(config, lookup), lookup), lookup), lookup)
+        return evaluate_stages(config, train_stages(config, prepare_stages(config, generate_stages(config, run), run),
+                                                    run), run)
     except NotCached:
         return None
 

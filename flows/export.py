@@ -11,19 +11,17 @@ from typing import Any
 
 from prefect import flow
 
-from flows.distill import Generated, distill_config, export_stages, generate, prepare_stages
+from flows.distill import CatalogStages, Generated, distill_config, export_stages, generate, prepare_stages
 from keystep.config import DistillConfig
 from tasks.export import check_export
-from tasks.stage import NotCached, from_catalog, use_workspace
+from tasks.stage import NotCached, use_workspace
 from tasks.steps import split_steps_task
 from tasks.student import init_student_task
 
 
 def prepared_in_catalog(config: DistillConfig, generated: Generated) -> dict[str, Any]:
     """The prepare phase's outputs for this generation as far as they are in the catalog (nothing runs)."""
-    def lookup(stage, *args, **kwargs):
-        return from_catalog(config, stage, *args, **kwargs)
-
+    lookup = CatalogStages(config)
     try:
         p = prepare_stages(config, generated, lookup)
         return {"student": p.student, "steps": p.steps, "token_weights": p.token_weights, "difficulty": p.difficulty}

@@ -214,6 +214,11 @@ class TokenWeightsConfig(Section):
         "the whole rationale asked for the answer plus sampled steps each cut just before the number it ends with and "
         "asked for that number (the step's sub-answer, which its operands and operator produce).")
     attention_heads: int = Field(4, ge=1, description="Heads of the weighting module's self-attention layer.")
+    positions: Literal["none", "sinusoidal"] = Field(
+        "none", description="What the weighting module's attention knows of order: 'none' (eq. 1: Att(Emb(r)), so two "
+        "copies of one token — an operand and its copy in the step's opening words — always get one weight) or "
+        "'sinusoidal' positions within the rationale, added to its queries and keys' input only (scaled to the "
+        "embeddings' norm; the predictor still reads the plain embeddings).")
     mlp_hidden: int = Field(128, ge=1, description="Hidden width of the 2-layer weighting MLP.")
     predictor: str = Field("student", description="Answer predictor: 'student' (the student itself after "
                            "predictor_warmup_epochs of Std-CoT on the rationales, so it already reads them), 'scratch' "
@@ -428,6 +433,29 @@ class DistillConfig(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation.")
     export: ExportConfig = Field(default_factory=ExportConfig, description="The distilled dataset as files (optional last stage).")
     storage: StorageConfig = Field(default_factory=StorageConfig, description="Where results live.")
+
+    # ---- which stages a run has: the DAG's shape, read by flows/distill.py ------------------------------
+    @property
+    def needs_token_weights(self) -> bool:
+        """KPOD training and the key-token target format read token weights; `token_weights.compute` asks for them."""
+        return (self.token_weights.compute or self.train.loss == "kpod"
+                or self.train.target_format == "label_then_keytokens")
+
+    @property
+    def needs_curriculum(self) -> bool:
+        """KPOD training reads its stage's curriculum shard every epoch."""
+        return self.train.loss == "kpod"
+
+    @property
+    def predictor_warmup_epochs(self) -> int:
+        """Epochs of Std-CoT for the student the token weights read: warmed up only when it is the answer predictor."""
+        tw = self.token_weights
+        return tw.predictor_warmup_epochs if tw.predictor == "student" and not tw.uniform else 0
+
+    @property
+    def scorer_warmup_epochs(self) -> int:
+        """Epochs of Std-CoT for the student that scores difficulty: a pretrained student scores as it is (§4.2)."""
+        return self.difficulty.warmup_epochs if self.student.model == "scratch" else 0
 
     @model_validator(mode="after")
     def _check_sections(self) -> "DistillConfig":

@@ -34,7 +34,7 @@ from tasks.formats import format_prompt
 from tasks.ingest import Dataset
 from tasks.stage import StageOutput, cached_output
 from tasks.teacher_backends import (PROTOCOL_FAULTS, GenerationRequest, GenerationResult, TeacherUnavailable,
-                                    make_backend, resolve_api_key)
+                                    make_backend, open_endpoint, resolve_api_key)
 
 CODE_VERSION = "2"
 
@@ -314,7 +314,7 @@ def usage_description(cfg: TeacherConfig, out: Generation) -> str:
 
 
 # ---- Prefect wrappers -----------------------------------------------------------------------------
-from prefect import get_run_logger, task  # noqa: E402
+from prefect import get_run_logger, task, unmapped  # noqa: E402
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact  # noqa: E402
 
 from tasks.stage import stage_task, workspace_of  # noqa: E402
@@ -365,3 +365,32 @@ def finish_task(config: DistillConfig, dataset: Dataset, wall_s: float | None = 
     create_table_artifact(key="teacher-usage", description=usage_description(config.teacher, out),
                           table=usage_table(config.teacher, out))
     return out
+
+
+def finished_generation(config: DistillConfig, dataset: Dataset) -> Generation | None:
+    """The generation as the catalog has it, when it needs no more teacher calls (no item left to ask again)."""
+    done = cached_output(workspace_of(config).catalog(), generation_lineage(config, dataset), Generation)
+    return done if done and not retryable_failures(config, done) else None
+
+
+def teacher_rationales(config: DistillConfig, dataset: Dataset) -> Generation:
+    """The teacher stage in a flow: plan (here) -> shards (mapped over the flow's task runner: threads, Dask or Ray)
+    or batches (here: their ledger is in the catalog) -> finish (here, cached by the generation's fingerprint)."""
+    ws = workspace_of(config)
+    done = cached_output(ws.catalog(), generation_lineage(config, dataset), Generation)
+    if done and not retryable_failures(config, done):   # done: only the cached finish runs
+        return finish_task(config, dataset)
+    t0 = time.perf_counter()
+    plan = plan_task(config, dataset)
+    if plan.shards and config.teacher.api == "batch":
+        batch_task(config, plan.shards)
+    elif plan.shards:
+        with open_endpoint(config.teacher, ws.root / "logs" / f"vllm-{plan.teacher_fp}.log") as endpoint:
+            futures = shard_task.map(unmapped(config.teacher), plan.shards, unmapped(endpoint))
+            futures.wait()
+            failed = [f for f in futures if f.state.is_failed()]
+            if failed:
+                failed[0].result()  # re-raise the first shard's error (finished parts stay in the spool)
+    if done:   # a rerun that asked again for failed items: count them anew under the same fingerprint
+        return finish_task.with_options(refresh_cache=True)(config, dataset, time.perf_counter() - t0, refresh=True)
+    return finish_task(config, dataset, time.perf_counter() - t0)

@@ -61,12 +61,6 @@ class TokenWeights(StageOutput):
     html: str | None = None
 
 
-def needs_token_weights(config: DistillConfig) -> bool:
-    """KPOD training and the key-token target format read token weights; `token_weights.compute` asks for them."""
-    return (config.token_weights.compute or config.train.loss == "kpod"
-            or config.train.target_format == "label_then_keytokens")
-
-
 def load_encoded(ws: Workspace, config: DistillConfig, tokenizer, generation: Generation,
                  steps: Steps) -> tuple[list[dict], list[EncodedRationale]]:
     """(kept rationale rows, the rationale and step positions of those that fit `student.max_length`)."""
@@ -112,13 +106,23 @@ def build_modules(cfg: TokenWeightsConfig, embedding, tokenizer, predictor_dir: 
             self.mlp = nn.Sequential(nn.Linear(dim, cfg.mlp_hidden), nn.GELU(), nn.Linear(cfg.mlp_hidden, 1))
             nn.init.constant_(self.mlp[2].bias, math.log(cfg.init_keep / (1 - cfg.init_keep)))  # masks start open
             self.e_mask = nn.Parameter(torch.zeros(dim))
+            self.register_buffer("scale", embedding.weight.detach().norm(dim=-1).mean(), persistent=False)
+
+        def _positions(self, rationale):
+            """Sinusoidal positions counted from each rationale's first token, at the embeddings' mean norm."""
+            pos = (rationale.cumsum(-1) - 1).clamp(min=0).float().unsqueeze(-1)
+            freq = torch.exp(torch.arange(0, dim, 2, device=pos.device).float() * (-math.log(10000.0) / dim))
+            out = torch.zeros((*rationale.shape, dim), device=pos.device)
+            out[..., 0::2], out[..., 1::2] = torch.sin(pos * freq), torch.cos(pos * freq)[..., : dim // 2]
+            return out * self.scale / math.sqrt(dim / 2)
 
         def forward(self, ids, pad, rationale):
             """`pad`: real tokens; `rationale`: the rationale's tokens. With weighter_input 'rationale' the attention
             reads only those (eq. 1: e = Att(Emb(r))); every other position's logit goes unused."""
             x = self.emb(ids)
             keys = rationale if cfg.weighter_input == "rationale" else pad
-            a, _ = self.att(x, x, x, key_padding_mask=~keys, need_weights=False)
+            q = x + self._positions(rationale) if cfg.positions == "sinusoidal" else x
+            a, _ = self.att(q, q, x, key_padding_mask=~keys, need_weights=False)
             e = self.norm(x + a)                  # e = Att(Emb(r)), with the layer's residual
             return x, self.mlp(e).squeeze(-1)     # token embeddings, logits of w
 

@@ -3,7 +3,8 @@
 KPOD reads "the student before distillation" twice: the token weights' answer predictor (§4.1) and the
 difficulty scorer (§4.2). A scratch student's random initial weights would say nothing to either, so each reads
 the student after `epochs` of Std-CoT instead (`token_weights.predictor_warmup_epochs`,
-`difficulty.warmup_epochs`; one shared model when the two are equal). Distillation itself still starts from the
+`difficulty.warmup_epochs`; one shared model when the two are equal; which of them a run has:
+`DistillConfig.predictor_warmup_epochs` / `scorer_warmup_epochs`). Distillation itself still starts from the
 untrained student.
 
 Input: the untrained `Student`, the teacher's `Generation`. Output: a `Student` (its folder is the last epoch's
@@ -23,17 +24,6 @@ CODE_VERSION = "2"
 # How the warm-up runs (not what it learns) comes from the user's train section: a 7B LoRA student warms up
 # with the same precision, checkpointing and packing it trains with.
 INHERITED = ("device", "precision", "compile", "gradient_checkpointing", "packing", "pack_length", "allow_truncation")
-
-
-def predictor_warmup_epochs(config: DistillConfig) -> int:
-    """Epochs of the student the token weights read: warmed up only when it is the answer predictor."""
-    tw = config.token_weights
-    return tw.predictor_warmup_epochs if tw.predictor == "student" and not tw.uniform else 0
-
-
-def scorer_warmup_epochs(config: DistillConfig) -> int:
-    """Epochs of the student that scores difficulty: a pretrained student scores as it is."""
-    return config.difficulty.warmup_epochs if config.student.model == "scratch" else 0
 
 
 def warmup_lineage(config: DistillConfig, generation: Generation, student: Student, epochs: int) -> Lineage:

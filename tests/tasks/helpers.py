@@ -19,8 +19,8 @@ def prepared(ws, n=48, **overrides):
 
 def predictor_of(ws, cfg, gen, st):
     """The student the token weights read for `predictor: student`: warmed up as the prepare flow does."""
-    from tasks.warmup import predictor_warmup_epochs, warm_up_student
-    return warm_up_student(ws, cfg, gen, st, predictor_warmup_epochs(cfg))
+    from tasks.warmup import warm_up_student
+    return warm_up_student(ws, cfg, gen, st, cfg.predictor_warmup_epochs)
 
 
 def kpod_prepared(ws, n=32, epochs=4, **overrides):
