@@ -83,7 +83,7 @@ def test_rerun_is_cached_and_a_train_change_recomputes_only_train_and_eval(prefe
     from flows.distill import distill
     from storage.workspace import Workspace
 
-    seen: set = set()
+    _, seen = stage_runs(set())      # task runs of earlier tests on this server
     cfg = micro_config(tmp_path / "ws")
     first = distill(config=cfg)
     counts, seen = stage_runs(seen)
@@ -112,7 +112,7 @@ def test_rerun_is_cached_and_a_train_change_recomputes_only_train_and_eval(prefe
 def test_phase_flow_alone_reuses_upstream(prefect_api, tmp_path):
     from flows.distill import generate, prepare
 
-    seen: set = set()
+    _, seen = stage_runs(set())      # task runs of earlier tests on this server
     cfg = micro_config(tmp_path / "ws")
     generate(config=cfg)
     _, seen = stage_runs(seen)
@@ -127,7 +127,7 @@ def test_a_token_weights_change_recomputes_token_weights_and_difficulty_never_th
     from flows.distill import prepare
     from storage.workspace import Workspace
 
-    seen: set = set()
+    _, seen = stage_runs(set())      # task runs of earlier tests on this server
     base = {"token_weights.compute": True, "token_weights.epochs": 1, "token_weights.predictor_warmup_epochs": 1, "student.max_length": 256}
     first = prepare(config=micro_config(tmp_path / "ws", **base))
     counts, seen = stage_runs(seen, extra={"token-weights", "step-difficulty"})
@@ -151,7 +151,7 @@ def test_kpod_end_to_end_and_a_curriculum_change_recomputes_only_curriculum_trai
     from storage.workspace import Workspace
 
     extra = {"token-weights", "step-difficulty", "curriculum"}
-    seen: set = set()
+    _, seen = stage_runs(set())      # task runs of earlier tests on this server
     base = {"train.loss": "kpod", "train.epochs": 4, "token_weights.epochs": 1, "token_weights.predictor_warmup_epochs": 1,
             "student.max_length": 256}
     first = distill(config=micro_config(tmp_path / "ws", **base))
@@ -227,7 +227,7 @@ def test_two_training_processes_run_inside_the_train_task(prefect_api, tmp_path)
 
     from flows.distill import distill
 
-    seen: set = set()
+    _, seen = stage_runs(set())      # task runs of earlier tests on this server
     _, seen = stage_runs(seen)
     out = distill(config=micro_config(tmp_path / "ws", **{"train.num_processes": 2}))
     assert out.accuracy
