@@ -26,7 +26,7 @@ from keystep.config import load_config, parse_value  # noqa: E402
 from storage.workspace import Workspace  # noqa: E402
 from tasks import curriculum, difficulty, ingest, steps, student, teacher, token_weights  # noqa: E402
 from tasks.formats import IGNORE, encode_rationale  # noqa: E402
-from tasks.train import KpodData  # noqa: E402
+from tasks.training import CurriculumSequences  # noqa: E402
 from tasks.warmup import warm_up_student  # noqa: E402
 
 ROLES = ["value", "operator", "operand", "equals", "result"]   # the generator's 5 key spans per step, in order
@@ -89,19 +89,19 @@ def main() -> None:
         # supervised tokens per epoch: Std-CoT vs KPOD's curriculum stage of that epoch
         std_tokens = sum(sum(lab != IGNORE for lab in encode_rationale(tok, cfg.teacher, r, cfg.student.max_length).labels)
                          for r in rows)
-        data = KpodData(cat, tok, cfg, rows, stp, tw, cur)
+        data = CurriculumSequences(cat, tok, cfg, rows, stp, tw, cur)
         per_epoch, scale = [], []
         for epoch in range(1, cfg.train.epochs + 1):
             seqs = data.sequences(epoch)
-            supervised = sum(sum(lab != IGNORE for lab in labels) for _, labels, _ in seqs)
-            weighted = sum(sum(w for lab, w in zip(labels[1:], ws_[1:]) if lab != IGNORE) for _, labels, ws_ in seqs)
-            prefix = curriculum.stage_shard(cur.shards_dir, data.stage_of(epoch))
-            per_epoch.append({"epoch": epoch, "stage": data.stage_of(epoch), "std_cot_tokens": std_tokens,
+            supervised = sum(s.supervised for s in seqs)
+            weighted = sum(sum(w for lab, w in zip(s.labels[1:], s.weights[1:]) if lab != IGNORE) for s in seqs)
+            prefix = curriculum.curriculum_shard(cur.shards_dir, data.curriculum_stage(epoch))
+            per_epoch.append({"epoch": epoch, "stage": data.curriculum_stage(epoch), "std_cot_tokens": std_tokens,
                               "kpod_tokens": supervised, "kpod_weighted_tokens": round(weighted, 1),
                               "share_with_prefix": round(sum(v > 0 for v in prefix.values()) / len(prefix), 3),
                               "mean_prefix_steps": round(statistics.fmean(prefix.values()), 3)})
             if epoch == cfg.train.epochs:
-                scale = [statistics.fmean(w for lab, w in zip(labels[1:], ws_[1:]) if lab != IGNORE) for _, labels, ws_ in seqs]
+                scale = [statistics.fmean(w for lab, w in zip(s.labels[1:], s.weights[1:]) if lab != IGNORE) for s in seqs]
     total_std = sum(e["std_cot_tokens"] for e in per_epoch)
     total_kpod = sum(e["kpod_weighted_tokens"] for e in per_epoch)
     print(json.dumps({"bench": "kpod_diagnosis", "metric": "weighted supervised tokens over all epochs, KPOD",

@@ -22,14 +22,15 @@ from storage.fingerprint import Lineage  # noqa: E402
 from storage.workspace import Workspace  # noqa: E402
 from tasks import ingest, teacher  # noqa: E402
 from tasks.student import init_student, load_student, pick_device  # noqa: E402
-from tasks.train import run_epoch, setup  # noqa: E402
+from tasks.training import TrainInputs, run_epoch, setup  # noqa: E402
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}   # dense, per GPU
 
 
 def keystep_epoch(ws, cfg, gen, st, **train) -> tuple[float, int]:
     tcfg = cfg.train.model_copy(update={"epochs": 1, **train})
-    run = setup(ws, Lineage("bench-train", tcfg, (st.fp, str(time.time())), "0"), tcfg, cfg, gen, st)
+    run = setup(ws, Lineage("bench-train", tcfg, (st.fp, str(time.time())), "0"), cfg.model_copy(update={"train": tcfg}),
+                TrainInputs(generation=gen, student=st))
     run_epoch(run, 1)   # warm-up epoch (compile, allocator); the timed one follows with the same order
     t0 = time.perf_counter()
     metrics = run_epoch(run, 1)
@@ -45,7 +46,7 @@ def trainer_epoch(cfg, st, data, device) -> float:
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
     model, tok = load_student(st.model_dir, device=device)
-    ds = Dataset.from_list([{"input_ids": ids, "labels": labels, "attention_mask": [1] * len(ids)} for ids, labels in data])
+    ds = Dataset.from_list([{"input_ids": s.ids, "labels": s.labels, "attention_mask": [1] * len(s.ids)} for s in data])
     tc = cfg.train
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(output_dir=out, per_device_train_batch_size=tc.batch_size, num_train_epochs=2,
@@ -84,7 +85,7 @@ def main() -> None:
         device = pick_device(cfg.train.device)
         packed, tokens = keystep_epoch(ws, cfg, gen, st)
         padded, _ = keystep_epoch(ws, cfg, gen, st, packing=False)
-        run = setup(ws, Lineage("bench-data", cfg.train, (st.fp,), "0"), cfg.train, cfg, gen, st)
+        run = setup(ws, Lineage("bench-data", cfg.train, (st.fp,), "0"), cfg, TrainInputs(generation=gen, student=st))
         hf = trainer_epoch(cfg, st, run.data, device)
         n_params = st.n_params
     details = {"config": config, "overrides": overrides, "device": device, "tokens_per_epoch": tokens,

@@ -34,13 +34,15 @@ from tasks.train import Trained, train_task
 from tasks.warmup import warm_up_task
 
 
-class Generated(BaseModel):
+class GeneratePhase(BaseModel):
+    """The generate phase's outputs: the ingested datasets and the teacher's rationales."""
     train_dataset: Dataset
     eval_datasets: list[Dataset]
     generation: Generation
 
 
-class Prepared(Generated):
+class PreparePhase(GeneratePhase):
+    """... and the prepare phase's: the student before distillation, steps, and for KPOD its inputs."""
     student: Student
     steps: Steps
     token_weights: TokenWeights | None = None
@@ -48,7 +50,8 @@ class Prepared(Generated):
     curriculum: Curriculum | None = None
 
 
-class TrainedRun(Prepared):
+class TrainPhase(PreparePhase):
+    """... and the train stage's output (`Trained`; the loop's own state is tasks/training.py's `LoopState`)."""
     trained: Trained
 
 
@@ -65,7 +68,8 @@ class RunSummary(BaseModel):
     export: str | None = None     # the dataset folder, when export.enabled
 
 
-class EvaluatedRun(TrainedRun):
+class EvaluatePhase(TrainPhase):
+    """... and the evaluation, with the run's report."""
     evaluation: Evaluation
     report: str
 
@@ -79,7 +83,7 @@ class PrefectStages:
     def teacher(self, config: DistillConfig, dataset: Dataset) -> Generation:
         return teacher_rationales(config, dataset)       # plan -> shards (or batches) -> finish
 
-    def report(self, config: DistillConfig, evaluation: Evaluation, t: "TrainedRun") -> str:
+    def report(self, config: DistillConfig, evaluation: Evaluation, t: "TrainPhase") -> str:
         return write_summary(config, evaluation, t.generation, [t.train_dataset, *t.eval_datasets], t.trained,
                              t.curriculum)
 
@@ -97,10 +101,10 @@ class CatalogStages:
     def teacher(self, config: DistillConfig, dataset: Dataset) -> Generation:
         done = finished_generation(config, dataset)
         if done is None:
-            raise NotCached("teacher-rationales")
+            raise NotCached("generate")
         return done
 
-    def report(self, config: DistillConfig, evaluation: Evaluation, t: "TrainedRun") -> str:
+    def report(self, config: DistillConfig, evaluation: Evaluation, t: "TrainPhase") -> str:
         report = workspace_of(config).report_path(evaluation.fp)
         if not report.exists():
             raise NotCached("report")
@@ -111,18 +115,18 @@ PREFECT = PrefectStages()
 
 
 # ---- the DAG, once: each phase's stages, given how to run a stage ----------------------------------------------
-def generate_stages(config: DistillConfig, run=PREFECT) -> Generated:
+def generate_stages(config: DistillConfig, run=PREFECT) -> GeneratePhase:
     train_ds = run(ingest_task, config, config.data.train)
     eval_ds = [run(ingest_task, config, spec, exclude=train_ds) for spec in config.data.eval]
     generation = run.teacher(config, train_ds)
-    return Generated(train_dataset=train_ds, eval_datasets=eval_ds, generation=generation)
+    return GeneratePhase(train_dataset=train_ds, eval_datasets=eval_ds, generation=generation)
 
 
-def prepare_stages(config: DistillConfig, generated: Generated, run=PREFECT) -> Prepared:
+def prepare_stages(config: DistillConfig, generated: GeneratePhase, run=PREFECT) -> PreparePhase:
     gen = generated.generation
     student = run(init_student_task, config, gen)
     steps = run(split_steps_task, config, gen, student)
-    out = Prepared(**dict(generated), student=student, steps=steps)
+    out = PreparePhase(**dict(generated), student=student, steps=steps)
     if config.needs_token_weights:
         epochs = config.predictor_warmup_epochs
         predictor = run(warm_up_task, config, gen, student, epochs) if epochs else student
@@ -135,17 +139,17 @@ def prepare_stages(config: DistillConfig, generated: Generated, run=PREFECT) -> 
     return out
 
 
-def train_stages(config: DistillConfig, p: Prepared, run=PREFECT) -> TrainedRun:
+def train_stages(config: DistillConfig, p: PreparePhase, run=PREFECT) -> TrainPhase:
     trained = run(train_task, config, p.generation, p.student, p.steps, p.token_weights, p.curriculum)
-    return TrainedRun(**dict(p), trained=trained)
+    return TrainPhase(**dict(p), trained=trained)
 
 
-def evaluate_stages(config: DistillConfig, t: TrainedRun, run=PREFECT) -> EvaluatedRun:
+def evaluate_stages(config: DistillConfig, t: TrainPhase, run=PREFECT) -> EvaluatePhase:
     evaluation = run(evaluate_task, config, t.trained, t.student, t.eval_datasets)
-    return EvaluatedRun(**dict(t), evaluation=evaluation, report=run.report(config, evaluation, t))
+    return EvaluatePhase(**dict(t), evaluation=evaluation, report=run.report(config, evaluation, t))
 
 
-def from_catalog_run(config: DistillConfig) -> EvaluatedRun | None:
+def from_catalog_run(config: DistillConfig) -> EvaluatePhase | None:
     """The whole run read from the catalog when every stage already ran with these inputs (nothing runs, no Prefect
     server starts); None when some stage has yet to run."""
     run = CatalogStages(config)
@@ -158,14 +162,14 @@ def from_catalog_run(config: DistillConfig) -> EvaluatedRun | None:
 
 # ---- the flows ----------------------------------------------------------------------------------------
 @flow(name="generate", log_prints=True)
-def generate(config: DistillConfig = DistillConfig()) -> Generated:
+def generate(config: DistillConfig = DistillConfig()) -> GeneratePhase:
     """Ingest the training and evaluation sets and generate teacher rationales for the training set."""
     use_workspace(config)
     return generate_stages(config)
 
 
 @flow(name="prepare", log_prints=True)
-def prepare(config: DistillConfig = DistillConfig(), generated: Generated | None = None) -> Prepared:
+def prepare(config: DistillConfig = DistillConfig(), generated: GeneratePhase | None = None) -> PreparePhase:
     """Build the student before distillation (tokenizer + model) and split the rationales into steps; for KPOD
     also the warm-ups, token weights (§4.1), step difficulty (§4.2) and the curriculum (§4.3)."""
     generated = generated or generate(config)
@@ -174,7 +178,7 @@ def prepare(config: DistillConfig = DistillConfig(), generated: Generated | None
 
 
 @flow(name="train", log_prints=True)
-def train(config: DistillConfig = DistillConfig(), prepared: Prepared | None = None) -> TrainedRun:
+def train(config: DistillConfig = DistillConfig(), prepared: PreparePhase | None = None) -> TrainPhase:
     """Train the student on the prepared rationales; resumes from the last whole epoch."""
     prepared = prepared or prepare(config)
     use_workspace(config)
@@ -182,7 +186,7 @@ def train(config: DistillConfig = DistillConfig(), prepared: Prepared | None = N
 
 
 @flow(name="evaluate", log_prints=True)
-def evaluate(config: DistillConfig = DistillConfig(), trained: TrainedRun | None = None) -> EvaluatedRun:
+def evaluate(config: DistillConfig = DistillConfig(), trained: TrainPhase | None = None) -> EvaluatePhase:
     """Evaluate the trained (and untrained) student; publish the results table and the summary report."""
     trained = trained or train(config)
     use_workspace(config)
@@ -212,7 +216,7 @@ def reconcile_dead_runs(config: DistillConfig, logger) -> None:
                 pass
 
 
-def write_run_header(config: DistillConfig, out: EvaluatedRun, label: str, run_id: str, wall_s: float) -> None:
+def write_run_header(config: DistillConfig, out: EvaluatePhase, label: str, run_id: str, wall_s: float) -> None:
     """The report opens with what ran and the headline (against the untrained student and the previous run)."""
     catalog = workspace_of(config).catalog()
     previous = catalog.query("previous_run", run_id=run_id, label=label)
@@ -223,7 +227,7 @@ def write_run_header(config: DistillConfig, out: EvaluatedRun, label: str, run_i
     report.write_text(header + report.read_text())
 
 
-def record_run_end(config: DistillConfig, run_id: str, out: EvaluatedRun | None, label: str | None = None,
+def record_run_end(config: DistillConfig, run_id: str, out: EvaluatePhase | None, label: str | None = None,
                    export: str | None = None) -> RunSummary | None:
     """The run's row in table `runs`: completed with its summary, or failed (`out` None)."""
     summary = None if out is None else RunSummary(

@@ -11,7 +11,7 @@ from typing import Any
 
 from prefect import flow
 
-from flows.distill import CatalogStages, Generated, distill_config, export_stages, generate, prepare_stages
+from flows.distill import CatalogStages, GeneratePhase, distill_config, export_stages, generate, prepare_stages
 from keystep.config import DistillConfig
 from tasks.export import check_export
 from tasks.stage import NotCached, use_workspace
@@ -19,7 +19,7 @@ from tasks.steps import split_steps_task
 from tasks.student import init_student_task
 
 
-def prepared_in_catalog(config: DistillConfig, generated: Generated) -> dict[str, Any]:
+def prepared_in_catalog(config: DistillConfig, generated: GeneratePhase) -> dict[str, Any]:
     """The prepare phase's outputs for this generation as far as they are in the catalog (nothing runs)."""
     lookup = CatalogStages(config)
     try:

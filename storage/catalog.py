@@ -135,6 +135,17 @@ class Catalog:
         """Run a `copy (...) to '{target}'` query file: DuckDB writes the Parquet files itself."""
         con.execute(sql(name).replace("{target}", str(target).replace("'", "''")), params)
 
+    # the column that names the stage output a row belongs to, per table a stage writes
+    FP_COLUMNS = {"datasets": "dataset_fp", "examples": "dataset_fp", "bad_rows": "dataset_fp", "steps": "steps_fp",
+                  "token_weights": "token_weights_fp", "step_difficulty": "difficulty_fp", "curriculum": "fp",
+                  "eval_results": "eval_fp", "predictions": "eval_fp"}
+
+    def replace_rows(self, con, table: str, fp: str, rows: list[dict[str, Any]] | dict[str, list]) -> int:
+        """Inside a transaction: the rows of stage output `fp` in `table` become `rows` (a rerun after a kill that
+        left none, or a recount, never doubles them)."""
+        con.execute(f"delete from {table} where {self.FP_COLUMNS[table]} = ?", [fp])
+        return self.insert(con, table, rows)
+
     def query(self, name: str, **params: Any) -> list[dict[str, Any]]:
         with self.connect() as con:
             return self._fetch(con, sql(name), params)

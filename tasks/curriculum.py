@@ -37,7 +37,7 @@ from keystep.config import CurriculumConfig, DistillConfig
 from storage.fingerprint import Lineage
 from storage.workspace import Workspace, publish_dir, temp_dir_for
 from tasks.difficulty import Difficulty
-from tasks.stage import StageOutput, cached_output, pyplot, save_figure
+from tasks.stage import StageOutput, cached_output, kept_rationales, publish_stage, pyplot, save_figure
 from tasks.teacher import Generation
 
 CODE_VERSION = "2"   # 2: curriculum.start
@@ -335,8 +335,7 @@ def build_curriculum(ws: Workspace, config: DistillConfig, generation: Generatio
     if done and Path(done.shards_dir).exists():
         return done
     fp, shards_dir, report_dir = lineage.fp, ws.curriculum_dir(lineage.fp), ws.root / "reports"
-    rows = catalog.query("kept_rationales", dataset_fp=generation.dataset_fp, teacher_fp=generation.teacher_fp,
-                         only_correct=config.teacher.keep_only_correct)
+    rows = kept_rationales(catalog, config, generation)
     by_rationale: dict[str, list[float]] = {}
     for r in catalog.query("difficulty_of", difficulty_fp=difficulty.fp):
         by_rationale.setdefault(r["rationale_id"], []).append(r["difficulty"])
@@ -363,18 +362,18 @@ def build_curriculum(ws: Workspace, config: DistillConfig, generation: Generatio
                      cluster_sizes=np.bincount(clusters).tolist(), mean_prefix=sched.prefix.mean(axis=1).tolist(),
                      plots=plots, markdown=schedule_markdown(sched, plots, report_dir))
     tmp = temp_dir_for(shards_dir)
-    with catalog.transaction() as con:
-        con.execute("delete from curriculum where fp = ?", [fp])
-        catalog.insert(con, "curriculum", table)
-        catalog.copy_to(con, "curriculum_shards", tmp / "shards", fp=fp)   # stage=N/ folders, by DuckDB
+
+    def shards(con) -> None:   # stage=N/ folders, by DuckDB, published by rename inside the transaction
+        catalog.copy_to(con, "curriculum_shards", tmp / "shards", fp=fp)
         publish_dir(tmp / "shards", shards_dir)
-        catalog.record_stage(con, lineage, out.model_dump())
+
+    publish_stage(catalog, lineage, out, {"curriculum": table}, within=shards)
     tmp.rmdir()
     return out
 
 
-def stage_shard(shards_dir: str | Path, stage: int) -> dict[str, int]:
-    """rationale_id -> prefix_steps for one stage, read from its Parquet shard."""
+def curriculum_shard(shards_dir: str | Path, stage: int) -> dict[str, int]:
+    """rationale_id -> prefix_steps for one curriculum stage, read from its Parquet shard."""
     import pyarrow.parquet as pq
 
     tbl = pq.read_table(Path(shards_dir) / f"stage={stage}", columns=["rationale_id", "prefix_steps"])

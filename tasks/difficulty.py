@@ -23,7 +23,8 @@ from keystep.config import DistillConfig
 from storage.fingerprint import Lineage
 from storage.workspace import Workspace
 from tasks.formats import EncodedRationale
-from tasks.stage import StageOutput, cached_output
+from tasks.packing import pad_stack
+from tasks.stage import StageOutput, cached_output, publish_stage
 from tasks.steps import Steps
 from tasks.student import Student, load_student, pick_device
 from tasks.teacher import Generation
@@ -82,13 +83,9 @@ def token_nll(model, items: list[EncodedRationale], batch_tokens: int, device: s
     pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     with torch.no_grad():
         for batch in buckets(items, batch_tokens, bucketed, fixed_width):
-            width = fixed_width if not bucketed else max(len(items[i].ids) for i in batch)
-            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for r, i in enumerate(batch):
-                ids[r, : len(items[i].ids)] = torch.tensor(items[i].ids)
-                mask[r, : len(items[i].ids)] = 1
-            ids, mask = ids.to(device), mask.to(device)
+            ids, mask = pad_stack([items[i].ids for i in batch], pad_id, width=None if bucketed else fixed_width,
+                                  dtype=torch.long)
+            ids, mask = ids.to(device), mask.long().to(device)
             logits = model(input_ids=ids, attention_mask=mask).logits.float()
             nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
             for r, i in enumerate(batch):
@@ -140,18 +137,14 @@ def score_difficulty(ws: Workspace, config: DistillConfig, generation: Generatio
     values = [r["difficulty"] for r in table]
     out = Difficulty(fp=lineage.fp, n_rationales=len(items), n_steps=len(table), scoring_model=scorer.model_dir,
                      device=device, mean=sum(values) / max(len(values), 1), max=max(values, default=0.0))
-    with catalog.transaction() as con:
-        con.execute("delete from step_difficulty where difficulty_fp = ?", [lineage.fp])
-        catalog.insert(con, "step_difficulty", table)
-        catalog.record_stage(con, lineage, out.model_dump())
-    return out
+    return publish_stage(catalog, lineage, out, {"step_difficulty": table})
 
 
 # ---- Prefect wrapper ------------------------------------------------------------------------------
 from tasks.stage import stage_task, workspace_of  # noqa: E402
 
 
-@stage_task("step-difficulty", difficulty_lineage, tags=["gpu"])
+@stage_task("difficulty", difficulty_lineage, tags=["gpu"])
 def difficulty_task(config: DistillConfig, generation: Generation, steps: Steps, token_weights: TokenWeights,
                     scorer: Student) -> Difficulty:
     return score_difficulty(workspace_of(config), config, generation, steps, token_weights, scorer)

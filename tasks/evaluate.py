@@ -21,10 +21,10 @@ from tasks.curriculum import Curriculum
 from tasks.eval_vllm import engine, vllm_generate
 from tasks.formats import format_prompt, generation_prompt
 from tasks.ingest import Dataset
-from tasks.stage import StageOutput, cached_output, pyplot, save_figure, workspace_of
+from tasks.stage import StageOutput, cached_output, publish_stage, pyplot, save_figure, workspace_of
 from tasks.student import Student, load_student, pick_device
 from tasks.teacher import Generation
-from tasks.train import TRUNCATION_WARN, Trained
+from tasks.training import TRUNCATION_WARN, Trained
 
 CODE_VERSION = "1"
 
@@ -119,14 +119,9 @@ def evaluate_student(ws: Workspace, config: DistillConfig, trained: Trained, stu
     out = Evaluation(fp=fp, n_predictions=len(preds), device=device, engine=decoder,
                      accuracy={f"{r['model_label']}/{r['dataset']}/{r['split']}": r["accuracy"]
                                for r in results if r["group_key"] == "all"})
-    with catalog.transaction() as con:
-        con.execute("delete from eval_results where eval_fp = ?", [fp])
-        con.execute("delete from predictions where eval_fp = ?", [fp])
-        catalog.insert(con, "eval_results", [{"eval_fp": fp, **r} for r in results])
-        catalog.insert(con, "predictions", [{"eval_fp": fp, **{k: v for k, v in p.items() if k not in ("meta", "split")}}
-                                            for p in preds])
-        catalog.record_stage(con, lineage, out.model_dump())
-    return out
+    return publish_stage(catalog, lineage, out, {
+        "eval_results": [{"eval_fp": fp, **r} for r in results],
+        "predictions": [{"eval_fp": fp, **{k: v for k, v in p.items() if k not in ("meta", "split")}} for p in preds]})
 
 
 def results_table(rows: list[dict]) -> str:

@@ -28,8 +28,8 @@ from keystep.config import ConfigError, DistillConfig
 from storage.fingerprint import Lineage
 from storage.workspace import Workspace, publish_dir, temp_dir_for
 from tasks.difficulty import Difficulty
-from tasks.formats import encode_rationale, format_prompt, format_target, keytoken_text
-from tasks.stage import StageOutput, cached_output
+from tasks.formats import NO_CUT, encode_rationale, format_prompt, format_target, keytoken_text
+from tasks.stage import StageOutput, cached_output, publish_stage
 from tasks.steps import Steps
 from tasks.student import Student
 from tasks.teacher import Generation
@@ -132,7 +132,7 @@ def sft_rows(config: DistillConfig, rows: list[dict], fmt: str) -> list[dict]:
 def training_text(tokenizer, config: DistillConfig, row: dict, fmt: str, key_text: str = "") -> str:
     """What keystep trains on for `row` in format `fmt`, decoded (for checking an export against training)."""
     target = format_target(fmt, row["text"], row["answer"], config.teacher, key_text, shuffle_seed=row["rationale_id"])
-    seq = encode_rationale(tokenizer, config.teacher, row, 1 << 30, target)
+    seq = encode_rationale(tokenizer, config.teacher, row, NO_CUT, target)
     return tokenizer.decode(seq.ids, skip_special_tokens=True)
 
 
@@ -217,9 +217,7 @@ def export_dataset(ws: Workspace, config: DistillConfig, generation: Generation,
                    with_difficulty=difficulty is not None)
     (tmp / "export.json").write_text(out.model_dump_json(indent=2))
     publish_dir(tmp, out_dir)
-    with ws.catalog().transaction() as con:
-        ws.catalog().record_stage(con, lineage, out.model_dump())
-    return out
+    return publish_stage(ws.catalog(), lineage, out)
 
 
 def push_to_hub(config: DistillConfig, exported: Exported) -> str:

@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 
 from keystep.config import TeacherConfig
 
-IGNORE = -100
+IGNORE = -100          # a label that carries no loss
+NO_CUT = 1 << 30       # a max_length that never cuts: the whole sequence, for its token positions
 
 
 # ---- text ---------------------------------------------------------------------------------------------
@@ -69,16 +70,36 @@ def format_target(fmt: str, text: str, answer: str, cfg: TeacherConfig, key_text
 # ---- tokens -------------------------------------------------------------------------------------------
 @dataclass
 class Sequence:
-    """One encoded training sequence. `offsets[j]`: the char span of token j within the *target* (negative for
-    prompt tokens; empty for <bos> and <eos>). `length`: its length before the cut at max_length."""
+    """One training sequence, as every stage that trains, packs or scores the student reads it.
+
+    ids      `<bos> prompt " " target <eos>`, cut to max_length
+    labels   the token ids that carry loss, IGNORE elsewhere (the prompt, a KPOD stage's input steps)
+    offsets  per token, its char span within the *target* (negative for prompt tokens; empty for <bos>, <eos>)
+    length   its length before the cut at max_length
+    weights  per token, its loss weight (KPOD: the learned token weights on the rationale); None: 1 everywhere
+
+    >>> seq = Sequence(ids=[1, 7, 8, 2], labels=[IGNORE, IGNORE, 8, 2], offsets=[(0, 0)] * 4, length=4)
+    >>> seq.supervised, seq.truncated
+    (2, False)
+    """
     ids: list[int]
     labels: list[int]
     offsets: list[tuple[int, int]]
     length: int
+    weights: list[float] | None = None
 
     @property
     def truncated(self) -> bool:
         return self.length > len(self.ids)
+
+    @property
+    def supervised(self) -> int:
+        """Tokens that carry loss. The first never does: nothing before it predicts it (so a packed row's loss is
+        its sequences' losses, whatever shares the row)."""
+        return sum(y != IGNORE for y in self.labels[1:])
+
+    def loss_weights(self) -> list[float]:
+        return self.weights if self.weights is not None else [1.0] * len(self.ids)
 
 
 def encode(tokenizer, prompt: str, target: str, max_length: int, input_chars: int = 0) -> Sequence:
@@ -143,7 +164,7 @@ def rationale_positions(tokenizer, cfg: TeacherConfig, row: dict, step_spans: li
                         max_length: int) -> EncodedRationale | None:
     """The rationale part of a kept row's sequence and its step ends (`step_spans`: the steps stage's token spans).
     None when the sequence does not fit `max_length` or has no rationale token."""
-    seq = encode_rationale(tokenizer, cfg, row, 1 << 30)
+    seq = encode_rationale(tokenizer, cfg, row, NO_CUT)
     rationale_chars = len(training_target(row["text"], row["answer"], cfg)) - len(cfg.answer_template.format(answer=row["answer"]))
     # a rationale token ends inside the rationale (a byte-level token carries its leading space, so the token
     # " T" of "Therefore" starts one char early and must not count)
@@ -178,8 +199,7 @@ def _last_number_tokens(tokenizer, ids: list[int], a: int, b: int) -> tuple[int,
 
 
 def kpod_sequence(tokenizer, cfg: TeacherConfig, row: dict, max_length: int, step_char_ends: list[int],
-                  prefix_steps: int, weights: tuple[int, list[float]] | None,
-                  scale: str = "raw") -> tuple[list[int], list[int], list[float]]:
+                  prefix_steps: int, weights: tuple[int, list[float]] | None, scale: str = "raw") -> Sequence:
     """A KPOD curriculum stage's sequence (§4.3-4.4): the first `prefix_steps` steps are input (no loss), the rest
     of the rationale carries its learned token weights (`weights`: first rationale position, one weight each), the
     answer sentence weight 1. `scale` 'sequence_mean': all weights divided by their mean over the supervised tokens
@@ -194,10 +214,11 @@ def kpod_sequence(tokenizer, cfg: TeacherConfig, row: dict, max_length: int, ste
         supervised = [x for x, lab in zip(loss_weights, seq.labels) if lab != IGNORE]
         mean = sum(supervised) / len(supervised) if supervised else 1.0
         loss_weights = [x / mean for x in loss_weights] if mean > 0 else loss_weights
-    return seq.ids, seq.labels, loss_weights
+    seq.weights = loss_weights
+    return seq
 
 
 def keytoken_text(tokenizer, cfg: TeacherConfig, row: dict, rationale_start: int, keypoints: list[int]) -> str:
     """The top-k keypoint tokens of a rationale (indices within the rationale, §4.1) decoded in text order."""
-    ids = encode_rationale(tokenizer, cfg, row, 1 << 30).ids
+    ids = encode_rationale(tokenizer, cfg, row, NO_CUT).ids
     return tokenizer.decode([ids[rationale_start + j] for j in keypoints])

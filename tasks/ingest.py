@@ -19,7 +19,7 @@ from typing import Any, Iterator
 from keystep.config import ConfigError, DatasetSpec, DistillConfig
 from storage.fingerprint import Lineage, content_hash, file_hash
 from storage.workspace import Workspace
-from tasks.stage import StageOutput, cached_output
+from tasks.stage import StageOutput, cached_output, publish_stage
 from tasks.answers import normalise
 
 CODE_VERSION = "1"
@@ -353,17 +353,11 @@ def ingest(ws: Workspace, spec: DatasetSpec, exclude: Dataset | None = None) -> 
              "meta_json": json.dumps(ex.meta)} for i, ex in enumerate(examples)]
     out = Dataset(fp=fp, name=spec.name, split=spec.split, n_examples=len(rows), n_bad=len(bad),
                   bad_reasons=dict(reasons))
-    with catalog.transaction() as con:
-        for table in ("examples", "bad_rows", "datasets"):
-            con.execute(f"delete from {table} where dataset_fp = ?", [fp])
-        catalog.insert(con, "examples", rows)
-        catalog.insert(con, "bad_rows", [{"dataset_fp": fp, **b} for b in bad])
-        catalog.insert(con, "datasets", [{
-            "dataset_fp": fp, "name": spec.name, "source": spec.source, "path": spec.path, "split": spec.split,
-            "content_hash": content_hash(json.dumps([r["example_id"] for r in rows])),
-            "n_examples": len(rows), "n_bad": len(bad), "bad_reasons_json": json.dumps(dict(reasons))}])
-        catalog.record_stage(con, lineage, out.model_dump())
-    return out
+    return publish_stage(catalog, lineage, out, {
+        "examples": rows, "bad_rows": [{"dataset_fp": fp, **b} for b in bad],
+        "datasets": [{"dataset_fp": fp, "name": spec.name, "source": spec.source, "path": spec.path, "split": spec.split,
+                      "content_hash": content_hash(json.dumps([r["example_id"] for r in rows])),
+                      "n_examples": len(rows), "n_bad": len(bad), "bad_reasons_json": json.dumps(dict(reasons))}]})
 
 
 # ---- Prefect wrapper ------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """Training batches: padded (one sequence per row) or packed (sequences end to end in rows, no attention across
 their borders).
 
-Input: (ids, labels[, loss weights]) per sequence, as tasks/formats.py encodes them (KPOD's curriculum prefix is
-already in the labels: the prefix steps carry IGNORE). Output: the tensors one forward pass takes.
+Input: `Sequence`s, as tasks/formats.py encodes them (KPOD's curriculum prefix is already in the labels: the prefix
+steps carry IGNORE; its token weights in `weights`). Output: the tensors one forward pass takes. Also `pad_stack`,
+the one padding helper.
 
 Packing is the padding-free collation of transformers' DataCollatorWithFlattening, in rows of `row_length` tokens:
 each sequence keeps its own position ids (0..n-1) and the model gets `position_ids` and no attention mask, from
@@ -14,27 +15,42 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from tasks.formats import IGNORE
+from tasks.formats import IGNORE, Sequence
 
 if TYPE_CHECKING:
     import torch
 
 
-def collate(batch: list[tuple], pad_id: int) -> dict[str, "torch.Tensor"]:
+def pad_stack(rows: list, fill: float | int = 0, width: int | None = None, dtype=None):
+    """Rows of different lengths (lists, or tensors whose first dimension is the length) right-padded with `fill`
+    to the longest (or `width`) and stacked: (padded, mask of the real positions). The one padding of the code base:
+    training batches, the token-weighting module's ids and embeddings, difficulty scoring.
+
+    >>> padded, mask = pad_stack([[5, 6, 7], [8]], fill=0)
+    >>> padded.tolist(), mask.tolist()
+    ([[5, 6, 7], [8, 0, 0]], [[True, True, True], [True, False, False]])
+    """
+    import torch
+
+    rows = [r if isinstance(r, torch.Tensor) else torch.tensor(r, dtype=dtype) for r in rows]
+    width = width or max(len(r) for r in rows)
+    out = torch.full((len(rows), width, *rows[0].shape[1:]), fill, dtype=dtype or rows[0].dtype,
+                     device=rows[0].device)
+    mask = torch.zeros((len(rows), width), dtype=torch.bool, device=rows[0].device)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+        mask[i, : len(r)] = True
+    return out, mask
+
+
+def collate(batch: list[Sequence], pad_id: int) -> dict[str, "torch.Tensor"]:
     """One sequence per row, right-padded to the longest; weights default to 1."""
     import torch
 
-    width = max(len(x[0]) for x in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    weights = torch.zeros((len(batch), width))
-    for i, (x, y, *w) in enumerate(batch):
-        ids[i, : len(x)] = torch.tensor(x)
-        labels[i, : len(y)] = torch.tensor(y)
-        mask[i, : len(x)] = 1
-        weights[i, : len(x)] = torch.tensor(w[0]) if w else 1.0
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask, "weights": weights}
+    ids, mask = pad_stack([s.ids for s in batch], pad_id, dtype=torch.long)
+    labels, _ = pad_stack([s.labels for s in batch], IGNORE, dtype=torch.long)
+    weights, _ = pad_stack([s.loss_weights() for s in batch], 0.0, dtype=torch.float32)
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask.long(), "weights": weights}
 
 
 def pack_rows(lengths: list[int], row_length: int) -> list[list[int]]:
@@ -53,13 +69,13 @@ def pack_rows(lengths: list[int], row_length: int) -> list[list[int]]:
     return rows
 
 
-def collate_packed(batch: list[tuple], pad_id: int, row_length: int) -> dict[str, "torch.Tensor"]:
+def collate_packed(batch: list[Sequence], pad_id: int, row_length: int) -> dict[str, "torch.Tensor"]:
     """Sequences packed into rows (as wide as the fullest row, at most `row_length` unless one sequence is
     longer); position ids restart at 0 for every sequence and for the padding at a row's end."""
     import torch
 
-    rows = pack_rows([len(x[0]) for x in batch], row_length)
-    width = max(sum(len(batch[i][0]) for i in row) for row in rows)
+    rows = pack_rows([len(s.ids) for s in batch], row_length)
+    width = max(sum(len(batch[i].ids) for i in row) for row in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
     positions = torch.zeros((len(rows), width), dtype=torch.long)
@@ -67,11 +83,11 @@ def collate_packed(batch: list[tuple], pad_id: int, row_length: int) -> dict[str
     for r, row in enumerate(rows):
         at = 0
         for i in row:
-            x, y, *w = batch[i]
-            n = len(x)
-            ids[r, at:at + n] = torch.tensor(x)
-            labels[r, at + 1:at + n] = torch.tensor(y[1:])   # the first token is never predicted from this sequence
-            weights[r, at:at + n] = torch.tensor(w[0]) if w else 1.0
+            seq = batch[i]
+            n = len(seq.ids)
+            ids[r, at:at + n] = torch.tensor(seq.ids)
+            labels[r, at + 1:at + n] = torch.tensor(seq.labels[1:])   # the first token is never predicted (Sequence.supervised)
+            weights[r, at:at + n] = torch.tensor(seq.loss_weights())
             positions[r, at:at + n] = torch.arange(n)
             at += n
         positions[r, at:] = torch.arange(width - at)

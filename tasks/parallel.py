@@ -1,7 +1,7 @@
 """Several training processes: torchrun launches them, DDP or FSDP2 wraps the model, rank 0 writes.
 
 Input: `train.num_processes` and `train.strategy`. The training task (one Prefect task run, so the `gpu` tag's
-concurrency limit still counts it once) starts `python -m torch.distributed.run --standalone` on `tasks/train.py`
+concurrency limit still counts it once) starts `python -m torch.distributed.run --standalone` on `tasks/train_worker.py`
 as a subprocess with a JSON spec of its inputs, streams the ranks' output into its log, and reads back the
 `Trained` that rank 0 wrote. Every rank holds all the data and builds the same per-epoch order; each takes its
 share of every micro-batch, and the loss divides by the whole step's supervised-token count, so the gradient

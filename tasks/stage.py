@@ -2,7 +2,9 @@
 
 * `StageOutput` — what a stage hands downstream: a small pydantic model (fingerprint, paths, counts), never data
   frames, tensors or models. Prefect persists it; flows and later stages read attributes.
-* `cached_output` — a stage's output already in the catalog (a rerun, or a second arm of an experiment).
+* `cached_output` — a stage's output already in the catalog (a rerun, or a second arm of an experiment): how every
+  stage starts; `publish_stage` — its rows, lineage and output in one transaction: how every stage ends.
+* `kept_rationales` — the rationales the student trains on, for every stage that reads them.
 * `stage_task(name, lineage)` — the Prefect task of a stage. Its cache key is `lineage(*the task's arguments).fp`:
   the same function the stage calls to record its lineage in the catalog, so the cache key and the recorded
   lineage cannot disagree.
@@ -39,6 +41,27 @@ Output = TypeVar("Output", bound=StageOutput)
 def cached_output(catalog, lineage: Lineage, kind: type[Output]) -> Output | None:
     done = catalog.stage_output(lineage.fp)
     return kind.model_validate(done["summary"]) if done else None
+
+
+def publish_stage(catalog, lineage: Lineage, out: Output, rows: dict[str, list | dict] | None = None,
+                  within: Callable[[object], None] | None = None) -> Output:
+    """How every stage ends: in one transaction, its rows (table -> rows, replacing any under its fingerprint), then
+    `within(con)` (e.g. publishing its files), then its lineage and output in `stage_outputs` — all or nothing, so
+    a killed run leaves no half-written stage. The start is `cached_output(catalog, lineage, Kind)`."""
+    with catalog.transaction() as con:
+        for table, table_rows in (rows or {}).items():
+            catalog.replace_rows(con, table, lineage.fp, table_rows)
+        if within:
+            within(con)
+        catalog.record_stage(con, lineage, out.model_dump())
+    return out
+
+
+def kept_rationales(catalog, config: DistillConfig, generation) -> list[dict]:
+    """The rationales the student trains on — generated without failure and, unless teacher.keep_only_correct is
+    off, with the gold answer — with their question and answer, in dataset order (`generation`: a `Generation`)."""
+    return catalog.query("kept_rationales", dataset_fp=generation.dataset_fp, teacher_fp=generation.teacher_fp,
+                         only_correct=config.teacher.keep_only_correct)
 
 
 def workspace_of(config: DistillConfig) -> Workspace:

@@ -1,6 +1,6 @@
 """Steps stage: split each kept rationale into reasoning steps with char spans and student-token spans.
 
-Input: kept rationales (teacher stage) and the student tokenizer (student-init stage). Output: `Steps`, rows in
+Input: kept rationales (teacher stage) and the student tokenizer (student stage). Output: `Steps`, rows in
 `steps` under the steps fingerprint. Token spans [token_start, token_end) are positions in the student's training
 sequence `<bos> prompt " " target <eos>` (tasks/formats.py).
 
@@ -15,8 +15,8 @@ import re
 from keystep.config import DistillConfig
 from storage.fingerprint import Lineage
 from storage.workspace import Workspace
-from tasks.formats import encode_rationale, token_spans, training_target
-from tasks.stage import StageOutput, cached_output
+from tasks.formats import NO_CUT, encode_rationale, token_spans, training_target
+from tasks.stage import StageOutput, cached_output, kept_rationales, publish_stage
 from tasks.student import Student
 from tasks.teacher import Generation
 
@@ -91,24 +91,19 @@ def split_rationales(ws: Workspace, config: DistillConfig, generation: Generatio
     if done := cached_output(catalog, lineage, Steps):
         return done
     tok = AutoTokenizer.from_pretrained(student.model_dir)
-    rationales = catalog.query("kept_rationales", dataset_fp=generation.dataset_fp, teacher_fp=generation.teacher_fp,
-                               only_correct=config.teacher.keep_only_correct)
+    rationales = kept_rationales(catalog, config, generation)
     rows, n_steps = [], []
     for r in rationales:
         target = training_target(r["text"], r["answer"], config.teacher)
         chars = split_steps(target, cfg.split_sentences, cfg.max_steps)
-        toks = token_spans(encode_rationale(tok, config.teacher, r, 1 << 30), chars)
+        toks = token_spans(encode_rationale(tok, config.teacher, r, NO_CUT), chars)
         n_steps.append(len(chars))
         for i, ((a, b), (ta, tb)) in enumerate(zip(chars, toks)):
             rows.append({"steps_fp": lineage.fp, "rationale_id": r["rationale_id"], "step_index": i, "text": target[a:b],
                          "char_start": a, "char_end": b, "token_start": ta, "token_end": tb})
     out = Steps(fp=lineage.fp, n_rationales=len(rationales), n_steps=len(rows),
                 mean_steps=sum(n_steps) / len(n_steps) if n_steps else 0.0)
-    with catalog.transaction() as con:
-        con.execute("delete from steps where steps_fp = ?", [lineage.fp])
-        catalog.insert(con, "steps", rows)
-        catalog.record_stage(con, lineage, out.model_dump())
-    return out
+    return publish_stage(catalog, lineage, out, {"steps": rows})
 
 
 # ---- Prefect wrapper ------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from pathlib import Path
 from keystep.config import DistillConfig, StudentConfig, TrainConfig
 from storage.fingerprint import Lineage
 from storage.workspace import Workspace, publish_dir, temp_dir_for
-from tasks.stage import StageOutput, cached_output
+from tasks.stage import StageOutput, cached_output, kept_rationales, publish_stage
 from tasks.teacher import Generation
 
 CODE_VERSION = "1"
@@ -208,9 +208,7 @@ def student_lineage(config: DistillConfig, generation: Generation) -> Lineage:
 
 def training_corpus(ws: Workspace, config: DistillConfig, generation: Generation) -> list[str]:
     """Questions + kept rationales: what a scratch student's tokenizer is trained on."""
-    return [f"{r['question']} {r['text']}" for r in ws.catalog().query(
-        "kept_rationales", dataset_fp=generation.dataset_fp, teacher_fp=generation.teacher_fp,
-        only_correct=config.teacher.keep_only_correct)]
+    return [f"{r['question']} {r['text']}" for r in kept_rationales(ws.catalog(), config, generation)]
 
 
 def init_student(ws: Workspace, config: DistillConfig, generation: Generation) -> Student:
@@ -236,15 +234,13 @@ def init_student(ws: Workspace, config: DistillConfig, generation: Generation) -
         model, _ = load_student(cfg.model)
         model_dir, n_params = cfg.model, sum(p.numel() for p in model.parameters())
     out = Student(fp=lineage.fp, model_dir=model_dir, n_params=n_params)
-    with catalog.transaction() as con:
-        catalog.record_stage(con, lineage, out.model_dump())
-    return out
+    return publish_stage(catalog, lineage, out)
 
 
 # ---- Prefect wrapper ------------------------------------------------------------------------------
 from tasks.stage import stage_task, workspace_of  # noqa: E402
 
 
-@stage_task("student-init", student_lineage)
+@stage_task("student", student_lineage)
 def init_student_task(config: DistillConfig, generation: Generation) -> Student:
     return init_student(workspace_of(config), config, generation)

@@ -32,7 +32,7 @@ from storage.workspace import Workspace
 from tasks.answers import extract_answer, is_correct
 from tasks.formats import format_prompt
 from tasks.ingest import Dataset
-from tasks.stage import StageOutput, cached_output
+from tasks.stage import StageOutput, cached_output, publish_stage
 from tasks.teacher_backends import (PROTOCOL_FAULTS, GenerationRequest, GenerationResult, TeacherUnavailable,
                                     make_backend, open_endpoint, resolve_api_key)
 
@@ -263,9 +263,7 @@ def finish_generation(ws: Workspace, config: DistillConfig, dataset: Dataset, wa
                      mean_latency_s=s["mean_latency_s"] or 0.0, wall_s=wall_s or None,
                      completion_tokens_per_s=(s["completion_tokens"] or 0) / wall_s if wall_s else None,
                      cost_estimate=cost)
-    with catalog.transaction() as con:
-        catalog.record_stage(con, lineage, out.model_dump())
-    return out
+    return publish_stage(catalog, lineage, out)
 
 
 def generate_rationales(ws: Workspace, config: DistillConfig, dataset: Dataset, backend=None,
@@ -357,7 +355,7 @@ def shard_task(cfg: TeacherConfig, requests_path: str, endpoint: str | None) -> 
     return finished
 
 
-@stage_task("teacher-rationales", generation_lineage)
+@stage_task("generate", generation_lineage)
 def finish_task(config: DistillConfig, dataset: Dataset, wall_s: float | None = None, refresh: bool = False) -> Generation:
     out = finish_generation(workspace_of(config), config, dataset, wall_s, refresh)
     get_run_logger().info("teacher %s: %d rationales, %d failed %s, correct rate %.1f%%", config.teacher.backend, out.n,

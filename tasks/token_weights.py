@@ -36,8 +36,9 @@ from typing import TYPE_CHECKING, Callable
 from keystep.config import DistillConfig, TokenWeightsConfig
 from storage.fingerprint import Lineage
 from storage.workspace import Workspace
-from tasks.formats import EncodedRationale, rationale_positions
-from tasks.stage import StageOutput, cached_output
+from tasks.formats import IGNORE, EncodedRationale, rationale_positions
+from tasks.packing import pad_stack
+from tasks.stage import StageOutput, cached_output, kept_rationales, publish_stage
 from tasks.steps import Steps
 from tasks.student import Student, load_student, pick_device
 from tasks.teacher import Generation
@@ -65,8 +66,7 @@ def load_encoded(ws: Workspace, config: DistillConfig, tokenizer, generation: Ge
                  steps: Steps) -> tuple[list[dict], list[EncodedRationale]]:
     """(kept rationale rows, the rationale and step positions of those that fit `student.max_length`)."""
     catalog = ws.catalog()
-    rows = catalog.query("kept_rationales", dataset_fp=generation.dataset_fp, teacher_fp=generation.teacher_fp,
-                         only_correct=config.teacher.keep_only_correct)
+    rows = kept_rationales(catalog, config, generation)
     spans: dict[str, list[tuple[int | None, int | None]]] = {}
     for s in catalog.query("steps_of_rationales", steps_fp=steps.fp):
         spans.setdefault(s["rationale_id"], []).append((s["token_start"], s["token_end"]))
@@ -160,10 +160,10 @@ def build_modules(cfg: TokenWeightsConfig, embedding, tokenizer, predictor_dir: 
             dev = prefixes[0].device
             emb = self.lm.get_input_embeddings()
             if self.kind == "seq2seq":
-                enc, mask = _pad([self.proj(p) for p in prefixes])
+                enc, mask = pad_stack([self.proj(p) for p in prefixes])
                 labels = self.tok(answers, return_tensors="pt", padding=True).input_ids.to(dev)
-                labels[labels == self.tok.pad_token_id] = -100
-                logits = self.lm(inputs_embeds=enc, attention_mask=mask, labels=labels).logits
+                labels[labels == self.tok.pad_token_id] = IGNORE
+                logits = self.lm(inputs_embeds=enc, attention_mask=mask.long(), labels=labels).logits
                 return _summed_nll(logits, labels)
             rows, labels = [], []
             lead = torch.tensor(self.tok(" " + lead_in.strip(), add_special_tokens=False).input_ids if lead_in.strip() else [],
@@ -175,48 +175,30 @@ def build_modules(cfg: TokenWeightsConfig, embedding, tokenizer, predictor_dir: 
                 else:                      # token ids that continue the prefix itself (a step's result)
                     before, ans_ids = lead[:0], torch.tensor(ans, dtype=torch.long, device=dev)
                 rows.append(torch.cat([self.proj(p), emb(before), emb(ans_ids)]))
-                labels.append(torch.cat([torch.full((len(p) + len(before),), -100, device=dev), ans_ids]))
-            seq, mask = _pad(rows)
-            lab = torch.full(mask.shape, -100, dtype=torch.long, device=dev)
-            for i, lb in enumerate(labels):
-                lab[i, : len(lb)] = lb
-            logits = self.lm(inputs_embeds=seq, attention_mask=mask).logits
+                labels.append(torch.cat([torch.full((len(p) + len(before),), IGNORE, device=dev), ans_ids]))
+            seq, mask = pad_stack(rows)
+            lab, _ = pad_stack(labels, IGNORE)
+            logits = self.lm(inputs_embeds=seq, attention_mask=mask.long()).logits
             return _summed_nll(logits[:, :-1], lab[:, 1:])
 
     return TokenWeighter(), AnswerPredictor()
 
 
 def _summed_nll(logits, labels):
-    """Per row: Σ −log P(label) over the positions that are not -100."""
+    """Per row: Σ −log P(label) over the positions that are not IGNORE."""
     import torch
 
-    nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none")
+    nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=IGNORE, reduction="none")
     return nll.sum(dim=1)
-
-
-def _pad(rows: list) -> tuple:
-    import torch
-
-    width = max(len(r) for r in rows)
-    out = rows[0].new_zeros((len(rows), width, rows[0].shape[-1]))
-    mask = torch.zeros((len(rows), width), dtype=torch.long, device=rows[0].device)
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = r
-        mask[i, : len(r)] = 1
-    return out, mask
 
 
 def _batch_ids(items: list[EncodedRationale], pad_id: int, device=None):
     """(ids, real-token mask, rationale-token mask), right-padded."""
     import torch
 
-    width = max(len(it.ids) for it in items)
-    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
-    pad = torch.zeros((len(items), width), dtype=torch.bool)
-    rationale = torch.zeros((len(items), width), dtype=torch.bool)
+    ids, pad = pad_stack([it.ids for it in items], pad_id, dtype=torch.long)
+    rationale = torch.zeros_like(pad)
     for i, it in enumerate(items):
-        ids[i, : len(it.ids)] = torch.tensor(it.ids)
-        pad[i, : len(it.ids)] = True
         rationale[i, it.rationale_start:it.rationale_end] = True
     return ids.to(device), pad.to(device), rationale.to(device)
 
@@ -492,11 +474,7 @@ def learn_token_weights(ws: Workspace, config: DistillConfig, generation: Genera
                        # collapsed masks leave the KPOD loss almost nothing to train on in the rationale: say so
                        collapsed=not cfg.uniform and kept < 0.05 * max(total, 1))
     report.with_suffix(".md").write_text(shaded_markdown(tokenizer, items, weights, cfg.top_k))
-    with catalog.transaction() as con:
-        con.execute("delete from token_weights where token_weights_fp = ?", [fp])
-        catalog.insert(con, "token_weights", table)
-        catalog.record_stage(con, lineage, out.model_dump())
-    return out
+    return publish_stage(catalog, lineage, out, {"token_weights": table})
 
 
 def weighter_path(ws: Workspace, fp: str) -> Path:

@@ -1,389 +1,33 @@
-"""Train stage: distil the student on the kept rationales.
+"""Train stage: distil the student on the kept rationales (the loop itself: tasks/training.py).
 
-Std-CoT: NLL on rationale + answer. KPOD (§4.3-4.4): epoch e reads curriculum stage min(e, T) from its Parquet
-shard; the input is the question + the first c_i steps (no loss there), the target the remaining steps + the
-answer, and the loss −Σ_j w_j·log P(r_j | ·) − Σ log P(y | ·) with w the learned token weights (§4.1). The
-sequences themselves come from tasks/formats.py.
-
-Input: the untrained `Student`, the `Generation` (kept rationales), `TrainConfig` (+ for KPOD: `Steps`,
-`TokenWeights`, `Curriculum`; for the key-token format: `TokenWeights`). Output: `Trained`, and
-`checkpoints/<fp>/epoch-N/` per epoch (HF model dir + tokenizer + trainer_state.pt + the resolved run config) with
-rows in `checkpoints`. A rerun after a kill resumes from the last whole epoch: model, optimizer and scheduler
-state are restored and the data order is a function of (seed, epoch), so the result equals an uninterrupted run.
-
-In the style of nanoGPT and torchtune's recipes: `setup` builds everything the loop touches (a `TrainingRun`),
-`run_epoch` is one explicit pass, `save_checkpoint` publishes an epoch, `cleanup` frees the device and returns
-the output; `run_training` is the loop over them. Batches are packed rows (tasks/packing.py); a step's loss is its
-supervised tokens' summed loss over their count, so packing, micro-batching and the number of processes
-(tasks/parallel.py: `train.num_processes` > 1 runs this module under torchrun) leave the gradient unchanged.
-With `student.lora` an epoch's checkpoint is the adapter; the last one is also merged (`final_dir`).
+Input: `TrainInputs` — the untrained `Student`, the `Generation` (kept rationales), for KPOD also `Steps`,
+`TokenWeights` and the `Curriculum`, for the key-token format the `TokenWeights` — and the config's `train` section.
+Output: `Trained`, and `checkpoints/<fp>/epoch-N/` per epoch (HF model dir + tokenizer + trainer_state.pt + the
+resolved run config) with rows in `checkpoints`; a rerun after a kill resumes from the last whole epoch.
+With `train.num_processes` > 1 the task starts torchrun on tasks/train_worker.py (tasks/parallel.py) and reads back
+rank 0's output.
 """
 from __future__ import annotations
 
 import json
-import math
-import os
-import sys
-import random
-import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Callable
 
-from keystep.config import DistillConfig, TrainConfig
+from keystep.config import DistillConfig
 from storage.fingerprint import Lineage
-from storage.workspace import Workspace, publish_dir, temp_dir_for
-from tasks.curriculum import Curriculum, stage_shard
-from tasks.formats import IGNORE, encode_rationale, format_target, keytoken_text, kpod_sequence
-from tasks.packing import collate, collate_packed, model_inputs
-from tasks.parallel import (Dist, full_state, launch, load_optimizer, no_grad_sync, resync, unwrap,
-                            worker_args, wrap)
-from tasks.stage import StageOutput, cached_output
+from storage.workspace import Workspace
+from tasks.curriculum import Curriculum
+from tasks.parallel import launch
+from tasks.stage import cached_output, publish_stage
 from tasks.steps import Steps
-from tasks.student import Student, build_model, merge_adapter, pick_device, resolve_precision
+from tasks.student import Student, pick_device
 from tasks.teacher import Generation
-from tasks.token_weights import TokenWeights, load_weights
+from tasks.token_weights import TokenWeights
+from tasks.training import TRUNCATION_WARN, TrainInputs, Trained, run_training
 
 CODE_VERSION = "2"   # 2: packed batches, loss normalised per optimizer step
 
-if TYPE_CHECKING:
-    import torch
-
-
-class Trained(StageOutput):
-    """The trained student: `final_dir` is the last epoch's checkpoint (an HF model folder)."""
-    final_dir: str
-    init_dir: str
-    epochs: int
-    target_format: str
-    loss: str
-    n_examples: int
-    n_truncated: int
-    n_unweighted: int | None
-    resumed_from_epoch: int
-    device: str
-    history: list[dict]
-
-
-# ---- batches and loss ---------------------------------------------------------------------------------
-def weighted_nll_sum(logits: "torch.Tensor", labels: "torch.Tensor", weights: "torch.Tensor") -> "torch.Tensor":
-    """Σ_j w_j·(−log P(token_j | tokens_<j)) over labelled tokens. With every w_j = 1 this is the usual causal-LM
-    loss (Std-CoT); KPOD passes the learned token weights on rationale tokens, 1 on the answer (§4.3)."""
-    import torch
-
-    nll = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels[:, 1:],
-                                            ignore_index=IGNORE, reduction="none")
-    return (nll * weights[:, 1:]).sum()
-
-
-def weighted_nll(logits: "torch.Tensor", labels: "torch.Tensor", weights: "torch.Tensor") -> "torch.Tensor":
-    """`weighted_nll_sum` / the number of labelled tokens."""
-    return weighted_nll_sum(logits, labels, weights) / (labels[:, 1:] != IGNORE).sum().clamp(min=1)
-
-
-def labelled(seq: tuple) -> int:
-    """Tokens of one sequence that carry loss (its first token never does)."""
-    return sum(y != IGNORE for y in seq[1][1:])
-
-
-def micro_batches(lengths: list[int], cfg: TrainConfig, epoch: int) -> list[list[int]]:
-    """The epoch's micro-batches (sequence indices) in a per-(seed, epoch) order, so a resumed run and every rank
-    see the same: batch_size sequences each, or with tokens_per_batch as many as fit that many tokens."""
-    order = list(range(len(lengths)))
-    random.Random(f"{cfg.seed}-{epoch}").shuffle(order)
-    if cfg.tokens_per_batch is None:
-        return [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
-    batches, current, used = [], [], 0
-    for i in order:
-        if current and used + lengths[i] > cfg.tokens_per_batch:
-            batches.append(current)
-            current, used = [], 0
-        current.append(i)
-        used += lengths[i]
-    return batches + [current] if current else batches
-
-
-def optimizer_steps(data: list[tuple], cfg: TrainConfig, epoch: int) -> list[list[list[int]]]:
-    """Micro-batches grouped grad_accum at a time: one group per optimizer step."""
-    micro = micro_batches([len(x[0]) for x in data], cfg, epoch)
-    return [micro[i:i + cfg.grad_accum] for i in range(0, len(micro), cfg.grad_accum)]
-
-
-class KpodData:
-    """Per-stage training sequences for KPOD: input = question + first c_i(t) steps, target = the rest."""
-
-    def __init__(self, catalog, tokenizer, config: DistillConfig, rows: list[dict], steps: Steps,
-                 token_weights: TokenWeights, curriculum: Curriculum):
-        self.tokenizer, self.config, self.rows = tokenizer, config, rows
-        self.shards_dir, self.stages = curriculum.shards_dir, curriculum.stages
-        self.weights = load_weights(catalog, token_weights)
-        self.step_ends: dict[str, list[int]] = {}
-        for st in catalog.query("steps_of_rationales", steps_fp=steps.fp):
-            self.step_ends.setdefault(st["rationale_id"], []).append(st["char_end"])
-        self.n_unweighted = sum(r["rationale_id"] not in self.weights for r in rows)
-        self._cache: dict[int, list[tuple]] = {}
-
-    def stage_of(self, epoch: int) -> int:
-        return min(epoch, self.stages)
-
-    def sequences(self, epoch: int) -> list[tuple[list[int], list[int], list[float]]]:
-        stage = self.stage_of(epoch)
-        if stage not in self._cache:
-            prefix = stage_shard(self.shards_dir, stage)
-            self._cache = {stage: [
-                kpod_sequence(self.tokenizer, self.config.teacher, r, self.config.student.max_length,
-                              self.step_ends[r["rationale_id"]], prefix.get(r["rationale_id"], 0),
-                              self.weights.get(r["rationale_id"]), self.config.train.token_weight_scale)
-                for r in self.rows]}
-        return self._cache[stage]
-
-
-TRUNCATION_WARN, TRUNCATION_FAIL = 0.05, 0.20
-
-
-def check_truncation(n_truncated: int, n: int, max_length: int, allowed: bool, longest: int) -> None:
-    """Cut sequences lose their answer (the loss then never sees it): fail above 20% unless allowed; the stage's
-    output carries the count, and the task and the report warn above 5%."""
-    if n and n_truncated / n > TRUNCATION_FAIL and not allowed:
-        raise ValueError(f"config key 'student.max_length': {n_truncated} of {n} training sequences "
-                         f"({n_truncated / n:.0%}) are longer than {max_length} tokens (the longest has {longest}); "
-                         f"raise student.max_length, or set train.allow_truncation: true to train on them cut")
-
-
-def last_whole_epoch(ckpt_root: Path) -> int:
-    """Highest epoch whose checkpoint was fully written (published by rename), else 0."""
-    epochs = [int(p.name.split("-")[1]) for p in ckpt_root.glob("epoch-*") if (p / "trainer_state.pt").exists()]
-    return max(epochs, default=0)
-
-
-# ---- the model ------------------------------------------------------------------------------------------
-def build_optimizer(model, cfg: TrainConfig, device: str):
-    """AdamW over the trainable weights (no decay on norms and biases), fused into one kernel where torch has it."""
-    import torch
-
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
-    fused = device.startswith("cuda") or device == "cpu"
-    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95), fused=fused)
-
-
-# ---- the run --------------------------------------------------------------------------------------------
-@dataclass
-class TrainingRun:
-    """Everything the training loop touches, built by `setup`."""
-    cfg: TrainConfig
-    config: DistillConfig
-    lineage: Lineage
-    catalog: Any
-    ckpt_root: Path
-    init_dir: str
-    run_config: dict
-    device: str
-    precision: str
-    pack_length: int
-    dist: Dist
-    model: Any                   # possibly wrapped (DDP / FSDP / compiled)
-    tokenizer: Any
-    optimizer: Any
-    scheduler: Any
-    data: list[tuple]            # (ids, labels[, loss weights]) per sequence
-    staged: KpodData | None      # KPOD: the sequences change with the curriculum stage
-    epochs: int
-    start_epoch: int
-    n_truncated: int
-    history: list[dict]
-
-    def epoch_data(self, epoch: int) -> list[tuple]:
-        return self.staged.sequences(epoch) if self.staged else self.data
-
-
-def setup(ws: Workspace, lineage: Lineage, cfg: TrainConfig, config: DistillConfig, generation: Generation,
-          student: Student, steps: Steps | None = None, token_weights: TokenWeights | None = None,
-          curriculum: Curriculum | None = None) -> TrainingRun:
-    """Load the student (or the last whole epoch's checkpoint), encode the data, build optimizer and schedule."""
-    import torch
-    from transformers import get_cosine_with_min_lr_schedule_with_warmup
-
-    catalog, ckpt_root = ws.catalog(), ws.checkpoints_root(lineage.fp)
-    device = pick_device(cfg.device)
-    rows = catalog.query("kept_rationales", dataset_fp=generation.dataset_fp, teacher_fp=generation.teacher_fp,
-                         only_correct=config.teacher.keep_only_correct)
-    if not rows:
-        raise ValueError("no kept rationales to train on; check the teacher's correctness rate and "
-                         "teacher.keep_only_correct")
-    if cfg.loss == "kpod" and not (steps and token_weights and curriculum):
-        raise ValueError("train.loss 'kpod' needs token weights and a curriculum (run the distill/prepare flow)")
-    if cfg.target_format == "label_then_keytokens" and not token_weights:
-        raise ValueError("train.target_format 'label_then_keytokens' needs token weights (run the distill/prepare flow)")
-    dist = Dist.from_env(device)
-    device = dist.device(device)
-    start_epoch = last_whole_epoch(ckpt_root)
-    model, tokenizer = build_model(cfg, config, student, device, ckpt_root / f"epoch-{start_epoch}" if start_epoch else None)
-    key_texts = {}
-    if cfg.target_format == "label_then_keytokens":
-        by_id = {r["rationale_id"]: r for r in rows}
-        key_texts = {k["rationale_id"]: keytoken_text(tokenizer, config.teacher, by_id[k["rationale_id"]],
-                                                      k["token_start"], k["keypoints"])
-                     for k in catalog.query("token_weights_of", token_weights_fp=token_weights.fp)
-                     if k["rationale_id"] in by_id}
-    data, n_truncated, longest, max_length = [], 0, 0, config.student.max_length
-    for r in rows:
-        target = format_target(cfg.target_format, r["text"], r["answer"], config.teacher,
-                               key_texts.get(r["rationale_id"], ""), shuffle_seed=r["rationale_id"])
-        seq = encode_rationale(tokenizer, config.teacher, r, max_length, target)
-        data.append((seq.ids, seq.labels))
-        n_truncated, longest = n_truncated + seq.truncated, max(longest, seq.length)
-    check_truncation(n_truncated, len(data), max_length, cfg.allow_truncation, longest)
-    staged = KpodData(catalog, tokenizer, config, rows, steps, token_weights, curriculum) if cfg.loss == "kpod" else None
-    epochs = cfg.epochs
-    if cfg.match_cot_tokens and cfg.target_format != "cot_then_label":
-        # as many training tokens as `epochs` passes over rationale-then-answer sequences (Mysteries, equal budget)
-        cot = sum(len(encode_rationale(tokenizer, config.teacher, r, max_length).ids) for r in rows)
-        epochs = max(1, round(cfg.epochs * cot / sum(len(ids) for ids, _ in data)))
-    if cfg.tokens_per_batch is None:
-        total_steps = math.ceil(len(data) / (cfg.batch_size * cfg.grad_accum)) * epochs
-    else:   # the step count depends on the sequences' lengths, which for KPOD change with the stage
-        total_steps = sum(len(optimizer_steps(staged.sequences(e) if staged else data, cfg, e))
-                          for e in range(1, epochs + 1))
-    model = wrap(model, dist, cfg.strategy)
-    if cfg.compile == "on" or (cfg.compile == "auto" and device.startswith("cuda")):
-        model = torch.compile(model)
-    optimizer = build_optimizer(model, cfg, device)
-    scheduler = get_cosine_with_min_lr_schedule_with_warmup(
-        optimizer, num_warmup_steps=int(cfg.warmup_ratio * total_steps), num_training_steps=total_steps,
-        min_lr_rate=cfg.min_lr_ratio)
-    history = []
-    if start_epoch:
-        state = torch.load(ckpt_root / f"epoch-{start_epoch}" / "trainer_state.pt", weights_only=False)
-        load_optimizer(model, optimizer, state["optimizer"], dist)
-        scheduler.load_state_dict(state["scheduler"])
-        history = json.loads((ckpt_root / f"epoch-{start_epoch}" / "metrics.json").read_text())["history"]
-    run_config = {**config.model_dump(mode="json"), "train": cfg.model_dump(mode="json")}   # this run's resolved config
-    return TrainingRun(cfg, config, lineage, catalog, ckpt_root, student.model_dir, run_config, device,
-                       resolve_precision(cfg.precision, device), cfg.pack_length or 2 * max_length, dist,
-                       model, tokenizer, optimizer, scheduler, data, staged, epochs, start_epoch, n_truncated, history)
-
-
-def run_epoch(run: TrainingRun, epoch: int) -> dict:
-    """One pass over the data in a per-epoch order (a resumed run sees the same order); returns its metrics.
-    A step's loss is Σ over its supervised tokens / their count, whatever the packing, micro-batching or number
-    of processes (each rank sums its share; DDP/FSDP average the gradients, hence the × world)."""
-    import torch
-
-    cfg, model, dist = run.cfg, run.model, run.dist
-    device_type = torch.device(run.device).type
-    autocast = run.precision == "bf16-mixed"
-    model.train()
-    t0 = time.perf_counter()
-    data = run.data = run.epoch_data(epoch)   # KPOD: curriculum stage min(epoch, T): same examples, other prefixes
-    torch.manual_seed(cfg.seed * 1000 + epoch)
-    totals = torch.zeros(4, dtype=torch.float64)   # tokens, supervised tokens, weighted tokens, Σ step losses
-    groups = optimizer_steps(data, cfg, epoch)
-    loss_total = torch.zeros((), device=run.device)
-    for group in groups:
-        n_labelled = max(1, sum(labelled(data[j]) for idx in group for j in idx))   # the same on every rank
-        step_loss = torch.zeros((), device=run.device)   # this rank's share of the step's mean loss
-        for k, idx in enumerate(group):
-            share = idx[dist.rank::dist.world]
-            seqs = [data[j] for j in share or idx[:1]]   # a rank without a share runs one sequence with no loss
-            batch = (collate_packed(seqs, run.tokenizer.pad_token_id, run.pack_length) if cfg.packing
-                     else collate(seqs, run.tokenizer.pad_token_id))
-            if share:
-                carries_loss = batch["labels"][:, 1:] != IGNORE      # what the loss sums over (a compute-fair comparison)
-                totals += torch.tensor([sum(len(s[0]) for s in seqs), int(carries_loss.sum()),
-                                        float((batch["weights"][:, 1:] * carries_loss).sum()), 0.0], dtype=torch.float64)
-            else:
-                batch["weights"].zero_()
-            batch = {key: v.to(run.device, non_blocking=True) for key, v in batch.items()}
-            last = k + 1 == len(group)
-            if last:
-                resync(model, dist)
-            with no_grad_sync(model, dist, last):
-                with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=autocast):
-                    logits = model(**model_inputs(batch)).logits
-                nll = weighted_nll_sum(logits, batch["labels"], batch["weights"])
-                (nll * dist.world / n_labelled).backward()
-            step_loss += nll.detach() / n_labelled
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-        run.optimizer.step()
-        run.scheduler.step()
-        run.optimizer.zero_grad(set_to_none=True)
-        loss_total += step_loss
-    totals[3] = float(loss_total)   # one device sync per epoch
-    tokens, supervised, weighted, loss_sum = dist.sum(totals.tolist())
-    return {"epoch": epoch, "stage": run.staged.stage_of(epoch) if run.staged else None,
-            "loss": loss_sum / max(len(groups), 1), "tokens": int(tokens), "supervised_tokens": int(supervised),
-            "weighted_tokens": round(weighted, 1),
-            "tokens_per_s": tokens / (time.perf_counter() - t0), "lr": run.scheduler.get_last_lr()[0]}
-
-
-def save_checkpoint(run: TrainingRun, epoch: int, metrics: dict) -> Path:
-    """Write the epoch to a temp dir, then rename it into place (a kill never leaves a half-written epoch). Every
-    rank gathers (FSDP); rank 0 writes. With LoRA the folder holds the adapter (peft format) on the student."""
-    import torch
-
-    run.history.append(metrics)
-    final = run.ckpt_root / f"epoch-{epoch}"
-    model_state, optimizer_state = full_state(run.model, run.optimizer, run.dist)
-    if run.dist.main:
-        tmp = temp_dir_for(final)
-        unwrap(run.model).save_pretrained(tmp, state_dict=model_state)
-        run.tokenizer.save_pretrained(tmp)
-        torch.save({"optimizer": optimizer_state, "scheduler": run.scheduler.state_dict(), "epoch": epoch},
-                   tmp / "trainer_state.pt")
-        (tmp / "keystep_config.json").write_text(json.dumps(run.run_config, indent=2))
-        (tmp / "metrics.json").write_text(json.dumps({"history": run.history}, indent=2))
-        publish_dir(tmp, final)
-        with run.catalog.transaction() as con:
-            con.execute("delete from checkpoints where train_fp = ? and epoch = ?", [run.lineage.fp, epoch])
-            run.catalog.insert(con, "checkpoints", [{"train_fp": run.lineage.fp, "epoch": epoch, "path": str(final),
-                                                     "config_json": json.dumps(run.run_config),
-                                                     "metrics_json": json.dumps(metrics)}])
-    run.dist.barrier()
-    return final
-
-
-def merged_dir(run: TrainingRun) -> Path:
-    """What evaluation loads: the last epoch, or with LoRA + merge its adapter merged into the student."""
-    last = run.ckpt_root / f"epoch-{run.epochs}"
-    lora = run.config.student.lora
-    return last / "merged" if lora and lora.merge else last
-
-
-def cleanup(run: TrainingRun) -> Trained:
-    """Free the model and optimizer (and the GPU cache), merge LoRA adapters when asked (rank 0); the output names
-    the checkpoint evaluation loads."""
-    import torch
-
-    run.model = run.optimizer = None
-    if run.device.startswith("cuda"):
-        torch.cuda.empty_cache()
-    final = merged_dir(run)
-    if run.dist.main and final.name == "merged" and not final.exists():
-        merge_adapter(final.parent, final)
-    run.dist.barrier()
-    run.dist.close()
-    return Trained(fp=run.lineage.fp, final_dir=str(final), init_dir=run.init_dir,
-                   epochs=run.epochs, target_format=run.cfg.target_format, loss=run.cfg.loss, n_examples=len(run.data),
-                   n_truncated=run.n_truncated, n_unweighted=run.staged.n_unweighted if run.staged else None,
-                   resumed_from_epoch=run.start_epoch, device=run.device, history=run.history)
-
-
-def run_training(ws: Workspace, lineage: Lineage, cfg: TrainConfig, config: DistillConfig, generation: Generation,
-                 student: Student, steps: Steps | None = None, token_weights: TokenWeights | None = None,
-                 curriculum: Curriculum | None = None,
-                 on_epoch: Callable[[int, int, dict], None] | None = None) -> Trained:
-    """setup -> run_epoch / save_checkpoint per epoch (from the last whole one) -> cleanup."""
-    run = setup(ws, lineage, cfg, config, generation, student, steps, token_weights, curriculum)
-    for epoch in range(run.start_epoch + 1, run.epochs + 1):
-        metrics = run_epoch(run, epoch)
-        save_checkpoint(run, epoch, metrics)
-        if on_epoch and run.dist.main:
-            on_epoch(epoch, run.epochs, metrics)
-    return cleanup(run)
+__all__ = ["TRUNCATION_WARN", "TrainInputs", "Trained", "train_lineage", "train_student", "train_task"]
 
 
 # ---- the stage ------------------------------------------------------------------------------------------
@@ -401,39 +45,27 @@ def train_lineage(config: DistillConfig, generation: Generation, student: Studen
     return Lineage("train", what, tuple(upstream), CODE_VERSION)
 
 
-def train_student(ws: Workspace, config: DistillConfig, generation: Generation, student: Student,
-                  steps: Steps | None = None, token_weights: TokenWeights | None = None,
-                  curriculum: Curriculum | None = None,
+def train_student(ws: Workspace, config: DistillConfig, inputs: TrainInputs,
                   on_epoch: Callable[[int, int, dict], None] | None = None,
                   log: Callable[[str], None] = print) -> Trained:
-    lineage = train_lineage(config, generation, student, steps, token_weights, curriculum)
+    lineage = train_lineage(config, **dict(inputs))
     done = cached_output(ws.catalog(), lineage, Trained)
     if done and Path(done.final_dir).exists():
         return done
     if config.train.num_processes > 1:
-        out = launch_training(ws, config, generation, student, steps, token_weights, curriculum, on_epoch, log)
+        out = launch_training(ws, config, inputs, lineage, on_epoch, log)
     else:
-        out = run_training(ws, lineage, config.train, config, generation, student, steps, token_weights, curriculum,
-                           on_epoch)
-    with ws.catalog().transaction() as con:
-        ws.catalog().record_stage(con, lineage, out.model_dump())
-    return out
+        out = run_training(ws, lineage, config, inputs, on_epoch)
+    return publish_stage(ws.catalog(), lineage, out)
 
 
 # ---- several processes (tasks/parallel.py) ---------------------------------------------------------------
-EPOCH_LINE = "keystep-epoch "
-
-
-def launch_training(ws: Workspace, config: DistillConfig, generation: Generation, student: Student,
-                    steps: Steps | None, token_weights: TokenWeights | None, curriculum: Curriculum | None,
+def launch_training(ws: Workspace, config: DistillConfig, inputs: TrainInputs, lineage: Lineage,
                     on_epoch: Callable[[int, int, dict], None] | None = None,
                     log: Callable[[str], None] = print) -> Trained:
-    """`train.num_processes` ranks under torchrun, each running `worker_main`; their output goes to `log`, their
-    epoch lines to `on_epoch`."""
-    inputs = {"generation": generation, "student": student, "steps": steps, "token_weights": token_weights,
-              "curriculum": curriculum}
-    spec = {"workspace": str(ws.root), "config": config.model_dump(mode="json"),
-            **{k: v.model_dump(mode="json") if v else None for k, v in inputs.items()}}
+    """`train.num_processes` ranks under torchrun, each running tasks/train_worker.py; their output goes to `log`,
+    their epoch lines to `on_epoch`."""
+    from tasks.train_worker import EPOCH_LINE, worker_spec
 
     def relay(line: str) -> None:
         if line.startswith(EPOCH_LINE) and on_epoch:
@@ -446,23 +78,9 @@ def launch_training(ws: Workspace, config: DistillConfig, generation: Generation
         else:
             log(line)
 
-    out = launch("tasks.train", spec, config.train.num_processes, pick_device(config.train.device), relay)
+    out = launch("tasks.train_worker", worker_spec(ws, config, inputs, lineage), config.train.num_processes,
+                 pick_device(config.train.device), relay)
     return Trained.model_validate(out)
-
-
-def worker_main() -> None:
-    """One rank: rebuild the inputs from the spec, train, and (rank 0) write the `Trained`."""
-    spec, out_path = worker_args()
-    config = DistillConfig.model_validate(spec["config"])
-    ws = Workspace(spec["workspace"])
-    types = {"steps": Steps, "token_weights": TokenWeights, "curriculum": Curriculum}
-    generation, student = Generation.model_validate(spec["generation"]), Student.model_validate(spec["student"])
-    upstream = {k: t.model_validate(spec[k]) if spec[k] else None for k, t in types.items()}
-    lineage = train_lineage(config, generation, student, **upstream)
-    out = run_training(ws, lineage, config.train, config, generation, student, **upstream,
-                       on_epoch=lambda *a: (sys.stdout.write(EPOCH_LINE + json.dumps(a) + "\n"), sys.stdout.flush()))
-    if int(os.environ.get("RANK", "0")) == 0:
-        out_path.write_text(out.model_dump_json())
 
 
 # ---- Prefect wrapper ------------------------------------------------------------------------------
@@ -472,7 +90,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from tasks.stage import stage_task, workspace_of  # noqa: E402
 
 
-@stage_task("train-student", train_lineage, tags=["gpu"])
+@stage_task("train", train_lineage, tags=["gpu"])
 def train_task(config: DistillConfig, generation: Generation, student: Student, steps: Steps | None = None,
                token_weights: TokenWeights | None = None, curriculum: Curriculum | None = None) -> Trained:
     logger = get_run_logger()
@@ -483,8 +101,9 @@ def train_task(config: DistillConfig, generation: Generation, student: Student, 
         update_progress_artifact(progress, 100.0 * epoch / total)
         logger.info("epoch %d/%d loss %.4f (%.0f tokens/s)", epoch, total, metrics["loss"], metrics["tokens_per_s"])
 
-    out = train_student(workspace_of(config), config, generation, student, steps, token_weights, curriculum, on_epoch,
-                        log=logger.info)
+    inputs = TrainInputs(generation=generation, student=student, steps=steps, token_weights=token_weights,
+                         curriculum=curriculum)
+    out = train_student(workspace_of(config), config, inputs, on_epoch, log=logger.info)
     update_progress_artifact(progress, 100.0)
     if out.n_truncated > TRUNCATION_WARN * out.n_examples:
         logger.warning("%d of %d training sequences (%.0f%%) were cut at student.max_length=%d: their answers are lost "
@@ -492,6 +111,3 @@ def train_task(config: DistillConfig, generation: Generation, student: Student, 
                        100 * out.n_truncated / out.n_examples, config.student.max_length)
     return out
 
-
-if __name__ == "__main__":
-    worker_main()

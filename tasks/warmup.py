@@ -15,10 +15,10 @@ from __future__ import annotations
 from keystep.config import DistillConfig, TrainConfig
 from storage.fingerprint import Lineage
 from storage.workspace import Workspace
-from tasks.stage import cached_output
+from tasks.stage import cached_output, publish_stage
 from tasks.student import Student
 from tasks.teacher import Generation
-from tasks.train import run_training
+from tasks.training import TrainInputs, run_training
 
 CODE_VERSION = "2"
 # How the warm-up runs (not what it learns) comes from the user's train section: a 7B LoRA student warms up
@@ -40,12 +40,12 @@ def warm_up_student(ws: Workspace, config: DistillConfig, generation: Generation
     done = cached_output(ws.catalog(), lineage, Student)
     if done:
         return done
-    cfg = TrainConfig(epochs=epochs, seed=1, **{k: getattr(config.train, k) for k in INHERITED})
-    trained = run_training(ws, lineage, cfg, config, generation, student)
+    # its own train section (how it runs inherited from the user's), so `config.train` means one thing everywhere
+    warm = config.model_copy(update={"train": TrainConfig(epochs=epochs, seed=1,
+                                                          **{k: getattr(config.train, k) for k in INHERITED})})
+    trained = run_training(ws, lineage, warm, TrainInputs(generation=generation, student=student))
     out = Student(fp=lineage.fp, model_dir=trained.final_dir, n_params=student.n_params, device=trained.device)
-    with ws.catalog().transaction() as con:
-        ws.catalog().record_stage(con, lineage, out.model_dump())
-    return out
+    return publish_stage(ws.catalog(), lineage, out)
 
 
 # ---- Prefect wrapper ------------------------------------------------------------------------------

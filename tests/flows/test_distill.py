@@ -8,7 +8,7 @@ import pytest
 
 from tests.conftest import micro_config
 
-STAGES = {"ingest", "teacher-rationales", "student-init", "steps", "train-student", "evaluate"}
+STAGES = {"ingest", "generate", "student", "steps", "train", "evaluate"}
 
 
 def stage_runs(before: set, extra: set = frozenset()) -> tuple[dict, set]:
@@ -87,8 +87,8 @@ def test_rerun_is_cached_and_a_train_change_recomputes_only_train_and_eval(prefe
     cfg = micro_config(tmp_path / "ws")
     first = distill(config=cfg)
     counts, seen = stage_runs(seen)
-    assert counts["executed"] == sorted(["ingest", "ingest", "teacher-rationales", "student-init", "steps",
-                                         "train-student", "evaluate"]) and not counts["cached"]
+    assert counts["executed"] == sorted(["ingest", "ingest", "generate", "student", "steps",
+                                         "train", "evaluate"]) and not counts["cached"]
 
     second = distill(config=cfg)
     counts, seen = stage_runs(seen)
@@ -97,7 +97,7 @@ def test_rerun_is_cached_and_a_train_change_recomputes_only_train_and_eval(prefe
 
     changed = distill(config=micro_config(tmp_path / "ws", **{"train.lr": 0.001}))
     counts, seen = stage_runs(seen)
-    assert counts["executed"] == ["evaluate", "train-student"]
+    assert counts["executed"] == ["evaluate", "train"]
     assert len(counts["cached"]) == 5
     assert changed.train_fp != first.train_fp
 
@@ -118,8 +118,8 @@ def test_phase_flow_alone_reuses_upstream(prefect_api, tmp_path):
     _, seen = stage_runs(seen)
     prepare(config=cfg)  # runs generate again: every upstream task is a cache hit
     counts, _ = stage_runs(seen)
-    assert counts["executed"] == ["steps", "student-init"]
-    assert sorted(counts["cached"]) == ["ingest", "ingest", "teacher-rationales"]
+    assert counts["executed"] == ["steps", "student"]
+    assert sorted(counts["cached"]) == ["generate", "ingest", "ingest"]
 
 
 @pytest.mark.slow
@@ -130,14 +130,14 @@ def test_a_token_weights_change_recomputes_token_weights_and_difficulty_never_th
     _, seen = stage_runs(set())      # task runs of earlier tests on this server
     base = {"token_weights.compute": True, "token_weights.epochs": 1, "token_weights.predictor_warmup_epochs": 1, "student.max_length": 256}
     first = prepare(config=micro_config(tmp_path / "ws", **base))
-    counts, seen = stage_runs(seen, extra={"token-weights", "step-difficulty"})
-    assert {"token-weights", "step-difficulty", "teacher-rationales"} <= set(counts["executed"])
+    counts, seen = stage_runs(seen, extra={"token-weights", "difficulty"})
+    assert {"token-weights", "difficulty", "generate"} <= set(counts["executed"])
     assert first.token_weights.n_rationales == first.steps.n_rationales
 
     prepare(config=micro_config(tmp_path / "ws", **{**base, "token_weights.alpha": 0.25}))
-    counts, seen = stage_runs(seen, extra={"token-weights", "step-difficulty"})
-    assert counts["executed"] == ["step-difficulty", "token-weights"]
-    assert "teacher-rationales" in counts["cached"]
+    counts, seen = stage_runs(seen, extra={"token-weights", "difficulty"})
+    assert counts["executed"] == ["difficulty", "token-weights"]
+    assert "generate" in counts["cached"]
     cat = Workspace(tmp_path / "ws").catalog()
     assert cat.execute("select count(distinct token_weights_fp) as n from token_weights")[0]["n"] == 2
     assert cat.execute("select count(distinct difficulty_fp) as n from step_difficulty")[0]["n"] == 2
@@ -150,13 +150,13 @@ def test_kpod_end_to_end_and_a_curriculum_change_recomputes_only_curriculum_trai
     from flows.distill import distill
     from storage.workspace import Workspace
 
-    extra = {"token-weights", "step-difficulty", "curriculum"}
+    extra = {"token-weights", "difficulty", "curriculum"}
     _, seen = stage_runs(set())      # task runs of earlier tests on this server
     base = {"train.loss": "kpod", "train.epochs": 4, "token_weights.epochs": 1, "token_weights.predictor_warmup_epochs": 1,
             "student.max_length": 256}
     first = distill(config=micro_config(tmp_path / "ws", **base))
     counts, seen = stage_runs(seen, extra=extra)
-    assert {"token-weights", "step-difficulty", "curriculum", "train-student", "evaluate"} <= set(counts["executed"])
+    assert {"token-weights", "difficulty", "curriculum", "train", "evaluate"} <= set(counts["executed"])
     ws = Workspace(tmp_path / "ws")
     cat = ws.catalog()
     stages = cat.execute("select stage, count(*) as n from curriculum group by stage order by stage")
@@ -171,8 +171,8 @@ def test_kpod_end_to_end_and_a_curriculum_change_recomputes_only_curriculum_trai
 
     again = distill(config=micro_config(tmp_path / "ws", **{**base, "curriculum.beta": 3.0}))
     counts, seen = stage_runs(seen, extra=extra)
-    assert counts["executed"] == ["curriculum", "evaluate", "train-student"]
-    assert "token-weights" in counts["cached"] and "teacher-rationales" in counts["cached"]
+    assert counts["executed"] == ["curriculum", "evaluate", "train"]
+    assert "token-weights" in counts["cached"] and "generate" in counts["cached"]
     assert again.train_fp != first.train_fp
     # the UI: the run the user started carries the results and the report; plots embedded; named and tagged
     assert_artifacts_show_no_local_paths(artifacts_of())
@@ -220,7 +220,7 @@ def test_a_preset_with_edited_config_fields_is_refused_not_silently_ignored():
 
 
 def test_two_training_processes_run_inside_the_train_task(prefect_api, tmp_path):
-    """train.num_processes: 2 — the train-student task launches torchrun and its log carries the ranks' output
+    """train.num_processes: 2 — the train task launches torchrun and its log carries the ranks' output
     and the epoch lines (one task run: the `gpu` tag's concurrency limit counts it once)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import LogFilter, LogFilterTaskRunId
@@ -228,14 +228,13 @@ def test_two_training_processes_run_inside_the_train_task(prefect_api, tmp_path)
     from flows.distill import distill
 
     _, seen = stage_runs(set())      # task runs of earlier tests on this server
-    _, seen = stage_runs(seen)
     out = distill(config=micro_config(tmp_path / "ws", **{"train.num_processes": 2}))
     assert out.accuracy
 
     async def train_logs():
         async with get_client() as client:
             runs = [r for r in await client.read_task_runs(limit=200) if r.id not in seen
-                    and r.name.startswith("train-student")]
+                    and r.name.startswith("train-") and not r.state.state_details.child_flow_run_id]   # not the subflow
             assert len(runs) == 1 and "gpu" in runs[0].tags
             logs = await client.read_logs(LogFilter(task_run_id=LogFilterTaskRunId(any_=[runs[0].id])))
             return [log.message for log in logs]

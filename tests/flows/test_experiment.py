@@ -37,9 +37,9 @@ gaps: [[std_cot, label_then_cot]]
     assert exp.study_dir == str(tmp_path / "docs" / "studies" / "exp")      # beside the experiment file's repo
     out = experiment(config=exp)
     counts, seen = stage_runs(seen)
-    assert counts["executed"].count("teacher-rationales") == 1      # shared upstream: generated once
-    assert counts["executed"].count("student-init") == 1
-    assert counts["executed"].count("train-student") == 4           # 2 variants x 2 seeds
+    assert counts["executed"].count("generate") == 1      # shared upstream: generated once
+    assert counts["executed"].count("student") == 1
+    assert counts["executed"].count("train") == 4           # 2 variants x 2 seeds
     assert len(out.runs) == 4 and len({r["train_fp"] for r in out.runs}) == 4
     text = (tmp_path / "docs" / "results.md").read_text()
     assert "| std_cot | 2 |" in text and "| label_then_cot | 2 |" in text and "±" in text
@@ -55,7 +55,7 @@ gaps: [[std_cot, label_then_cot]]
     # a rerun runs no arm; the report comes back from the files alone, with the workspace gone
     experiment(config=load_experiment(spec))
     counts, _ = stage_runs(seen)
-    assert "train-student" not in counts["executed"] and "ingest" not in counts["executed"] + counts["cached"]
+    assert "train" not in counts["executed"] and "ingest" not in counts["executed"] + counts["cached"]
     shutil.rmtree(tmp_path / "ws")
     (tmp_path / "docs" / "results.md").unlink()
     again = study_report(load_experiment(spec))
@@ -87,7 +87,7 @@ study_dir: {tmp_path / 'study'}
     _, seen = stage_runs(set())
     out = experiment(config=load_experiment(spec))
     counts, _ = stage_runs(seen)
-    assert counts["executed"].count("train-student") == 3            # the pretrained student once, then 2 arms
+    assert counts["executed"].count("train") == 3            # the pretrained student once, then 2 arms
     pre = next((tmp_path / "pre-ws" / "checkpoints").glob("*/epoch-1"))
     for run in out.runs:
         saved = json.loads((tmp_path / "ws" / "checkpoints" / run["train_fp"] / "epoch-1" / "keystep_config.json").read_text())

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from keystep.config import CurriculumConfig
-from tasks.curriculum import build_schedule, diversity_objective, greedy_max, n_stages, question_clusters, stage_shard
+from tasks.curriculum import build_schedule, diversity_objective, greedy_max, n_stages, question_clusters, curriculum_shard
 
 
 def random_instance(rng: np.random.Generator, n: int):
@@ -176,11 +176,11 @@ def test_stage_writes_the_table_and_one_parquet_shard_per_stage(tmp_path):
     table = cat.query("curriculum_of", fp=fp)
     assert len(table) == 3 * len(rows)
     for t in (1, 2, 3):
-        shard = stage_shard(s.shards_dir, t)
+        shard = curriculum_shard(s.shards_dir, t)
         assert shard == {r["rationale_id"]: r["prefix_steps"] for r in table if r["stage"] == t}
     assert sorted(p.name for p in ws.curriculum_dir(fp).iterdir()) == ["stage=1", "stage=2", "stage=3"]
     assert not [p for p in ws.curriculum_dir(fp).parent.iterdir() if p.name.startswith(".tmp")]   # published by rename
-    assert all(stage_shard(s.shards_dir, 3)[r] == 0 for r in stage_shard(s.shards_dir, 3))
+    assert all(curriculum_shard(s.shards_dir, 3)[r] == 0 for r in curriculum_shard(s.shards_dir, 3))
     for plot in s.plots.values():
         assert open(plot, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     assert "budget D(t)" in s.markdown and "coverage.png" in s.markdown

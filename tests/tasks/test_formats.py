@@ -64,8 +64,9 @@ def test_step_spans_token_weights_difficulty_and_kpod_prefixes_point_at_the_same
         assert all(a <= sa and tok.decode(seq.ids[a:sa]).strip() == "" for (a, _), (sa, _) in zip(scored, spans))
         # KPOD stage with c input steps: loss starts at step c's first token, weights sit on the same positions
         for c in range(len(rsteps)):
-            ids, labels, loss_w = kpod_sequence(tok, cfg.teacher, r, 1 << 30, [s["char_end"] for s in rsteps], c,
-                                                weights[r["rationale_id"]])
+            staged = kpod_sequence(tok, cfg.teacher, r, 1 << 30, [s["char_end"] for s in rsteps], c,
+                                   weights[r["rationale_id"]])
+            ids, labels, loss_w = staged.ids, staged.labels, staged.weights
             assert ids == seq.ids
             first = next(j for j, lab in enumerate(labels) if lab != IGNORE)
             assert first <= spans[c][0] and tok.decode(ids[first:spans[c][0]]).strip() == ""   # the space before it at most
@@ -88,8 +89,9 @@ def test_sequence_mean_scale_keeps_the_weights_order_and_makes_their_mean_over_s
     for r in rows[:6]:
         ends = [s["char_end"] for s in steps[r["rationale_id"]]]
         for c in range(len(ends)):
-            _, labels, raw = kpod_sequence(tok, cfg.teacher, r, 1 << 30, ends, c, weights[r["rationale_id"]])
-            _, _, scaled = kpod_sequence(tok, cfg.teacher, r, 1 << 30, ends, c, weights[r["rationale_id"]], "sequence_mean")
+            seq = kpod_sequence(tok, cfg.teacher, r, 1 << 30, ends, c, weights[r["rationale_id"]])
+            labels, raw = seq.labels, seq.weights
+            scaled = kpod_sequence(tok, cfg.teacher, r, 1 << 30, ends, c, weights[r["rationale_id"]], "sequence_mean").weights
             supervised = [j for j, lab in enumerate(labels) if lab != IGNORE]
             assert sum(scaled[j] for j in supervised) / len(supervised) == pytest.approx(1.0)
             ratio = scaled[supervised[0]] / raw[supervised[0]]

@@ -6,7 +6,8 @@ import torch
 
 from storage.workspace import Workspace
 from tasks.student import load_student
-from tasks.train import last_whole_epoch, train_lineage, train_student
+from tasks.train import train_lineage, train_student
+from tasks.training import TrainInputs, last_whole_epoch
 from tests.tasks.helpers import prepared
 from tests.tasks.test_train import Killed, train_killable
 
@@ -16,7 +17,7 @@ LORA = {"student.lora": {"r": 4, "alpha": 8, "dropout": 0.1}, "train.lr": 0.01}
 def test_lora_trains_adapters_only_and_writes_a_merged_student(tmp_path):
     ws = Workspace(tmp_path)
     cfg, cat, gen, st = prepared(ws, n=32, **{"train.epochs": 2, **LORA})
-    out = train_student(ws, cfg, gen, st)
+    out = train_student(ws, cfg, TrainInputs(generation=gen, student=st))
     epoch = ws.checkpoints_root(out.fp) / "epoch-2"
     adapter = json.loads((epoch / "adapter_config.json").read_text())
     assert adapter["r"] == 4 and adapter["base_model_name_or_path"] == st.model_dir
@@ -56,7 +57,7 @@ def test_qlora_trains_on_a_4bit_base(tmp_path):
     ws = Workspace(tmp_path)
     cfg, cat, gen, st = prepared(ws, n=32, **{"train.epochs": 2, "student.lora": {"r": 4, "quantize": "4bit"},
                                               "train.lr": 0.01})
-    out = train_student(ws, cfg, gen, st)
+    out = train_student(ws, cfg, TrainInputs(generation=gen, student=st))
     assert all(h["loss"] == h["loss"] for h in out.history)       # finite
     merged, tok = load_student(out.final_dir)
     assert merged.dtype in (torch.float32, torch.bfloat16) and not hasattr(merged, "peft_config")
@@ -84,7 +85,7 @@ def test_the_7b_preset_runs_its_settings_on_a_tiny_llama(tmp_path):
     ws = Workspace(tmp_path / "ws")
     gen = teacher.generate_rationales(ws, cfg, ingest.ingest(ws, cfg.data.train))
     st = init_student(ws, cfg, gen)
-    out = train_student(ws, cfg, gen, st)
+    out = train_student(ws, cfg, TrainInputs(generation=gen, student=st))
     assert out.history[0]["loss"] == out.history[0]["loss"] and len(out.history) == 1
     saved = json.loads((ws.checkpoints_root(out.fp) / "epoch-1" / "keystep_config.json").read_text())
     assert saved["train"]["precision"] == "bf16" and saved["student"]["lora"]["r"] == 16

@@ -4,10 +4,11 @@ import torch
 
 from keystep.config import TrainConfig
 from storage.workspace import Workspace
-from tasks.formats import IGNORE
+from tasks.formats import IGNORE, Sequence
 from tasks.packing import collate, collate_packed, model_inputs, pack_rows
 from tasks.student import load_student
-from tasks.train import KpodData, micro_batches, optimizer_steps, train_student, weighted_nll_sum
+from tasks.train import train_student
+from tasks.training import CurriculumSequences, TrainInputs, micro_batches, optimizer_steps, weighted_nll_sum
 from tests.tasks.helpers import kpod_prepared, prepared
 
 
@@ -35,14 +36,14 @@ def test_packed_kpod_loss_equals_padded_loss_with_weights_and_prefixes(tmp_path,
     model.set_attn_implementation(attention)
     model.eval()
     rows = cat.query("kept_rationales", dataset_fp=gen.dataset_fp, teacher_fp=gen.teacher_fp, only_correct=True)
-    data = KpodData(cat, tok, cfg, rows, kpod["steps"], kpod["token_weights"], kpod["curriculum"]).sequences(1)
-    assert any(w != 1.0 for _, _, ws_ in data for w in ws_)           # real token weights in play
+    data = CurriculumSequences(cat, tok, cfg, rows, kpod["steps"], kpod["token_weights"], kpod["curriculum"]).sequences(1)
+    assert any(w != 1.0 for s in data for w in s.weights)             # real token weights in play
     with torch.no_grad():
         padded = loss_sum(model, collate(data, tok.pad_token_id))
         for row_length in (256, 512, 4096):
             packed = collate_packed(data, tok.pad_token_id, row_length)
             assert packed["input_ids"].shape[0] < len(data)             # several sequences share rows
-            assert (packed["labels"] != IGNORE).sum() == sum((torch.tensor(y[1:]) != IGNORE).sum() for _, y, _ in data)
+            assert (packed["labels"] != IGNORE).sum() == sum((torch.tensor(s.labels[1:]) != IGNORE).sum() for s in data)
             assert loss_sum(model, packed).item() == pytest.approx(padded.item(), rel=1e-4)
 
 
@@ -55,13 +56,14 @@ def test_a_sequences_outputs_do_not_change_when_others_share_its_row(tmp_path, a
     model.eval()
     from tasks.formats import encode_rationale
     rows = cat.query("kept_rationales", dataset_fp=gen.dataset_fp, teacher_fp=gen.teacher_fp, only_correct=True)
-    seqs = [(s.ids, s.labels) for s in (encode_rationale(tok, cfg.teacher, r, 256) for r in rows)]
+    seqs = [encode_rationale(tok, cfg.teacher, r, 256) for r in rows]
     packed = collate_packed(seqs, tok.pad_token_id, row_length=10_000)     # all in one row
     assert packed["input_ids"].shape[0] == 1
     starts = (packed["position_ids"][0] == 0).nonzero().flatten().tolist()    # where each sequence begins
     with torch.no_grad():
         together = model(**model_inputs(packed)).logits[0]
-        for seq_ids, _ in seqs:               # every one of them, the ones after others in the row included
+        for seq in seqs:                      # every one of them, the ones after others in the row included
+            seq_ids = seq.ids
             n = len(seq_ids)
             start = next(i for i in starts if packed["input_ids"][0, i:i + n].tolist() == seq_ids)
             alone = model(input_ids=torch.tensor([seq_ids])).logits[0]
@@ -76,7 +78,7 @@ def test_tokens_per_batch_fills_micro_batches_up_to_the_budget():
     assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
     assert all(sum(lengths[i] for i in b) <= 200 for b in batches)
     assert batches == micro_batches(lengths, cfg, epoch=1) != micro_batches(lengths, cfg, epoch=2)
-    data = [([0] * n, [IGNORE] * n) for n in lengths]
+    data = [Sequence([0] * n, [IGNORE] * n, [(0, 0)] * n, n) for n in lengths]
     assert [len(g) for g in optimizer_steps(data, cfg, 1)][:-1] == [2] * (len(optimizer_steps(data, cfg, 1)) - 1)
 
 
@@ -86,5 +88,5 @@ def test_packed_and_padded_training_give_the_same_run(tmp_path):
     for packing in (True, False):
         ws = Workspace(tmp_path / str(packing))
         cfg, cat, gen, st = prepared(ws, n=32, **{"train.epochs": 2, "train.packing": packing})
-        histories[packing] = [h["loss"] for h in train_student(ws, cfg, gen, st).history]
+        histories[packing] = [h["loss"] for h in train_student(ws, cfg, TrainInputs(generation=gen, student=st)).history]
     assert histories[True] == pytest.approx(histories[False], rel=1e-4)

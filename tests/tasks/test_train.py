@@ -6,7 +6,8 @@ import torch
 from storage.workspace import Workspace
 from tasks.formats import IGNORE, encode, format_prompt, training_target
 from tasks.steps import split_rationales
-from tasks.train import KpodData, collate, last_whole_epoch, train_student, weighted_nll
+from tasks.train import train_student
+from tasks.training import CurriculumSequences, TrainInputs, collate, last_whole_epoch, weighted_nll
 from tests.tasks.helpers import kpod_prepared, prepared
 
 
@@ -24,7 +25,7 @@ def train_killable(ws, cfg, cat, gen, st, kill_after=None, kpod=None):
         if kill_after and epoch == kill_after:
             raise Killed()
 
-    return train_student(ws, cfg, gen, st, **(kpod or {}), on_epoch=on_epoch)
+    return train_student(ws, cfg, TrainInputs(generation=gen, student=st, **(kpod or {})), on_epoch=on_epoch)
 
 
 def weights(path):
@@ -96,8 +97,8 @@ def test_std_cot_loss_is_the_models_own_causal_lm_loss(tmp_path):
     from tasks.student import load_student
     model, tok = load_student(st.model_dir)
     rows = cat.query("kept_rationales", dataset_fp=gen.dataset_fp, teacher_fp=gen.teacher_fp, only_correct=True)
-    batch = collate([encode_example(tok, format_prompt(cfg.teacher, r["question"]),
-                                    training_target(r["text"], r["answer"], cfg.teacher), 96)[:2] for r in rows], tok.pad_token_id)
+    batch = collate([encode(tok, format_prompt(cfg.teacher, r["question"]), training_target(r["text"], r["answer"], cfg.teacher), 96)
+                     for r in rows], tok.pad_token_id)
     with torch.no_grad():
         ours = weighted_nll(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
                             batch["labels"], batch["weights"])
@@ -106,7 +107,7 @@ def test_std_cot_loss_is_the_models_own_causal_lm_loss(tmp_path):
 
 
 def test_kpod_sequences_follow_the_curriculum_and_carry_the_token_weights(tmp_path):
-    from tasks.curriculum import stage_shard
+    from tasks.curriculum import curriculum_shard
     from tasks.student import load_student
     from tasks.token_weights import load_weights
 
@@ -114,16 +115,17 @@ def test_kpod_sequences_follow_the_curriculum_and_carry_the_token_weights(tmp_pa
     cfg, cat, gen, st, kpod = kpod_prepared(ws, n=24, epochs=4)
     _, tok = load_student(st.model_dir)
     rows = cat.query("kept_rationales", dataset_fp=gen.dataset_fp, teacher_fp=gen.teacher_fp, only_correct=True)
-    data = KpodData(cat, tok, cfg, rows, kpod["steps"], kpod["token_weights"], kpod["curriculum"])
+    data = CurriculumSequences(cat, tok, cfg, rows, kpod["steps"], kpod["token_weights"], kpod["curriculum"])
     steps = {}
     for s in cat.query("steps_of_rationales", steps_fp=kpod["steps"].fp):
         steps.setdefault(s["rationale_id"], []).append(s["text"])
     weights = load_weights(cat, kpod["token_weights"])
-    assert [data.stage_of(e) for e in (1, 2, 3, 4)] == [1, 2, 2, 2]
+    assert [data.curriculum_stage(e) for e in (1, 2, 3, 4)] == [1, 2, 2, 2]
     for epoch in (1, 4):
-        prefix = stage_shard(kpod["curriculum"].shards_dir, data.stage_of(epoch))
+        prefix = curriculum_shard(kpod["curriculum"].shards_dir, data.curriculum_stage(epoch))
         given = 0
-        for r, (ids, labels, w) in zip(rows, data.sequences(epoch)):
+        for r, seq in zip(rows, data.sequences(epoch)):
+            ids, labels, w = seq.ids, seq.labels, seq.weights
             c = prefix[r["rationale_id"]]
             given += c
             target = tok.decode([t for t, lab in zip(ids, labels) if lab != IGNORE], skip_special_tokens=True)
@@ -168,7 +170,7 @@ def test_label_then_keytokens_trains_on_the_top_weighted_tokens(tmp_path):
         assert all(piece.strip() in r["text"] for piece in tok.batch_decode([[t] for t in tok(keys[r["rationale_id"]])["input_ids"]]))
     keytokens = cfg.model_copy(update={"train": cfg.train.model_copy(
         update={"loss": "std_cot", "target_format": "label_then_keytokens", "epochs": 1})})
-    s = train_student(ws, keytokens, gen, st, token_weights=kpod["token_weights"])
+    s = train_student(ws, keytokens, TrainInputs(generation=gen, student=st, token_weights=kpod["token_weights"]))
     assert s.target_format == "label_then_keytokens" and s.epochs == 1
 
 
@@ -177,7 +179,7 @@ def test_match_cot_tokens_gives_shorter_targets_more_epochs(tmp_path):
     cfg, cat, gen, st = prepared(ws, n=16, **{"student.max_length": 256})
     label_only = cfg.model_copy(update={"train": cfg.train.model_copy(
         update={"target_format": "label_only", "match_cot_tokens": True, "epochs": 2})})
-    s = train_student(ws, label_only, gen, st)
+    s = train_student(ws, label_only, TrainInputs(generation=gen, student=st))
     cot_tokens = 2 * sum(len(encode_example(__import__("transformers").AutoTokenizer.from_pretrained(st.model_dir),
                                             f"Q: {r['question']}\nA: Let's think step by step.",
                                             f"{r['text']} Therefore, the answer is {r['answer']}.", 256)[0])
@@ -189,22 +191,23 @@ def test_match_cot_tokens_gives_shorter_targets_more_epochs(tmp_path):
 
 def test_training_units_each_do_one_thing(tmp_path):
     """setup -> run_epoch -> save_checkpoint -> cleanup, each on its own; a second setup resumes the saved epoch."""
-    from tasks.train import cleanup, run_epoch, save_checkpoint, setup, train_lineage
+    from tasks.train import train_lineage
+    from tasks.training import cleanup, run_epoch, save_checkpoint, setup
 
     ws = Workspace(tmp_path)
     cfg, cat, gen, st = prepared(ws, n=16, **{"train.epochs": 2, "train.batch_size": 8})
     lineage = train_lineage(cfg, gen, st)
-    run = setup(ws, lineage, cfg.train, cfg, gen, st)
+    run = setup(ws, lineage, cfg, TrainInputs(generation=gen, student=st))
     assert run.start_epoch == 0 and run.epochs == 2 and len(run.data) == 16 and run.device == "cpu"
     before = {k: v.clone() for k, v in run.model.state_dict().items()}
     metrics = run_epoch(run, 1)
-    assert metrics["epoch"] == 1 and metrics["loss"] > 0 and metrics["tokens"] == sum(len(ids) for ids, _ in run.data)
+    assert metrics["epoch"] == 1 and metrics["loss"] > 0 and metrics["tokens"] == sum(len(s.ids) for s in run.data)
     assert any(not torch.equal(before[k], v) for k, v in run.model.state_dict().items())   # the model moved
     assert last_whole_epoch(run.ckpt_root) == 0                                              # nothing saved yet
     path = save_checkpoint(run, 1, metrics)
     assert path.name == "epoch-1" and (path / "trainer_state.pt").exists() and last_whole_epoch(run.ckpt_root) == 1
     assert cat.execute("select epoch from checkpoints where train_fp = ?", [lineage.fp]) == [{"epoch": 1}]
-    resumed = setup(ws, lineage, cfg.train, cfg, gen, st)
+    resumed = setup(ws, lineage, cfg, TrainInputs(generation=gen, student=st))
     assert resumed.start_epoch == 1 and resumed.history == [metrics]
     assert resumed.optimizer.state_dict()["state"][0]["step"] == run.optimizer.state_dict()["state"][0]["step"]
     out = cleanup(run)
@@ -215,10 +218,10 @@ def test_too_many_cut_sequences_fail_before_training_unless_allowed(tmp_path):
     ws = Workspace(tmp_path)
     cfg, cat, gen, st = prepared(ws, n=16, **{"student.max_length": 32})   # every micro sequence is longer
     with pytest.raises(ValueError, match=r"student.max_length.*16 of 16.*train.allow_truncation"):
-        train_student(ws, cfg, gen, st)
+        train_student(ws, cfg, TrainInputs(generation=gen, student=st))
     assert cat.execute("select count(*) as n from checkpoints")[0]["n"] == 0    # failed before any epoch
     allowed = cfg.model_copy(update={"train": cfg.train.model_copy(update={"allow_truncation": True, "epochs": 1})})
-    out = train_student(ws, allowed, gen, st)
+    out = train_student(ws, allowed, TrainInputs(generation=gen, student=st))
     assert out.n_truncated == out.n_examples == 16                        # counted and reported, not silent
 
 
@@ -229,7 +232,7 @@ def test_throughput_settings_change_the_speed_not_the_run(tmp_path):
                         ("bf16", {"train.precision": "bf16"}), ("by_tokens", {"train.tokens_per_batch": 600})):
         ws = Workspace(tmp_path / name)
         cfg, cat, gen, st = prepared(ws, n=32, **{"train.epochs": 2, "train.lr": 0.01, **extra})
-        runs[name] = train_student(ws, cfg, gen, st)
+        runs[name] = train_student(ws, cfg, TrainInputs(generation=gen, student=st))
     loss = {k: [h["loss"] for h in r.history] for k, r in runs.items()}
     assert loss["checkpointed"] == pytest.approx(loss["plain"], rel=1e-5)
     assert loss["bf16"][-1] < loss["bf16"][0] and loss["by_tokens"][-1] < loss["by_tokens"][0]
@@ -244,5 +247,5 @@ def test_compiled_model_trains_the_same_run(tmp_path):
     for name, extra in (("eager", {}), ("compiled", {"train.compile": "on"})):
         ws = Workspace(tmp_path / name)
         cfg, cat, gen, st = prepared(ws, n=16, **{"train.epochs": 1, "train.batch_size": 16, **extra})
-        runs[name] = [h["loss"] for h in train_student(ws, cfg, gen, st).history]
+        runs[name] = [h["loss"] for h in train_student(ws, cfg, TrainInputs(generation=gen, student=st)).history]
     assert runs["compiled"] == pytest.approx(runs["eager"], rel=1e-4)

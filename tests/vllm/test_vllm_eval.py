@@ -7,7 +7,7 @@ import pytest
 from storage.workspace import Workspace
 from tasks.evaluate import evaluate_student
 from tasks.ingest import ingest
-from tasks.train import train_student
+from tasks.train import TrainInputs, train_student
 from tests.tasks.helpers import prepared
 
 VLLM_PYTHON = os.environ.get("KEYSTEP_VLLM_PYTHON")
@@ -22,7 +22,7 @@ def test_vllm_evaluation_matches_hf_generate(tmp_path, lora):
     ws = Workspace(tmp_path)
     extra = {"student.lora": {"r": 8, "merge": False}} if lora else {}
     cfg, cat, gen, st = prepared(ws, n=64, **{"train.epochs": 10, "train.lr": 0.005, **STUDENT, **extra})
-    trained = train_student(ws, cfg, gen, st)
+    trained = train_student(ws, cfg, TrainInputs(generation=gen, student=st))
     datasets = [ingest(ws, spec) for spec in cfg.data.eval]
     hf_cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"backend": "hf", "include_untrained": False})})
     vllm_cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={
