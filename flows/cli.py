@@ -86,7 +86,8 @@ class PrefectUnavailable(RuntimeError):
 
 
 def start_prefect() -> None:
-    import prefect  # noqa: F401 - configures Prefect's logging, which quiet_console_tracebacks then adjusts
+    import prefect.main  # noqa: F401 - configures Prefect's logging (`import prefect` alone is lazy), which
+    #                      quiet_console_tracebacks then adjusts
 
     quiet_console_tracebacks()
     check_server()

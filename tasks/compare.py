@@ -247,14 +247,13 @@ def study_report(exp) -> dict:
 
 
 # ---- Prefect wrapper ----------------------------------------------------------------------------------
-from prefect import task  # noqa: E402
-from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
-
-from tasks.stage import artifact_markdown  # noqa: E402
+from tasks.stage import artifact_markdown, prefect_task  # noqa: E402
 
 
-@task(name="compare")
+@prefect_task(name="compare")
 def compare_task(exp) -> dict:
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
     report = study_report(exp)
     create_table_artifact(key="experiment-results", description=exp.name, table=[
         {"variant": r["variant"], "seeds": r["n_seeds"],

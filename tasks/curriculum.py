@@ -381,13 +381,13 @@ def curriculum_shard(shards_dir: str | Path, stage: int) -> dict[str, int]:
 
 
 # ---- Prefect wrapper ----------------------------------------------------------------------------------
-from prefect.artifacts import create_markdown_artifact  # noqa: E402
-
 from tasks.stage import artifact_markdown, stage_task, workspace_of  # noqa: E402
 
 
 @stage_task("curriculum", curriculum_lineage)
 def curriculum_task(config: DistillConfig, generation: Generation, difficulty: Difficulty) -> Curriculum:
+    from prefect.artifacts import create_markdown_artifact
+
     out = build_curriculum(workspace_of(config), config, generation, difficulty)
     create_markdown_artifact(key="curriculum", markdown=artifact_markdown(out.markdown, workspace_of(config).root / "reports"),
                              description=f"curriculum {out.fp}; Parquet shards per stage: {out.shards_dir}")

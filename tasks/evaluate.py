@@ -251,18 +251,13 @@ def write_summary(config: DistillConfig, evaluation: Evaluation, generation: Gen
 
 
 # ---- Prefect wrapper ------------------------------------------------------------------------------
-from prefect.artifacts import (  # noqa: E402
-    create_markdown_artifact,
-    create_progress_artifact,
-    create_table_artifact,
-    update_progress_artifact,
-)
-
 from tasks.stage import artifact_markdown, stage_task  # noqa: E402
 
 
 @stage_task("evaluate", eval_lineage, tags=["gpu"])
 def evaluate_task(config: DistillConfig, trained: Trained, student: Student, datasets: list[Dataset]) -> Evaluation:
+    from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
     ws = workspace_of(config)
     lineage = eval_lineage(config, trained, student, datasets)
     progress = create_progress_artifact(0.0, key="eval-progress", description=f"evaluating {lineage.fp}")
@@ -279,6 +274,8 @@ def evaluate_task(config: DistillConfig, trained: Trained, student: Student, dat
 def publish_results(config: DistillConfig, evaluation: Evaluation, report: str, header: str = "") -> None:
     """The results table (accuracy in percent) and the report (plots embedded, `header` first: what ran and the
     headline) as artifacts of the calling flow run — the distill run a user starts, or the evaluate flow run alone."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
     rows = workspace_of(config).catalog().query("latest_results", eval_fp=evaluation.fp)
     create_table_artifact(key="distill-results", description="Accuracy (%) per model, evaluation set and step count",
                           table=[{"dataset": f"{r['dataset']}/{r['split']}",

@@ -235,9 +235,6 @@ def push_to_hub(config: DistillConfig, exported: Exported) -> str:
 
 
 # ---- Prefect wrapper ----------------------------------------------------------------------------------
-from prefect import get_run_logger  # noqa: E402
-from prefect.artifacts import create_markdown_artifact  # noqa: E402
-
 from tasks.stage import stage_task, workspace_of  # noqa: E402
 
 
@@ -245,6 +242,9 @@ from tasks.stage import stage_task, workspace_of  # noqa: E402
 def export_task(config: DistillConfig, generation: Generation, student: Student | None = None,
                 steps: Steps | None = None, token_weights: TokenWeights | None = None,
                 difficulty: Difficulty | None = None) -> Exported:
+    from prefect import get_run_logger
+    from prefect.artifacts import create_markdown_artifact
+
     out = export_dataset(workspace_of(config), config, generation, student, steps, token_weights, difficulty)
     get_run_logger().info("exported %d rationales (%d SFT rows in %s) to %s", out.n_rows, out.n_sft,
                           ", ".join(out.formats) or "no format", out.out_dir)

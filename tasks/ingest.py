@@ -361,13 +361,13 @@ def ingest(ws: Workspace, spec: DatasetSpec, exclude: Dataset | None = None) -> 
 
 
 # ---- Prefect wrapper ------------------------------------------------------------------------------
-from prefect import get_run_logger  # noqa: E402
-
 from tasks.stage import stage_task, workspace_of  # noqa: E402
 
 
 @stage_task("ingest", dataset_lineage)
 def ingest_task(config: DistillConfig, spec: DatasetSpec, exclude: Dataset | None = None) -> Dataset:
+    from prefect import get_run_logger
+
     out = ingest(workspace_of(config), spec, exclude)
     logger = get_run_logger()
     logger.info("dataset %s/%s: %d examples", spec.name, spec.split, out.n_examples)

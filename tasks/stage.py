@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import inspect
 import re
 import typing
@@ -104,9 +105,36 @@ def artifact_markdown(markdown: str, base_dir: Path) -> str:
 
 
 # ---- Prefect --------------------------------------------------------------------------------------
-from prefect import task  # noqa: E402
-from prefect.context import FlowRunContext  # noqa: E402
-from prefect.filesystems import LocalFileSystem  # noqa: E402
+class PrefectTask:
+    """`prefect.task(**options)(fn)`, built the first time it is called, mapped, submitted or given options — so
+    importing a stage module never imports Prefect (a torchrun rank, a bench script and a test run the plain
+    functions). `fn` and `name` are there without building it."""
+
+    def __init__(self, fn, **options):
+        functools.update_wrapper(self, fn)
+        self.fn, self.options, self.name = fn, options, options.get("name", fn.__name__)
+        self._task = None
+
+    @property
+    def task(self):
+        if self._task is None:
+            from prefect import task
+
+            self._task = task(**self.options)(self.fn)
+        return self._task
+
+    def __call__(self, *args, **kwargs):
+        return self.task(*args, **kwargs)
+
+    def __getattr__(self, attr):   # map, submit, with_options, ...: the Prefect task's
+        if attr.startswith("_"):
+            raise AttributeError(attr)
+        return getattr(self.task, attr)
+
+
+def prefect_task(**options):
+    """`@prefect.task(**options)`, built on first use (see `PrefectTask`)."""
+    return lambda fn: PrefectTask(fn, **options)
 
 
 def stage_task(name: str, lineage: Callable[..., Lineage], **options):
@@ -116,7 +144,7 @@ def stage_task(name: str, lineage: Callable[..., Lineage], **options):
         return lineage_of(lineage, arguments).fp
 
     def decorate(fn):
-        stage = task(name=name, cache_key_fn=by_fingerprint, persist_result=True, **options)(fn)
+        stage = PrefectTask(fn, name=name, cache_key_fn=by_fingerprint, persist_result=True, **options)
         stage.lineage = lineage
         return stage
 
@@ -154,6 +182,8 @@ _SAVED: set[tuple[str, str]] = set()
 
 def use_workspace(config: DistillConfig) -> Workspace:
     """Store this flow run's task results under the config's workspace (see the module docstring)."""
+    from prefect.context import FlowRunContext
+    from prefect.filesystems import LocalFileSystem
     from prefect.results import resolve_result_storage
     from prefect.settings import PREFECT_API_URL
 

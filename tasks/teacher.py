@@ -312,24 +312,26 @@ def usage_description(cfg: TeacherConfig, out: Generation) -> str:
 
 
 # ---- Prefect wrappers -----------------------------------------------------------------------------
-from prefect import get_run_logger, task, unmapped  # noqa: E402
-from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact  # noqa: E402
-
-from tasks.stage import stage_task, workspace_of  # noqa: E402
+from tasks.stage import prefect_task, stage_task, workspace_of  # noqa: E402
 
 
-@task(name="teacher-plan")
+@prefect_task(name="teacher-plan")
 def plan_task(config: DistillConfig, dataset: Dataset) -> GenerationPlan:
+    from prefect import get_run_logger
+
     plan = plan_generation(workspace_of(config).catalog(), config.teacher, dataset.fp)
     get_run_logger().info("teacher %s: %d items to generate in %d shard(s); %d recovered from an earlier run",
                           config.teacher.backend, plan.n_todo, len(plan.shards), plan.recovered)
     return plan
 
 
-@task(name="teacher-batches")
+@prefect_task(name="teacher-batches")
 def batch_task(config: DistillConfig, shards: list[str]) -> int:
     """`teacher.api: batch`, in the flow process (the batch ledger is in the catalog): submit, poll — with a progress
     artifact of the server's request counts — download and store, resuming any batch a killed run left."""
+    from prefect import get_run_logger
+    from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
     progress = create_progress_artifact(0.0, key="teacher-batches", description="teacher batches: requests done")
     logger, seen = get_run_logger(), {}
 
@@ -345,9 +347,11 @@ def batch_task(config: DistillConfig, shards: list[str]) -> int:
     return finished
 
 
-@task(name="teacher-shard")
+@prefect_task(name="teacher-shard")
 def shard_task(cfg: TeacherConfig, requests_path: str, endpoint: str | None) -> int:
     """Runs on any worker (thread, Dask or Ray): talks to the teacher, writes Parquet parts, never the catalog."""
+    from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
     progress = create_progress_artifact(0.0, description=f"teacher shard {Path(requests_path).stem}")
     finished = run_shard(cfg, requests_path, endpoint,
                          on_progress=lambda done, total: update_progress_artifact(progress, 100.0 * done / max(total, 1)))
@@ -357,6 +361,9 @@ def shard_task(cfg: TeacherConfig, requests_path: str, endpoint: str | None) -> 
 
 @stage_task("generate", generation_lineage)
 def finish_task(config: DistillConfig, dataset: Dataset, wall_s: float | None = None, refresh: bool = False) -> Generation:
+    from prefect import get_run_logger
+    from prefect.artifacts import create_table_artifact
+
     out = finish_generation(workspace_of(config), config, dataset, wall_s, refresh)
     get_run_logger().info("teacher %s: %d rationales, %d failed %s, correct rate %.1f%%", config.teacher.backend, out.n,
                           out.n_failed, out.failure_reasons or "", 100 * out.correct_rate)
@@ -374,6 +381,8 @@ def finished_generation(config: DistillConfig, dataset: Dataset) -> Generation |
 def teacher_rationales(config: DistillConfig, dataset: Dataset) -> Generation:
     """The teacher stage in a flow: plan (here) -> shards (mapped over the flow's task runner: threads, Dask or Ray)
     or batches (here: their ledger is in the catalog) -> finish (here, cached by the generation's fingerprint)."""
+    from prefect import unmapped
+
     ws = workspace_of(config)
     done = cached_output(ws.catalog(), generation_lineage(config, dataset), Generation)
     if done and not retryable_failures(config, done):   # done: only the cached finish runs

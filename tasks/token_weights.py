@@ -499,14 +499,14 @@ def load_weights(catalog, token_weights: TokenWeights) -> dict[str, tuple[int, l
 
 
 # ---- Prefect wrapper ------------------------------------------------------------------------------
-from prefect import get_run_logger  # noqa: E402
-from prefect.artifacts import create_markdown_artifact  # noqa: E402
-
 from tasks.stage import stage_task, workspace_of  # noqa: E402
 
 
 @stage_task("token-weights", token_weights_lineage, tags=["gpu"])
 def token_weights_task(config: DistillConfig, generation: Generation, steps: Steps, predictor: Student) -> TokenWeights:
+    from prefect import get_run_logger
+    from prefect.artifacts import create_markdown_artifact
+
     logger = get_run_logger()
     out = learn_token_weights(
         workspace_of(config), config, generation, steps, predictor,

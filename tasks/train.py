@@ -84,15 +84,15 @@ def launch_training(ws: Workspace, config: DistillConfig, inputs: TrainInputs, l
 
 
 # ---- Prefect wrapper ------------------------------------------------------------------------------
-from prefect import get_run_logger  # noqa: E402
-from prefect.artifacts import create_progress_artifact, update_progress_artifact  # noqa: E402
-
 from tasks.stage import stage_task, workspace_of  # noqa: E402
 
 
 @stage_task("train", train_lineage, tags=["gpu"])
 def train_task(config: DistillConfig, generation: Generation, student: Student, steps: Steps | None = None,
                token_weights: TokenWeights | None = None, curriculum: Curriculum | None = None) -> Trained:
+    from prefect import get_run_logger
+    from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
     logger = get_run_logger()
     lineage = train_lineage(config, generation, student, steps, token_weights, curriculum)
     progress = create_progress_artifact(0.0, key="train-progress", description=f"training {lineage.fp}")

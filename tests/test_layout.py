@@ -48,3 +48,14 @@ def test_no_import_cycle_and_no_layer_imports_one_above_it():
 def test_keystep_package_holds_only_the_config():
     assert sorted(p.name for p in (ROOT / "keystep").glob("*.py")) == ["__init__.py", "config.py"]
     assert not list(Path(ROOT / "flows").glob("fake_*.py")) and (ROOT / "tests" / "fake_openai.py").exists()
+
+
+def test_a_training_rank_and_the_stage_functions_import_without_prefect():
+    """A torchrun rank runs the plain training loop: importing it (and so every stage module it reads) pulls in no
+    Prefect — the stage modules' Prefect tasks are built on first use."""
+    import subprocess
+    import sys
+
+    code = "import sys, tasks.train_worker, tasks.token_weights, tasks.evaluate; print('prefect' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr[-2000:]

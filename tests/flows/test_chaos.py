@@ -41,11 +41,13 @@ def test_sigkill_at_random_points_then_rerun_equals_an_uninterrupted_run(tmp_pat
     clean_s = time.monotonic() - t0
     rng = random.Random(0)
     killed, attempts = 0, 0
-    while killed < KILLS and attempts < 3 * KILLS:    # each rerun resumes further, so the points move through the DAG
+    # each rerun resumes further, so the points move through the DAG; early points (the Prefect server's start
+    # included), since on a loaded machine a mostly cached rerun can finish before a late one
+    while killed < KILLS and attempts < 6 * KILLS:
         attempts += 1
         proc = start(tmp_path / "chaos")
         try:
-            proc.wait(timeout=rng.uniform(0.2, 0.6) * clean_s)
+            proc.wait(timeout=rng.uniform(0.1, 0.45) * clean_s)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()

@@ -243,3 +243,30 @@ def test_two_training_processes_run_inside_the_train_task(prefect_api, tmp_path)
     assert any("epoch 2/2" in m for m in messages)
     text = "\n".join(messages)   # the two ranks write to one pipe: their lines may interleave
     assert "rank 0 of 2 joined (gloo)" in text and "rank 1 of 2 joined (gloo)" in text
+
+
+@pytest.mark.slow
+def test_the_next_run_marks_a_killed_run_killed_in_the_catalog_and_crashed_in_prefect(prefect_api, tmp_path):
+    """A run killed without warning leaves its row 'running' and its Prefect flow run Running: the next run on the
+    workspace finds its process gone and says so in both places."""
+    import subprocess
+    import sys
+
+    from prefect.client.orchestration import get_client
+    from prefect.states import Running
+
+    from flows.distill import distill
+    from storage.runs import start_run
+    from storage.workspace import Workspace
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    with get_client(sync_client=True) as client:     # a flow run the server believes is running
+        run = client.create_flow_run(flow=distill, parameters={}, state=Running())
+    cat = Workspace(tmp_path / "ws").catalog()
+    start_run(cat, str(run.id), str(run.id), "{}").stop()
+    cat.execute("update runs set pid = ? where run_id = ?", [gone.pid, str(run.id)])
+    distill(config=micro_config(tmp_path / "ws", **{"train.epochs": 1}))
+    statuses = {r["run_id"]: r["status"] for r in cat.execute("select run_id, status from runs")}
+    assert statuses[str(run.id)] == "killed" and sorted(statuses.values()) == ["completed", "killed"]
+    assert flow_run(str(run.id)).state.type.value == "CRASHED"
