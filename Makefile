@@ -7,7 +7,7 @@ PORT ?= 4200
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export KEYSTEP_ROOT := $(CURDIR)
 
-.PHONY: install demo test test-vllm bench serve deploy clean
+.PHONY: install demo test test-vllm bench serve deploy clean browser
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -22,8 +22,13 @@ install: $(STAMP)
 demo: install
 	$(VENV)/bin/keystep run configs/demo.yaml
 
-test: install
+test: install browser
 	$(PY) -m pytest -q
+
+# Headless Chromium for the UI checks (tests/flows/test_deployment.py); without it they are skipped
+browser:
+	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || \
+	echo "note: Debian's chromium could not be installed; the UI checks will be skipped"
 
 # A separate environment for the real vLLM (CPU build): current vLLM and Prefect cannot share one pip
 # environment. torchvision/torchaudio/torchcodec come along but break vLLM's import on CPU, so they go.

@@ -2,8 +2,11 @@
 micro config through the worker, and check the run completed and the catalog holds its results."""
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 
@@ -12,6 +15,39 @@ import pytest
 from keystep.config import load_config
 from tasks.teacher_backends import free_port
 from tests.conftest import ROOT
+
+
+CHROMIUM = shutil.which("chromium")   # `make test` installs Debian's chromium when it can
+
+
+def rendered(url: str, tmp_path) -> str:
+    """The page as headless Chromium renders it (the Prefect UI is a single-page app), as HTML."""
+    r = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                        f"--user-data-dir={tempfile.mkdtemp(dir=tmp_path)}", "--virtual-time-budget=20000",
+                        "--dump-dom", url], capture_output=True, text=True, timeout=180)
+    return r.stdout
+
+
+def ui_pages_show_what_runs(ui: str, kpod_id: str, tmp_path) -> None:
+    """In the UI: the kpod deployment's run form opens on its preset (loss kpod selected) with preset and overrides
+    first; the demo run's Parameters tab shows the config it ran; its summary opens with what ran."""
+    form = rendered(f"{ui}/deployments/deployment/{kpod_id}/run", tmp_path)
+    loss = form[form.index("Loss (Optional)"):][:3000]
+    assert re.search(r'<option[^>]*selected=""[^>]*value="kpod"', loss), loss[:1000]
+    assert form.index("preset (Optional)") < form.index("overrides (Optional)") < form.index("Data (Optional)")
+    with urllib.request.urlopen(urllib.request.Request(
+            f"{ui}/api/flow_runs/filter", data=json.dumps({"flow_runs": {"parent_task_run_id": {"is_null_": True}}}).encode(),
+            headers={"content-type": "application/json"})) as resp:
+        run_id = next(r["id"] for r in json.loads(resp.read()) if r["name"].startswith("micro-"))
+    params = rendered(f"{ui}/runs/flow-run/{run_id}?tab=Parameters", tmp_path)
+    assert '"n"' in params and "64" in params and "synthetic:arith" in params      # the micro config it ran
+    with urllib.request.urlopen(urllib.request.Request(
+            f"{ui}/api/artifacts/filter", data=json.dumps({"artifacts": {"key": {"any_": ["distill-summary"]}}}).encode(),
+            headers={"content-type": "application/json"})) as resp:
+        summary_id = json.loads(resp.read())[0]["id"]
+    summary = rendered(f"{ui}/artifacts/artifact/{summary_id}", tmp_path)
+    assert "what ran" in summary and "Headline" in summary and "micro" in summary
 
 
 def test_prefect_yaml_is_written_from_the_presets():
@@ -67,6 +103,8 @@ def test_demo_deployment_runs_through_a_real_worker(tmp_path):
         r = run(["deployment", "run", "distill/demo", "--params", json.dumps(params), "--watch",
                  "--watch-timeout", "500"], timeout=560)
         assert "Completed" in r.stdout, r.stdout[-3000:]
+        if CHROMIUM:
+            ui_pages_show_what_runs(f"http://127.0.0.1:{port}", kpod["id"], tmp_path)
     finally:
         for p in reversed(procs):
             p.terminate()
