@@ -357,6 +357,10 @@ class TrainConfig(Section):
         "raw", description="KPOD loss: 'raw' multiplies each rationale token's NLL by its learned weight in [0, 1] "
         "(the paper); 'sequence_mean' rescales a sequence's weights so their mean over its supervised tokens is 1, so "
         "the weights reorder the loss within a sequence without shrinking its size (the learning rate).")
+    token_weight_floor: float = Field(0.0, ge=0, le=1, description="KPOD loss: each rationale token's NLL weighted "
+                                      "f + (1 − f)·w_j instead of w_j (f = 0, the paper). Near-0/1 token weights leave a "
+                                      "student trained from scratch untaught on the words it must still write between "
+                                      "the keypoints (docs/measurements.md); a floor keeps them in the loss.")
     allow_truncation: bool = Field(False, description="Train even when more than 20% of the sequences are cut at "
                                    "student.max_length (more than 5% always warns, on the terminal and in the report).")
     match_cot_tokens: bool = Field(False, description="For formats other than cot_then_label: scale the epochs so the "

@@ -199,17 +199,19 @@ def _last_number_tokens(tokenizer, ids: list[int], a: int, b: int) -> tuple[int,
 
 
 def kpod_sequence(tokenizer, cfg: TeacherConfig, row: dict, max_length: int, step_char_ends: list[int],
-                  prefix_steps: int, weights: tuple[int, list[float]] | None, scale: str = "raw") -> Sequence:
+                  prefix_steps: int, weights: tuple[int, list[float]] | None, scale: str = "raw",
+                  floor: float = 0.0) -> Sequence:
     """A KPOD curriculum stage's sequence (§4.3-4.4): the first `prefix_steps` steps are input (no loss), the rest
     of the rationale carries its learned token weights (`weights`: first rationale position, one weight each), the
-    answer sentence weight 1. `scale` 'sequence_mean': all weights divided by their mean over the supervised tokens
+    answer sentence weight 1. `floor` f: a rationale token's weight is f + (1 − f)·w (`train.token_weight_floor`).
+    `scale` 'sequence_mean': then all weights divided by their mean over the supervised tokens
     (`train.token_weight_scale`)."""
     input_chars = step_char_ends[prefix_steps - 1] if prefix_steps else 0
     seq = encode_rationale(tokenizer, cfg, row, max_length, input_chars=input_chars)
     loss_weights = [1.0] * len(seq.ids)
     start, w = weights or (0, [])
     for j, x in enumerate(w[: max(0, len(seq.ids) - start)]):
-        loss_weights[start + j] = x
+        loss_weights[start + j] = floor + (1 - floor) * x
     if scale == "sequence_mean":
         supervised = [x for x, lab in zip(loss_weights, seq.labels) if lab != IGNORE]
         mean = sum(supervised) / len(supervised) if supervised else 1.0

@@ -134,7 +134,8 @@ class CurriculumSequences:
             self._cache = {stage: [
                 kpod_sequence(self.tokenizer, self.config.teacher, r, self.config.student.max_length,
                               self.step_char_ends[r["rationale_id"]], prefix.get(r["rationale_id"], 0),
-                              self.weights.get(r["rationale_id"]), self.config.train.token_weight_scale)
+                              self.weights.get(r["rationale_id"]), self.config.train.token_weight_scale,
+                              self.config.train.token_weight_floor)
                 for r in self.rows]}
         return self._cache[stage]
 

@@ -96,3 +96,24 @@ def test_sequence_mean_scale_keeps_the_weights_order_and_makes_their_mean_over_s
             assert sum(scaled[j] for j in supervised) / len(supervised) == pytest.approx(1.0)
             ratio = scaled[supervised[0]] / raw[supervised[0]]
             assert all(s == pytest.approx(x * ratio) for s, x in zip(scaled, raw))
+
+
+def test_a_weight_floor_keeps_every_rationale_token_in_the_kpod_loss(tmp_path):
+    from storage.workspace import Workspace
+    from tasks.token_weights import load_weights
+    from tests.tasks.helpers import kpod_prepared
+
+    ws = Workspace(tmp_path)
+    cfg, cat, gen, st, kpod = kpod_prepared(ws, n=8, epochs=2)
+    from tasks.student import load_student
+    _, tok = load_student(st.model_dir)
+    weights = load_weights(cat, kpod["token_weights"])
+    steps = {}
+    for s in cat.query("steps_of_rationales", steps_fp=kpod["steps"].fp):
+        steps.setdefault(s["rationale_id"], []).append(s["char_end"])
+    for r in cat.query("kept_rationales", dataset_fp=gen.dataset_fp, teacher_fp=gen.teacher_fp, only_correct=True):
+        start, w = weights[r["rationale_id"]]
+        raw = kpod_sequence(tok, cfg.teacher, r, 1 << 30, steps[r["rationale_id"]], 0, (start, w)).weights
+        floored = kpod_sequence(tok, cfg.teacher, r, 1 << 30, steps[r["rationale_id"]], 0, (start, w), floor=0.5).weights
+        assert floored[start:start + len(w)] == pytest.approx([0.5 + 0.5 * x for x in w])
+        assert floored[:start] == raw[:start] and floored[start + len(w):] == raw[start + len(w):]   # answer: 1
