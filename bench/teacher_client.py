@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from keystep.config import DatasetSpec, DistillConfig, StorageConfig, TeacherConfig  # noqa: E402
+from keystep.config import DistillConfig, OpenAITeacherConfig, StorageConfig, SyntheticDatasetSpec  # noqa: E402
 from storage.workspace import Workspace  # noqa: E402
 from tasks.ingest import ingest  # noqa: E402
 from tasks.teacher import generate_rationales  # noqa: E402
@@ -63,7 +63,7 @@ def main() -> None:
                                       question="", answer="", answer_type="number") for i in range(N)]
         sweep = {}
         for c in SWEEP:
-            backend = OpenAITeacher(TeacherConfig(backend="openai", base_url=base_url, model="fake", concurrency=c,
+            backend = OpenAITeacher(OpenAITeacherConfig(backend="openai", base_url=base_url, model="fake", concurrency=c,
                                                   timeout_s=30), api_key=None)
             list(backend.generate(requests[:64]))  # warm-up: connections, imports
             t0 = time.perf_counter()
@@ -74,11 +74,11 @@ def main() -> None:
             sweep[c] = {"ideal": c / LATENCY, "keystep_rps": round(keystep_rps, 1), "bare_httpx_rps": round(bare_rps, 1),
                         "keystep_vs_ideal": round(keystep_rps * LATENCY / c, 3),
                         "bare_vs_ideal": round(bare_rps * LATENCY / c, 3)}
-        cfg = TeacherConfig(backend="openai", base_url=base_url, model="fake", concurrency=CONCURRENCY, timeout_s=30,
+        cfg = OpenAITeacherConfig(backend="openai", base_url=base_url, model="fake", concurrency=CONCURRENCY, timeout_s=30,
                             commit_every=256)
         with tempfile.TemporaryDirectory() as tmp:
             ws = Workspace(tmp)
-            dataset = ingest(ws, DatasetSpec(n=N, seed=7))
+            dataset = ingest(ws, SyntheticDatasetSpec(n=N, seed=7))
             t0 = time.perf_counter()
             stage = generate_rationales(ws, DistillConfig(teacher=cfg, storage=StorageConfig(workspace=tmp)), dataset)
             stage_s = time.perf_counter() - t0

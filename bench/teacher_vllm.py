@@ -15,7 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from keystep.config import TeacherConfig  # noqa: E402
+from keystep.config import TeacherConfig, VLLMTeacherConfig  # noqa: E402
 from tasks.teacher_backends import GenerationRequest, OpenAITeacher, vllm_server  # noqa: E402
 from tests.vllm_model import build_tiny_llama  # noqa: E402
 
@@ -59,7 +59,7 @@ def main() -> None:
         sys.exit("needs .venv-vllm: run `make test-vllm` first")
     with tempfile.TemporaryDirectory() as tmp:
         model = build_tiny_llama(Path(tmp) / "tiny")
-        cfg = TeacherConfig(backend="vllm", model=str(model), vllm_python=str(python), max_tokens=MAX_TOKENS, stop=[],
+        cfg = VLLMTeacherConfig(backend="vllm", model=str(model), vllm_python=str(python), max_tokens=MAX_TOKENS, stop=[],
                             concurrency=CONCURRENCY, per_request_seed=False, timeout_s=300,
                             vllm_args=["--max-model-len", "512", "--gpu-memory-utilization", "0.1"])
         prompts = [f"Q: Tom has {i} apples and buys {i % 7 + 1} more. How many apples?\nA: Let's think step by step."

@@ -131,7 +131,8 @@ def cmd_run(args) -> int:
     config = _config(args)
     preflight(config, check_teacher_endpoint=not args.no_check_teacher)
     start_prefect()
-    from flows.distill import distill, from_catalog_run, record_run_end, record_run_start
+    from flows.distill import distill, from_catalog_run
+    from flows.tracking import record_run_end, record_run_start
     from tasks.evaluate import results_table
     from storage.workspace import Workspace
 

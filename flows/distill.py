@@ -7,25 +7,20 @@ given no upstream outputs it runs the phases before it, whose tasks are cache hi
 """
 from __future__ import annotations
 
-import json
-import time
-from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_client, get_run_logger, tags
+from prefect import flow, get_run_logger
 from prefect.context import get_run_context
-from prefect.states import Crashed
 from pydantic import BaseModel
 
-from flows.preflight import preflight
-from keystep.config import ConfigError, DistillConfig, build_config, load_config
-from storage.runs import Heartbeat, reconcile, run_lock, start_run
+from flows.tracking import RunSummary, distill_config, tracked_run
+from keystep.config import DistillConfig
 from tasks.curriculum import Curriculum, curriculum_task
 from tasks.difficulty import Difficulty, difficulty_task
-from tasks.evaluate import Evaluation, evaluate_task, publish_results, run_header, write_summary
+from tasks.evaluate import Evaluation, evaluate_task, publish_results, write_summary
 from tasks.export import export_task, push_to_hub
 from tasks.ingest import Dataset, ingest_task
-from tasks.stage import NotCached, cached_output, from_catalog, use_workspace, workspace_of
+from tasks.stage import NotCached, from_catalog, use_workspace, workspace_of
 from tasks.steps import Steps, split_steps_task
 from tasks.student import Student, init_student_task
 from tasks.teacher import Generation, finished_generation, teacher_rationales
@@ -53,19 +48,6 @@ class PreparePhase(GeneratePhase):
 class TrainPhase(PreparePhase):
     """... and the train stage's output (`Trained`; the loop's own state is tasks/training.py's `LoopState`)."""
     trained: Trained
-
-
-class RunSummary(BaseModel):
-    """What a `distill` run returns; table `runs` keeps it as the run's summary_json."""
-    run_id: str
-    label: str | None = None      # the preset (or deployment) it was started from
-    workspace: str
-    report: str
-    accuracy: dict[str, float]    # "model/dataset/split" -> accuracy
-    eval_fp: str
-    train_fp: str
-    final_dir: str                # the trained student's folder
-    export: str | None = None     # the dataset folder, when export.enabled
 
 
 class EvaluatePhase(TrainPhase):
@@ -196,78 +178,9 @@ def evaluate(config: DistillConfig = DistillConfig(), trained: TrainPhase | None
     return out
 
 
-def record_run_start(config: DistillConfig, run_id: str, flow_run_id: str | None) -> Heartbeat:
-    """The run's row in table `runs` ('running', pid, host), kept alive by the returned heartbeat until stopped."""
-    return start_run(workspace_of(config).catalog(), run_id, flow_run_id, json.dumps(config.model_dump(mode="json")))
-
-
-def reconcile_dead_runs(config: DistillConfig, logger) -> None:
-    """Runs of this workspace whose process is gone are marked 'killed' in table `runs` and, where the Prefect server
-    knows them, Crashed there, so neither the catalog nor the UI shows a dead run as running."""
-    ws = workspace_of(config)
-    for dead in reconcile(ws.catalog(), ws.root):
-        logger.warning("run %s was still marked running but its %s: marked killed", dead["run_id"], dead["reason"])
-        if dead["flow_run_id"]:
-            try:
-                with get_client(sync_client=True) as client:
-                    client.set_flow_run_state(dead["flow_run_id"], Crashed(message=f"keystep: {dead['reason']}"),
-                                              force=True)
-            except Exception:  # noqa: BLE001 - a run of another (temporary) server is unknown to this one
-                pass
-
-
-def write_run_header(config: DistillConfig, out: EvaluatePhase, label: str, run_id: str, wall_s: float) -> None:
-    """The report opens with what ran and the headline (against the untrained student and the previous run)."""
-    catalog = workspace_of(config).catalog()
-    previous = catalog.query("previous_run", run_id=run_id, label=label)
-    header = run_header(label, config, catalog.query("latest_results", eval_fp=out.evaluation.fp),
-                        [out.train_dataset, *out.eval_datasets], out.trained, out.student.n_params, wall_s,
-                        previous[0] if previous else None)
-    report = Path(out.report)
-    report.write_text(header + report.read_text())
-
-
-def record_run_end(config: DistillConfig, run_id: str, out: EvaluatePhase | None, label: str | None = None,
-                   export: str | None = None) -> RunSummary | None:
-    """The run's row in table `runs`: completed with its summary, or failed (`out` None)."""
-    summary = None if out is None else RunSummary(
-        run_id=run_id, label=label, workspace=str(workspace_of(config).root), report=out.report,
-        accuracy=out.evaluation.accuracy, eval_fp=out.evaluation.fp, train_fp=out.trained.fp,
-        final_dir=out.trained.final_dir, export=export)
-    workspace_of(config).catalog().query("run_finished", run_id=run_id, status="failed" if out is None else "completed",
-                                         summary_json=summary.model_dump_json() if summary else None)
-    return summary
-
-
-def deployment_config() -> DistillConfig | None:
-    """The `config` parameter of the deployment this flow run came from (None outside a deployment)."""
-    ctx = get_run_context()
-    if not ctx.flow_run.deployment_id:
-        return None
-    with get_client(sync_client=True) as client:
-        raw = client.read_deployment(ctx.flow_run.deployment_id).parameters.get("config")
-    return DistillConfig.model_validate(raw) if raw else None
-
-
-def resolve_config(config: DistillConfig, preset: str | None, overrides: dict[str, Any] | None,
-                   deployed: DistillConfig | None = None) -> DistillConfig:
-    """The run's config: `preset` (then `overrides` on it), or the config fields (then `overrides` on them).
-    A preset together with edited config fields is refused: one of them would be silently ignored. Fields left as
-    the deployment (`deployed`) set them, or equal to what the preset resolves to (a rerun of an earlier run), are
-    not edits."""
-    if preset:
-        resolved = load_config(preset, overrides)
-        if config not in (DistillConfig(), resolved, deployed):
-            raise ConfigError(f"preset '{preset}' and edited config fields given together; clear preset to run the "
-                              "config fields (change a key through overrides, e.g. {\"train.epochs\": 2}), or leave "
-                              "the config fields as they were")
-        return resolved
-    return build_config(config.model_dump(mode="json"), overrides) if overrides else config
-
-
-def distill_config(config: DistillConfig, preset: str | None, overrides: dict[str, Any] | None) -> DistillConfig:
-    """The config a flow run with these parameters runs (`resolve_config`, knowing its deployment's own config)."""
-    return resolve_config(config, preset, overrides, deployment_config())
+def prepared_outputs(p: PreparePhase) -> dict[str, Any]:
+    """What the export stage reads of the prepare phase."""
+    return {"student": p.student, "steps": p.steps, "token_weights": p.token_weights, "difficulty": p.difficulty}
 
 
 def export_stages(config: DistillConfig, generation: Generation, prepared: dict[str, Any]) -> dict[str, Any]:
@@ -277,38 +190,6 @@ def export_stages(config: DistillConfig, generation: Generation, prepared: dict[
     if url:
         get_run_logger().info("uploaded %s to %s", out.out_dir, url)
     return {**out.model_dump(), "hub_url": url}
-
-
-def run_label(preset: str | None) -> str:
-    """What the run was started from: its preset's name, else its deployment's, else 'config'."""
-    if preset:
-        return Path(preset).stem
-    ctx = get_run_context()
-    if ctx.flow_run.deployment_id:
-        with get_client(sync_client=True) as client:
-            return client.read_deployment(ctx.flow_run.deployment_id).name
-    return "config"
-
-
-def label_run(config: DistillConfig, preset: str | None, overrides: dict[str, Any] | None) -> tuple[str, list[str]]:
-    """Tags (and, unless the caller named it, a name) that say what the run is — preset, loss, format, dataset, e.g.
-    `kpod-synthetic-<name>` with tags preset:kpod, loss:kpod, ... — and the run's parameters rewritten to the
-    resolved config (with the preset and overrides it came from), so the UI's Parameters tab shows what ran.
-    Returns (label, name, tags): the label for the run's summary, name and tags for the phase subflows."""
-    ctx = get_run_context()
-    label = run_label(preset)
-    what = [label] + ([config.train.loss] if config.train.loss.replace("_", "") not in label.replace("-", "") else [])
-    if config.train.target_format != "cot_then_label":
-        what.append(config.train.target_format)
-    what.append(config.data.train.name)
-    tags = sorted({*ctx.flow_run.tags, f"preset:{label}", f"loss:{config.train.loss}",
-                   f"format:{config.train.target_format}", f"dataset:{config.data.train.name}"})
-    name = ctx.flow_run.name if ctx.flow.flow_run_name else "-".join([*what, ctx.flow_run.name])
-    shown = {"config": config.model_dump(mode="json"), "preset": preset, "overrides": overrides}
-    with get_client(sync_client=True) as client:
-        client.update_flow_run(ctx.flow_run.id, name=None if ctx.flow.flow_run_name else name, tags=tags,
-                               parameters=shown)
-    return label, name, tags
 
 
 @flow(name="distill", log_prints=True)
@@ -325,32 +206,8 @@ def distill(preset: str | None = None, overrides: dict[str, Any] | None = None,
             field here (and leave preset empty) to run exactly that.
     """
     config = distill_config(config, preset, overrides)
-    preflight(config, check_teacher_endpoint=False)   # a deployment run with a bad input fails here, in seconds
-    t0 = time.perf_counter()
-    label, name, run_tags = label_run(config, preset, overrides)
-    use_workspace(config)
-    logger = get_run_logger()
-    run_id = str(get_run_context().flow_run.id)
-
-    def phase(flow_, *args):   # a phase subflow named and tagged after this run, so a long run list ties them up
-        with tags(*run_tags):
-            return flow_.with_options(flow_run_name=f"{name}-{flow_.name}")(config, *args)
-
-    with run_lock(workspace_of(config).root, on_wait=logger.warning):   # one run at a time on a workspace
-        reconcile_dead_runs(config, logger)
-        heartbeat = record_run_start(config, run_id, flow_run_id=run_id)
-        try:
-            out = phase(evaluate, phase(train, phase(prepare, phase(generate))))
-            exported = export_stages(config, out.generation, {
-                "student": out.student, "steps": out.steps, "token_weights": out.token_weights,
-                "difficulty": out.difficulty}) if config.export.enabled else None
-        except BaseException:
-            record_run_end(config, run_id, None)
-            raise
-        finally:
-            heartbeat.stop()
-        summary = record_run_end(config, run_id, out, label, exported["out_dir"] if exported else None)
-    write_run_header(config, out, label, run_id, time.perf_counter() - t0)
-    publish_results(config, out.evaluation, out.report)   # the run the user started carries the results
-    logger.info("results: %s (report %s)", summary.accuracy, out.report)
-    return summary
+    with tracked_run(config, preset, overrides) as run:
+        out = run.phase(evaluate, run.phase(train, run.phase(prepare, run.phase(generate))))
+        exported = export_stages(config, out.generation, prepared_outputs(out)) if config.export.enabled else None
+        run.finished(out, exported)
+    return run.summary

@@ -11,7 +11,8 @@ from typing import Any
 
 from prefect import flow
 
-from flows.distill import CatalogStages, GeneratePhase, distill_config, export_stages, generate, prepare_stages
+from flows.distill import CatalogStages, GeneratePhase, export_stages, generate, prepare_stages, prepared_outputs
+from flows.tracking import distill_config
 from keystep.config import DistillConfig
 from tasks.export import check_export
 from tasks.stage import NotCached, use_workspace
@@ -23,8 +24,7 @@ def prepared_in_catalog(config: DistillConfig, generated: GeneratePhase) -> dict
     """The prepare phase's outputs for this generation as far as they are in the catalog (nothing runs)."""
     lookup = CatalogStages(config)
     try:
-        p = prepare_stages(config, generated, lookup)
-        return {"student": p.student, "steps": p.steps, "token_weights": p.token_weights, "difficulty": p.difficulty}
+        return prepared_outputs(prepare_stages(config, generated, lookup))
     except NotCached:
         pass
     try:

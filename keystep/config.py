@@ -8,10 +8,11 @@ CPU); method hyper-parameters take the papers' values.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter, ValidationError,
+                      model_validator)
 
 KPOD_PROMPT = "Q: {question}\nA: Let's think step by step."
 ANSWER_PHRASE = "Therefore, the answer is {answer}."
@@ -40,16 +41,101 @@ def operational(default: Any = ..., **kwargs: Any) -> Any:
     return Field(default, json_schema_extra={"fingerprint": False}, **kwargs)
 
 
-class DatasetSpec(Section):
+class FlatFingerprint(Section):
+    """A member of a discriminated union (dataset source, teacher backend) whose fingerprint is that of the one flat
+    model the union replaced: every other member's field at its default, then its own values. So the union, which
+    lets the UI form show only the fields that apply, changed no fingerprint: no dataset re-ingested, no teacher
+    paid twice."""
+    _flat_defaults: ClassVar[dict[str, Any]] = {}
+    _flat_all_defaults: ClassVar[dict[str, Any]] = {}   # ... and the operational fields' too
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_flat_defaults(cls, data: Any) -> Any:
+        """A config saved by the flat model (a run's resolved config, an older prefect.yaml) names every member's
+        fields: those of other members left at their defaults are dropped; one set to a value stays an error."""
+        if not isinstance(data, dict):
+            return data
+        flat = cls._flat_all_defaults
+        return {k: v for k, v in data.items() if k in cls.model_fields or not (k in flat and flat[k] == v)}
+
+    def setting(self, name: str) -> Any:
+        """A field's value, or for a field of another member the flat model's default (what it recorded then)."""
+        return getattr(self, name) if name in type(self).model_fields else self._flat_all_defaults[name]
+
+    def fingerprinted(self, exclude: set[str] = frozenset()) -> dict:
+        return {**{k: v for k, v in self._flat_defaults.items() if k not in exclude}, **super().fingerprinted(exclude)}
+
+
+def _flatten(members: tuple[type[FlatFingerprint], ...]) -> None:
+    """Give each member the flat model's defaults: the fields of all members (required ones were None there)."""
+    flat: dict[str, Any] = {}
+    for member in members:
+        for name, f in member.model_fields.items():
+            if name in ("source", "backend"):
+                continue
+            default = None if f.is_required() else f.get_default(call_default_factory=True)
+            flat.setdefault(name, [d.model_dump(mode="json") if isinstance(d, BaseModel) else d for d in default]
+                            if isinstance(default, list) else default)
+    operational_fields = {name for member in members for name, f in member.model_fields.items()
+                          if (f.json_schema_extra or {}).get("fingerprint") is False}
+    for member in members:
+        member._flat_all_defaults = flat
+        member._flat_defaults = {k: v for k, v in flat.items() if k not in operational_fields}
+
+
+def _as_any_of(schema: dict) -> None:
+    """The union's JSON schema as `anyOf` — the form of Prefect's UI offers the members to pick from (it reads no
+    `oneOf`)."""
+    schema["anyOf"] = schema.pop("oneOf")
+    schema.pop("discriminator", None)
+
+
+def _tagged_union(field: str, tags: dict[str, str], default: str, members: tuple[type, ...], title: str):
+    """A union told apart by `field` (`tags`: its value -> member tag; missing -> `default`); an unknown value is
+    an error that lists the known ones."""
+    def tag_of(value: Any) -> str | None:
+        raw = value.get(field, default) if isinstance(value, dict) else getattr(value, field, default)
+        return tags.get(raw, raw)
+
+    known = ", ".join(tags)
+    return Annotated[Union[tuple(Annotated[m, Tag(m.model_config["title"])] for m in members)],  # noqa: UP007
+                     Discriminator(tag_of, custom_error_type=f"unknown_{field}",
+                                   custom_error_message=f"{title} must be one of: {known}"),
+                     Field(json_schema_extra=_as_any_of)]
+
+
+class _DatasetCommon(FlatFingerprint):
+    source: str = Field(description="Loader: synthetic:arith | gsm8k | svamp | file | hub.")   # first in dumps and forms
     name: str = Field("synthetic", description="Label used in the catalog and the results table.")
-    source: Literal["synthetic:arith", "gsm8k", "svamp", "file", "hub"] = Field(
-        "synthetic:arith",
-        description="Loader: synthetic:arith generator, gsm8k / svamp files, a generic file, or a Hugging Face hub id.",
-    )
-    path: str | None = Field(None, description="File (gsm8k, svamp, file) or hub id / local dataset dir (hub).")
     split: str = Field("train", description="Split label; for hub sources also the split to load.")
     limit: int | None = Field(None, ge=1, description="Keep only the first N valid examples (None = all).")
-    # generic loader column mapping
+
+
+class SyntheticDatasetSpec(_DatasetCommon):
+    """Problems from keystep's arithmetic generator (offline, reproducible from the seed)."""
+    model_config = ConfigDict(title="synthetic")
+    source: Literal["synthetic:arith"] = Field("synthetic:arith", description="The synthetic:arith generator.")
+    n: int = Field(2000, ge=1, description="Number of problems to generate.")
+    seed: int = Field(0, description="Generator seed (same seed, same problems).")
+    min_steps: int = Field(1, ge=1, le=5, description="Fewest arithmetic steps per problem.")
+    max_steps: int = Field(5, ge=1, le=5, description="Most arithmetic steps per problem.")
+    max_operand: int = Field(20, ge=2, description="Largest operand drawn for + and -.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "SyntheticDatasetSpec":
+        if self.min_steps > self.max_steps:
+            raise ValueError("min_steps must be <= max_steps")
+        return self
+
+
+class FileDatasetSpec(_DatasetCommon):
+    """A dataset read from a file (gsm8k / svamp in their own layouts, any jsonl/json/csv/parquet through the
+    column mapping) or from the Hugging Face hub (an id or a local dataset folder)."""
+    model_config = ConfigDict(title="file")
+    source: Literal["gsm8k", "svamp", "file", "hub"] = Field(
+        description="Loader: gsm8k / svamp files, a generic file (column mapping below), or a Hugging Face hub id.")
+    path: str = Field(description="File (gsm8k, svamp, file) or hub id / local dataset dir (hub).")
     question_field: str = Field("question", description="file/hub: column holding the question (a nested key as "
                                 "a.b, e.g. question.stem in CommonsenseQA's jsonl).")
     question_template: str | None = Field(None, description="file/hub: the question built from several columns, "
@@ -61,19 +147,9 @@ class DatasetSpec(Section):
                                       "text} (CommonsenseQA jsonl), or a list of texts (labelled A, B, ...). The choices "
                                       "are shown in the prompt and answers are compared by label.")
     answer_type: Literal["number", "choice", "text"] = Field("number", description="How gold answers are normalised and compared.")
-    # synthetic:arith
-    n: int = Field(2000, ge=1, description="synthetic:arith: number of problems to generate.")
-    seed: int = Field(0, description="synthetic:arith: generator seed (same seed, same problems).")
-    min_steps: int = Field(1, ge=1, le=5, description="synthetic:arith: fewest arithmetic steps per problem.")
-    max_steps: int = Field(5, ge=1, le=5, description="synthetic:arith: most arithmetic steps per problem.")
-    max_operand: int = Field(20, ge=2, description="synthetic:arith: largest operand drawn for + and -.")
 
     @model_validator(mode="after")
-    def _check(self) -> "DatasetSpec":
-        if self.source in ("gsm8k", "svamp", "file", "hub") and not self.path:
-            raise ValueError(f"source {self.source!r} needs 'path' (a file path or hub id)")
-        if self.min_steps > self.max_steps:
-            raise ValueError("min_steps must be <= max_steps")
+    def _check(self) -> "FileDatasetSpec":
         if self.choices_field and self.answer_type != "choice":
             raise ValueError("choices_field needs answer_type: choice (answers are compared by label)")
         if self.question_template is not None:
@@ -84,6 +160,12 @@ class DatasetSpec(Section):
         return self
 
 
+_flatten((SyntheticDatasetSpec, FileDatasetSpec))
+DatasetSpec = _tagged_union("source", {"synthetic:arith": "synthetic", "gsm8k": "file", "svamp": "file", "file": "file",
+                                       "hub": "file"}, "synthetic:arith", (SyntheticDatasetSpec, FileDatasetSpec),
+                            "source")
+
+
 class _AnyColumn(dict):
     """Answers every column name, so a template's syntax can be checked before any file is read."""
     def __missing__(self, key):
@@ -91,10 +173,10 @@ class _AnyColumn(dict):
 
 
 class DataConfig(Section):
-    train: DatasetSpec = Field(default_factory=lambda: DatasetSpec(name="synthetic", n=2000, seed=0),
+    train: DatasetSpec = Field(default_factory=lambda: SyntheticDatasetSpec(name="synthetic", n=2000, seed=0),
                                description="The dataset the teacher labels and the student trains on.")
     eval: list[DatasetSpec] = Field(
-        default_factory=lambda: [DatasetSpec(name="synthetic", split="test", n=300, seed=1)],
+        default_factory=lambda: [SyntheticDatasetSpec(name="synthetic", split="test", n=300, seed=1)],
         description="Evaluation sets (in-distribution and out-of-distribution).",
     )
 
@@ -105,76 +187,145 @@ class FewShotExample(Section):
     answer: str = Field(description="Demonstration answer.")
 
 
-class TeacherConfig(Section):
-    backend: Literal["reference", "openai", "vllm"] = Field(
-        "reference", description="'reference' uses the dataset's own rationales (offline default); 'openai' any "
-        "OpenAI-compatible endpoint (vllm serve, OpenAI, ...); 'vllm' in-process vllm.LLM if importable, else a "
-        "vLLM server that keystep starts from teacher.vllm_python.")
-    model: str | None = Field(None, description="openai/vllm: model name (endpoint) or model folder (vllm).")
-    base_url: str | None = operational(None, description="openai: endpoint base URL, e.g. http://127.0.0.1:8000/v1.")
-    api: Literal["completions", "chat", "batch"] = Field(
-        "completions", description="openai/vllm server: completions or chat API (chat applies the model's chat "
-        "template); 'batch': the requests go as batches — through the OpenAI Batch API (files + batches endpoints; "
-        "providers price it at about half) for backend openai, through vLLM's offline runner (run_batch, no server) "
-        "for backend vllm — each line calling `batch_endpoint`. Online and batch rationales of one teacher are the "
-        "same items: switching never pays twice.")
-    batch_endpoint: Literal["completions", "chat"] = Field("completions", description="api batch: the endpoint each "
-                                                           "request line calls (/v1/completions or /v1/chat/completions).")
-    batch_poll_s: float = operational(30.0, gt=0, description="api batch: seconds between polls of a running batch.")
-    batch_completion_window: str = operational("24h", description="api batch: the completion window asked for (the OpenAI "
-                                         "Batch API accepts 24h).")
-    batch_max_requests: int = operational(50_000, ge=1, description="api batch: most requests per batch (the OpenAI limit); "
-                                    "more are split into several batches.")
-    batch_max_bytes: int = operational(200 * 1024 * 1024, ge=1024, description="api batch: largest request file per batch "
-                                 "(the OpenAI limit is 200 MB); more are split into several batches.")
-    api_key_env: str = operational("OPENAI_API_KEY", description="Environment variable holding the API key (never stored).")
-    api_key_secret: str | None = operational(None, description="Name of a Prefect Secret block holding the API key (overrides api_key_env).")
+class _TeacherCommon(FlatFingerprint):
+    """What every teacher backend has: the prompt and answer sentence (the student's too), samples, and bookkeeping."""
+    backend: str = Field(description="reference | openai | vllm.")   # first in dumps and forms
     prompt_template: str = Field(KPOD_PROMPT, description="Prompt before the rationale (KPOD zero-shot CoT); {question} is filled in.")
     answer_template: str = Field(ANSWER_PHRASE, description="Sentence appended after the rationale; {answer} is filled in.")
-    system_prompt: str | None = Field(None, description="chat: optional system message.")
     few_shot: list[FewShotExample] = Field(default_factory=list, description="Demonstrations placed before the question.")
     n_samples: int = Field(1, ge=1, description="Rationales per question (sample index 0..n-1).")
-    temperature: float = Field(0.0, ge=0, description="Sampling temperature (0 = greedy).")
-    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
-    max_tokens: int = Field(256, ge=1, description="Longest rationale in tokens.")
-    stop: list[str] = Field(default_factory=lambda: ["\nQ:"], description="Stop sequences.")
-    seed: int | None = Field(0, description="Sampling seed: per request (seed + sample index) for openai, LLM(seed=...) for vllm.")
-    per_request_seed: bool = Field(True, description="openai: send a per-request seed (turn off for servers that reject it).")
     keep_only_correct: bool = Field(True, description="Train only on rationales whose extracted answer matches gold.")
-    concurrency: int = operational(16, ge=1, description="openai: requests in flight at once.")
-    timeout_s: float = operational(120.0, gt=0, description="openai: per-request timeout in seconds.")
-    max_retries: int = operational(5, ge=0, description="openai: retries (exponential backoff + jitter) on 429, 5xx, timeouts, connection errors and protocol faults (malformed or empty replies).")
-    retry_failed: bool = operational(True, description="openai/vllm: a rerun asks again for items whose last attempt ended "
-                               "in a protocol fault (malformed or empty reply after max_retries); items that succeeded "
-                               "are never asked again.")
     max_consecutive_failures: int = operational(20, ge=1, description="Fail the task after this many requests in a row fail after retries (finished work is kept).")
     commit_every: int = operational(64, ge=1, description="Commit finished rationales to the catalog every N results.")
     shards: int = operational(1, ge=1, description="Split generation into N shards mapped over the task runner (Dask/Ray spread them).")
-    vllm_python: str | None = operational(None, description="vllm: Python of a separate vLLM environment; keystep starts a server with it.")
-    vllm_args: list[str] = operational(default_factory=list, description="vllm: extra arguments for the vLLM server.")
-    server_start_timeout_s: float = operational(600.0, gt=0, description="vllm: how long to wait for the server's health check.")
-    cost_per_1k_prompt_tokens: float | None = operational(None, ge=0, description="Optional price for the cost estimate.")
-    cost_per_1k_completion_tokens: float | None = operational(None, ge=0, description="Optional price for the cost estimate.")
-    cost_per_1k_prompt_tokens_batch: float | None = operational(None, ge=0, description="api batch: the batch price per 1k "
-                                                          "prompt tokens, for the cost estimate.")
-    cost_per_1k_completion_tokens_batch: float | None = operational(None, ge=0, description="api batch: the batch price "
-                                                              "per 1k completion tokens, for the cost estimate.")
 
     @property
     def request_api(self) -> str:
         """What each request calls: `api`, or for a batch the endpoint its lines call."""
+        return "completions"
+
+    @property
+    def batched(self) -> bool:
+        """`api: batch`: the requests go as batches."""
+        return False
+
+    @property
+    def retries_failed(self) -> bool:
+        """A rerun asks again for items whose last attempt hit a protocol fault (never the dataset's own rationales)."""
+        return False
+
+    @property
+    def prices(self) -> tuple[float | None, float | None]:
+        """(prompt, completion) price per 1k tokens for the cost estimate."""
+        return None, None
+
+
+class ReferenceTeacherConfig(_TeacherCommon):
+    """The dataset's own rationales (the offline default): nothing is asked of a model."""
+    model_config = ConfigDict(title="reference")
+    backend: Literal["reference"] = Field("reference", description="'reference' uses the dataset's own rationales "
+                                          "(offline default); 'openai' any OpenAI-compatible endpoint (vllm serve, "
+                                          "OpenAI, ...); 'vllm' in-process vllm.LLM if importable, else a vLLM server "
+                                          "that keystep starts from teacher.vllm_python.")
+
+
+class _ModelTeacher(_TeacherCommon):
+    """A teacher model asked over the OpenAI protocol (or vLLM in-process): sampling, the API, retries."""
+    model: str = Field(description="Model name (openai endpoint) or model folder / hub id (vllm).")
+    api: Literal["completions", "chat", "batch"] = Field(
+        "completions", description="Completions or chat API (chat applies the model's chat template); 'batch': the "
+        "requests go as batches — through the OpenAI Batch API (files + batches endpoints; providers price it at "
+        "about half) for backend openai, through vLLM's offline runner (run_batch, no server) for backend vllm — each "
+        "line calling `batch_endpoint`. Online and batch rationales of one teacher are the same items: switching "
+        "never pays twice.")
+    batch_endpoint: Literal["completions", "chat"] = Field("completions", description="api batch: the endpoint each "
+                                                           "request line calls (/v1/completions or /v1/chat/completions).")
+    batch_poll_s: float = operational(30.0, gt=0, description="api batch: seconds between polls of a running batch.")
+    batch_max_requests: int = operational(50_000, ge=1, description="api batch: most requests per batch (the OpenAI limit); "
+                                          "more are split into several batches.")
+    batch_max_bytes: int = operational(200 * 1024 * 1024, ge=1024, description="api batch: largest request file per "
+                                       "batch (the OpenAI limit is 200 MB); more are split into several batches.")
+    system_prompt: str | None = Field(None, description="chat: optional system message.")
+    temperature: float = Field(0.0, ge=0, description="Sampling temperature (0 = greedy).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
+    max_tokens: int = Field(256, ge=1, description="Longest rationale in tokens.")
+    stop: list[str] = Field(default_factory=lambda: ["\nQ:"], description="Stop sequences.")
+    seed: int | None = Field(0, description="Sampling seed: per request (seed + sample index) over the API, LLM(seed=...) in-process.")
+    per_request_seed: bool = Field(True, description="Send a per-request seed (turn off for servers that reject it).")
+    concurrency: int = operational(16, ge=1, description="Requests in flight at once.")
+    timeout_s: float = operational(120.0, gt=0, description="Per-request timeout in seconds.")
+    max_retries: int = operational(5, ge=0, description="Retries (exponential backoff + jitter) on 429, 5xx, timeouts, connection errors and protocol faults (malformed or empty replies).")
+    retry_failed: bool = operational(True, description="A rerun asks again for items whose last attempt ended in a "
+                                     "protocol fault (malformed or empty reply after max_retries); items that succeeded "
+                                     "are never asked again.")
+
+    @property
+    def request_api(self) -> str:
         return self.batch_endpoint if self.api == "batch" else self.api
 
+    @property
+    def batched(self) -> bool:
+        return self.api == "batch"
+
+    @property
+    def retries_failed(self) -> bool:
+        return self.retry_failed
+
+
+class OpenAITeacherConfig(_ModelTeacher):
+    """Any OpenAI-compatible endpoint: `vllm serve`, OpenAI, a provider."""
+    model_config = ConfigDict(title="openai")
+    backend: Literal["openai"] = Field(description="'openai': any OpenAI-compatible endpoint.")
+    base_url: str = operational(description="Endpoint base URL, e.g. http://127.0.0.1:8000/v1.")
+    batch_completion_window: str = operational("24h", description="api batch: the completion window asked for (the "
+                                               "OpenAI Batch API accepts 24h).")
+    api_key_env: str = operational("OPENAI_API_KEY", description="Environment variable holding the API key (never stored).")
+    api_key_secret: str | None = operational(None, description="Name of a Prefect Secret block holding the API key (overrides api_key_env).")
+    cost_per_1k_prompt_tokens: float | None = operational(None, ge=0, description="Optional price for the cost estimate.")
+    cost_per_1k_completion_tokens: float | None = operational(None, ge=0, description="Optional price for the cost estimate.")
+    cost_per_1k_prompt_tokens_batch: float | None = operational(None, ge=0, description="api batch: the batch price per 1k "
+                                                                "prompt tokens, for the cost estimate.")
+    cost_per_1k_completion_tokens_batch: float | None = operational(None, ge=0, description="api batch: the batch price "
+                                                                    "per 1k completion tokens, for the cost estimate.")
+
+    @property
+    def prices(self) -> tuple[float | None, float | None]:
+        if self.batched:
+            return self.cost_per_1k_prompt_tokens_batch, self.cost_per_1k_completion_tokens_batch
+        return self.cost_per_1k_prompt_tokens, self.cost_per_1k_completion_tokens
+
+
+class VLLMTeacherConfig(_ModelTeacher):
+    """vLLM here: in-process `vllm.LLM` when importable, else a server keystep starts (or `run_batch` for api batch)."""
+    model_config = ConfigDict(title="vllm")
+    backend: Literal["vllm"] = Field(description="'vllm': in-process vllm.LLM if importable, else a vLLM server that "
+                                     "keystep starts from teacher.vllm_python.")
+    vllm_python: str | None = operational(None, description="Python of a separate vLLM environment; keystep starts a server with it.")
+    vllm_args: list[str] = operational(default_factory=list, description="Extra arguments for the vLLM server.")
+    server_start_timeout_s: float = operational(600.0, gt=0, description="How long to wait for the server's health check.")
+
     @model_validator(mode="after")
-    def _check(self) -> "TeacherConfig":
-        if self.backend == "openai" and not (self.base_url and self.model):
-            raise ValueError("backend 'openai' needs teacher.base_url and teacher.model")
-        if self.backend == "vllm" and not self.model:
-            raise ValueError("backend 'vllm' needs teacher.model (a model folder or hub id)")
-        if self.backend == "vllm" and self.api == "batch" and self.batch_endpoint != "chat":
+    def _check(self) -> "VLLMTeacherConfig":
+        if self.api == "batch" and self.batch_endpoint != "chat":
             raise ValueError("api 'batch' with backend 'vllm' runs vLLM's run_batch, which takes chat lines only; set "
                              "teacher.batch_endpoint: chat (the model's chat template applies)")
         return self
+
+
+_flatten((ReferenceTeacherConfig, OpenAITeacherConfig, VLLMTeacherConfig))
+TeacherConfig = _tagged_union("backend", {"reference": "reference", "openai": "openai", "vllm": "vllm"}, "reference",
+                              (ReferenceTeacherConfig, OpenAITeacherConfig, VLLMTeacherConfig), "teacher.backend")
+_SPECS, _TEACHERS = TypeAdapter(DatasetSpec), TypeAdapter(TeacherConfig)
+
+
+def dataset_spec(**fields: Any) -> DatasetSpec:
+    """The dataset spec these fields describe (its `source` picks the kind; synthetic:arith when absent)."""
+    return _SPECS.validate_python(fields)
+
+
+def teacher_config(**fields: Any) -> TeacherConfig:
+    """The teacher config these fields describe (its `backend` picks the kind; reference when absent)."""
+    return _TEACHERS.validate_python(fields)
 
 
 class StepsConfig(Section):
@@ -427,7 +578,7 @@ class StorageConfig(Section):
 class DistillConfig(Section):
     """The flow parameter: one section per stage."""
     data: DataConfig = Field(default_factory=DataConfig, description="Datasets to distil on and evaluate on.")
-    teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="Teacher rationale generation.")
+    teacher: TeacherConfig = Field(default_factory=ReferenceTeacherConfig, description="Teacher rationale generation.")
     steps: StepsConfig = Field(default_factory=StepsConfig, description="Rationale step splitting.")
     token_weights: TokenWeightsConfig = Field(default_factory=TokenWeightsConfig, description="KPOD token weighting.")
     difficulty: DifficultyConfig = Field(default_factory=DifficultyConfig, description="KPOD step difficulty.")
@@ -470,12 +621,26 @@ class DistillConfig(Section):
         return self
 
 
+UNION_TAGS = {"synthetic": "dataset source synthetic:arith", "file": "dataset sources gsm8k / svamp / file / hub",
+              "reference": "teacher backend reference", "openai": "teacher backend openai", "vllm": "teacher backend vllm"}
+
+
 def _describe(err: ValidationError) -> str:
     first = err.errors()[0]
-    key = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    tag = next((str(p) for p in first["loc"] if p in UNION_TAGS), None)   # a union's member (pydantic's loc names it)
+    key = ".".join(str(p) for p in first["loc"] if p not in UNION_TAGS) or "(top level)"
     msg = first["msg"]
+    if first["type"] == "missing" and tag and isinstance(first.get("input"), dict):
+        field = "source" if tag in ("synthetic", "file") else "backend"
+        missing = [e["loc"][-1] for e in err.errors() if e["type"] == "missing" and e["loc"][:-1] == first["loc"][:-1]]
+        key = ".".join(str(p) for p in first["loc"][:-1] if p not in UNION_TAGS)
+        msg = (f"{field} '{first['input'].get(field)}' needs " + " and ".join(f"'{m}'" for m in missing) + "; set "
+               + ", ".join(f"{key}.{m}" for m in missing))
     if first["type"] == "extra_forbidden":
         msg = "unknown key; check the spelling against `keystep config` (every key with its value) or configs/demo.yaml"
+        if tag:
+            msg = (f"not a setting of {UNION_TAGS[tag]} (each source / backend has its own keys; `keystep config` "
+                   "shows them); remove it or change the source / backend")
     return f"config key '{key}': {msg}"
 
 

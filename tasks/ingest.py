@@ -324,7 +324,7 @@ def dataset_lineage(spec: DatasetSpec, exclude: Dataset | None = None) -> Lineag
     extra: dict[str, Any] = {}
     if spec.source in ("gsm8k", "svamp", "file", "hub") and spec.path and Path(spec.path).exists():
         extra["content"] = file_hash(spec.path)
-    return Lineage("ingest", spec, (exclude.fp,) if exclude else (), CODE_VERSION, extra)
+    return Lineage("ingest", spec.fingerprinted(), (exclude.fp,) if exclude else (), CODE_VERSION, extra)
 
 
 def ingest(ws: Workspace, spec: DatasetSpec, exclude: Dataset | None = None) -> Dataset:
@@ -355,7 +355,8 @@ def ingest(ws: Workspace, spec: DatasetSpec, exclude: Dataset | None = None) -> 
                   bad_reasons=dict(reasons))
     return publish_stage(catalog, lineage, out, {
         "examples": rows, "bad_rows": [{"dataset_fp": fp, **b} for b in bad],
-        "datasets": [{"dataset_fp": fp, "name": spec.name, "source": spec.source, "path": spec.path, "split": spec.split,
+        "datasets": [{"dataset_fp": fp, "name": spec.name, "source": spec.source, "path": getattr(spec, "path", None),
+                      "split": spec.split,
                       "content_hash": content_hash(json.dumps([r["example_id"] for r in rows])),
                       "n_examples": len(rows), "n_bad": len(bad), "bad_reasons_json": json.dumps(dict(reasons))}]})
 

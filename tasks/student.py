@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from keystep.config import DistillConfig, StudentConfig, TrainConfig
+from keystep.config import DistillConfig, LoraConfig, StudentConfig, TrainConfig
 from storage.fingerprint import Lineage
 from storage.workspace import Workspace, publish_dir, temp_dir_for
 from tasks.stage import StageOutput, cached_output, kept_rationales, publish_stage
@@ -123,12 +123,13 @@ def attention_kernel(setting: str, device: str) -> str:
     return "sdpa"
 
 
-def build_model(cfg: TrainConfig, config: DistillConfig, student: Student, device: str, resume_dir: Path | None):
-    """(model, tokenizer): the student (or the checkpoint `resume_dir`) in the run's precision; with `student.lora`
-    the base frozen (NF4 with quantize: 4bit) and peft LoRA adapters on it (fp32, restored from `resume_dir`)."""
+def build_model(cfg: TrainConfig, lora: LoraConfig | None, student: Student, device: str, resume_dir: Path | None):
+    """(model, tokenizer): the student (or the checkpoint `resume_dir`) in the run's precision; with `lora`
+    (`student.lora`) the base frozen (NF4 with quantize: 4bit) and peft LoRA adapters on it (fp32, restored from
+    `resume_dir`)."""
     import torch
 
-    precision, lora = resolve_precision(cfg.precision, device), config.student.lora
+    precision = resolve_precision(cfg.precision, device)
     dtype = torch.bfloat16 if precision == "bf16" else None
     if lora is None:
         model, tokenizer = load_student(resume_dir or student.model_dir, device=device, dtype=dtype)

@@ -157,7 +157,7 @@ def result_row(cfg: TeacherConfig, t_fp: str, req: GenerationRequest, res: Gener
     if res.status == "ok" and not (res.text or "").strip():
         res.status, res.reason = "failed", "empty response"
     extracted = extract_answer(res.text, req.answer_type) if res.status == "ok" else None
-    params = {k: getattr(cfg, k) for k in ("backend", "model", "api", "temperature", "top_p", "max_tokens", "stop", "seed")}
+    params = {k: cfg.setting(k) for k in ("backend", "model", "api", "temperature", "top_p", "max_tokens", "stop", "seed")}
     return {"rationale_id": rationale_id(t_fp, req.example_id, req.sample_index), "teacher_fp": t_fp,
             "example_id": req.example_id, "sample_index": req.sample_index, "prompt": req.prompt, "text": res.text,
             "params_json": json.dumps(params), "usage_json": json.dumps(res.usage), "latency_s": res.latency_s,
@@ -227,7 +227,7 @@ def run_batches(catalog, cfg: TeacherConfig, shards: list[str], on_progress: Cal
 
 def asks_again(cfg: TeacherConfig) -> bool:
     """`teacher.retry_failed`, for a teacher whose answer can change (not the dataset's own rationales)."""
-    return cfg.retry_failed and cfg.backend != "reference"
+    return cfg.retries_failed
 
 
 def retryable_failures(config: DistillConfig, done: Generation | None) -> bool:
@@ -252,7 +252,7 @@ def finish_generation(ws: Workspace, config: DistillConfig, dataset: Dataset, wa
     per_reason = {r["reason"]: r["n"] for r in catalog.query("generation_failures", dataset_fp=dataset.fp, teacher_fp=t_fp)}
     n = s["n"] or 0
     cost = None
-    prompt_price, completion_price = prices(cfg)
+    prompt_price, completion_price = cfg.prices
     if prompt_price is not None or completion_price is not None:
         cost = ((s["prompt_tokens"] or 0) * (prompt_price or 0)
                 + (s["completion_tokens"] or 0) * (completion_price or 0)) / 1000
@@ -274,7 +274,7 @@ def generate_rationales(ws: Workspace, config: DistillConfig, dataset: Dataset, 
         return done
     t0 = time.perf_counter()
     plan = plan_generation(ws.catalog(), config.teacher, dataset.fp)
-    if config.teacher.api == "batch" and backend is None:
+    if config.teacher.batched and backend is None:
         run_batches(ws.catalog(), config.teacher, plan.shards)
     else:
         for path in plan.shards:
@@ -282,17 +282,10 @@ def generate_rationales(ws: Workspace, config: DistillConfig, dataset: Dataset, 
     return finish_generation(ws, config, dataset, wall_s=time.perf_counter() - t0, refresh=done is not None)
 
 
-def prices(cfg: TeacherConfig) -> tuple[float | None, float | None]:
-    """(prompt, completion) price per 1k tokens: the batch prices for `api: batch`."""
-    if cfg.api == "batch":
-        return cfg.cost_per_1k_prompt_tokens_batch, cfg.cost_per_1k_completion_tokens_batch
-    return cfg.cost_per_1k_prompt_tokens, cfg.cost_per_1k_completion_tokens
-
-
 def usage_table(cfg: TeacherConfig, out: Generation) -> list[dict]:
     """The teacher-usage artifact's row, what a person reads first first: counts, tokens, throughput, cost, rounded;
     the fingerprints last."""
-    batch = "_batch" if cfg.api == "batch" else ""
+    batch = "_batch" if cfg.batched else ""
     cost = (f"{out.cost_estimate:.2f}" + (" (batch price)" if batch else "") if out.cost_estimate is not None else
             "no tokens billed" if cfg.backend == "reference" else f"unpriced: set teacher.cost_per_1k_*_tokens{batch}")
     return [{"teacher": cfg.backend if cfg.backend == "reference" else f"{cfg.backend}: {cfg.model}",
@@ -308,7 +301,7 @@ def usage_description(cfg: TeacherConfig, out: Generation) -> str:
     if cfg.backend == "reference":
         return (f"Reference teacher: the dataset's own rationales, no tokens billed ({out.n} rationales, "
                 f"{out.correct_rate:.1%} correct)")
-    return f"Teacher {cfg.model}: requests, tokens, throughput and cost of generation {out.fp}"
+    return f"Teacher {cfg.setting('model') or cfg.backend}: requests, tokens, throughput and cost of generation {out.fp}"
 
 
 # ---- Prefect wrappers -----------------------------------------------------------------------------
@@ -389,7 +382,7 @@ def teacher_rationales(config: DistillConfig, dataset: Dataset) -> Generation:
         return finish_task(config, dataset)
     t0 = time.perf_counter()
     plan = plan_task(config, dataset)
-    if plan.shards and config.teacher.api == "batch":
+    if plan.shards and config.teacher.batched:
         batch_task(config, plan.shards)
     elif plan.shards:
         with open_endpoint(config.teacher, ws.root / "logs" / f"vllm-{plan.teacher_fp}.log") as endpoint:

@@ -336,4 +336,4 @@ def make_backend(cfg: TeacherConfig, endpoint: str | None):
     if cfg.backend == "vllm" and endpoint is None:
         return InProcessVLLM(cfg)
     model = "teacher" if cfg.backend == "vllm" else cfg.model
-    return OpenAITeacher(cfg, resolve_api_key(cfg), base_url=endpoint, model=model)
+    return OpenAITeacher(cfg, resolve_api_key(cfg) if cfg.backend == "openai" else None, base_url=endpoint, model=model)

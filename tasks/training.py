@@ -205,7 +205,7 @@ class LoopState:
 
 def _setup_model(config: DistillConfig, student: Student, device: str, resume_dir: Path | None):
     """(model, tokenizer): the student or the epoch to resume, in train.precision, with student.lora's adapters."""
-    return build_model(config.train, config, student, device, resume_dir)
+    return build_model(config.train, config.student.lora, student, device, resume_dir)
 
 
 def _setup_data(config: DistillConfig, catalog, tokenizer, rows: list[dict],

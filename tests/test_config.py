@@ -83,3 +83,65 @@ def test_the_pretrained_students_data_never_meets_the_kpod_studys_test_or_valida
         for spec in load_config(exp.base, exp.overrides).data.eval:
             questions = {ex.question for ex in load_examples(spec)[0]}
             assert len(questions) >= 500 and not questions & pre, (name, len(questions & pre))
+
+
+# the dataset source and teacher backend are discriminated unions: each kind has its own fields, and the UI form
+# offers the kinds to pick from; fingerprints are those of the flat models they replaced (no cache invalidated)
+def test_each_source_and_backend_has_only_its_own_keys_and_says_so():
+    from keystep.config import FileDatasetSpec, OpenAITeacherConfig, ReferenceTeacherConfig, build_config
+
+    c = build_config({"data": {"train": {"name": "g", "source": "gsm8k", "path": "g.jsonl"}},
+                      "teacher": {"backend": "openai", "base_url": "http://x/v1", "model": "m"}})
+    assert isinstance(c.data.train, FileDatasetSpec) and isinstance(c.teacher, OpenAITeacherConfig)
+    assert isinstance(build_config({}).teacher, ReferenceTeacherConfig)   # no backend: the offline default
+    with pytest.raises(ConfigError, match=r"'data.train.n': not a setting of dataset sources gsm8k"):
+        build_config({"data": {"train": {"source": "gsm8k", "path": "g.jsonl", "n": 5}}})
+    with pytest.raises(ConfigError, match=r"'teacher.temperature': not a setting of teacher backend reference"):
+        build_config({"teacher": {"backend": "reference", "temperature": 0.7}})
+    with pytest.raises(ConfigError, match=r"needs 'model' and 'base_url'; set teacher.model, teacher.base_url"):
+        build_config({"teacher": {"backend": "openai"}})
+    with pytest.raises(ConfigError, match=r"source must be one of: synthetic:arith, gsm8k"):
+        build_config({"data": {"train": {"source": "parquet"}}})
+
+
+def test_a_config_saved_by_the_flat_models_still_loads():
+    """A run's resolved config (table runs, a study file, an older prefect.yaml) named every kind's fields."""
+    from keystep.config import build_config
+
+    flat_teacher = {"backend": "reference", "model": None, "base_url": None, "api": "completions", "temperature": 0.0,
+                    "concurrency": 16, "vllm_args": [], "cost_per_1k_prompt_tokens": None}
+    flat_spec = {"name": "s", "source": "synthetic:arith", "path": None, "question_field": "question", "n": 50}
+    c = build_config({"teacher": flat_teacher, "data": {"train": flat_spec}})
+    assert c.teacher.backend == "reference" and c.data.train.n == 50
+
+
+def test_the_unions_changed_no_fingerprint():
+    """Values computed before the unions (c3bcab8's flat models): the demo's teacher, its datasets, an openai chat
+    teacher, a gsm8k file spec."""
+    from keystep.config import build_config
+    from tasks.ingest import dataset_lineage
+    from tasks.teacher import teacher_fingerprint
+
+    demo = load_config(ROOT / "configs" / "demo.yaml")
+    assert teacher_fingerprint(demo.teacher) == "teacher-974dca191da568f8"
+    assert [dataset_lineage(s).fp for s in [demo.data.train, *demo.data.eval]] == \
+        ["ingest-aab36277e65ea786", "ingest-1aede267e5466e0a"]
+    openai = build_config({"teacher": {"backend": "openai", "base_url": "http://x/v1", "model": "m", "api": "chat",
+                                       "temperature": 0.7, "n_samples": 3, "system_prompt": "s"}})
+    assert teacher_fingerprint(openai.teacher) == "teacher-2c7ec5208a901ae2"
+    files = build_config({"data": {"train": {"name": "g", "source": "gsm8k", "path": "/nonexistent/g.jsonl", "limit": 5}}})
+    assert dataset_lineage(files.data.train).fp == "ingest-e0c39591c62a322e"
+
+
+def test_the_deployment_form_offers_each_source_and_backend():
+    """Prefect's form renders `anyOf` as a choice of kinds (it reads no `oneOf`)."""
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.distill import distill
+
+    defs = parameter_schema(distill).model_dump()["definitions"]
+    train, teacher = defs["DataConfig"]["properties"]["train"], defs["DistillConfig"]["properties"]["teacher"]
+    assert [r["$ref"].rsplit("/", 1)[1] for r in train["anyOf"]] == ["SyntheticDatasetSpec", "FileDatasetSpec"]
+    assert [r["$ref"].rsplit("/", 1)[1] for r in teacher["anyOf"]] == \
+        ["ReferenceTeacherConfig", "OpenAITeacherConfig", "VLLMTeacherConfig"]
+    assert "oneOf" not in str(defs) and "base_url" not in defs["ReferenceTeacherConfig"]["properties"]

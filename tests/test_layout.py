@@ -59,3 +59,16 @@ def test_a_training_rank_and_the_stage_functions_import_without_prefect():
     code = "import sys, tasks.train_worker, tasks.token_weights, tasks.evaluate; print('prefect' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr[-2000:]
+
+
+def test_following_distills_config_climbs_back_up_at_most_5_times():
+    """bench/config_walk.py's count (issue 22): a function handed a config section that takes the whole config too,
+    or a call back into a module the walk already left."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("config_walk", ROOT / "bench" / "config_walk.py")
+    walk = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(walk)
+    edges, reached = walk.climbs()
+    assert reached > 50, "the walk no longer follows the config into the stages"
+    assert len(edges) <= 5, edges

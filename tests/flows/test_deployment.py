@@ -36,6 +36,11 @@ def ui_pages_show_what_runs(ui: str, kpod_id: str, tmp_path) -> None:
     loss = form[form.index("Loss (Optional)"):][:3000]
     assert re.search(r'<option[^>]*selected=""[^>]*value="kpod"', loss), loss[:1000]
     assert form.index("preset (Optional)") < form.index("overrides (Optional)") < form.index("Data (Optional)")
+    # the teacher backend and the dataset source are kinds to pick, each showing only its own fields
+    text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", form))
+    assert re.search(r"Teacher \(Optional\) [^.]*\. reference openai vllm Backend", text), text[:2000]
+    assert re.search(r"Train \(Optional\) [^.]*\. synthetic file Source", text)
+    assert "Base Url" not in text and "Question Field" not in text     # openai's and file's fields: not shown
     with urllib.request.urlopen(urllib.request.Request(
             f"{ui}/api/flow_runs/filter", data=json.dumps({"flow_runs": {"parent_task_run_id": {"is_null_": True}}}).encode(),
             headers={"content-type": "application/json"})) as resp:

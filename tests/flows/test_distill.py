@@ -204,7 +204,7 @@ def test_kpod_end_to_end_and_a_curriculum_change_recomputes_only_curriculum_trai
 
 
 def test_a_preset_with_edited_config_fields_is_refused_not_silently_ignored():
-    from flows.distill import resolve_config
+    from flows.tracking import resolve_config
     from keystep.config import ConfigError, DistillConfig
     from tests.conftest import ROOT
 

@@ -10,9 +10,12 @@ from tests.conftest import micro_config
 
 
 def openai_config(ws, server, **teacher):
-    cfg = micro_config(ws)
-    return cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={
-        "backend": "openai", "base_url": server.base_url, "model": "fake", "keep_only_correct": False, **teacher})})
+    from keystep.config import teacher_config
+
+    cfg = micro_config(ws)   # the backend is a kind of teacher config: built anew, not copied from the reference one
+    return cfg.model_copy(update={"teacher": teacher_config(**{
+        **cfg.teacher.model_dump(), "backend": "openai", "base_url": server.base_url, "model": "fake",
+        "keep_only_correct": False, **teacher})})
 
 
 @pytest.mark.slow

@@ -4,7 +4,6 @@ import json
 import subprocess
 import sys
 
-import pytest
 
 from storage.workspace import Workspace
 from tasks.export import export_dataset, training_text

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from keystep.config import ConfigError, DatasetSpec
+from keystep.config import ConfigError, SyntheticDatasetSpec, FileDatasetSpec
 from storage.workspace import Workspace
 from tasks.ingest import dataset_lineage, generate_arith, ingest, load_examples
 from tests.conftest import SHARED_DATA
@@ -32,7 +32,7 @@ def test_synthetic_steps_range():
 
 @pytest.mark.skipif(not SHARED_DATA.exists(), reason="shared data not present")
 def test_gsm8k_loader_strips_calculator_marks():
-    spec = DatasetSpec(name="gsm8k", source="gsm8k", path=str(SHARED_DATA / "gsm8k/test.jsonl"), limit=50)
+    spec = FileDatasetSpec(name="gsm8k", source="gsm8k", path=str(SHARED_DATA / "gsm8k/test.jsonl"), limit=50)
     exs, bad = load_examples(spec)
     assert len(exs) == 50 and not bad
     assert exs[0].answer == "18"  # Janet's ducks
@@ -41,7 +41,7 @@ def test_gsm8k_loader_strips_calculator_marks():
 
 @pytest.mark.skipif(not SHARED_DATA.exists(), reason="shared data not present")
 def test_svamp_loader_joins_body_and_question():
-    spec = DatasetSpec(name="svamp", source="svamp", path=str(SHARED_DATA / "svamp/SVAMP.json"))
+    spec = FileDatasetSpec(name="svamp", source="svamp", path=str(SHARED_DATA / "svamp/SVAMP.json"))
     exs, bad = load_examples(spec)
     assert len(exs) + len(bad) == 1000
     assert exs[0].question.startswith("Each pack of dvds costs 76 dollars") and exs[0].question.endswith("each pack?")
@@ -54,7 +54,7 @@ def test_generic_loader_counts_every_bad_row(tmp_path):
     rows = [{"q": "What is 2+2?", "a": "4 (apples)"}, {"q": "", "a": "1"}, {"q": "No answer?"},
             {"q": "Bad?", "a": "many"}, {"q": "What is 2+2?", "a": "4"}]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n{not json\n")
-    spec = DatasetSpec(name="d", source="file", path=str(path), question_field="q", answer_field="a")
+    spec = FileDatasetSpec(name="d", source="file", path=str(path), question_field="q", answer_field="a")
     exs, bad = load_examples(spec)
     assert [e.answer for e in exs] == ["4"]
     reasons = sorted(b["reason"].split(" (")[0] for b in bad)
@@ -75,7 +75,7 @@ def test_generic_formats(tmp_path, fmt):
         import pyarrow as pa
         import pyarrow.parquet as pq
         pq.write_table(pa.Table.from_pylist(rows), path)
-    exs, bad = load_examples(DatasetSpec(name="d", source="file", path=str(path), rationale_field="why"))
+    exs, bad = load_examples(FileDatasetSpec(name="d", source="file", path=str(path), rationale_field="why"))
     assert [e.answer for e in exs] == ["0", "1", "2", "3", "4"] and not bad
     assert exs[2].reference_rationale == "because 2"
 
@@ -84,19 +84,19 @@ def test_hub_loader_on_a_local_dataset_folder(tmp_path):
     import datasets
     ds = datasets.Dataset.from_list([{"question": "q1?", "answer": "3"}, {"question": "q2?", "answer": "x"}])
     ds.save_to_disk(str(tmp_path / "hubds"))
-    exs, bad = load_examples(DatasetSpec(name="h", source="hub", path=str(tmp_path / "hubds")))
+    exs, bad = load_examples(FileDatasetSpec(name="h", source="hub", path=str(tmp_path / "hubds")))
     assert [e.answer for e in exs] == ["3"] and len(bad) == 1
 
 
 def test_missing_file_names_the_path(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
-        load_examples(DatasetSpec(name="d", source="file", path=str(tmp_path / "x.jsonl")))
+        load_examples(FileDatasetSpec(name="d", source="file", path=str(tmp_path / "x.jsonl")))
 
 
 def test_ingest_stores_examples_and_bad_rows(catalog, tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text('{"question": "a?", "answer": "1"}\n{"question": "b?", "answer": ""}\n')
-    spec = DatasetSpec(name="d", source="file", path=str(path))
+    spec = FileDatasetSpec(name="d", source="file", path=str(path))
     summary = ingest(Workspace(catalog.path.parent), spec)
     fp = summary.fp
     assert summary.n_examples == 1 and summary.bad_reasons == {"missing answer": 1}
@@ -107,10 +107,10 @@ def test_ingest_stores_examples_and_bad_rows(catalog, tmp_path):
 
 
 def test_eval_overlap_with_train_is_reported_not_silent(catalog):
-    train = DatasetSpec(n=30, seed=0, max_steps=1, max_operand=3)
+    train = SyntheticDatasetSpec(n=30, seed=0, max_steps=1, max_operand=3)
     ws = Workspace(catalog.path.parent)
     train_ds = ingest(ws, train)
-    ev = DatasetSpec(n=30, seed=0, max_steps=1, max_operand=3, split="test")  # same problems
+    ev = SyntheticDatasetSpec(n=30, seed=0, max_steps=1, max_operand=3, split="test")  # same problems
     s = ingest(ws, ev, exclude=train_ds)
     assert s.n_examples == 0 and s.bad_reasons == {"overlaps training set": 30}
 
@@ -119,7 +119,7 @@ def test_question_template_over_columns(tmp_path):
     """ASDiv/SVAMP-style rows: the question is Body + Question; a row without a column is a counted bad row."""
     path = tmp_path / "asdiv.csv"
     path.write_text("Body,Question,Answer\nTom has 3 apples.,How many now?,3\nMia has 2 pens.,,2\n")
-    spec = DatasetSpec(name="asdiv", source="file", path=str(path), question_template="{Body} {Question}",
+    spec = FileDatasetSpec(name="asdiv", source="file", path=str(path), question_template="{Body} {Question}",
                        answer_field="Answer")
     examples, bad = load_examples(spec)
     assert [e.question for e in examples] == ["Tom has 3 apples. How many now?", "Mia has 2 pens."]
@@ -131,7 +131,7 @@ def test_question_template_over_columns(tmp_path):
 
 def test_a_bad_question_template_fails_before_reading_any_file():
     with pytest.raises(ValueError, match="question_template"):
-        DatasetSpec(name="x", source="file", path="x.csv", question_template="{Body")
+        FileDatasetSpec(name="x", source="file", path="x.csv", question_template="{Body")
 
 
 @pytest.mark.parametrize("layout", ["jsonl", "hub"])
@@ -152,19 +152,19 @@ def test_multiple_choice_questions_show_their_choices_and_answers_are_labels(tmp
         spec_kw = {"question_field": "question", "choices_field": "choices"}
     path = tmp_path / "csqa.jsonl"
     path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
-    spec = DatasetSpec(name="csqa", source="file", path=str(path), answer_field="answerKey", answer_type="choice", **spec_kw)
+    spec = FileDatasetSpec(name="csqa", source="file", path=str(path), answer_field="answerKey", answer_type="choice", **spec_kw)
     examples, bad = load_examples(spec)
     assert examples[0].question == "Where do you put a coat?\nAnswer Choices: (A) closet (B) oven (C) river"
     assert [e.answer for e in examples] == ["A", "B"] and examples[1].choices[1] == ["B", "ice"]
     assert [b["reason"] for b in bad] == ["answer 'E' is not a choice label"]   # counted, not silently kept
-    from keystep.config import TeacherConfig
+    from keystep.config import ReferenceTeacherConfig
     from tasks.answers import extract_answer, is_correct
     from tasks.formats import format_prompt
-    assert "(B) ice" in format_prompt(TeacherConfig(), examples[1].question)       # the teacher and student see them
+    assert "(B) ice" in format_prompt(ReferenceTeacherConfig(), examples[1].question)       # the teacher and student see them
     said = "Ice is frozen water, so it is cold. Therefore, the answer is (B)."
     assert is_correct(extract_answer(said, "choice"), examples[1].answer, "choice")
 
 
 def test_choices_need_the_choice_answer_type():
     with pytest.raises(ValueError, match="answer_type: choice"):
-        DatasetSpec(name="x", source="file", path="x.jsonl", choices_field="choices")
+        FileDatasetSpec(name="x", source="file", path="x.jsonl", choices_field="choices")

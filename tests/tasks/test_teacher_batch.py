@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from keystep.config import TeacherConfig
+from keystep.config import teacher_config
 from tasks.teacher_backends import TeacherUnavailable
 from tests.conftest import ROOT
 from tests.fake_openai_batch import FakeBatchOpenAI
@@ -19,7 +19,7 @@ from tests.tasks.test_teacher_openai import dataset
 def teacher(server, **kw):
     base = {"backend": "openai", "base_url": server.base_url, "model": "fake", "api": "batch", "batch_poll_s": 0.01,
             "timeout_s": 5.0, "max_retries": 3}
-    return TeacherConfig(**{**base, **kw})
+    return teacher_config(**{**base, **kw})
 
 
 def rows(catalog):
@@ -123,12 +123,12 @@ def test_sigkill_while_the_batch_runs_resumes_polling_the_same_batch(tmp_path):
     with FakeBatchOpenAI(answers=answers, batch_faults=["hang"]) as server:
         script = f"""
 import sys; sys.path.insert(0, {str(ROOT)!r})
-from keystep.config import DatasetSpec, TeacherConfig
+from keystep.config import OpenAITeacherConfig, SyntheticDatasetSpec
 from storage.catalog import Catalog
 from tests.tasks.helpers import generate_with, ingest_spec
 cat = Catalog({str(tmp_path / 'ws' / 'catalog.duckdb')!r})
-generate_with(cat, TeacherConfig(backend="openai", base_url={server.base_url!r}, model="fake", api="batch",
-              batch_poll_s=0.05, max_retries=3), ingest_spec(cat, DatasetSpec(n=40, seed=0, max_steps=2)))
+generate_with(cat, OpenAITeacherConfig(backend="openai", base_url={server.base_url!r}, model="fake", api="batch",
+              batch_poll_s=0.05, max_retries=3), ingest_spec(cat, SyntheticDatasetSpec(n=40, seed=0, max_steps=2)))
 """
         proc = subprocess.Popen([sys.executable, "-c", script], start_new_session=True)
         deadline = time.monotonic() + 120

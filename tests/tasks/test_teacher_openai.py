@@ -2,7 +2,7 @@
 Request counts are what the server received."""
 import pytest
 
-from keystep.config import DatasetSpec, TeacherConfig
+from keystep.config import SyntheticDatasetSpec, teacher_config
 from tests.fake_openai import FakeOpenAI
 from tasks.teacher import spool_dir
 from tests.tasks.helpers import generate_with, ingest_spec
@@ -10,7 +10,7 @@ from tasks.teacher_backends import TeacherUnavailable
 
 
 def dataset(catalog, n=40, seed=0):
-    spec = DatasetSpec(n=n, seed=seed, max_steps=2)
+    spec = SyntheticDatasetSpec(n=n, seed=seed, max_steps=2)
     dfp = ingest_spec(catalog, spec)
     answers = {r["question"]: r["answer"] for r in catalog.query("examples_of_dataset", dataset_fp=dfp.fp)}
     return dfp, answers
@@ -19,7 +19,7 @@ def dataset(catalog, n=40, seed=0):
 def teacher(server, **kw):
     base = {"backend": "openai", "base_url": server.base_url if server else "http://127.0.0.1:9/v1", "model": "fake",
             "concurrency": 8, "timeout_s": 1.0, "max_retries": 2}
-    return TeacherConfig(**{**base, **kw})
+    return teacher_config(**{**base, **kw})
 
 
 def run(catalog, cfg, dfp):

@@ -136,10 +136,10 @@ def test_kpod_sequences_follow_the_curriculum_and_carry_the_token_weights(tmp_pa
 
 
 def test_target_formats():
-    from keystep.config import TeacherConfig
+    from keystep.config import ReferenceTeacherConfig
     from tasks.formats import format_target
 
-    t = TeacherConfig()
+    t = ReferenceTeacherConfig()
     text, ans = "Mia has 3 apples. After buying 2 more, 3 + 2 = 5 apples.", "5"
     phrase = "Therefore, the answer is 5."
     assert format_target("cot_then_label", text, ans, t) == f"{text} {phrase}"

@@ -5,6 +5,7 @@ import os
 
 import pytest
 
+from keystep.config import teacher_config
 from tests.conftest import micro_config
 from tests.vllm_model import build_tiny_llama
 
@@ -18,9 +19,9 @@ def test_generate_flow_through_a_vllm_server_keystep_starts(prefect_api, tmp_pat
 
     model = build_tiny_llama(tmp_path / "tiny-llama")
     cfg = micro_config(tmp_path / "ws", **{"data.train.n": 24})
-    cfg = cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={
-        "backend": "vllm", "model": str(model), "vllm_python": VLLM_PYTHON, "max_tokens": 24, "stop": [],
-        "vllm_args": ["--max-model-len", "512", "--gpu-memory-utilization", "0.1"], "keep_only_correct": False})})
+    cfg = cfg.model_copy(update={"teacher": teacher_config(**{
+        **cfg.teacher.model_dump(), "backend": "vllm", "model": str(model), "vllm_python": VLLM_PYTHON, "max_tokens": 24,
+        "stop": [], "vllm_args": ["--max-model-len", "512", "--gpu-memory-utilization", "0.1"], "keep_only_correct": False})})
     out = generate(config=cfg)
     gen = out.generation
     assert gen.n == 24 and gen.n_ok + gen.n_failed == 24
@@ -46,8 +47,8 @@ def test_vllm_offline_batch_runner_stores_the_rows_the_server_path_stores(prefec
 
     def config(ws, **teacher):
         cfg = micro_config(tmp_path / ws, **{"data.train.n": 24})
-        return cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={
-            "backend": "vllm", "model": str(model), "vllm_python": VLLM_PYTHON, "max_tokens": 24, "stop": [],
+        return cfg.model_copy(update={"teacher": teacher_config(**{
+            **cfg.teacher.model_dump(), "backend": "vllm", "model": str(model), "vllm_python": VLLM_PYTHON, "max_tokens": 24, "stop": [],
             "temperature": 0.0, "per_request_seed": False, "keep_only_correct": False,
             "vllm_args": ["--max-model-len", "512", "--gpu-memory-utilization", "0.1"], **teacher})})
 
