@@ -22,15 +22,41 @@ class ConfigError(ValueError):
     """A user mistake in a config: the message names the key or path and what to do."""
 
 
+def _fingerprint_mark(field: Any) -> Any:
+    """`operational` (False) or `added_later` ("unless-default") on a field; None for the others."""
+    extra = field.json_schema_extra
+    return extra.get("fingerprint") if isinstance(extra, dict) else None
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
+    def _left_out(self) -> set[str]:
+        """Fields no fingerprint sees: `operational` ones, and `added_later` ones at their default."""
+        out = set()
+        for name, f in type(self).model_fields.items():
+            mark = _fingerprint_mark(f)
+            if mark is False or (mark == "unless-default" and getattr(self, name) == f.get_default(call_default_factory=True)):
+                out.add(name)
+        return out
+
     def fingerprinted(self, exclude: set[str] = frozenset()) -> dict:
         """The section as its stage's fingerprint sees it: every field but those marked `operational` (how a stage
-        is run or where its files go, not what it computes) and `exclude`."""
-        out = {name for name, f in type(self).model_fields.items()
-               if (f.json_schema_extra or {}).get("fingerprint") is False}
-        return self.model_dump(mode="json", exclude=out | set(exclude))
+        is run or where its files go, not what it computes), `added_later` ones at their default, and `exclude`."""
+        return self.model_dump(mode="json", exclude=self._left_out() | set(exclude))
+
+    def fingerprint_form(self) -> dict:
+        """The section as a fingerprint that hashes all of it sees it (storage/fingerprint.py `canonical`): every
+        field but `added_later` ones at their default, at any depth."""
+        skip = {name for name, f in type(self).model_fields.items()
+                if _fingerprint_mark(f) == "unless-default"} & self._left_out()
+        return {name: getattr(self, name) for name in type(self).model_fields if name not in skip}
+
+
+def added_later(default: Any, **kwargs: Any) -> Any:
+    """A `Field` added after its stage's fingerprints existed, whose default keeps the old behaviour: at that default
+    it is left out of every fingerprint, so upgrading keystep recomputes nothing (e.g. train.token_weight_floor)."""
+    return Field(default, json_schema_extra={"fingerprint": "unless-default"}, **kwargs)
 
 
 def operational(default: Any = ..., **kwargs: Any) -> Any:
@@ -78,7 +104,7 @@ def _flatten(members: tuple[type[FlatFingerprint], ...]) -> None:
             flat.setdefault(name, [d.model_dump(mode="json") if isinstance(d, BaseModel) else d for d in default]
                             if isinstance(default, list) else default)
     operational_fields = {name for member in members for name, f in member.model_fields.items()
-                          if (f.json_schema_extra or {}).get("fingerprint") is False}
+                          if _fingerprint_mark(f) is False}
     for member in members:
         member._flat_all_defaults = flat
         member._flat_defaults = {k: v for k, v in flat.items() if k not in operational_fields}
@@ -508,7 +534,7 @@ class TrainConfig(Section):
         "raw", description="KPOD loss: 'raw' multiplies each rationale token's NLL by its learned weight in [0, 1] "
         "(the paper); 'sequence_mean' rescales a sequence's weights so their mean over its supervised tokens is 1, so "
         "the weights reorder the loss within a sequence without shrinking its size (the learning rate).")
-    token_weight_floor: float = Field(0.0, ge=0, le=1, description="KPOD loss: each rationale token's NLL weighted "
+    token_weight_floor: float = added_later(0.0, ge=0, le=1, description="KPOD loss: each rationale token's NLL weighted "
                                       "f + (1 − f)·w_j instead of w_j (f = 0, the paper). Near-0/1 token weights leave a "
                                       "student trained from scratch untaught on the words it must still write between "
                                       "the keypoints (docs/measurements.md); a floor keeps them in the loss.")

@@ -23,8 +23,9 @@ def canonical(obj: Any) -> Any:
     """A JSON-ready, order-independent form of a config: pydantic models (at any depth) become their JSON dump,
     tuples become lists, paths strings. Anything else is an error, so no value is ever hashed through `str()`
     (whose form can change with a library upgrade and silently invalidate every cache)."""
-    if isinstance(obj, BaseModel):
-        return canonical(obj.model_dump(mode="json"))
+    if isinstance(obj, BaseModel):   # a config section says what of it a fingerprint sees (keystep/config.py)
+        form = getattr(obj, "fingerprint_form", None)
+        return canonical(form() if form else obj.model_dump(mode="json"))
     if isinstance(obj, dict):
         return {str(k): canonical(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):

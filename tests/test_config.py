@@ -145,3 +145,14 @@ def test_the_deployment_form_offers_each_source_and_backend():
     assert [r["$ref"].rsplit("/", 1)[1] for r in teacher["anyOf"]] == \
         ["ReferenceTeacherConfig", "OpenAITeacherConfig", "VLLMTeacherConfig"]
     assert "oneOf" not in str(defs) and "base_url" not in defs["ReferenceTeacherConfig"]["properties"]
+
+
+def test_a_setting_added_later_changes_no_fingerprint_at_its_default():
+    """train.token_weight_floor came after the train stage's fingerprints: at 0 (the old behaviour) the train stage
+    hashes what it hashed before it existed; set, it is part of what the stage is."""
+    from storage.fingerprint import canonical
+
+    demo = load_config(ROOT / "configs" / "demo.yaml")
+    assert "token_weight_floor" not in canonical(demo.train)
+    assert canonical(load_config(ROOT / "configs" / "demo.yaml", {"train.token_weight_floor": 0.5}).train)[
+        "token_weight_floor"] == 0.5
