@@ -132,7 +132,7 @@ def plan_generation(catalog, cfg: TeacherConfig, dataset_fp: str, shards: int | 
     recovered = ingest_spool(catalog, spool)
     t_fp = teacher_fingerprint(cfg)
     have = {r["rationale_id"] for r in catalog.query("rationales_to_keep", teacher_fp=t_fp,
-                                                      retry_failed=asks_again(cfg))}
+                                                      retry_failed=cfg.retries_failed)}
     todo = []
     for ex in catalog.query("examples_of_dataset", dataset_fp=dataset_fp):
         for s in range(cfg.n_samples):
@@ -225,14 +225,9 @@ def run_batches(catalog, cfg: TeacherConfig, shards: list[str], on_progress: Cal
     return sum(run_shard(cfg, path, None, backend=backend) for path in shards)
 
 
-def asks_again(cfg: TeacherConfig) -> bool:
-    """`teacher.retry_failed`, for a teacher whose answer can change (not the dataset's own rationales)."""
-    return cfg.retries_failed
-
-
 def retryable_failures(config: DistillConfig, done: Generation | None) -> bool:
     """Whether a finished generation has items whose last attempt hit a protocol fault, for a rerun to ask again."""
-    return bool(done and done.n_failed and asks_again(config.teacher)
+    return bool(done and done.n_failed and config.teacher.retries_failed
                 and any(r.startswith(PROTOCOL_FAULTS) for r in done.failure_reasons))
 
 
