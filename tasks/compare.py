@@ -104,8 +104,11 @@ def seeds_needed(diffs: list[float], half_width: float = SEED_HALF_WIDTH) -> int
     return next(n for n in range(2, 10_000) if t.ppf(0.975, n - 1) * sd / math.sqrt(n) <= half_width)
 
 
-def gap_line(g: dict, spread: float) -> str:
+def gap_line(g: dict) -> str:
+    """One gap in words. The spread is that of the paired per-seed differences — what the seed interval and the
+    seed count needed are computed from — not the arms' own spreads (their sum overstates it when seeds move both)."""
     lo, hi = g["seed_ci"]
+    spread = (f"±{statistics.stdev(g['diffs']):.1%}" if len(g["diffs"]) > 1 else "unknown (1 seed)")
     boot = (f"bootstrap over {g['n_questions']} questions [{g['boot_ci'][0]:+.1%}, {g['boot_ci'][1]:+.1%}]"
             if g["boot_ci"] else "no paired predictions")
     verdict = "real" if g["real"] else "not shown (an interval includes 0)"
@@ -114,8 +117,8 @@ def gap_line(g: dict, spread: float) -> str:
     width = (f"seed interval ±{half:.1%}: decisive" if half <= SEED_HALF_WIDTH + 1e-12 else
              f"seed interval ±{half:.1%}: not decisive yet" + (f" (about {need} seeds at this spread)" if need else ""))
     return (f"{g['a']} − {g['b']} on {g['column']} = {g['mean']:+.1%} (paired over {len(g['seeds'])} seeds: "
-            f"{g['a']} higher on {g['wins']}, t interval [{lo:+.1%}, {hi:+.1%}]; {boot}; seed spread ±{spread:.1%}; "
-            f"{width}): **{verdict}**")
+            f"{g['a']} higher on {g['wins']}, t interval [{lo:+.1%}, {hi:+.1%}]; {boot}; "
+            f"seed spread of the paired difference {spread}; {width}): **{verdict}**")
 
 
 def steps_markdown(runs: list[dict]) -> list[str]:
@@ -218,9 +221,8 @@ def write_report(title: str, runs: list[dict], predictions: dict, results_path: 
     target = Path(results_path)
     target.parent.mkdir(parents=True, exist_ok=True)
     rows, columns = comparison_rows(runs)
-    spread = {(r["variant"], c): r[c]["std"] for r in rows for c in columns}
     gaps = [g for c in columns for a, b in pairs if (g := paired_gap(runs, predictions, a, b, c))]
-    notes = [gap_line(g, spread[(g["a"], g["column"])] + spread[(g["b"], g["column"])]) for g in gaps]
+    notes = [gap_line(g) for g in gaps]
     stem = f"{target.stem}-{study}" if study else target.stem
     plots = {"accuracy by variant": comparison_plot(rows, columns, target.parent / f"{stem}.png")}
     curves = learning_curves_plot(runs, target.parent / f"{stem}-learning-curves.png")

@@ -55,6 +55,14 @@ def test_without_paired_predictions_no_gap_is_called_real():
     assert g["boot_ci"] is None and not g["real"]
 
 
+def test_gap_line_states_the_spread_of_the_paired_difference():
+    g = {"a": "a", "b": "b", "column": "synthetic/test", "seeds": [0, 1, 2], "diffs": [0.01, 0.03, 0.05],
+         "mean": 0.03, "wins": 3, "seed_ci": t_interval([0.01, 0.03, 0.05]), "boot_ci": None, "real": False}
+    assert "seed spread of the paired difference ±2.0%" in gap_line(g)
+    assert "seed spread of the paired difference unknown (1 seed)" in gap_line({**g, "seeds": [0], "diffs": [0.01],
+                                                                               "seed_ci": t_interval([0.01])})
+
+
 def test_report_states_each_gap_with_both_intervals(tmp_path):
     runs, preds = arms(0.75, 0.55)
     for r in runs:       # what the study files hold
@@ -73,7 +81,7 @@ def test_each_gap_says_whether_its_seed_interval_decides_it():
     need = seeds_needed([-0.05, 0.02, -0.08, 0.04, 0.0])
     assert need > 5
     runs, preds = arms(0.6, 0.6, seeds=(0, 1, 2))
-    line = gap_line(paired_gap(runs, preds, "a", "b", "synthetic/test"), 0.0)
+    line = gap_line(paired_gap(runs, preds, "a", "b", "synthetic/test"))
     assert "decisive" in line
 
 
