@@ -20,17 +20,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tasks.ingest import generate_arith  # noqa: E402
+from pydantic import TypeAdapter  # noqa: E402
+
+from keystep.config import DatasetSpec  # noqa: E402
+from tasks.ingest import load_examples  # noqa: E402
 
 STEP = re.compile(r"(\d+) ([+\-x]) (\d+) = (\d+)")
 
 
 def problems(eval_spec: dict) -> dict:
-    """example_id → Example of the run's (first) synthetic eval set."""
-    if eval_spec.get("source") != "synthetic:arith":
-        raise SystemExit(f"study_errors: needs a synthetic:arith eval set, this run's is {eval_spec.get('source')!r}")
-    args = {k: eval_spec[k] for k in ("n", "seed", "min_steps", "max_steps", "max_operand")}
-    return {ex.example_id: ex for ex in generate_arith(**args)}
+    """example_id → Example of the run's (first) eval set, loaded as ingest loads it."""
+    spec = TypeAdapter(DatasetSpec).validate_python(eval_spec)
+    if spec.source != "synthetic:arith":
+        raise SystemExit(f"study_errors: needs a synthetic:arith eval set, this run's is {spec.source!r}")
+    return {ex.example_id: ex for ex in load_examples(spec)[0]}
 
 
 def run_errors(summary: Path) -> dict:
@@ -53,8 +56,8 @@ def run_errors(summary: Path) -> dict:
         if len(steps) == 1:
             a, op, b, c = steps[0]
             facts[f"{a} {op} {b} = {c} (says {r['extracted']})"] += 1
-    return {"arm": info["variant"], "seed": info["seed"], "n": len(rows), "wrong": len(wrong), "near": near, "earlier": earlier,
-            "accuracy": 1 - len(wrong) / len(rows), "final_loss": info["history"][-1]["loss"],
+    return {"arm": info["variant"], "seed": info["seed"], "n": len(rows), "wrong": len(wrong), "near": near,
+            "earlier": earlier, "accuracy": 1 - len(wrong) / len(rows), "final_loss": info["history"][-1]["loss"],
             "facts": facts.most_common(3)}
 
 
