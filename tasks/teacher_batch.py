@@ -14,8 +14,10 @@ first looks for a batch the server already created with its key (a kill between 
 it, so no batch is submitted twice; a `submitted` one is polled; a `finished` one is read again from disk. An item is
 sent in a new batch only when no open batch holds it and no finished one answered it. Lines that failed (a 5xx or
 429 line, a batch that failed, expired or was cancelled before reaching them) are asked again in a new batch, up to
-`teacher.max_retries` rounds, and after that by the next run; a line whose body is malformed is a stored failed row
-(asked again by a rerun, `teacher.retry_failed`), as online. Requests beyond `batch_max_requests` lines or
+`teacher.max_retries` rounds, and after that by the next run. A line whose body is a protocol fault (no choices, not
+JSON, empty text) is asked again the same way, as the online path retries it; one still faulty after the last round
+is stored as a failed row with its reason, and a rerun asks again (`teacher.retry_failed`) — a finished batch's
+faulty line is never taken as that item's answer. Requests beyond `batch_max_requests` lines or
 `batch_max_bytes` bytes go into several batches, polled together.
 
 `runner` 'openai': any OpenAI-compatible server with the files and batches endpoints, through the `openai` client.
@@ -34,7 +36,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from keystep.config import TeacherConfig
-from tasks.teacher_backends import GenerationRequest, GenerationResult, TeacherUnavailable, _parse_response
+from tasks.teacher_backends import (PROTOCOL_FAULTS, GenerationRequest, GenerationResult, TeacherUnavailable,
+                                    _parse_response)
 
 TERMINAL = ("completed", "failed", "expired", "cancelled")
 
@@ -224,20 +227,26 @@ class BatchTeacher:
         self.ledger.record(batch)   # in the catalog before anything is sent
         return batch
 
-    def _answers(self, batch: Batch) -> dict[str, GenerationResult]:
+    def _answers(self, batch: Batch, faults: dict[str, GenerationResult]) -> dict[str, GenerationResult]:
+        """A finished batch's answered lines; a line that is a protocol fault goes into `faults` instead (asked again)."""
         out = {}
         for line in read_lines(batch.output_path) + read_lines(batch.error_path):
             result = line_result(line, self.cfg.request_api)
-            if result is not None:
+            if result is None:
+                continue
+            if result.status == "failed" and (result.reason or "").startswith(PROTOCOL_FAULTS):
+                faults[line["custom_id"]] = result
+            else:
                 out[line["custom_id"]] = result
         return out
 
     def generate(self, requests: list[GenerationRequest]) -> Iterator[tuple[GenerationRequest, GenerationResult]]:
         todo = {self.custom_id(r): r for r in requests}
+        faults: dict[str, GenerationResult] = {}      # the last protocol-fault line of an item still to answer
         known = self.ledger.all()
         for batch in known:                    # answers already downloaded: read again, never paid again
             if batch.status == "finished":
-                for cid, result in self._answers(batch).items():
+                for cid, result in self._answers(batch, faults).items():
                     if cid in todo:
                         yield todo.pop(cid), result
         open_ = [b for b in known if b.status != "finished" and set(b.custom_ids) & set(todo)]
@@ -250,14 +259,17 @@ class BatchTeacher:
                     self._advance(batch)
                     if batch.status == "finished":
                         open_.remove(batch)
-                        for cid, result in self._answers(batch).items():
+                        for cid, result in self._answers(batch, faults).items():
                             if cid in todo:
                                 yield todo.pop(cid), result
                 if open_:
                     time.sleep(self.cfg.batch_poll_s)
             if not todo:
                 return
-        # still unanswered after max_retries rounds: not stored, so the next run asks again
+        # still unanswered after max_retries rounds: a protocol fault is stored as a failed row with its reason (counted,
+        # asked again by the next run, as online); an item with no answer at all is not stored, so the next run asks again
+        for cid in [c for c in todo if c in faults]:
+            yield todo.pop(cid), faults[cid]
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -6,7 +6,9 @@ line as the online endpoint would. What it answers is counted at the server: `se
 line answered 200 in an output file — "paid". Faults, per batch in creation order (`batch_faults`): 'fail' (the batch
 fails validation: no output, nothing paid), 'expire' (ends expired with only the first `partial` share of its lines
 answered, the rest in the error file as batch_expired), 'hang' (never finishes by itself; cancel ends it with partial
-output). `line_errors` (a share of prompts, by hash) makes a line answer 500 in the error file on its first attempt.
+output). `line_errors` (a share of prompts, by hash) makes a line answer 500 in the error file on its first attempt;
+`malformed_lines` (another share) makes it answer 200 with a body that has no choices — billed by a real provider,
+not counted as served here.
 `no_files`: /v1/files answers 404 (an endpoint without the files API).
 """
 from __future__ import annotations
@@ -22,9 +24,10 @@ from tests.fake_openai import FakeOpenAI
 
 class FakeBatchOpenAI(FakeOpenAI):
     def __init__(self, batch_faults: list[str | None] | None = None, line_errors: float = 0.0, partial: float = 0.5,
-                 polls_to_finish: int = 2, no_files: bool = False, **kwargs):
+                 polls_to_finish: int = 2, no_files: bool = False, malformed_lines: float = 0.0, **kwargs):
         super().__init__(**kwargs)
         self.batch_faults, self.line_errors, self.partial = list(batch_faults or []), line_errors, partial
+        self.malformed_lines, self.malformed = malformed_lines, 0
         self.polls_to_finish, self.no_files = polls_to_finish, no_files
         self.files: dict[str, dict] = {}
         self.batches: dict[str, dict] = {}
@@ -35,6 +38,10 @@ class FakeBatchOpenAI(FakeOpenAI):
     def _line_error(self, prompt: str, attempt: int) -> bool:
         x = int(hashlib.sha256(("line" + prompt).encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
         return attempt == 1 and x < self.line_errors
+
+    def _line_malformed(self, prompt: str, attempt: int) -> bool:
+        x = int(hashlib.sha256(("malformed" + prompt).encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+        return attempt == 1 and x < self.malformed_lines
 
     def _file(self, content: bytes, purpose: str, filename: str) -> dict:
         fid = f"file-{len(self.files) + 1}"
@@ -66,6 +73,13 @@ class FakeBatchOpenAI(FakeOpenAI):
                 err.append({"id": rid, "custom_id": line["custom_id"], "error": None,
                             "response": {"status_code": 500, "request_id": rid,
                                          "body": {"error": {"message": "injected line error"}}}})
+                continue
+            if self._line_malformed(prompt, attempt):
+                with self._lock:
+                    self.malformed += 1
+                out.append({"id": rid, "custom_id": line["custom_id"], "error": None, "response": {
+                    "status_code": 200, "request_id": rid, "body": {"id": f"cmpl-{rid}", "object": "text_completion",
+                                                                    "model": body.get("model", "fake"), "choices": []}}})
                 continue
             text = self.rationale(prompt)
             with self._lock:

@@ -1,20 +1,17 @@
 """A real local Prefect server and process worker: deploy from prefect.yaml, run the demo deployment with the
 micro config through the worker, and check the run completed and the catalog holds its results."""
 import json
-import os
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
-import time
 import urllib.request
 
 import pytest
 
 from keystep.config import load_config
-from tasks.teacher_backends import free_port
 from tests.conftest import ROOT
+from tests.flows.prefect_server import PrefectServer
 
 
 CHROMIUM = shutil.which("chromium")   # `make test` installs Debian's chromium when it can
@@ -64,59 +61,25 @@ def test_prefect_yaml_is_written_from_the_presets():
 
 @pytest.mark.slow
 def test_demo_deployment_runs_through_a_real_worker(tmp_path):
-    port = free_port()
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_API_URL": f"http://127.0.0.1:{port}/api", "KEYSTEP_ROOT": str(ROOT)}
-    prefect = [sys.executable, "-m", "prefect"]
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    procs = []
-
-    def start(name, args):
-        out = open(logs / f"{name}.log", "w")
-        procs.append(subprocess.Popen(prefect + args, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT))
-
-    def run(args, timeout=300):
-        r = subprocess.run(prefect + args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-        assert r.returncode == 0, f"prefect {' '.join(args)} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
-        return r
-
-    try:
-        start("server", ["server", "start", "--host", "127.0.0.1", "--port", str(port)])
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2)
-                break
-            except OSError:
-                assert time.monotonic() < deadline, (logs / "server.log").read_text()[-3000:]
-                time.sleep(1)
+    with PrefectServer(tmp_path) as server:
         # `make deploy` before any worker: it creates the pool itself, then registers every deployment
-        r = subprocess.run(["make", "deploy", f"PORT={port}"], cwd=ROOT, env=env, capture_output=True, text=True,
-                           timeout=600)
+        r = subprocess.run(["make", "deploy", f"PORT={server.port}"], cwd=ROOT, env=server.env, capture_output=True,
+                           text=True, timeout=600)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/deployments/name/distill/kpod") as resp:
-            kpod = json.loads(resp.read())
+        kpod = server.get("deployments/name/distill/kpod")
         assert kpod["parameters"]["config"] == load_config(ROOT / "configs" / "kpod.yaml").model_dump(mode="json")
         assert kpod["parameters"]["config"]["train"]["loss"] == "kpod"      # the form opens on what it runs
         schema = kpod["parameter_openapi_schema"]["properties"]
         assert [k for k, _ in sorted(schema.items(), key=lambda kv: kv[1]["position"])] == ["preset", "overrides", "config"]
         assert "edited fields is refused" in schema["preset"]["description"]
-        start("worker", ["worker", "start", "--pool", "keystep-process", "--type", "process"])
+        server.start("worker", ["worker", "start", "--pool", "keystep-process", "--type", "process"])
         ws = tmp_path / "ws"
         params = {"preset": "configs/micro.yaml", "overrides": {"storage.workspace": str(ws)}}
-        r = run(["deployment", "run", "distill/demo", "--params", json.dumps(params), "--watch",
-                 "--watch-timeout", "500"], timeout=560)
+        r = server.run(["deployment", "run", "distill/demo", "--params", json.dumps(params), "--watch",
+                        "--watch-timeout", "500"], timeout=560)
         assert "Completed" in r.stdout, r.stdout[-3000:]
         if CHROMIUM:
-            ui_pages_show_what_runs(f"http://127.0.0.1:{port}", kpod["id"], tmp_path)
-    finally:
-        for p in reversed(procs):
-            p.terminate()
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
+            ui_pages_show_what_runs(f"http://127.0.0.1:{server.port}", kpod["id"], tmp_path)
 
     from storage.catalog import Catalog
     cat = Catalog(ws / "catalog.duckdb")

@@ -59,6 +59,29 @@ def test_failed_and_expired_batches_and_error_lines_lose_nothing_and_pay_nothing
     assert statuses == ["failed", "expired", "completed", "completed"]
 
 
+def test_lines_without_choices_are_asked_again_within_the_run(catalog):
+    """A 200 line whose body has no choices is a protocol fault, not the item's answer: asked again in a new batch,
+    as the online path retries it."""
+    dfp, answers = dataset(catalog, n=100)
+    with FakeBatchOpenAI(answers=answers, malformed_lines=0.2) as server:
+        out = generate_with(catalog, teacher(server), dfp)
+    assert server.malformed >= 10 and out.n_ok == 100 and out.n_failed == 0      # 0 lost at a 20% fault rate
+    assert server.created == 2 and max(server.served.values()) == 1 and len(server.served) == 100
+
+
+def test_lines_still_without_choices_after_the_retries_are_failed_rows_a_rerun_asks_again(catalog):
+    """With no retry round left the faulty lines are stored as failed rows with their reason; the rerun does not re-read
+    the finished batch's faulty lines as final answers but sends them in a new batch."""
+    dfp, answers = dataset(catalog, n=40)
+    with FakeBatchOpenAI(answers=answers, malformed_lines=0.25) as server:
+        out = generate_with(catalog, teacher(server, max_retries=0), dfp)
+        faulty = server.malformed
+        assert faulty >= 3 and out.n_failed == faulty and out.failure_reasons == {"malformed response (IndexError)": faulty}
+        again = generate_with(catalog, teacher(server, max_retries=0), dfp)
+    assert again.n_ok == 40 and again.n_failed == 0 and server.created == 2
+    assert max(server.served.values()) == 1 and len(server.served) == 40
+
+
 def test_an_expired_batch_with_nothing_returned_is_asked_again(catalog):
     dfp, answers = dataset(catalog, n=20)
     with FakeBatchOpenAI(answers=answers, batch_faults=["expire"], partial=0.0) as server:
