@@ -138,6 +138,22 @@ def token_spans(seq: Sequence, char_spans: list[tuple[int, int]]) -> list[tuple[
     return out
 
 
+def standalone_tokenizer(tokenizer, context: int | None = None):
+    """The tokenizer as saved beside a student, so that any client (TRL, lm-eval, a `pipeline`, vLLM serving the
+    folder) feeds the model what keystep trained it on: a plain `tokenizer(text)` encodes `<bos> text` (keystep
+    prepends <bos> itself, with add_special_tokens=False, so its own encodings are unchanged), and `model_max_length`
+    is the model's context. Changes `tokenizer` in place and returns it."""
+    bos = tokenizer.bos_token_id
+    if bos is not None and tokenizer("0")["input_ids"][:1] != [bos]:
+        if not hasattr(type(tokenizer), "update_post_processor"):
+            raise ValueError(f"student tokenizer {type(tokenizer).__name__} cannot be set to add its <bos> token; "
+                             "use a fast (tokenizers) tokenizer")
+        tokenizer.add_bos_token = True        # a TemplateProcessing post-processor, saved in tokenizer.json
+    if context:
+        tokenizer.model_max_length = context
+    return tokenizer
+
+
 def generation_prompt(tokenizer, prompt: str) -> str:
     """What evaluation feeds the model: the training sequence's `<bos> prompt` (the model then writes " target")."""
     return (tokenizer.bos_token or "") + prompt

@@ -20,10 +20,11 @@ from pathlib import Path
 from keystep.config import DistillConfig, LoraConfig, StudentConfig, TrainConfig
 from storage.fingerprint import Lineage
 from storage.workspace import Workspace, publish_dir, temp_dir_for
+from tasks.formats import standalone_tokenizer
 from tasks.stage import StageOutput, cached_output, kept_rationales, publish_stage
 from tasks.teacher import Generation
 
-CODE_VERSION = "1"
+CODE_VERSION = "2"   # 2: the folder's tokenizer adds <bos> itself; a scratch model's context is 2 x max_length
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 
 
@@ -62,10 +63,12 @@ def build_scratch_model(cfg: StudentConfig, tokenizer):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(cfg.seed)
+    # the context holds a prompt as long as a training sequence plus as long a generation (RoPE: no weights depend on
+    # it), so clients that size prompt + generation by it (lm-eval) never cut a prompt keystep would not
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
         num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_heads,
-        max_position_embeddings=cfg.max_length, tie_word_embeddings=True,
+        max_position_embeddings=2 * cfg.max_length, tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
     return LlamaForCausalLM(config)
@@ -195,8 +198,9 @@ def merge_adapter(adapter_dir: Path, out_dir: Path) -> None:
     vLLM load like any student."""
     model, tokenizer = load_student(adapter_dir, dtype="auto")
     tmp = temp_dir_for(out_dir)
-    model.merge_and_unload().save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+    merged = model.merge_and_unload()
+    merged.save_pretrained(tmp)
+    standalone_tokenizer(tokenizer, merged.config.max_position_embeddings).save_pretrained(tmp)
     publish_dir(tmp, out_dir)
 
 
@@ -227,7 +231,7 @@ def init_student(ws: Workspace, config: DistillConfig, generation: Generation) -
         out_dir = ws.model_dir(lineage.fp)
         tmp = temp_dir_for(out_dir)
         model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        standalone_tokenizer(tokenizer, model.config.max_position_embeddings).save_pretrained(tmp)
         (tmp / "keystep_student.json").write_text(json.dumps(cfg.model_dump(), indent=2))
         publish_dir(tmp, out_dir)
         model_dir, n_params = str(out_dir), sum(p.numel() for p in model.parameters())

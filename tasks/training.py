@@ -32,7 +32,8 @@ from keystep.config import DistillConfig, TrainConfig
 from storage.fingerprint import Lineage
 from storage.workspace import Workspace, publish_dir, temp_dir_for
 from tasks.curriculum import Curriculum, curriculum_shard
-from tasks.formats import IGNORE, Sequence, encode_rationale, format_target, keytoken_text, kpod_sequence
+from tasks.formats import (IGNORE, Sequence, encode_rationale, format_target, keytoken_text, kpod_sequence,
+                           standalone_tokenizer)
 from tasks.packing import collate, collate_packed, model_inputs
 from tasks.parallel import Dist, full_state, load_optimizer, no_grad_sync, resync, unwrap, wrap
 from tasks.stage import StageOutput, kept_rationales
@@ -356,7 +357,7 @@ def save_checkpoint(run: LoopState, epoch: int, metrics: dict) -> Path:
     if run.dist.main:
         tmp = temp_dir_for(final)
         unwrap(run.model).save_pretrained(tmp, state_dict=model_state)
-        run.tokenizer.save_pretrained(tmp)
+        standalone_tokenizer(run.tokenizer, getattr(unwrap(run.model).config, "max_position_embeddings", None)).save_pretrained(tmp)
         torch.save({"optimizer": optimizer_state, "scheduler": run.scheduler.state_dict(), "epoch": epoch},
                    tmp / "trainer_state.pt")
         (tmp / "keystep_config.json").write_text(json.dumps(run_config, indent=2))
