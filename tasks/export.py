@@ -10,8 +10,10 @@ ran: `Steps` (char spans), `TokenWeights` (per-token weights, keypoints) and `Di
                                      with the answer sentence, `step_difficulty` has one value per reasoning step
     sft/<format>/train.parquet       per target format: prompt, completion and chat messages (TRL's SFTTrainer
                                      layouts), built by tasks/formats.py exactly as keystep trains on them
-    hf/rationales/, hf/sft-<format>/  the same as Hugging Face `datasets` folders (`datasets.load_from_disk`)
-    export.json                      what was exported (fingerprint, counts, files)
+    hf/rationales/, hf/sft-<format>/  the same as Hugging Face `datasets` folders (`datasets.load_from_disk`; local
+                                     only: not pushed to the hub)
+    LICENSE.md                       with no `export.license`: whose terms apply (the card's `license: other`)
+    export.json                      what was exported (fingerprint, counts, files; no local path)
 
 The folder is written under a temp name and published by rename. The stage's fingerprint is the generation's (and
 the prepare outputs it read) plus the export section (less whether it runs in `distill` and the hub upload: its
@@ -67,6 +69,9 @@ def check_export(config: DistillConfig, token_weights: TokenWeights | None = "un
         if not os.environ.get(cfg.hub_token_env):
             raise ConfigError(f"config key 'export.push_to_hub': pushing to '{cfg.push_to_hub}' needs a Hugging Face "
                               f"token in ${cfg.hub_token_env}; set it (or export.hub_token_env), or drop --push-to-hub")
+    if cfg.out and Path(cfg.out).expanduser().exists() and not Path(cfg.out).expanduser().is_dir():
+        raise ConfigError(f"config key 'export.out' (--out): '{cfg.out}' is a file; the export writes a folder there "
+                          "— give a folder path (it is created, or replaced as a whole)")
     if token_weights is None and "label_then_keytokens" in cfg.formats:
         raise ConfigError("config key 'export.formats': label_then_keytokens needs token weights, which this config's "
                           "prepare phase has not computed (set token_weights.compute: true and run it), or drop it")
@@ -90,6 +95,7 @@ def rationale_rows(ws: Workspace, config: DistillConfig, generation: Generation,
     for d in (catalog.query("difficulty_of", difficulty_fp=difficulty.fp) if difficulty else []):
         hardness.setdefault(d["rationale_id"], []).append(d["difficulty"])
     model = teacher.setting("model") or ("reference rationales" if teacher.backend == "reference" else None)
+    generated = teacher.backend != "reference"      # reference rationales had no sampling, usage or latency
     out = []
     for r in rows:
         usage = json.loads(r["usage_json"] or "{}")
@@ -98,8 +104,10 @@ def rationale_rows(ws: Workspace, config: DistillConfig, generation: Generation,
                "rationale": r["text"], "extracted_answer": r["extracted_answer"], "correct": bool(r["correct"]),
                "status": r["status"], "reason": r["reason"], "finish_reason": r["finish_reason"],
                "teacher_backend": teacher.backend, "teacher_model": model, "prompt": r["prompt"],
-               "sampling_params": r["params_json"], "prompt_tokens": usage.get("prompt_tokens"),
-               "completion_tokens": usage.get("completion_tokens"), "latency_s": r["latency_s"]}
+               "sampling_params": r["params_json"] if generated else None,
+               "prompt_tokens": usage.get("prompt_tokens") if generated else None,
+               "completion_tokens": usage.get("completion_tokens") if generated else None,
+               "latency_s": r["latency_s"] if generated else None}
         if steps:
             row["steps"] = step_rows.get(r["rationale_id"], [])
         if token_weights:
@@ -111,6 +119,52 @@ def rationale_rows(ws: Workspace, config: DistillConfig, generation: Generation,
             row["step_difficulty"] = hardness.get(r["rationale_id"])
         out.append(row)
     return out
+
+
+# columns that may be empty in one export and filled in another: one type whatever the rows hold
+COLUMN_TYPES = {"extracted_answer": "string", "reason": "string", "finish_reason": "string", "teacher_model": "string",
+                "sampling_params": "string", "prompt_tokens": "int64", "completion_tokens": "int64",
+                "latency_s": "float64", "keypoints": "string"}
+
+# what each rationales column holds (the card's "Columns" section)
+COLUMNS = {
+    "example_id": "content hash of the question (keystep's example id)",
+    "rationale_id": "hash of (teacher fingerprint, example id, sample index)",
+    "sample_index": "which of the teacher's samples for the question (0-based)",
+    "split": "the source dataset's split", "question": "the question as the teacher saw it",
+    "answer": "the gold answer (normalised: numbers as numbers, choices as labels)",
+    "answer_type": "number | choice | text", "rationale": "the teacher's chain of thought, as generated",
+    "extracted_answer": "the answer read from the rationale", "correct": "extracted answer = gold answer",
+    "status": "ok, or failed (a protocol fault or empty text; the raw text is kept)",
+    "reason": "why a row failed or was not kept (null when ok)", "finish_reason": "the endpoint's finish reason",
+    "teacher_backend": "reference | openai | vllm", "teacher_model": "the teacher model",
+    "prompt": "the prompt sent to the teacher",
+    "sampling_params": "JSON of the sampling parameters sent (null for the reference teacher)",
+    "prompt_tokens": "the endpoint's usage (null for the reference teacher)", "completion_tokens": "idem",
+    "latency_s": "seconds the request took (null for the reference teacher)",
+    "steps": "the rationale split into steps: text and char span; the last is the answer sentence",
+    "token_weights": "KPOD's learned weight per rationale token of the student's tokenizer, in [0, 1]",
+    "keypoints": "the top-weighted tokens, in text order",
+    "step_difficulty": "KPOD's difficulty per reasoning step (the answer sentence has none)",
+}
+
+
+def typed(table):
+    """A `datasets.Dataset` with COLUMN_TYPES applied where a column came out all-null."""
+    from datasets import Value
+
+    for col, kind in COLUMN_TYPES.items():
+        if col in table.column_names and table.features[col] == Value("null"):
+            table = table.cast_column(col, Value(kind))
+    return table
+
+
+def size_category(n: int) -> str:
+    """The Hugging Face hub's size_categories bucket of n rows."""
+    for limit, name in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M")):
+        if n < limit:
+            return name
+    return "n>1M"
 
 
 def sft_rows(config: DistillConfig, rows: list[dict], fmt: str) -> list[dict]:
@@ -148,15 +202,21 @@ def dataset_card(config: DistillConfig, generation: Generation, lineage: Lineage
     source = (f"generated by **{teacher_model}**" if teacher_model else
               "taken from the dataset itself (keystep's reference teacher)")
     name = cfg.pretty_name or f"{config.data.train.name} rationales ({model})"
-    configs = [{"config_name": key, "data_files": [{"split": "train", "path": path}]} for key, path in files.items()]
-    meta = {"license": cfg.license or "other", "pretty_name": name, "language": ["en"],
+    configs = [{"config_name": key, "data_files": [{"split": "train", "path": path}], **({"default": True} if i == 0 else {})}
+               for i, (key, path) in enumerate(files.items())]
+    # the hub wants license_name and license_link with 'other': the source data's and the teacher's terms apply
+    license_ = ({"license": cfg.license} if cfg.license else
+                {"license": "other", "license_name": "source-and-teacher-terms", "license_link": "LICENSE.md"})
+    meta = {**license_, "pretty_name": name, "language": ["en"], "size_categories": [size_category(len(rows))],
             "tags": ["keystep", "chain-of-thought", "distillation", "rationales"],
             "task_categories": ["text-generation"], "configs": configs}
     status = Counter(r["status"] for r in rows)
     reasons = Counter(r["reason"] for r in rows if r["reason"])
     correct = sum(r["correct"] for r in rows)
-    params = {k: teacher.setting(k) for k in ("backend", "model", "api", "temperature", "top_p", "max_tokens", "stop",
-                                              "seed", "n_samples")}   # as each rationale row records them
+    params = ({k: teacher.setting(k) for k in ("backend", "model", "api", "temperature", "top_p", "max_tokens", "stop",
+                                               "seed", "n_samples")} if teacher.backend != "reference" else None)
+    repo = config.export.push_to_hub or "path/to/this/folder"
+    columns = [c for c in COLUMNS if not rows or c in rows[0]]
     lines = ["---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---", "", f"# {name}", "",
              f"Chain-of-thought rationales {source} for **{config.data.train.name}** "
              f"({config.data.train.source}), exported by keystep {KEYSTEP_VERSION}.", "",
@@ -165,9 +225,21 @@ def dataset_card(config: DistillConfig, generation: Generation, lineage: Lineage
     for fmt in formats:
         lines.append(f"- `sft-{fmt}`: the kept rationales as `{fmt}` training targets — `prompt` + `completion` "
                      "(TRL SFTTrainer's prompt-completion layout) and `messages` (its conversational layout).")
-    lines += ["", "## Generation", "", f"- prompt template: `{teacher.prompt_template!r}`",
+    lines += ["", "### Columns of `rationales`", "", "| column | what it holds |", "|---|---|",
+              *[f"| `{c}` | {COLUMNS[c]} |" for c in columns], "",
+              "The `sft-*` configs: `example_id`, `rationale_id`, `format`, `prompt`, `completion`, `messages`.", "",
+              "## How keystep trains on it", "",
+              "keystep's student trains on `<bos>` + `prompt` + `completion` + `<eos>` (prompt and completion "
+              "concatenated are exactly its training text; loss on the completion only). A student folder keystep "
+              "saves adds `<bos>` in its tokenizer, so TRL's SFTTrainer with the prompt-completion layout trains it on "
+              "the same tokens. The `messages` layout needs a chat template: keystep writes one into the student "
+              "folders it builds, which renders `messages` as that same text; a model with a chat template of its own "
+              "renders them differently, so use prompt-completion to reproduce keystep's training.", "",
+              "## Generation", "", f"- prompt template: `{teacher.prompt_template!r}`",
               f"- answer sentence: `{teacher.answer_template!r}`",
-              f"- sampling parameters: `{json.dumps(params)}`",
+              (f"- sampling parameters: `{json.dumps(params)}`" if params else
+               "- sampling parameters: none — the reference teacher's rationales are the dataset's own (no sampling, "
+               "no usage, no latency)"),
               f"- counts by status: {dict(status)}" + (f"; reasons: {dict(reasons)}" if reasons else ""),
               f"- correct (extracted answer = gold): {correct} of {len(rows)}",
               f"- filters: rows = {cfg.rows}; teacher.keep_only_correct = {teacher.keep_only_correct}", "",
@@ -175,11 +247,22 @@ def dataset_card(config: DistillConfig, generation: Generation, lineage: Lineage
               f"dataset `{generation.dataset_fp}`)", f"- export fingerprint: `{lineage.fp}` (upstream: "
               + ", ".join(f"`{u}`" for u in lineage.upstream) + ")",
               f"- exported {time.strftime('%Y-%m-%d', time.gmtime())} by keystep {KEYSTEP_VERSION}", "",
-              "## Use", "", "```python", "from datasets import load_dataset, load_from_disk",
-              "rows = load_from_disk('hf/rationales')            # or: load_dataset('parquet', "
-              "data_files='rationales/train.parquet')",
-              f"sft = load_from_disk('hf/sft-{formats[0]}')" if formats else "", "```", ""]
+              "## License", "", (f"{cfg.license}." if cfg.license else "See LICENSE.md: keystep sets none; the "
+                                    "source dataset's license and the teacher's terms of use apply."), "",
+              "## Use", "", "```python", "from datasets import load_dataset",
+              f"rows = load_dataset({repo!r}, 'rationales', split='train')",
+              *([f"sft = load_dataset({repo!r}, 'sft-{formats[0]}', split='train')   # prompt, completion, messages"]
+                if formats else []), "```", ""]
     return "\n".join(lines)
+
+
+def license_note(config: DistillConfig) -> str:
+    """LICENSE.md of an export with no `export.license`: what the card's `license: other` refers to."""
+    return (f"# License\n\nkeystep sets no license for this export (set `export.license` to a hub license id to state "
+            f"one). The questions and answers come from `{config.data.train.source}`: its license applies. The "
+            f"rationales come from the teacher ({config.teacher.backend}"
+            f"{', ' + config.teacher.setting('model') if config.teacher.setting('model') else ''}): its terms of use "
+            "apply to them.\n")
 
 
 def export_dataset(ws: Workspace, config: DistillConfig, generation: Generation, student: Student | None = None,
@@ -202,7 +285,7 @@ def export_dataset(ws: Workspace, config: DistillConfig, generation: Generation,
     formats = list(dict.fromkeys(config.export.formats))
     tmp = temp_dir_for(out_dir)
     files, n_sft = {"rationales": "rationales/train.parquet"}, 0
-    tables = {"rationales": datasets.Dataset.from_list(rows) if rows else datasets.Dataset.from_dict({"rationale": []})}
+    tables = {"rationales": typed(datasets.Dataset.from_list(rows)) if rows else datasets.Dataset.from_dict({"rationale": []})}
     for fmt in formats:
         sft = sft_rows(config, rows, fmt)
         n_sft += len(sft)
@@ -213,10 +296,12 @@ def export_dataset(ws: Workspace, config: DistillConfig, generation: Generation,
         table.to_parquet(str(tmp / files[key]))
         table.save_to_disk(str(tmp / "hf" / key))
     (tmp / "README.md").write_text(dataset_card(config, generation, lineage, rows, formats, files))
+    if not config.export.license:
+        (tmp / "LICENSE.md").write_text(license_note(config))
     out = Exported(fp=lineage.fp, out_dir=str(out_dir), n_rows=len(rows), n_sft=n_sft, formats=formats, files=files,
                    with_steps=steps is not None, with_token_weights=token_weights is not None,
                    with_difficulty=difficulty is not None)
-    (tmp / "export.json").write_text(out.model_dump_json(indent=2))
+    (tmp / "export.json").write_text(out.model_dump_json(indent=2, exclude={"out_dir"}))   # no local path: it is pushed
     publish_dir(tmp, out_dir)
     return publish_stage(ws.catalog(), lineage, out)
 
@@ -231,7 +316,7 @@ def push_to_hub(config: DistillConfig, exported: Exported) -> str:
     api = HfApi(token=os.environ[cfg.hub_token_env])
     api.create_repo(cfg.push_to_hub, repo_type="dataset", private=cfg.private, exist_ok=True)
     api.upload_folder(folder_path=exported.out_dir, repo_id=cfg.push_to_hub, repo_type="dataset",
-                      commit_message=f"keystep export {exported.fp}")
+                      commit_message=f"keystep export {exported.fp}", ignore_patterns=["hf/**"])   # hf/: local copies
     return f"https://huggingface.co/datasets/{cfg.push_to_hub}"
 
 

@@ -142,7 +142,8 @@ def standalone_tokenizer(tokenizer, context: int | None = None):
     """The tokenizer as saved beside a student, so that any client (TRL, lm-eval, a `pipeline`, vLLM serving the
     folder) feeds the model what keystep trained it on: a plain `tokenizer(text)` encodes `<bos> text` (keystep
     prepends <bos> itself, with add_special_tokens=False, so its own encodings are unchanged), and `model_max_length`
-    is the model's context. Changes `tokenizer` in place and returns it."""
+    is the model's context; with no chat template of its own it gets CHAT_TEMPLATE. Changes `tokenizer` in place
+    and returns it."""
     bos = tokenizer.bos_token_id
     if bos is not None and tokenizer("0")["input_ids"][:1] != [bos]:
         if not hasattr(type(tokenizer), "update_post_processor"):
@@ -151,7 +152,16 @@ def standalone_tokenizer(tokenizer, context: int | None = None):
         tokenizer.add_bos_token = True        # a TemplateProcessing post-processor, saved in tokenizer.json
     if context:
         tokenizer.model_max_length = context
+    if tokenizer.chat_template is None:
+        tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
+
+
+# A chat template for students that have none: `messages` (user = prompt, assistant = target) render as exactly the
+# training text `<bos> prompt " " target <eos>`; the {% generation %} span marks the target for assistant-only loss.
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'assistant' %} {% generation %}"
+                 "{{ m['content'] }}{{ eos_token }}{% endgeneration %}{% else %}{{ m['content'] }}{% endif %}"
+                 "{% endfor %}")
 
 
 def generation_prompt(tokenizer, prompt: str) -> str:

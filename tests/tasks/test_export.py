@@ -7,6 +7,7 @@ import sys
 
 from storage.workspace import Workspace
 from tasks.export import export_dataset, training_text
+from tasks.formats import NO_CUT, encode_rationale, format_target
 from tests.conftest import ROOT
 from tests.tasks.helpers import kpod_prepared, prepared
 
@@ -46,14 +47,29 @@ def test_export_loads_back_and_its_sft_rows_are_the_training_text(tmp_path):
         for row in kept:
             s = by_id[row["rationale_id"]]
             # TRL concatenates prompt + completion: exactly the text keystep trains on in this format
-            assert tok.decode(tok(s["prompt"] + s["completion"]).input_ids) == \
+            assert tok.decode(tok(s["prompt"] + s["completion"]).input_ids, skip_special_tokens=True) == \
                 training_text(tok, cfg, row, fmt, keys[row["rationale_id"]])
+            # ... token for token: the student folder's tokenizer adds the <bos> keystep trains with (TRL adds the <eos>)
+            target = format_target(fmt, row["text"], row["answer"], cfg.teacher, keys[row["rationale_id"]] or "",
+                                   shuffle_seed=row["rationale_id"])
+            assert tok(s["prompt"] + s["completion"]).input_ids + [tok.eos_token_id] == \
+                encode_rationale(tok, cfg.teacher, row, NO_CUT, target).ids
             assert s["messages"][0]["content"] == s["prompt"] and " " + s["messages"][1]["content"] == s["completion"]
+            # the student folder's chat template renders `messages` as that same text, <bos> and <eos> included
+            assert tok.apply_chat_template(s["messages"], tokenize=False) == \
+                tok.bos_token + s["prompt"] + s["completion"] + tok.eos_token
 
     card = (tmp_path / out.out_dir / "README.md").read_text()
     meta = card.split("---")[1]
-    assert "license: cc-by-4.0" in meta and "config_name: sft-label_then_keytokens" in meta
-    assert gen.fp in card and "temperature" in card and "counts by status" in card
+    assert "license: cc-by-4.0" in meta and "config_name: sft-label_then_keytokens" in meta and "n<1K" in meta
+    assert gen.fp in card and "counts by status" in card and "| `step_difficulty` |" in card and "<bos>" in card
+    # a reference teacher had no sampling or usage: neither the card nor the rows claim any
+    assert "no sampling" in card and "temperature" not in card
+    assert rows[0]["sampling_params"] is None and rows[0]["prompt_tokens"] is None
+    # as the hub loads it: the default config is the rationales, and the card's snippet uses the hub's loader
+    assert datasets.load_dataset(out.out_dir, split="train").num_rows == len(kept)
+    assert "load_from_disk" not in card and "load_dataset('path/to/this/folder', 'rationales'" in card
+    assert out.out_dir not in (tmp_path / out.out_dir / "export.json").read_text()     # it would be pushed
 
 
 def test_all_rows_keep_failed_ones_with_their_reason_and_the_stage_is_cached(tmp_path):
@@ -62,8 +78,16 @@ def test_all_rows_keep_failed_ones_with_their_reason_and_the_stage_is_cached(tmp
     victim = cat.execute("select rationale_id from rationales limit 1")[0]["rationale_id"]
     cat.execute("update rationales set status = 'failed', reason = 'malformed response (KeyError)', correct = false "
                 "where rationale_id = ?", [victim])
+    kept_only = export_dataset(ws, cfg.model_copy(update={"export": cfg.export.model_copy(
+        update={"rows": "kept", "out": str(tmp_path / "kept")})}), gen, st)
     out = export_dataset(ws, cfg, gen, st)
     rows = {r["rationale_id"]: r for r in __import__("datasets").load_from_disk(f"{out.out_dir}/hf/rationales")}
+    # one schema whatever the rows: `reason` is a string column even when every kept row's is null
+    features = [__import__("datasets").load_from_disk(f"{o.out_dir}/hf/rationales").features for o in (kept_only, out)]
+    assert features[0] == features[1] and features[0]["reason"].dtype == "string"
+    card = (tmp_path / "kept" / "README.md").read_text()
+    assert "license: other" in card and "license_name: source-and-teacher-terms" in card and "license_link: LICENSE.md" in card
+    assert "synthetic:arith" in (tmp_path / "kept" / "LICENSE.md").read_text()
     assert len(rows) == 16 and rows[victim]["status"] == "failed" and rows[victim]["reason"].startswith("malformed")
     assert out.n_sft == 2 * 15                                          # SFT layouts hold what training reads
     stamp = (tmp_path / "out" / "export.json").stat().st_mtime_ns
@@ -88,3 +112,7 @@ def test_cli_export_and_a_push_without_a_token_is_one_line_before_any_work(tmp_p
     assert r.returncode == 0, r.stderr[-2000:]
     assert "exported 64 rationales and 64 SFT rows (label_only)" in r.stdout
     assert json.loads((tmp_path / "out" / "export.json").read_text())["formats"] == ["label_only"]
+    (tmp_path / "a-file").write_text("x")
+    r = keystep("--out", str(tmp_path / "a-file"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "export.out" in r.stderr, r.stderr[-2000:]
+    assert len(r.stderr.strip().splitlines()) == 1 and (tmp_path / "a-file").read_text() == "x"
