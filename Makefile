@@ -52,6 +52,8 @@ bench: install $(VLLM_STAMP)
 API := http://127.0.0.1:$(PORT)/api
 POOL := keystep-process
 serve: install
+	@$(PY) -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', $(PORT)))" 2>/dev/null || { \
+	  echo "port $(PORT) is already in use (a Prefect server already running there?): stop it, or pick another: make serve PORT=4300" >&2; exit 1; }
 	PREFECT_UI_API_URL=$(API) $(VENV)/bin/prefect server start --host 127.0.0.1 --port $(PORT) & server=$$!; \
 	trap "kill $$server" EXIT; \
 	until curl -sf $(API)/health >/dev/null; do sleep 1; done; \
@@ -60,6 +62,8 @@ serve: install
 
 # Registers prefect.yaml's deployments; creates the work pool first when no worker has yet (any order works).
 deploy: install prefect.yaml
+	@curl -sf $(API)/health >/dev/null || { \
+	  echo "no Prefect server answers at $(API): start one first (make serve PORT=$(PORT)), or set PORT to its port" >&2; exit 1; }
 	PREFECT_API_URL=$(API) $(VENV)/bin/prefect work-pool inspect $(POOL) >/dev/null 2>&1 || \
 	PREFECT_API_URL=$(API) $(VENV)/bin/prefect work-pool create $(POOL) --type process >/dev/null 2>&1 || \
 	PREFECT_API_URL=$(API) $(VENV)/bin/prefect work-pool inspect $(POOL) >/dev/null   # a worker made it meanwhile
