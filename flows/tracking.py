@@ -20,7 +20,7 @@ from pydantic import BaseModel
 from flows.preflight import preflight
 from keystep.config import ConfigError, DistillConfig, build_config, load_config
 from storage.runs import Heartbeat, reconcile, run_lock, start_run
-from tasks.evaluate import publish_results, run_header
+from tasks.evaluate import publish_results, run_header, teacher_usage
 from tasks.stage import use_workspace, workspace_of
 
 class RunSummary(BaseModel):
@@ -33,6 +33,7 @@ class RunSummary(BaseModel):
     eval_fp: str
     train_fp: str
     final_dir: str                # the trained student's folder
+    loss: str | None = None       # train.loss (the headline compares with the previous run of the same preset and loss)
     export: str | None = None     # the dataset folder, when export.enabled
 
 
@@ -60,10 +61,12 @@ def reconcile_dead_runs(config: DistillConfig, logger) -> None:
 def write_run_header(config: DistillConfig, out: BaseModel, label: str, run_id: str, wall_s: float) -> None:
     """The report opens with what ran and the headline (against the untrained student and the previous run)."""
     catalog = workspace_of(config).catalog()
-    previous = catalog.query("previous_run", run_id=run_id, label=label)
+    previous = catalog.query("previous_run", run_id=run_id, label=label, loss=config.train.loss)
+    teacher = teacher_usage(out.generation, cached=catalog.query("stage_before_run", fingerprint=out.generation.fp,
+                                                                 run_id=run_id)[0]["before"])
     header = run_header(label, config, catalog.query("latest_results", eval_fp=out.evaluation.fp),
                         [out.train_dataset, *out.eval_datasets], out.trained, out.student.n_params, wall_s,
-                        previous[0] if previous else None)
+                        previous[0] if previous else None, teacher)
     report = Path(out.report)
     report.write_text(header + report.read_text())
 
@@ -74,7 +77,7 @@ def record_run_end(config: DistillConfig, run_id: str, out: BaseModel | None, la
     summary = None if out is None else RunSummary(
         run_id=run_id, label=label, workspace=str(workspace_of(config).root), report=out.report,
         accuracy=out.evaluation.accuracy, eval_fp=out.evaluation.fp, train_fp=out.trained.fp,
-        final_dir=out.trained.final_dir, export=export)
+        final_dir=out.trained.final_dir, export=export, loss=config.train.loss)
     workspace_of(config).catalog().query("run_finished", run_id=run_id, status="failed" if out is None else "completed",
                                          summary_json=summary.model_dump_json() if summary else None)
     return summary

@@ -314,15 +314,18 @@ def schedule_markdown(sched: Schedule, plots: dict[str, str], relative_to: Path 
     def link(p: str) -> str:
         return str(Path(p).relative_to(relative_to)) if relative_to else p
 
-    lines = ["## Curriculum (KPOD §4.3)", "", "| stage | budget D(t) | achieved H(t) | selected | mean prefix steps |",
-             "|---:|---:|---:|---:|---:|"]
-    for t, (d, h, sel) in enumerate(zip(sched.budget, sched.achieved, sched.cluster_selected), start=1):
-        lines.append(f"| {t} | {d:.1f} | {h:.1f} | {sum(sel)} | {sched.prefix[t - 1].mean():.2f} |")
+    lines = ["## Curriculum (KPOD §4.3)", ""]
     titles = {"budget": "budget vs achieved", "coverage": "cluster coverage", "prefix": "prefix lengths"}
-    lines.append("")
-    if len(sched.budget) < 2:
+    if len(sched.budget) < 2:      # no schedule to show: a table of zeros would read as a stage that selected nothing
         lines.append("One stage (T = ceil(epochs / 2) = 1): every example trains on its whole rationale from the start.")
-    elif "coverage" not in plots:
+        return "\n".join(lines + [""])
+    lines += ["| stage | budget D(t) | achieved H(t) | selected | mean prefix steps |", "|---:|---:|---:|---:|---:|"]
+    for t, (d, h, sel) in enumerate(zip(sched.budget, sched.achieved, sched.cluster_selected), start=1):
+        prefix = sched.prefix[t - 1].mean()
+        lines.append(f"| {t} | {d:.1f} | {h:.1f} | {sum(sel)} | {prefix:.2f} |" if prefix or sum(sel) else
+                     f"| {t} | {d:.1f} | {h:.1f} | — | whole rationales |")
+    lines.append("")
+    if "coverage" not in plots:
         lines.append("No stage selected an example: the budget never exceeded the starting state.")
     lines += [f"![{titles[k]}]({link(v)})" for k, v in plots.items()] + [""]
     return "\n".join(lines)

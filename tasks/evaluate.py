@@ -136,12 +136,26 @@ def results_table(rows: list[dict]) -> str:
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, body)])
 
 
+def teacher_usage(generation: Generation, cached: bool) -> str:
+    """What the teacher cost: tokens, cost and speed — for a cached stage '0 new tokens' and what it cost originally."""
+    if generation.prompt_tokens + generation.completion_tokens == 0:
+        return f"{generation.n} rationales, no teacher calls (reference rationales)" + (" — cached" if cached else "")
+    spent = f"{generation.prompt_tokens:,} prompt + {generation.completion_tokens:,} completion tokens" + (
+        f", est. cost ${generation.cost_estimate:.4f}" if generation.cost_estimate is not None else "")
+    if cached:
+        return f"{generation.n} rationales, cached: 0 new tokens (originally {spent})"
+    speed = (f", {generation.completion_tokens_per_s:,.0f} completion tok/s" if generation.completion_tokens_per_s
+             else "")
+    return f"{generation.n} rationales ({generation.n_failed} failed): {spent}{speed}"
+
+
 def run_header(label: str, config: DistillConfig, results: list[dict], datasets: list[Dataset], trained: Trained,
-               n_params: int, wall_s: float, previous: dict | None) -> str:
-    """The top of a run's summary: what ran, then the headline — the trained student against the untrained one and
-    against the previous run of the same preset."""
+               n_params: int, wall_s: float, previous: dict | None, teacher: str = "") -> str:
+    """The top of a run's summary: what ran (the teacher's usage among it), then the headline — the trained student
+    against the untrained one and against the previous run of the same preset and loss."""
     train_set, evals = datasets[0], datasets[1:]
     rows = [("preset", label), ("loss", config.train.loss), ("target format", config.train.target_format),
+            *([("teacher", teacher)] if teacher else []),
             ("training set", f"{train_set.name}/{train_set.split}, {train_set.n_examples} examples"),
             ("evaluation", ", ".join(f"{d.name}/{d.split} ({d.n_examples})" for d in evals)),
             ("student", f"{config.student.model}, " + (f"{n_params / 1e6:.1f}M" if n_params >= 1e6 else
@@ -160,7 +174,8 @@ def run_header(label: str, config: DistillConfig, results: list[dict], datasets:
             parts.append(f"untrained {base:.1%} ({100 * (acc - base):+.1f} points)")
         if f"student/{column}" in before:
             prev = before[f"student/{column}"]
-            parts.append(f"previous {label} run {prev:.1%} ({100 * (acc - prev):+.1f} points, {previous['finished_at']:%Y-%m-%d %H:%M})")
+            parts.append(f"previous {label} run with loss {config.train.loss} {prev:.1%} ({100 * (acc - prev):+.1f} "
+                         f"points, {previous['finished_at']:%Y-%m-%d %H:%M})")
         lines.append("- " + "; ".join(parts))
     return "\n".join(lines) + "\n\n"
 
@@ -212,22 +227,26 @@ def summary_plots(results: list[dict], train: Trained, out_dir: Path) -> dict[st
         groups = list(dict.fromkeys((r["dataset"], r["split"], r["group_key"], r["group_value"]) for r in results))
         models = list(dict.fromkeys(r["model_label"] for r in results))
         acc = {(r["dataset"], r["split"], r["group_key"], r["group_value"], r["model_label"]): r["accuracy"] for r in results}
-        fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(groups)), 3.4))
+        fig, ax = plt.subplots(figsize=(max(7, 1.3 * len(groups)), 4.5))
         width = 0.8 / len(models)
         for i, m in enumerate(models):
-            ax.bar([g + i * width for g in range(len(groups))], [100 * acc.get((*k, m), 0.0) for k in groups], width, label=m)
+            bars = ax.bar([g + i * width for g in range(len(groups))], [100 * acc.get((*k, m), 0.0) for k in groups],
+                          width, label=m)
+            ax.bar_label(bars, fmt="%.1f", fontsize=8, padding=2)     # 0% reads as 0.0, not as empty axes
         ax.set_xticks([g + width * (len(models) - 1) / 2 for g in range(len(groups))],
-                      [f"{d}/{s}" + ("" if k == "all" else f"\n{k}={v}") for d, s, k, v in groups], fontsize=7)
+                      [f"{d}/{s}" + ("" if k == "all" else f"\n{k}={v}") for d, s, k, v in groups], fontsize=8)
+        ax.set_title("Accuracy by evaluation set and step count")
         ax.set_ylabel("accuracy (%)")
-        ax.set_ylim(0, 100)
-        ax.legend(fontsize=7)
+        ax.set_ylim(0, 105)
+        ax.legend(fontsize=8)
         paths["accuracy"] = save_figure(fig, out_dir / "accuracy.png")
     if train.history:
         from matplotlib.ticker import MaxNLocator
 
-        fig, ax = plt.subplots(figsize=(5, 3.2))
+        fig, ax = plt.subplots(figsize=(7, 4.5))
         ax.plot([h["epoch"] for h in train.history], [h["loss"] for h in train.history], "o-")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(f"Training loss by epoch ({train.loss})")
         ax.set_xlabel("epoch")
         ax.set_ylabel("training loss")
         paths["learning curve"] = save_figure(fig, out_dir / "learning-curve.png")

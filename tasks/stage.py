@@ -80,11 +80,11 @@ def pyplot():
 
 
 def save_figure(fig, path: Path) -> str:
-    """Lay out, write the PNG (dpi 90: small enough to embed in an artifact), close; returns the path."""
+    """Lay out, write the PNG (dpi 110: readable, still small enough to embed in an artifact), close; returns the path."""
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return str(path)
 

@@ -413,11 +413,20 @@ def bold_runs(tokens: list[str], keep: set[int]) -> str:
     return "".join(out) + ("**" if bold else "")
 
 
+UNIFORM_SPREAD = 0.1     # weights within this range of each other mark no token as a keypoint
+
+
 def shaded_markdown(tokenizer, items: list[EncodedRationale], weights: list[list[float]], top_k: int, limit: int = 8) -> str:
     """Sample rationales, step by step: the text with its keypoints in bold, the step's mean weight, and its three
     highest-weighted tokens with their weights."""
     lines = ["# Token weights", "", f"Sample rationales step by step: the top-{top_k} keypoints by learned weight in "
              "**bold**, each step's mean weight and its three highest-weighted tokens.", ""]
+    shown = [x for w in weights[:limit] for x in w]
+    if shown and max(shown) - min(shown) < UNIFORM_SPREAD:
+        lines += [f"**The weights are nearly uniform** ({min(shown):.2f}–{max(shown):.2f} over these rationales): no "
+                  "token stands out, so the bold keypoints are only the top of near-equal weights and mark nothing the "
+                  "module learned. The loss weights every token about equally (check token_weights.mask_penalty and "
+                  "epochs).", ""]
     for n, (it, w) in enumerate(list(zip(items, weights))[:limit], start=1):
         keep = set(keypoints(w, top_k))
         toks = [tokenizer.decode([t]) for t in it.ids[it.rationale_start:it.rationale_end]]

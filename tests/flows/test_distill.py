@@ -94,6 +94,10 @@ def test_rerun_is_cached_and_a_train_change_recomputes_only_train_and_eval(prefe
     counts, seen = stage_runs(seen)
     assert not counts["executed"] and len(counts["cached"]) == 7
     assert second.accuracy == first.accuracy
+    # its run page: the teacher stage came from the cache, and the headline compares like with like
+    summary = str({a.key: a for a in artifacts_of(second.run_id)}["distill-summary"].data)
+    assert "| teacher | 64 rationales, no teacher calls (reference rationales) — cached |" in summary
+    assert "previous config run with loss std_cot" in summary
 
     changed = distill(config=micro_config(tmp_path / "ws", **{"train.lr": 0.001}))
     counts, seen = stage_runs(seen)

@@ -185,3 +185,16 @@ def test_stage_writes_the_table_and_one_parquet_shard_per_stage(tmp_path):
         assert open(plot, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     assert "budget D(t)" in s.markdown and "coverage.png" in s.markdown
     assert math.isclose(s.budget[-1], sum(1.0 + k for i in range(len(rows)) for k in range(1 + i % 3)))
+
+
+def test_the_report_shows_no_stage_table_for_one_stage_and_names_whole_rationale_stages():
+    from tasks.curriculum import schedule_markdown
+
+    _, _, s = schedule(start="last_step")
+    text = schedule_markdown(s, {})
+    last = [x for x in text.splitlines() if x.startswith("| 4 |")][0]
+    assert last.endswith("| — | whole rationales |")                  # not "selected 0, mean prefix 0.00"
+    one = s.__class__(**{**s.__dict__, "budget": s.budget[:1], "achieved": s.achieved[:1],
+                         "cluster_selected": s.cluster_selected[:1], "prefix": s.prefix[-1:]})
+    text = schedule_markdown(one, {})
+    assert "whole rationale" in text and "| stage |" not in text and "0.00" not in text

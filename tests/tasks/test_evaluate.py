@@ -45,3 +45,52 @@ def test_report_warns_when_more_than_5_percent_were_cut():
     assert "**Warning:** 6 of 100 training sequences (6%) were cut" in summary_markdown("x", [], gen, [ds], trained)
     ok = trained.model_copy(update={"n_truncated": 5})
     assert "Warning" not in summary_markdown("x", [], gen, [ds], ok)
+
+
+def test_the_run_page_tells_the_teacher_cost_and_says_when_it_was_cached():
+    from tasks.evaluate import teacher_usage
+    from tasks.teacher import Generation
+
+    paid = Generation(fp="g", dataset_fp="d", teacher_fp="t", n=200, n_ok=198, n_failed=2, n_correct=180,
+                      correct_rate=0.9, failure_reasons={}, prompt_tokens=12000, completion_tokens=34000,
+                      mean_latency_s=0.5, completion_tokens_per_s=850.0, cost_estimate=0.0123)
+    fresh, cached = teacher_usage(paid, cached=False), teacher_usage(paid, cached=True)
+    assert "12,000 prompt + 34,000 completion tokens" in fresh and "$0.0123" in fresh and "850 completion tok/s" in fresh
+    assert "cached: 0 new tokens (originally 12,000 prompt + 34,000 completion tokens, est. cost $0.0123)" in cached
+    reference = paid.model_copy(update={"prompt_tokens": 0, "completion_tokens": 0, "cost_estimate": None})
+    assert "no teacher calls" in teacher_usage(reference, cached=False)
+
+
+def test_the_headline_compares_with_the_previous_run_of_the_same_preset_and_loss(catalog):
+    import json
+
+    for run_id, loss, acc, t in [("a", "kpod", 0.40, "2026-01-01 10:00"), ("b", "std_cot", 0.50, "2026-01-01 11:00"),
+                                 ("c", "kpod", 0.45, "2026-01-01 12:00")]:
+        catalog.execute("insert into runs (run_id, config_json, status, started_at, finished_at, summary_json) values "
+                        "(?, '{}', 'completed', ?, ?, ?)", [run_id, t, t, json.dumps({"label": "micro", "loss": loss,
+                                                                                     "accuracy": {"student/s/test": acc}})])
+    previous = catalog.query("previous_run", run_id="new", label="micro", loss="std_cot")
+    assert [r["run_id"] for r in previous] == ["b"]        # not the later kpod run
+    assert [r["run_id"] for r in catalog.query("previous_run", run_id="new", label="micro", loss="kpod")] == ["c"]
+    assert not catalog.query("previous_run", run_id="new", label="micro", loss="kd")
+
+
+def test_the_accuracy_plot_labels_its_bars_even_at_zero(tmp_path):
+    from tasks.evaluate import summary_plots
+
+    rows = [{"dataset": "s", "split": "test", "group_key": "all", "group_value": "all", "model_label": m,
+             "accuracy": 0.0} for m in ("student", "untrained")]
+    trained = Trained(fp="t", final_dir="x", init_dir="x", epochs=1, target_format="cot_then_label", loss="std_cot",
+                      n_examples=1, n_truncated=0, n_unweighted=None, resumed_from_epoch=0, device="cpu", history=[])
+    import matplotlib.pyplot as plt
+    closed = []
+    real_close = plt.close
+    plt.close = lambda fig=None: closed.append(fig) or real_close(fig)
+    try:
+        paths = summary_plots(rows, trained, tmp_path)
+    finally:
+        plt.close = real_close
+    fig = closed[0]
+    ax = fig.axes[0]
+    assert ax.get_title() and [t.get_text() for t in ax.texts] == ["0.0", "0.0"] and fig.get_size_inches()[0] >= 7
+    assert (tmp_path / "accuracy.png").is_file() and "accuracy" in paths

@@ -201,3 +201,18 @@ def test_the_predictor_first_reads_random_masks_and_the_trained_module_is_kept(t
     again = infer_weights(load_weighter(ws, cfg, tw, predictor), items, tok.pad_token_id)
     stored = load_weights(cat, tw)
     assert all(stored[it.rationale_id][1] == pytest.approx(w, abs=1e-5) for it, w in zip(items, again))
+
+
+def test_the_keypoints_report_says_when_the_weights_are_nearly_uniform():
+    from tasks.formats import EncodedRationale
+    from tasks.token_weights import shaded_markdown
+
+    class Tok:
+        def decode(self, ids):
+            return f" t{ids[0]}"
+
+    item = EncodedRationale("r", list(range(10)), 1, 9, [5, 9], "3", [])
+    flat = shaded_markdown(Tok(), [item], [[0.88, 0.9, 0.91, 0.92, 0.89, 0.9, 0.9, 0.91]], top_k=2)
+    assert "nearly uniform** (0.88–0.92" in flat and "**" in flat
+    spread = shaded_markdown(Tok(), [item], [[0.1, 0.9, 0.2, 0.95, 0.3, 0.1, 0.8, 0.2]], top_k=2)
+    assert "nearly uniform" not in spread
