@@ -216,7 +216,8 @@ class FewShotExample(Section):
 class _TeacherCommon(FlatFingerprint):
     """What every teacher backend has: the prompt and answer sentence (the student's too), samples, and bookkeeping."""
     backend: str = Field(description="reference | openai | vllm.")   # first in dumps and forms
-    prompt_template: str = Field(KPOD_PROMPT, description="Prompt before the rationale (KPOD zero-shot CoT); {question} is filled in.")
+    prompt_template: str = Field(KPOD_PROMPT, description="Prompt before the rationale (KPOD zero-shot CoT); {question} is filled in. It has two lines (a "
+                                 "newline before `A:`): in the run form drag the box's corner to see both.")
     answer_template: str = Field(ANSWER_PHRASE, description="Sentence appended after the rationale; {answer} is filled in.")
     few_shot: list[FewShotExample] = Field(default_factory=list, description="Demonstrations placed before the question.")
     n_samples: int = Field(1, ge=1, description="Rationales per question (sample index 0..n-1).")
@@ -488,10 +489,33 @@ class StudentConfig(Section):
 
 
 class TrainConfig(Section):
+    """Student training, grouped as TRL's SFTConfig is: what to train on, the loss, batching, the optimiser and its
+    schedule, precision and kernels, processes."""
+    # ---- what to train on and how long -----------------------------------------------------------------------
     loss: Literal["std_cot", "kpod"] = Field("std_cot", description="'std_cot': plain NLL on rationale + answer. 'kpod': "
                                              "token-weighted NLL on the rationale + NLL on the answer, stage by stage "
                                              "through the curriculum (computes token weights and difficulty).")
+    target_format: Literal["cot_then_label", "label_only", "label_then_cot", "label_then_shuffled_cot",
+                           "label_then_keytokens"] = Field(
+        "cot_then_label", description="Mysteries target format: rationale then answer (standard); the answer only; the "
+        "answer then the rationale (at test time only the answer is decoded); the answer then the rationale's words "
+        "shuffled; the answer then the top-k keypoint tokens by learned weight (computes token weights).")
     epochs: int = Field(10, ge=1, description="Passes over the training rationales.")
+    match_cot_tokens: bool = Field(False, description="For formats other than cot_then_label: scale the epochs so the "
+                                   "student trains on as many tokens as `epochs` passes of cot_then_label sequences.")
+    seed: int = Field(0, description="Data order and dropout seed.")
+
+    # ---- the loss (KPOD token weights) -----------------------------------------------------------------------
+    token_weight_scale: Literal["raw", "sequence_mean"] = Field(
+        "raw", description="KPOD loss: 'raw' multiplies each rationale token's NLL by its learned weight in [0, 1] "
+        "(the paper); 'sequence_mean' rescales a sequence's weights so their mean over its supervised tokens is 1, so "
+        "the weights reorder the loss within a sequence without shrinking its size (the learning rate).")
+    token_weight_floor: float = added_later(0.0, ge=0, le=1, description="KPOD loss: each rationale token's NLL weighted "
+                                      "f + (1 − f)·w_j instead of w_j (f = 0, the paper). Near-0/1 token weights leave a "
+                                      "student trained from scratch untaught on the words it must still write between "
+                                      "the keypoints (docs/measurements.md); a floor keeps them in the loss.")
+
+    # ---- batching --------------------------------------------------------------------------------------------
     batch_size: int = Field(32, ge=1, description="Sequences per micro-batch (when tokens_per_batch is unset).")
     tokens_per_batch: int | None = Field(None, ge=1, description="Batches by tokens: a micro-batch takes sequences "
                                          "(in the epoch's order) while their tokens fit this budget; unset: "
@@ -500,6 +524,23 @@ class TrainConfig(Section):
                           "tokens, with per-sequence position ids and no attention across their borders (no padding "
                           "compute); off: one right-padded sequence per row. The loss is the same either way.")
     pack_length: int | None = Field(None, ge=16, description="Row length for packing; unset: 2 x student.max_length.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimiser step.")
+    allow_truncation: bool = Field(False, description="Train even when more than 20% of the sequences are cut at "
+                                   "student.max_length (more than 5% always warns, on the terminal and in the report).")
+
+    # ---- optimiser (AdamW) -----------------------------------------------------------------------------------
+    lr: float = Field(3e-3, gt=0, description="Peak AdamW learning rate.")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+
+    # ---- schedule (linear warm-up, cosine decay) -------------------------------------------------------------
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Fraction of steps with linear warm-up.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine decay floor as a fraction of lr.")
+
+    # ---- precision and kernels -------------------------------------------------------------------------------
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Device of every model stage (warm-up, token "
+                                                   "weights, difficulty, training, evaluation): 'auto' uses CUDA (bf16 "
+                                                   "training) when present, else CPU.")
     precision: Literal["auto", "fp32", "bf16-mixed", "bf16"] = Field(
         "auto", description="'fp32'; 'bf16-mixed': fp32 weights, bf16 autocast; 'bf16': weights in bf16 (with LoRA: "
         "the frozen base; the adapters stay fp32); 'auto': bf16-mixed on CUDA, fp32 on CPU.")
@@ -511,37 +552,12 @@ class TrainConfig(Section):
         "sdpa. flex_attention trains on CUDA only (no CPU backward).")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass: much less "
                                          "memory for ~30% more compute (large students, LoRA on 7B).")
+
+    # ---- processes -------------------------------------------------------------------------------------------
     num_processes: int = Field(1, ge=1, description="Training processes (one per GPU), launched by torchrun as a "
                                "subprocess of the training task; on CPU they use the gloo backend.")
     strategy: Literal["ddp", "fsdp"] = Field("ddp", description="With num_processes > 1: 'ddp' replicates the model, "
                                              "'fsdp' shards weights, gradients and optimizer state (FSDP2).")
-    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimiser step.")
-    lr: float = Field(3e-3, gt=0, description="Peak AdamW learning rate.")
-    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
-    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Fraction of steps with linear warm-up.")
-    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine decay floor as a fraction of lr.")
-    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
-    seed: int = Field(0, description="Data order and dropout seed.")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Device of every model stage (warm-up, token "
-                                                   "weights, difficulty, training, evaluation): 'auto' uses CUDA (bf16 "
-                                                   "training) when present, else CPU.")
-    target_format: Literal["cot_then_label", "label_only", "label_then_cot", "label_then_shuffled_cot",
-                           "label_then_keytokens"] = Field(
-        "cot_then_label", description="Mysteries target format: rationale then answer (standard); the answer only; the "
-        "answer then the rationale (at test time only the answer is decoded); the answer then the rationale's words "
-        "shuffled; the answer then the top-k keypoint tokens by learned weight (computes token weights).")
-    token_weight_scale: Literal["raw", "sequence_mean"] = Field(
-        "raw", description="KPOD loss: 'raw' multiplies each rationale token's NLL by its learned weight in [0, 1] "
-        "(the paper); 'sequence_mean' rescales a sequence's weights so their mean over its supervised tokens is 1, so "
-        "the weights reorder the loss within a sequence without shrinking its size (the learning rate).")
-    token_weight_floor: float = added_later(0.0, ge=0, le=1, description="KPOD loss: each rationale token's NLL weighted "
-                                      "f + (1 − f)·w_j instead of w_j (f = 0, the paper). Near-0/1 token weights leave a "
-                                      "student trained from scratch untaught on the words it must still write between "
-                                      "the keypoints (docs/measurements.md); a floor keeps them in the loss.")
-    allow_truncation: bool = Field(False, description="Train even when more than 20% of the sequences are cut at "
-                                   "student.max_length (more than 5% always warns, on the terminal and in the report).")
-    match_cot_tokens: bool = Field(False, description="For formats other than cot_then_label: scale the epochs so the "
-                                   "student trains on as many tokens as `epochs` passes of cot_then_label sequences.")
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
@@ -580,7 +596,7 @@ class ExportConfig(Section):
     enabled: bool = operational(False, description="Run the export as the last stage of `distill` (`keystep export` and "
                           "the export flow run it on their own).")
     out: str | None = Field(None, description="Folder to write (replaced as a whole, by rename); unset: "
-                            "<workspace>/exports/<export fingerprint>.")
+                            "`<workspace>/exports/<export fingerprint>`.")
     rows: Literal["kept", "all"] = Field("kept", description="'kept': the rationales the student trains on; 'all': "
                                          "every rationale, failed and wrong ones too, with status and reason.")
     formats: list[Literal["cot_then_label", "label_only", "label_then_cot", "label_then_shuffled_cot",
@@ -589,7 +605,7 @@ class ExportConfig(Section):
         description="Target formats of the SFT layouts (prompt/completion and chat messages, as TRL's SFTTrainer reads "
         "them), each built by tasks/formats.py exactly as keystep trains on it; label_then_keytokens needs token weights.")
     license: str | None = Field(None, description="License field of the dataset card (e.g. cc-by-4.0); unset: 'other'.")
-    pretty_name: str | None = Field(None, description="Dataset card title; unset: '<dataset> rationales from <teacher>'.")
+    pretty_name: str | None = Field(None, description="Dataset card title; unset: `<dataset> rationales (<teacher>)`.")
     push_to_hub: str | None = operational(None, description="Hugging Face dataset repo id to upload the folder to (needs a "
                                     "token in hub_token_env and a network).")
     hub_token_env: str = operational("HF_TOKEN", description="Environment variable holding the Hugging Face token (never "
@@ -603,15 +619,17 @@ class StorageConfig(Section):
 
 class DistillConfig(Section):
     """The flow parameter: one section per stage."""
+    # what most runs change comes first (the deployment form lists the sections in this order); the KPOD-only
+    # sections follow, so a Std-CoT run's form shows its loss and epochs on the first screens
     data: DataConfig = Field(default_factory=DataConfig, description="Datasets to distil on and evaluate on.")
     teacher: TeacherConfig = Field(default_factory=ReferenceTeacherConfig, description="Teacher rationale generation.")
-    steps: StepsConfig = Field(default_factory=StepsConfig, description="Rationale step splitting.")
-    token_weights: TokenWeightsConfig = Field(default_factory=TokenWeightsConfig, description="KPOD token weighting.")
-    difficulty: DifficultyConfig = Field(default_factory=DifficultyConfig, description="KPOD step difficulty.")
-    curriculum: CurriculumConfig = Field(default_factory=CurriculumConfig, description="KPOD progressive curriculum (train.loss: kpod).")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Student training: loss, epochs, batching, optimiser.")
     student: StudentConfig = Field(default_factory=StudentConfig, description="The student model.")
-    train: TrainConfig = Field(default_factory=TrainConfig, description="Student training.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation.")
+    steps: StepsConfig = Field(default_factory=StepsConfig, description="Rationale step splitting.")
+    token_weights: TokenWeightsConfig = Field(default_factory=TokenWeightsConfig, description="KPOD token weighting (train.loss: kpod).")
+    difficulty: DifficultyConfig = Field(default_factory=DifficultyConfig, description="KPOD step difficulty (train.loss: kpod).")
+    curriculum: CurriculumConfig = Field(default_factory=CurriculumConfig, description="KPOD progressive curriculum (train.loss: kpod).")
     export: ExportConfig = Field(default_factory=ExportConfig, description="The distilled dataset as files (optional last stage).")
     storage: StorageConfig = Field(default_factory=StorageConfig, description="Where results live.")
 
@@ -756,7 +774,7 @@ class ExperimentConfig(Section):
     results_path: str | None = Field(None, description="Markdown results file the flow writes (e.g. docs/results.md); "
                                      "several studies can share one file, each rewriting only its own section.")
     study_dir: str | None = Field(None, description="Folder of the per-run result files (a summary and per-question "
-                                  "predictions for each variant × seed; default docs/studies/<experiment file name>). "
+                                  "predictions for each variant × seed; default `docs/studies/<experiment file name>`). "
                                   "A run whose files exist is not run again, and `keystep report` rebuilds the report "
                                   "from these files alone.")
     variant_seeds: dict[str, list[int]] = Field(default_factory=dict, description="Seeds of particular variants "

@@ -156,3 +156,43 @@ def test_a_setting_added_later_changes_no_fingerprint_at_its_default():
     assert "token_weight_floor" not in canonical(demo.train)
     assert canonical(load_config(ROOT / "configs" / "demo.yaml", {"train.token_weight_floor": 0.5}).train)[
         "token_weight_floor"] == 0.5
+
+
+def test_help_text_shows_angle_brackets_in_the_ui():
+    """The deployment form renders field descriptions as markdown: a `<workspace>` outside a code span is an HTML tag
+    and vanishes ("/exports/."), so every placeholder in angle brackets sits in backticks."""
+    import re
+
+    from pydantic import BaseModel
+
+    from keystep.config import DistillConfig, ExperimentConfig
+
+    seen, bad = set(), []
+
+    def walk(model: type[BaseModel]) -> None:
+        if model in seen:
+            return
+        seen.add(model)
+        for name, field in model.model_fields.items():
+            prose = re.sub(r"`[^`]*`", "", field.description or "")
+            if re.search(r"<[A-Za-z]", prose):
+                bad.append(f"{model.__name__}.{name}")
+            for kind in getattr(field.annotation, "__args__", ()) + (field.annotation,):
+                if isinstance(kind, type) and issubclass(kind, BaseModel):
+                    walk(kind)
+                for inner in getattr(kind, "__args__", ()):
+                    if isinstance(inner, type) and issubclass(inner, BaseModel):
+                        walk(inner)
+
+    walk(DistillConfig)
+    walk(ExperimentConfig)
+    assert len(seen) > 10 and not bad, bad
+
+
+def test_the_form_lists_what_most_runs_change_first():
+    from keystep.config import DistillConfig, TrainConfig
+
+    sections = list(DistillConfig.model_fields)
+    assert sections[:5] == ["data", "teacher", "train", "student", "eval"]
+    assert sections.index("train") < min(sections.index(k) for k in ("steps", "token_weights", "difficulty", "curriculum"))
+    assert list(TrainConfig.model_fields)[:3] == ["loss", "target_format", "epochs"]

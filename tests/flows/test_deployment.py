@@ -1,5 +1,6 @@
 """A real local Prefect server and process worker: deploy from prefect.yaml, run the demo deployment with the
 micro config through the worker, and check the run completed and the catalog holds its results."""
+import html
 import json
 import re
 import shutil
@@ -38,6 +39,12 @@ def ui_pages_show_what_runs(ui: str, kpod_id: str, tmp_path) -> None:
     assert re.search(r"Teacher \(Optional\) [^.]*\. reference openai vllm Backend", text), text[:2000]
     assert re.search(r"Train \(Optional\) [^.]*\. synthetic file Source", text)
     assert "Base Url" not in text and "Question Field" not in text     # openai's and file's fields: not shown
+    # what most runs change comes first: training's loss and epochs before the KPOD-only sections
+    assert text.index("Train (Optional)") < text.index("Epochs") < text.index("Token Weights (Optional)")
+    assert text.index("Loss (Optional)") < text.index("Steps (Optional) Rationale step splitting") < \
+        text.index("Curriculum (Optional) KPOD")
+    # help text keeps what is in angle brackets (the UI renders it as markdown: <...> would be an HTML tag)
+    assert "<workspace>/exports/<export fingerprint>" in html.unescape(text)
     with urllib.request.urlopen(urllib.request.Request(
             f"{ui}/api/flow_runs/filter", data=json.dumps({"flow_runs": {"parent_task_run_id": {"is_null_": True}}}).encode(),
             headers={"content-type": "application/json"})) as resp:
