@@ -587,6 +587,10 @@ class EvalConfig(Section):
     batch_size: int = Field(64, ge=1, description="Prompts per generation batch.")
     tolerance: float = Field(1e-4, ge=0, description="Relative tolerance for numeric answers.")
     include_untrained: bool = Field(True, description="Also evaluate the student before training, as a baseline.")
+    curve_questions: int = added_later(100, ge=0, description="Learning curve: every epoch's checkpoint answers the "
+                                       "first N questions of the first evaluation set (greedy, HF generate), plotted "
+                                       "beside the training loss — for watching a run, not for choosing an epoch (tune "
+                                       "on a validation split); 0: off.")
 
 
 

@@ -35,6 +35,8 @@ class Evaluation(StageOutput):
     accuracy: dict[str, float]
     device: str
     engine: str = "hf"      # hf | vllm (in process) | vllm-server
+    curve: dict[int, float] = {}    # epoch -> accuracy on the first eval.curve_questions questions (the learning curve)
+    curve_set: str | None = None    # which questions: "<dataset>/<split>, first N"
 
 
 def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int, device: str,
@@ -116,12 +118,38 @@ def evaluate_student(ws: Workspace, config: DistillConfig, trained: Trained, stu
                           "gold": ex["answer"],
                           "correct": is_correct(extracted, ex["answer"], ex["answer_type"], cfg.tolerance)})
     results = accuracy_rows(preds)
+    curve, curve_set = epoch_curve(catalog, config, trained, examples, prompts, max_new_tokens, device, label_first)
     out = Evaluation(fp=fp, n_predictions=len(preds), device=device, engine=decoder,
                      accuracy={f"{r['model_label']}/{r['dataset']}/{r['split']}": r["accuracy"]
-                               for r in results if r["group_key"] == "all"})
+                               for r in results if r["group_key"] == "all"}, curve=curve, curve_set=curve_set)
     return publish_stage(catalog, lineage, out, {
         "eval_results": [{"eval_fp": fp, **r} for r in results],
         "predictions": [{"eval_fp": fp, **{k: v for k, v in p.items() if k not in ("meta", "split")}} for p in preds]})
+
+
+def epoch_curve(catalog, config: DistillConfig, trained: Trained, examples: list[dict], prompts: list[str],
+                max_new_tokens: int, device: str, label_first: bool) -> tuple[dict[int, float], str | None]:
+    """The learning curve's evaluation metric: each epoch checkpoint's accuracy on the first `eval.curve_questions`
+    questions of the first evaluation set, decoded as the final evaluation decodes them (HF generate)."""
+    n = config.eval.curve_questions
+    first = [i for i, ex in enumerate(examples) if ex["dataset"] == examples[0]["dataset"]][:n] if examples else []
+    if not n or not first:
+        return {}, None
+    curve = {}
+    for ckpt in trained_checkpoints(catalog, trained):
+        model, tokenizer = load_student(ckpt["path"], device=device)
+        outputs = greedy_generate(model, tokenizer, [prompts[i] for i in first], max_new_tokens,
+                                  config.eval.batch_size, device)
+        del model
+        right = [is_correct(extract_answer(out, examples[i]["answer_type"], first=label_first), examples[i]["answer"],
+                            examples[i]["answer_type"], config.eval.tolerance) for i, out in zip(first, outputs)]
+        curve[ckpt["epoch"]] = sum(right) / len(right)
+    return curve, f"{examples[0]['dataset']}/{examples[0]['split']}, first {len(first)} questions"
+
+
+def trained_checkpoints(catalog, trained: Trained) -> list[dict]:
+    """The run's epoch checkpoints that still exist (a cached training run may have had old ones removed)."""
+    return [c for c in catalog.query("checkpoints_of", train_fp=trained.fp) if Path(c["path"]).is_dir()]
 
 
 def results_table(rows: list[dict]) -> str:
@@ -218,8 +246,10 @@ def accuracy_markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def summary_plots(results: list[dict], train: Trained, out_dir: Path) -> dict[str, str]:
-    """PNGs beside the report: accuracy per model and group (all, per step count), and the training loss by epoch."""
+def summary_plots(results: list[dict], train: Trained, out_dir: Path, curve: dict[int, float] | None = None,
+                  curve_set: str | None = None) -> dict[str, str]:
+    """PNGs beside the report: accuracy per model and group (all, per step count), and the training loss by epoch
+    with the accuracy of each epoch's checkpoint (`curve`, on `curve_set`) beside it."""
     plt = pyplot()
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {}
@@ -246,9 +276,15 @@ def summary_plots(results: list[dict], train: Trained, out_dir: Path) -> dict[st
         fig, ax = plt.subplots(figsize=(7, 4.5))
         ax.plot([h["epoch"] for h in train.history], [h["loss"] for h in train.history], "o-")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_title(f"Training loss by epoch ({train.loss})")
+        ax.set_title(f"Learning curve ({train.loss})")
         ax.set_xlabel("epoch")
         ax.set_ylabel("training loss")
+        if curve:
+            acc_ax = ax.twinx()
+            epochs = sorted(curve)
+            acc_ax.plot(epochs, [100 * curve[e] for e in epochs], "s--", color="tab:green")
+            acc_ax.set_ylim(0, 105)
+            acc_ax.set_ylabel(f"accuracy (%), {curve_set}", color="tab:green", fontsize=8)
         paths["learning curve"] = save_figure(fig, out_dir / "learning-curve.png")
     return paths
 
@@ -260,9 +296,13 @@ def write_summary(config: DistillConfig, evaluation: Evaluation, generation: Gen
     ws = workspace_of(config)
     path = ws.report_path(evaluation.fp)
     results = ws.catalog().query("latest_results", eval_fp=evaluation.fp)
-    plots = summary_plots(results, trained, path.parent / f"{evaluation.fp}-plots")
+    plots = summary_plots(results, trained, path.parent / f"{evaluation.fp}-plots", evaluation.curve,
+                          evaluation.curve_set)
     text = summary_markdown(config.data.train.name, results, generation, datasets, trained,
                             {k: str(Path(v).relative_to(path.parent)) for k, v in plots.items()})
+    if evaluation.curve:
+        text += (f"- accuracy by epoch ({evaluation.curve_set}): "
+                 + ", ".join(f"{e}: {a:.1%}" for e, a in sorted(evaluation.curve.items())) + "\n")
     if curriculum:
         text += "\n" + curriculum.markdown
     path.write_text(text)

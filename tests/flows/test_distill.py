@@ -90,6 +90,11 @@ def test_rerun_is_cached_and_a_train_change_recomputes_only_train_and_eval(prefe
     assert counts["executed"] == sorted(["ingest", "ingest", "generate", "student", "steps",
                                          "train", "evaluate"]) and not counts["cached"]
 
+    # the learning curve has an evaluation metric per epoch: each checkpoint's accuracy on the eval set's first questions
+    curve = Workspace(tmp_path / "ws").catalog().stage_output(first.eval_fp)["summary"]
+    assert sorted(map(int, curve["curve"])) == [1, 2] and curve["curve_set"] == "synthetic/test, first 16 questions"
+    assert "- accuracy by epoch (synthetic/test, first 16 questions): 1: " in __import__("pathlib").Path(first.report).read_text()
+
     second = distill(config=cfg)
     counts, seen = stage_runs(seen)
     assert not counts["executed"] and len(counts["cached"]) == 7
