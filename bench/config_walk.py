@@ -10,7 +10,8 @@ named `config`, or any expression reading it: `config.train`, `config.teacher`, 
 Each counts once. At c3bcab8 the walk reached 89 functions with 3 climbs (all of the first kind: build_model,
 run_training, setup); now 0.
 
-    python bench/config_walk.py          # prints the count and every climb-back edge
+    python bench/config_walk.py          # prints the count and every climb-back edge, then the JSON line
+    python bench/config_walk.py --smoke  # the same (it takes a second)
 """
 from __future__ import annotations
 
@@ -98,8 +99,15 @@ def climbs(start: str = "flows.distill.distill") -> tuple[list[tuple[str, str]],
 
 
 if __name__ == "__main__":
-    start = sys.argv[1] if len(sys.argv) > 1 else "flows.distill.distill"
+    import json
+
+    args = [a for a in sys.argv[1:] if a != "--smoke"]
+    start = args[0] if args else "flows.distill.distill"
     edges, reached = climbs(start)
     print(f"{start}: {reached} functions reached along the config; {len(edges)} climb back up")
     for caller, callee in edges:
         print(f"  {caller} -> {callee}")
+    print(json.dumps({"bench": "config_walk", "metric": f"climbs back up along {start}'s config", "value": len(edges),
+                      "baseline": 3, "ratio": round(len(edges) / 3, 3), "goal": "0 climbs (baseline: 3 at c3bcab8)",
+                      "met": not edges, "details": {"functions_reached": reached,
+                                                    "edges": [f"{a} -> {b}" for a, b in edges]}}))

@@ -5,7 +5,7 @@ uniformly over K = 5. Measures the whole schedule (budget, Greedy+Max per stage,
 solver's objective with plain density greedy on the same stage instances (the solver keeps the better of
 greedy and its +Max augmentations, so the ratio is >= 1). Also times the TF-IDF/SVD K-means clustering of
 synthetic:arith questions at 10k and 100k. Goal: <= 30 s at 100k and near-linear growth.
-Usage: python bench/curriculum_scale.py [SIZES...]
+Usage: python bench/curriculum_scale.py [SIZES...]      --smoke: 1k and 2k examples, 20 small instances
 """
 import json
 import sys
@@ -16,6 +16,10 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+SMOKE = "--smoke" in sys.argv   # tiny sizes, seconds: what the test suite runs (tests/test_bench_smoke.py)
+if SMOKE:
+    sys.argv.remove("--smoke")
 
 from keystep.config import CurriculumConfig  # noqa: E402
 from tasks.curriculum import build_schedule, question_clusters  # noqa: E402
@@ -30,7 +34,7 @@ def instance(n: int, seed: int = 0):
 
 
 def main() -> None:
-    sizes = [int(float(a)) for a in sys.argv[1:]] or [10_000, 100_000, 1_000_000]
+    sizes = [int(float(a)) for a in sys.argv[1:]] or ([1_000, 2_000] if SMOKE else [10_000, 100_000, 1_000_000])
     cfg = CurriculumConfig()
     times, ratios = {}, {}
     for n in sizes:
@@ -45,7 +49,7 @@ def main() -> None:
     from tasks.curriculum import diversity_objective, greedy_max
     rng = np.random.default_rng(1)
     small_solver, small_greedy = [], []
-    for _ in range(200):
+    for _ in range(20 if SMOKE else 200):
         k = int(rng.integers(4, 12))
         cost, cl = rng.uniform(0, 10, k), rng.integers(0, 3, k)
         budget, beta = float(rng.uniform(0.1, 0.7) * cost.sum()), 12.0

@@ -1,6 +1,7 @@
 """Step-difficulty scoring throughput: length-bucketed batches (keystep) vs a naive loop that pads every
 sequence to the model's max length in dataset order, same token budget per batch, same model and data.
 Goal: >= 1.5x real (non-padding) tokens/s. Both give the same NLLs (tests/tasks/test_difficulty.py).
+--smoke: 64 problems and the micro student (seconds, for the test suite).
 """
 import json
 import sys
@@ -10,6 +11,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+SMOKE = "--smoke" in sys.argv   # tiny sizes, seconds: what the test suite runs (tests/test_bench_smoke.py)
+if SMOKE:
+    sys.argv.remove("--smoke")
 
 from keystep.config import load_config  # noqa: E402
 from storage.workspace import Workspace  # noqa: E402
@@ -21,7 +26,9 @@ def main() -> None:
     import torch
 
     max_len = 256
-    cfg = load_config(ROOT / "configs" / "demo.yaml", {"data.train.max_steps": 5, "student.max_length": max_len})
+    smoke = {"data.train.n": 64, "student.hidden_size": 32, "student.num_layers": 1, "student.num_heads": 2,
+             "student.intermediate_size": 64} if SMOKE else {}
+    cfg = load_config(ROOT / "configs" / "demo.yaml", {"data.train.max_steps": 5, "student.max_length": max_len, **smoke})
     with tempfile.TemporaryDirectory() as tmp:
         ws = Workspace(tmp)
         gen = teacher.generate_rationales(ws, cfg, ingest.ingest(ws, cfg.data.train))

@@ -6,7 +6,7 @@ per batch) and with vLLM — in this process when vLLM imports here (a GPU envir
 keystep starts from .venv-vllm (`make test-vllm` builds it). Prints generated tokens/s of each (server start-up
 excluded, reported apart), vLLM / HF (goal >= 5 on a GPU) and how many outputs are identical.
 
-Usage: python bench/eval_throughput.py [CONFIG] [key=value ...]
+Usage: python bench/eval_throughput.py [CONFIG] [key=value ...]     --smoke: configs/micro.yaml, 1 epoch (tests/vllm)
 """
 import asyncio
 import json
@@ -17,6 +17,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+SMOKE = "--smoke" in sys.argv   # tiny sizes, seconds: what the test suite runs (tests/test_bench_smoke.py)
+if SMOKE:
+    sys.argv.remove("--smoke")
 
 from keystep.config import load_config, parse_value  # noqa: E402
 from storage.workspace import Workspace  # noqa: E402
@@ -53,8 +57,8 @@ def vllm_outputs(path: str, tok, prompts: list[str], max_new: int, device: str) 
 
 def main() -> None:
     args = sys.argv[1:]
-    config = args.pop(0) if args and args[0].endswith(".yaml") else "configs/demo.yaml"
-    overrides = {"train.epochs": 2, **{k: parse_value(v) for k, v in (a.split("=", 1) for a in args)}}
+    config = args.pop(0) if args and args[0].endswith(".yaml") else "configs/micro.yaml" if SMOKE else "configs/demo.yaml"
+    overrides = {"train.epochs": 1 if SMOKE else 2, **{k: parse_value(v) for k, v in (a.split("=", 1) for a in args)}}
     with tempfile.TemporaryDirectory() as tmp:
         ws = Workspace(tmp)
         cfg = load_config(ROOT / config, {**overrides, "storage.workspace": tmp})

@@ -11,6 +11,7 @@ Runs the prepare phase of configs/kpod.yaml (the demo's data, teacher and studen
 
 Prints one JSON line: value = KPOD's weighted supervised tokens over all epochs, baseline = Std-CoT's.
 Usage: python bench/kpod_diagnosis.py [N_TRAIN] [section.key=value ...] [--workspace DIR]
+       --smoke: 32 problems, the micro student, one epoch of each module (seconds, for the test suite)
 """
 import json
 import statistics
@@ -22,7 +23,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+SMOKE = "--smoke" in sys.argv   # tiny sizes, seconds: what the test suite runs (tests/test_bench_smoke.py)
+if SMOKE:
+    sys.argv.remove("--smoke")
+
 from keystep.config import load_config, parse_value  # noqa: E402
+# what --smoke changes in a KPOD config: the micro student, one epoch of every module
+SMOKE_SETTINGS = {"student.hidden_size": 32, "student.num_layers": 1, "student.num_heads": 2,
+                  "student.intermediate_size": 64, "student.max_length": 256, "train.epochs": 2,
+                  "token_weights.epochs": 1, "token_weights.predictor_warmup_epochs": 1,
+                  "difficulty.warmup_epochs": 1} if SMOKE else {}
 from storage.workspace import Workspace  # noqa: E402
 from tasks import curriculum, difficulty, ingest, steps, student, teacher, token_weights  # noqa: E402
 from tasks.formats import IGNORE, encode_rationale  # noqa: E402
@@ -61,8 +71,8 @@ def describe(values: list[float]) -> dict:
 def main() -> None:
     args = [a for a in sys.argv[1:] if not a.startswith("--workspace")]
     ws_arg = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--workspace=")), None)
-    n_train = int(args[0]) if args and "=" not in args[0] else 2000
-    overrides = {k: parse_value(v) for k, _, v in (a.partition("=") for a in args if "=" in a)}
+    n_train = int(args[0]) if args and "=" not in args[0] else 32 if SMOKE else 2000
+    overrides = {**SMOKE_SETTINGS, **{k: parse_value(v) for k, _, v in (a.partition("=") for a in args if "=" in a)}}
     with tempfile.TemporaryDirectory() as tmp:
         ws = Workspace(ws_arg or tmp)
         cfg = load_config(ROOT / "configs" / "kpod.yaml", {"data.train.n": n_train, "storage.workspace": str(ws.root),

@@ -9,6 +9,7 @@ one-step problems the run gets wrong most often. Needs no training and no worksp
 
 Prints one JSON line: value = near misses per seed of ARM, baseline = those of std_cot on the same seeds.
 Usage: python bench/study_errors.py [STUDY] [ARM]     (default: study-demo kpod)
+       --smoke: seeds 0-1 of ARM and std_cot only (seconds, for the test suite)
 """
 import csv
 import json
@@ -19,6 +20,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+SMOKE = "--smoke" in sys.argv   # tiny sizes, seconds: what the test suite runs (tests/test_bench_smoke.py)
+if SMOKE:
+    sys.argv.remove("--smoke")
 
 from pydantic import TypeAdapter  # noqa: E402
 
@@ -63,7 +68,10 @@ def run_errors(summary: Path) -> dict:
 
 def main(study: str = "study-demo", arm: str = "kpod") -> None:
     folder = ROOT / "docs" / "studies" / study
-    runs = [run_errors(p) for p in sorted(folder.glob("*/seed-*.json"))]
+    paths = sorted(folder.glob("*/seed-*.json"))
+    if SMOKE:
+        paths = [p for p in paths if p.parent.name in (arm, "std_cot") and p.stem in ("seed-0", "seed-1")]
+    runs = [run_errors(p) for p in paths]
     if not runs:
         raise SystemExit(f"study_errors: no finished runs under {folder}")
     print(f"{'arm':24} seed  acc    wrong  near misses  earlier value  final loss  most repeated one-step mistakes")
@@ -74,9 +82,14 @@ def main(study: str = "study-demo", arm: str = "kpod") -> None:
               f"  {r['final_loss']:10.3f}  {facts}")
     by = {(r["arm"], r["seed"]): r["near"] for r in runs}
     seeds = sorted(s for a, s in by if a == arm and ("std_cot", s) in by)
-    print(json.dumps({"metric": f"{study} near-miss errors by seed", "seeds": seeds,
-                      "value": [by[(arm, s)] for s in seeds], "baseline": [by[("std_cot", s)] for s in seeds],
-                      "arm": arm, "baseline_arm": "std_cot"}))
+    value, baseline = [by[(arm, s)] for s in seeds], [by[("std_cot", s)] for s in seeds]
+    mean = lambda xs: sum(xs) / max(len(xs), 1)  # noqa: E731
+    print(json.dumps({"bench": "study_errors", "metric": f"{study}: near-miss errors per seed, {arm}",
+                      "value": round(mean(value), 1), "baseline": round(mean(baseline), 1),
+                      "ratio": round(mean(value) / mean(baseline), 3) if mean(baseline) else None,
+                      "goal": "diagnosis (no goal): the baseline is std_cot on the same seeds", "met": None,
+                      "details": {"seeds": seeds, "by_seed": value, "baseline_by_seed": baseline, "arm": arm,
+                                  "baseline_arm": "std_cot"}}))
 
 
 if __name__ == "__main__":

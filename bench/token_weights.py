@@ -9,6 +9,7 @@
 3. The mean learned weight by token role (the generator's key marks; bench/kpod_diagnosis.py's roles).
 Runs configs/kpod.yaml's settings; the held-out rationales are a validation set (generator seed 2), not a test set.
 Usage: python bench/token_weights.py [N_TRAIN] [section.key=value ...] [--workspace=DIR]
+       --smoke: 32 problems, the micro student, one epoch of each module (seconds, for the test suite)
 """
 import json
 import statistics
@@ -26,7 +27,7 @@ from tasks import difficulty, ingest, steps, student, teacher, token_weights  # 
 from tasks.warmup import warm_up_student  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
-from kpod_diagnosis import token_roles  # noqa: E402
+from kpod_diagnosis import SMOKE, SMOKE_SETTINGS, token_roles  # noqa: E402   (it takes --smoke off argv)
 
 VALIDATION_SEED = 2
 
@@ -85,8 +86,8 @@ def main() -> None:
 
     args = [a for a in sys.argv[1:] if not a.startswith("--workspace=")]
     ws_arg = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--workspace=")), None)
-    n_train = int(args[0]) if args and "=" not in args[0] else 1000
-    overrides = {k: parse_value(v) for k, _, v in (a.partition("=") for a in args if "=" in a)}
+    n_train = int(args[0]) if args and "=" not in args[0] else 32 if SMOKE else 1000
+    overrides = {**SMOKE_SETTINGS, **{k: parse_value(v) for k, _, v in (a.partition("=") for a in args if "=" in a)}}
     cfg = load_config(ROOT / "configs" / "kpod.yaml", {"data.train.n": n_train, **overrides})
     with tempfile.TemporaryDirectory() as tmp:
         ws = Workspace(ws_arg or tmp)   # a kept workspace reuses the warm-ups across settings

@@ -7,6 +7,7 @@ torch.compile on CUDA) and, for reference, keystep with packing off. Prints toke
 each, keystep / Trainer (goal >= 2.0), and on CUDA the MFU (6·N·tokens/s over the GPU's bf16 dense peak).
 
 Usage: python bench/train_throughput.py [CONFIG] [key=value ...]   e.g. configs/gsm8k.yaml train.device=cuda
+       python bench/train_throughput.py --smoke    (configs/micro.yaml on 32 problems: seconds, for the test suite)
 """
 import json
 import sys
@@ -23,6 +24,10 @@ from storage.workspace import Workspace  # noqa: E402
 from tasks import ingest, teacher  # noqa: E402
 from tasks.student import init_student, load_student, pick_device  # noqa: E402
 from tasks.training import TrainInputs, run_epoch, setup  # noqa: E402
+
+SMOKE = "--smoke" in sys.argv   # tiny sizes, seconds: what the test suite runs (tests/test_bench_smoke.py)
+if SMOKE:
+    sys.argv.remove("--smoke")
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}   # dense, per GPU
 
@@ -70,13 +75,13 @@ def trainer_epoch(cfg, st, data, device) -> float:
         trainer.add_callback(EpochTimer())
         trainer.train()
     # the second epoch: warm, like keystep's timed one
-    return sum(len(ids) for ids, _ in data) / (times[3] - times[2])
+    return sum(len(s.ids) for s in data) / (times[3] - times[2])
 
 
 def main() -> None:
     args = sys.argv[1:]
-    config = args.pop(0) if args and args[0].endswith(".yaml") else "configs/demo.yaml"
-    overrides = {k: parse_value(v) for k, v in (a.split("=", 1) for a in args)}
+    config = args.pop(0) if args and args[0].endswith(".yaml") else "configs/micro.yaml" if SMOKE else "configs/demo.yaml"
+    overrides = {**({"data.train.n": 32} if SMOKE else {}), **{k: parse_value(v) for k, v in (a.split("=", 1) for a in args)}}
     with tempfile.TemporaryDirectory() as tmp:
         ws = Workspace(tmp)
         cfg = load_config(ROOT / config, {**overrides, "storage.workspace": tmp})

@@ -1,0 +1,14 @@
+"""The vLLM benchmarks' smoke runs (tests/test_bench_smoke.py runs the others): they need .venv-vllm, which
+`make test-vllm` builds."""
+import pytest
+
+from tests.conftest import ROOT
+from tests.test_bench_smoke import run_smoke
+
+BENCHES = ["eval_throughput", "teacher_vllm"]
+
+
+@pytest.mark.skipif(not (ROOT / ".venv-vllm" / "bin" / "python").exists(), reason="needs .venv-vllm (make test-vllm)")
+@pytest.mark.parametrize("name", BENCHES)
+def test_vllm_bench_smoke(name):
+    run_smoke(name)
