@@ -12,9 +12,15 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import threading
 from pathlib import Path
 
 from storage.catalog import Catalog
+
+# one Catalog per catalog file per process, so the migration check runs once (Catalog opens a connection per use and
+# serialises them itself; other processes have their own, and DuckDB's file lock keeps one writer at a time)
+_CATALOGS: dict[str, Catalog] = {}
+_CATALOGS_LOCK = threading.Lock()
 
 
 class Workspace:
@@ -27,7 +33,12 @@ class Workspace:
         return self.root / "catalog.duckdb"
 
     def catalog(self) -> Catalog:
-        return Catalog(self.catalog_path)
+        """The workspace's catalog, migrated once per process (made anew when its file was removed meanwhile)."""
+        with _CATALOGS_LOCK:
+            cat = _CATALOGS.get(str(self.catalog_path))
+            if cat is None or not self.catalog_path.exists():
+                cat = _CATALOGS[str(self.catalog_path)] = Catalog(self.catalog_path)
+            return cat
 
     def model_dir(self, fp: str) -> Path:
         return self.root / "models" / fp

@@ -61,8 +61,24 @@ def test_canonical_is_recursive_and_refuses_what_it_cannot_hash():
     nested = {"outer": [config.train, (config.eval, {"deep": config.steps})]}
     train = {k: v for k, v in config.train.model_dump(mode="json").items()
              if k != "token_weight_floor"}   # an `added_later` field at its default is not hashed
-    assert canonical(nested) == {"outer": [train,
-                                           [config.eval.model_dump(mode="json"), {"deep": config.steps.model_dump(mode="json")}]]}
+    evaluation = {k: v for k, v in config.eval.model_dump(mode="json").items() if k != "curve_questions"}   # idem
+    assert canonical(nested) == {"outer": [train, [evaluation, {"deep": config.steps.model_dump(mode="json")}]]}
     assert json.dumps(canonical(nested))   # JSON all the way down: nothing is hashed through str()
     with pytest.raises(TypeError, match="cannot fingerprint"):
         canonical({"x": object()})
+
+
+def test_one_catalog_per_workspace_per_process_migrated_once(tmp_path, monkeypatch):
+    from storage.catalog import Catalog
+    from storage.workspace import Workspace
+
+    migrations = []
+    real = Catalog.migrate
+    monkeypatch.setattr(Catalog, "migrate", lambda self: migrations.append(self.path) or real(self))
+    first = Workspace(tmp_path / "ws").catalog()
+    assert Workspace(tmp_path / "ws").catalog() is first and Workspace(str(tmp_path / "ws") + "/").catalog() is first
+    assert len(migrations) == 1 and Workspace(tmp_path / "other").catalog() is not first
+    first.execute("create table marker (x integer)")
+    (tmp_path / "ws" / "catalog.duckdb").unlink()           # removed under a long-lived process: made and migrated anew
+    again = Workspace(tmp_path / "ws").catalog()
+    assert again is not first and again.stage_output("none") is None and len(migrations) == 3
