@@ -8,7 +8,7 @@ CPU); method hyper-parameters take the papers' values.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union, get_args
 
 import yaml
 from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter, ValidationError,
@@ -488,6 +488,12 @@ class StudentConfig(Section):
         return self
 
 
+# The Mysteries target formats (Wadhwa et al. 2024), defined once: training's target, export's SFT layouts
+TargetFormat = Literal["cot_then_label", "label_only", "label_then_cot", "label_then_shuffled_cot", "label_then_keytokens"]
+# those whose target starts with the answer: evaluation decodes only the answer sentence
+LABEL_FIRST = tuple(f for f in get_args(TargetFormat) if f.startswith("label_"))
+
+
 class TrainConfig(Section):
     """Student training, grouped as TRL's SFTConfig is: what to train on, the loss, batching, the optimiser and its
     schedule, precision and kernels, processes."""
@@ -495,8 +501,7 @@ class TrainConfig(Section):
     loss: Literal["std_cot", "kpod"] = Field("std_cot", description="'std_cot': plain NLL on rationale + answer. 'kpod': "
                                              "token-weighted NLL on the rationale + NLL on the answer, stage by stage "
                                              "through the curriculum (computes token weights and difficulty).")
-    target_format: Literal["cot_then_label", "label_only", "label_then_cot", "label_then_shuffled_cot",
-                           "label_then_keytokens"] = Field(
+    target_format: TargetFormat = Field(
         "cot_then_label", description="Mysteries target format: rationale then answer (standard); the answer only; the "
         "answer then the rationale (at test time only the answer is decoded); the answer then the rationale's words "
         "shuffled; the answer then the top-k keypoint tokens by learned weight (computes token weights).")
@@ -567,7 +572,6 @@ class TrainConfig(Section):
         return self
 
 
-LABEL_FIRST = ("label_only", "label_then_cot", "label_then_shuffled_cot", "label_then_keytokens")
 
 
 class EvalConfig(Section):
@@ -603,8 +607,7 @@ class ExportConfig(Section):
                             "`<workspace>/exports/<export fingerprint>`.")
     rows: Literal["kept", "all"] = Field("kept", description="'kept': the rationales the student trains on; 'all': "
                                          "every rationale, failed and wrong ones too, with status and reason.")
-    formats: list[Literal["cot_then_label", "label_only", "label_then_cot", "label_then_shuffled_cot",
-                          "label_then_keytokens"]] = Field(
+    formats: list[TargetFormat] = Field(
         default_factory=lambda: ["cot_then_label", "label_then_cot"],
         description="Target formats of the SFT layouts (prompt/completion and chat messages, as TRL's SFTTrainer reads "
         "them), each built by tasks/formats.py exactly as keystep trains on it; label_then_keytokens needs token weights.")
