@@ -246,6 +246,11 @@ def kpod_sequence(tokenizer, cfg: TeacherConfig, row: dict, max_length: int, ste
     return seq
 
 
+def keypoints(weights: list[float], top_k: int) -> list[int]:
+    """Indices (within the rationale) of the top-k weighted tokens, in text order."""
+    return sorted(sorted(range(len(weights)), key=lambda j: -weights[j])[:top_k])
+
+
 def keytoken_text(tokenizer, cfg: TeacherConfig, row: dict, rationale_start: int, keypoints: list[int]) -> str:
     """The top-k keypoint tokens of a rationale (indices within the rationale, §4.1) decoded in text order."""
     ids = encode_rationale(tokenizer, cfg, row, NO_CUT).ids

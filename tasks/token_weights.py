@@ -28,7 +28,6 @@ for `predictor: student`, else the untrained one). Output: `TokenWeights`.
 """
 from __future__ import annotations
 
-import math
 import random
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -36,9 +35,10 @@ from typing import TYPE_CHECKING, Callable
 from keystep.config import DistillConfig, TokenWeightsConfig
 from storage.fingerprint import Lineage
 from storage.workspace import Workspace
-from tasks.formats import IGNORE, EncodedRationale, rationale_positions
+from tasks.formats import EncodedRationale, keypoints, rationale_positions
 from tasks.packing import pad_stack
 from tasks.stage import StageOutput, cached_output, kept_rationales, publish_stage
+from tasks.token_weights_report import shaded_html, shaded_markdown
 from tasks.steps import Steps
 from tasks.student import Student, load_student, pick_device
 from tasks.teacher import Generation
@@ -88,108 +88,11 @@ def gumbel_sigmoid(logits: "torch.Tensor", tau: float, hard: bool = True) -> "to
 
 def build_modules(cfg: TokenWeightsConfig, embedding, tokenizer, predictor_dir: str | None = None,
                   answer_template: str = "Therefore, the answer is {answer}."):
-    """(weighter, predictor) as torch modules; `embedding` is the student's input embedding (kept frozen).
-    `predictor_dir`: the warmed-up student for `predictor: student`. The predictor reads the prefix, then the
-    answer template's lead-in ("Therefore, the answer is"), and is scored on the answer that follows."""
-    lead_in, _, tail = answer_template.partition("{answer}")
-    import torch
-    from torch import nn
+    """(weighter, predictor) as torch modules (tasks/token_weighting.py); `embedding` is the student's input embedding
+    (kept frozen), `predictor_dir` the warmed-up student for `predictor: student`."""
+    from tasks.token_weighting import AnswerPredictor, TokenWeighter
 
-    dim = embedding.embedding_dim
-
-    class TokenWeighter(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.emb = nn.Embedding.from_pretrained(embedding.weight.detach().clone(), freeze=True)
-            self.att = nn.MultiheadAttention(dim, cfg.attention_heads, batch_first=True)
-            self.norm = nn.LayerNorm(dim)
-            self.mlp = nn.Sequential(nn.Linear(dim, cfg.mlp_hidden), nn.GELU(), nn.Linear(cfg.mlp_hidden, 1))
-            nn.init.constant_(self.mlp[2].bias, math.log(cfg.init_keep / (1 - cfg.init_keep)))  # masks start open
-            self.e_mask = nn.Parameter(torch.zeros(dim))
-            self.register_buffer("scale", embedding.weight.detach().norm(dim=-1).mean(), persistent=False)
-
-        def _positions(self, rationale):
-            """Sinusoidal positions counted from each rationale's first token, at the embeddings' mean norm."""
-            pos = (rationale.cumsum(-1) - 1).clamp(min=0).float().unsqueeze(-1)
-            freq = torch.exp(torch.arange(0, dim, 2, device=pos.device).float() * (-math.log(10000.0) / dim))
-            out = torch.zeros((*rationale.shape, dim), device=pos.device)
-            out[..., 0::2], out[..., 1::2] = torch.sin(pos * freq), torch.cos(pos * freq)[..., : dim // 2]
-            return out * self.scale / math.sqrt(dim / 2)
-
-        def forward(self, ids, pad, rationale):
-            """`pad`: real tokens; `rationale`: the rationale's tokens. With weighter_input 'rationale' the attention
-            reads only those (eq. 1: e = Att(Emb(r))); every other position's logit goes unused."""
-            x = self.emb(ids)
-            keys = rationale if cfg.weighter_input == "rationale" else pad
-            q = x + self._positions(rationale) if cfg.positions == "sinusoidal" else x
-            a, _ = self.att(q, q, x, key_padding_mask=~keys, need_weights=False)
-            e = self.norm(x + a)                  # e = Att(Emb(r)), with the layer's residual
-            return x, self.mlp(e).squeeze(-1)     # token embeddings, logits of w
-
-    class AnswerPredictor(nn.Module):
-        """Predicts the answer sentence from [question; masked rationale prefix] given as embeddings."""
-
-        def __init__(self):
-            super().__init__()
-            from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-            if cfg.predictor == "student":
-                self.lm = AutoModelForCausalLM.from_pretrained(predictor_dir)
-                self.tok, self.kind = tokenizer, "causal"
-            elif cfg.predictor == "scratch":
-                heads = max(1, cfg.predictor_hidden // 32)
-                self.lm = LlamaForCausalLM(LlamaConfig(
-                    vocab_size=len(tokenizer), hidden_size=cfg.predictor_hidden, intermediate_size=4 * cfg.predictor_hidden,
-                    num_hidden_layers=cfg.predictor_layers, num_attention_heads=heads, num_key_value_heads=heads,
-                    max_position_embeddings=2048, tie_word_embeddings=True))
-                if cfg.predictor_hidden == dim:
-                    # read and write in the student's embedding space: predicting a token that appears in the
-                    # rationale is then a copy, not a per-token mapping learned from scratch
-                    self.lm.get_input_embeddings().weight.data.copy_(embedding.weight.detach())
-                self.tok, self.kind = tokenizer, "causal"
-            else:
-                loader = AutoModelForSeq2SeqLM if cfg.predictor_kind == "seq2seq" else AutoModelForCausalLM
-                self.lm = loader.from_pretrained(cfg.predictor)
-                self.tok, self.kind = AutoTokenizer.from_pretrained(cfg.predictor), cfg.predictor_kind
-            width = self.lm.get_input_embeddings().embedding_dim
-            self.proj = nn.Linear(dim, width) if width != dim else nn.Identity()  # embedding sizes may differ
-
-        def answer_nll(self, prefixes: list, answers: list):
-            """−log P(y | prefix) per prefix, summed over the answer's tokens (§4.1 eq. 5). An answer is a string
-            (read after the answer template's lead-in) or token ids that continue the prefix (a step's result)."""
-            dev = prefixes[0].device
-            emb = self.lm.get_input_embeddings()
-            if self.kind == "seq2seq":
-                enc, mask = pad_stack([self.proj(p) for p in prefixes])
-                labels = self.tok(answers, return_tensors="pt", padding=True).input_ids.to(dev)
-                labels[labels == self.tok.pad_token_id] = IGNORE
-                logits = self.lm(inputs_embeds=enc, attention_mask=mask.long(), labels=labels).logits
-                return _summed_nll(logits, labels)
-            rows, labels = [], []
-            lead = torch.tensor(self.tok(" " + lead_in.strip(), add_special_tokens=False).input_ids if lead_in.strip() else [],
-                                dtype=torch.long, device=dev)
-            for p, ans in zip(prefixes, answers):
-                if isinstance(ans, str):   # the answer sentence after the template's lead-in
-                    before = lead
-                    ans_ids = torch.tensor(self.tok(" " + ans + tail, add_special_tokens=False).input_ids + [self.tok.eos_token_id], device=dev)
-                else:                      # token ids that continue the prefix itself (a step's result)
-                    before, ans_ids = lead[:0], torch.tensor(ans, dtype=torch.long, device=dev)
-                rows.append(torch.cat([self.proj(p), emb(before), emb(ans_ids)]))
-                labels.append(torch.cat([torch.full((len(p) + len(before),), IGNORE, device=dev), ans_ids]))
-            seq, mask = pad_stack(rows)
-            lab, _ = pad_stack(labels, IGNORE)
-            logits = self.lm(inputs_embeds=seq, attention_mask=mask.long()).logits
-            return _summed_nll(logits[:, :-1], lab[:, 1:])
-
-    return TokenWeighter(), AnswerPredictor()
-
-
-def _summed_nll(logits, labels):
-    """Per row: Σ −log P(label) over the positions that are not IGNORE."""
-    import torch
-
-    nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=IGNORE, reduction="none")
-    return nll.sum(dim=1)
+    return TokenWeighter(cfg, embedding), AnswerPredictor(cfg, embedding, tokenizer, predictor_dir, answer_template)
 
 
 def _batch_ids(items: list[EncodedRationale], pad_id: int, device=None):
@@ -368,82 +271,6 @@ def infer_weights(weighter, items: list[EncodedRationale], pad_id: int, batch_si
             w = torch.sigmoid(logits)
             out += [w[i, it.rationale_start:it.rationale_end].tolist() for i, it in enumerate(chunk)]
     return out
-
-
-def keypoints(weights: list[float], top_k: int) -> list[int]:
-    """Indices (within the rationale) of the top-k weighted tokens, in text order."""
-    return sorted(sorted(range(len(weights)), key=lambda j: -weights[j])[:top_k])
-
-
-def shaded_html(tokenizer, items: list[EncodedRationale], weights: list[list[float]], limit: int = 12) -> str:
-    """Sample rationales with every token shaded by its weight, for a person to see what was learned."""
-    import html
-
-    parts = ["<h2>Token weights (darker = more weight)</h2>"]
-    for it, w in list(zip(items, weights))[:limit]:
-        spans = []
-        for j, tid in enumerate(it.ids[it.rationale_start:it.rationale_end]):
-            text = html.escape(tokenizer.decode([tid]))
-            spans.append(f'<span title="{w[j]:.2f}" style="background: rgba(220, 60, 20, {w[j]:.2f})">{text}</span>')
-        parts.append(f"<p style='font-family: monospace'>{''.join(spans)}</p>")
-    return "\n".join(parts)
-
-
-_MD_SPECIAL = str.maketrans({c: "\\" + c for c in "\\`*_[]|<>#"})
-
-
-def bold_runs(tokens: list[str], keep: set[int]) -> str:
-    """The tokens as markdown with the kept ones in **bold**: adjacent kept tokens share one run (subwords of a word),
-    a token's leading space (byte-level tokens carry one) stays outside the markers, and punctuation is never bolded
-    (markers around a lone "," render literally) — the per-step table lists it. Markdown characters are escaped."""
-    out, bold = [], False
-    for j, t in enumerate(tokens):
-        lead, core = t[:len(t) - len(t.lstrip())], t.strip()
-        strong = j in keep and any(c.isalnum() for c in core)
-        core = core.translate(_MD_SPECIAL)
-        if strong:
-            if bold and not lead:
-                out.append(core)                          # the next subword of the same bold run
-                continue
-            out.append(("**" if bold else "") + lead + "**" + core)
-            bold = True
-        else:
-            out.append(("**" if bold else "") + lead + core)
-            bold = False
-    return "".join(out) + ("**" if bold else "")
-
-
-UNIFORM_SPREAD = 0.1     # weights within this range of each other mark no token as a keypoint
-
-
-def shaded_markdown(tokenizer, items: list[EncodedRationale], weights: list[list[float]], top_k: int, limit: int = 8) -> str:
-    """Sample rationales, step by step: the text with its keypoints in bold, the step's mean weight, and its three
-    highest-weighted tokens with their weights."""
-    lines = ["# Token weights", "", f"Sample rationales step by step: the top-{top_k} keypoints by learned weight in "
-             "**bold**, each step's mean weight and its three highest-weighted tokens.", ""]
-    shown = [x for w in weights[:limit] for x in w]
-    if shown and max(shown) - min(shown) < UNIFORM_SPREAD:
-        lines += [f"**The weights are nearly uniform** ({min(shown):.2f}–{max(shown):.2f} over these rationales): no "
-                  "token stands out, so the bold keypoints are only the top of near-equal weights and mark nothing the "
-                  "module learned. The loss weights every token about equally (check token_weights.mask_penalty and "
-                  "epochs).", ""]
-    for n, (it, w) in enumerate(list(zip(items, weights))[:limit], start=1):
-        keep = set(keypoints(w, top_k))
-        toks = [tokenizer.decode([t]) for t in it.ids[it.rationale_start:it.rationale_end]]
-        lines += [f"**Rationale {n}** (answer {it.answer})", "", "| step | text | mean weight | top tokens |",
-                  "|---:|---|---:|---|"]
-        start = 0
-        for k, end in enumerate(it.step_ends, start=1):
-            a, b = start, end - it.rationale_start
-            if b <= a:
-                continue
-            top = sorted(range(a, b), key=lambda j: -w[j])[:3]
-            shown = ", ".join(f"`{toks[j].strip() or '␣'}` {w[j]:.2f}".replace("|", "\\|") for j in top)
-            text = bold_runs(toks[a:b], {j - a for j in keep if a <= j < b}).strip()
-            lines.append(f"| {k} | {text} | {sum(w[a:b]) / (b - a):.2f} | {shown} |")
-            start = b
-        lines.append("")
-    return "\n".join(lines) + "\n"
 
 
 def token_weights_lineage(config: DistillConfig, generation: Generation, steps: Steps, predictor: Student) -> Lineage:

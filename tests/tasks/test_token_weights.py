@@ -120,7 +120,7 @@ def test_intermediate_prefixes_can_ask_for_the_next_steps_result(tmp_path):
 
 
 def test_keypoints_markdown_keeps_spaces_and_bolds_whole_runs():
-    from tasks.token_weights import bold_runs
+    from tasks.token_weights_report import bold_runs
 
     tokens = ["Losing", " 2", ",", " w", "h", "ic", "h", " means", " 6"]
     assert bold_runs(tokens, {1, 4, 5, 6, 8}) == "Losing **2**, w**hich** means **6**"
@@ -205,7 +205,7 @@ def test_the_predictor_first_reads_random_masks_and_the_trained_module_is_kept(t
 
 def test_the_keypoints_report_says_when_the_weights_are_nearly_uniform():
     from tasks.formats import EncodedRationale
-    from tasks.token_weights import shaded_markdown
+    from tasks.token_weights_report import shaded_markdown
 
     class Tok:
         def decode(self, ids):
