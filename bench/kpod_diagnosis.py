@@ -99,7 +99,7 @@ def main() -> None:
         # supervised tokens per epoch: Std-CoT vs KPOD's curriculum stage of that epoch
         std_tokens = sum(sum(lab != IGNORE for lab in encode_rationale(tok, cfg.teacher, r, cfg.student.max_length).labels)
                          for r in rows)
-        data = CurriculumSequences(cat, tok, cfg, rows, stp, tw, cur)
+        data = CurriculumSequences(cat, tok, cfg.teacher, cfg.train, cfg.student.max_length, rows, stp, tw, cur)
         per_epoch, scale = [], []
         for epoch in range(1, cfg.train.epochs + 1):
             seqs = data.sequences(epoch)

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from pydantic import BaseModel
 
-from keystep.config import DistillConfig, TrainConfig
+from keystep.config import DistillConfig, TeacherConfig, TrainConfig
 from storage.fingerprint import Lineage
 from storage.workspace import Workspace, publish_dir, temp_dir_for
 from tasks.curriculum import Curriculum, curriculum_shard
@@ -113,9 +113,10 @@ def optimizer_steps(data: list[Sequence], cfg: TrainConfig, epoch: int) -> list[
 class CurriculumSequences:
     """KPOD's training sequences per curriculum stage: input = question + first c_i(t) steps, target = the rest."""
 
-    def __init__(self, catalog, tokenizer, config: DistillConfig, rows: list[dict], steps: Steps,
-                 token_weights: TokenWeights, curriculum: Curriculum):
-        self.tokenizer, self.config, self.rows = tokenizer, config, rows
+    def __init__(self, catalog, tokenizer, teacher: TeacherConfig, train: TrainConfig, max_length: int, rows: list[dict],
+                 steps: Steps, token_weights: TokenWeights, curriculum: Curriculum):
+        """`teacher`: the prompt and answer templates; `train`: the loss's token-weight scale and floor."""
+        self.tokenizer, self.teacher, self.train, self.max_length, self.rows = tokenizer, teacher, train, max_length, rows
         self.shards_dir, self.stages = curriculum.shards_dir, curriculum.stages
         self.weights = load_weights(catalog, token_weights)
         self.step_char_ends: dict[str, list[int]] = {}
@@ -133,10 +134,10 @@ class CurriculumSequences:
         if stage not in self._cache:
             prefix = curriculum_shard(self.shards_dir, stage)
             self._cache = {stage: [
-                kpod_sequence(self.tokenizer, self.config.teacher, r, self.config.student.max_length,
+                kpod_sequence(self.tokenizer, self.teacher, r, self.max_length,
                               self.step_char_ends[r["rationale_id"]], prefix.get(r["rationale_id"], 0),
-                              self.weights.get(r["rationale_id"]), self.config.train.token_weight_scale,
-                              self.config.train.token_weight_floor)
+                              self.weights.get(r["rationale_id"]), self.train.token_weight_scale,
+                              self.train.token_weight_floor)
                 for r in self.rows]}
         return self._cache[stage]
 
@@ -209,32 +210,32 @@ def _setup_model(config: DistillConfig, student: Student, device: str, resume_di
     return build_model(config.train, config.student.lora, student, device, resume_dir)
 
 
-def _setup_data(config: DistillConfig, catalog, tokenizer, rows: list[dict],
+def _setup_data(cfg: TrainConfig, teacher: TeacherConfig, max_length: int, catalog, tokenizer, rows: list[dict],
                 inputs: TrainInputs) -> tuple[list[Sequence], int, CurriculumSequences | None, int]:
-    """The train section's target format over the kept rows: (sequences, truncated, KPOD's per-stage sequences,
-    epochs — more for a shorter format with train.match_cot_tokens)."""
-    cfg, max_length = config.train, config.student.max_length
+    """The train section's target format over the kept rows, in the teacher's prompt and templates, cut at
+    `max_length` (student.max_length): (sequences, truncated, KPOD's per-stage sequences, epochs — more for a
+    shorter format with train.match_cot_tokens)."""
     key_texts = {}
     if cfg.target_format == "label_then_keytokens":
         by_id = {r["rationale_id"]: r for r in rows}
-        key_texts = {k["rationale_id"]: keytoken_text(tokenizer, config.teacher, by_id[k["rationale_id"]],
+        key_texts = {k["rationale_id"]: keytoken_text(tokenizer, teacher, by_id[k["rationale_id"]],
                                                       k["token_start"], k["keypoints"])
                      for k in catalog.query("token_weights_of", token_weights_fp=inputs.token_weights.fp)
                      if k["rationale_id"] in by_id}
     data, n_truncated, longest = [], 0, 0
     for r in rows:
-        target = format_target(cfg.target_format, r["text"], r["answer"], config.teacher,
+        target = format_target(cfg.target_format, r["text"], r["answer"], teacher,
                                key_texts.get(r["rationale_id"], ""), shuffle_seed=r["rationale_id"])
-        seq = encode_rationale(tokenizer, config.teacher, r, max_length, target)
+        seq = encode_rationale(tokenizer, teacher, r, max_length, target)
         data.append(seq)
         n_truncated, longest = n_truncated + seq.truncated, max(longest, seq.length)
     check_truncation(n_truncated, len(data), max_length, cfg.allow_truncation, longest)
-    staged = (CurriculumSequences(catalog, tokenizer, config, rows, inputs.steps, inputs.token_weights,
-                                  inputs.curriculum) if cfg.loss == "kpod" else None)
+    staged = (CurriculumSequences(catalog, tokenizer, teacher, cfg, max_length, rows, inputs.steps,
+                                  inputs.token_weights, inputs.curriculum) if cfg.loss == "kpod" else None)
     epochs = cfg.epochs
     if cfg.match_cot_tokens and cfg.target_format != "cot_then_label":
         # as many training tokens as `epochs` passes over rationale-then-answer sequences (Mysteries, equal budget)
-        cot = sum(len(encode_rationale(tokenizer, config.teacher, r, max_length).ids) for r in rows)
+        cot = sum(len(encode_rationale(tokenizer, teacher, r, max_length).ids) for r in rows)
         epochs = max(1, round(cfg.epochs * cot / sum(len(s.ids) for s in data)))
     return data, n_truncated, staged, epochs
 
@@ -274,7 +275,8 @@ def setup(ws: Workspace, lineage: Lineage, config: DistillConfig, inputs: TrainI
     start_epoch = last_whole_epoch(ckpt_root)
     model, tokenizer = _setup_model(config, inputs.student, device,
                                     ckpt_root / f"epoch-{start_epoch}" if start_epoch else None)
-    data, n_truncated, staged, epochs = _setup_data(config, catalog, tokenizer, rows, inputs)
+    data, n_truncated, staged, epochs = _setup_data(cfg, config.teacher, config.student.max_length, catalog, tokenizer,
+                                                    rows, inputs)
     model = wrap(model, dist, cfg.strategy)
     if cfg.compile == "on" or (cfg.compile == "auto" and device.startswith("cuda")):
         model = torch.compile(model)

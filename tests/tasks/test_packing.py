@@ -36,7 +36,8 @@ def test_packed_kpod_loss_equals_padded_loss_with_weights_and_prefixes(tmp_path,
     model.set_attn_implementation(attention)
     model.eval()
     rows = cat.query("kept_rationales", dataset_fp=gen.dataset_fp, teacher_fp=gen.teacher_fp, only_correct=True)
-    data = CurriculumSequences(cat, tok, cfg, rows, kpod["steps"], kpod["token_weights"], kpod["curriculum"]).sequences(1)
+    data = CurriculumSequences(cat, tok, cfg.teacher, cfg.train, cfg.student.max_length, rows, kpod["steps"],
+                               kpod["token_weights"], kpod["curriculum"]).sequences(1)
     assert any(w != 1.0 for s in data for w in s.weights)             # real token weights in play
     with torch.no_grad():
         padded = loss_sum(model, collate(data, tok.pad_token_id))

@@ -115,7 +115,8 @@ def test_kpod_sequences_follow_the_curriculum_and_carry_the_token_weights(tmp_pa
     cfg, cat, gen, st, kpod = kpod_prepared(ws, n=24, epochs=4)
     _, tok = load_student(st.model_dir)
     rows = cat.query("kept_rationales", dataset_fp=gen.dataset_fp, teacher_fp=gen.teacher_fp, only_correct=True)
-    data = CurriculumSequences(cat, tok, cfg, rows, kpod["steps"], kpod["token_weights"], kpod["curriculum"])
+    data = CurriculumSequences(cat, tok, cfg.teacher, cfg.train, cfg.student.max_length, rows, kpod["steps"],
+                               kpod["token_weights"], kpod["curriculum"])
     steps = {}
     for s in cat.query("steps_of_rationales", steps_fp=kpod["steps"].fp):
         steps.setdefault(s["rationale_id"], []).append(s["text"])
