@@ -131,7 +131,8 @@ def cmd_run(args) -> int:
     config = _config(args)
     preflight(config, check_teacher_endpoint=not args.no_check_teacher)
     start_prefect()
-    from flows.distill import distill, from_catalog_run
+    from flows.distill import distill
+    from flows.phases import from_catalog_run
     from flows.tracking import record_run_end, record_run_start
     from tasks.evaluate import results_table
     from storage.workspace import Workspace
@@ -182,7 +183,7 @@ def cmd_export(args) -> int:
     from tasks.export import check_export
     check_export(config)                                   # a push without a token: one line, before any work
     preflight(config, check_teacher_endpoint=False)
-    from flows.distill import CatalogStages, generate_stages
+    from flows.phases import CatalogStages, generate_stages
     from tasks.stage import NotCached
 
     try:

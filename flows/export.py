@@ -11,27 +11,23 @@ from typing import Any
 
 from prefect import flow
 
-from flows.distill import CatalogStages, GeneratePhase, export_stages, generate, prepare_stages, prepared_outputs
-from flows.tracking import distill_config
+from flows.distill import generate
+from flows.phases import CatalogStages, GeneratePhase, distill_config, export_stages, prepare_stages, prepared_outputs
 from keystep.config import DistillConfig
 from tasks.export import check_export
 from tasks.stage import NotCached, use_workspace
-from tasks.steps import split_steps_task
-from tasks.student import init_student_task
 
 
 def prepared_in_catalog(config: DistillConfig, generated: GeneratePhase) -> dict[str, Any]:
-    """The prepare phase's outputs for this generation as far as they are in the catalog (nothing runs)."""
+    """The prepare phase's outputs for this generation as far as they are in the catalog (nothing runs): the whole
+    phase, else its student and steps, else nothing."""
     lookup = CatalogStages(config)
-    try:
-        return prepared_outputs(prepare_stages(config, generated, lookup))
-    except NotCached:
-        pass
-    try:
-        student = lookup(init_student_task, config, generated.generation)
-        return {"student": student, "steps": lookup(split_steps_task, config, generated.generation, student)}
-    except NotCached:
-        return {}
+    for upto in (None, "steps"):
+        try:
+            return prepared_outputs(prepare_stages(config, generated, lookup, upto=upto))
+        except NotCached:
+            pass
+    return {}
 
 
 @flow(name="export", log_prints=True)

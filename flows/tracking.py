@@ -1,6 +1,5 @@
-"""A `distill` run's bookkeeping around its DAG (the run's outputs are flows/distill.py's `EvaluatePhase`, typed
-`BaseModel` here as this module sits below it): which config it runs (preset, overrides, the deployment's own
-config), what the UI shows of it (name, tags, the resolved config as its parameters), its row in table `runs`
+"""A `distill` run's bookkeeping around its DAG (the run's outputs: flows/phases.py's `EvaluatePhase`): what the UI
+shows of it (name, tags, the resolved config as its parameters), its row in table `runs`
 (running with a heartbeat, then completed or failed; dead runs reconciled), the workspace's run lock, and its
 report's header and results artifact. `tracked_run` wraps it all so flows/distill.py's body is the stage calls.
 """
@@ -17,8 +16,9 @@ from prefect.context import get_run_context
 from prefect.states import Crashed
 from pydantic import BaseModel
 
+from flows.phases import EvaluatePhase
 from flows.preflight import preflight
-from keystep.config import ConfigError, DistillConfig, build_config, load_config
+from keystep.config import DistillConfig
 from storage.runs import Heartbeat, reconcile, run_lock, start_run
 from tasks.evaluate import publish_results, run_header, teacher_usage
 from tasks.stage import use_workspace, workspace_of
@@ -58,7 +58,7 @@ def reconcile_dead_runs(config: DistillConfig, logger) -> None:
                 pass
 
 
-def write_run_header(config: DistillConfig, out: BaseModel, label: str, run_id: str, wall_s: float) -> None:
+def write_run_header(config: DistillConfig, out: EvaluatePhase, label: str, run_id: str, wall_s: float) -> None:
     """The report opens with what ran and the headline (against the untrained student and the previous run)."""
     catalog = workspace_of(config).catalog()
     previous = catalog.query("previous_run", run_id=run_id, label=label, loss=config.train.loss)
@@ -71,7 +71,7 @@ def write_run_header(config: DistillConfig, out: BaseModel, label: str, run_id: 
     report.write_text(header + report.read_text())
 
 
-def record_run_end(config: DistillConfig, run_id: str, out: BaseModel | None, label: str | None = None,
+def record_run_end(config: DistillConfig, run_id: str, out: EvaluatePhase | None, label: str | None = None,
                    export: str | None = None) -> RunSummary | None:
     """The run's row in table `runs`: completed with its summary, or failed (`out` None)."""
     summary = None if out is None else RunSummary(
@@ -81,37 +81,6 @@ def record_run_end(config: DistillConfig, run_id: str, out: BaseModel | None, la
     workspace_of(config).catalog().query("run_finished", run_id=run_id, status="failed" if out is None else "completed",
                                          summary_json=summary.model_dump_json() if summary else None)
     return summary
-
-
-def deployment_config() -> DistillConfig | None:
-    """The `config` parameter of the deployment this flow run came from (None outside a deployment)."""
-    ctx = get_run_context()
-    if not ctx.flow_run.deployment_id:
-        return None
-    with get_client(sync_client=True) as client:
-        raw = client.read_deployment(ctx.flow_run.deployment_id).parameters.get("config")
-    return DistillConfig.model_validate(raw) if raw else None
-
-
-def resolve_config(config: DistillConfig, preset: str | None, overrides: dict[str, Any] | None,
-                   deployed: DistillConfig | None = None) -> DistillConfig:
-    """The run's config: `preset` (then `overrides` on it), or the config fields (then `overrides` on them).
-    A preset together with edited config fields is refused: one of them would be silently ignored. Fields left as
-    the deployment (`deployed`) set them, or equal to what the preset resolves to (a rerun of an earlier run), are
-    not edits."""
-    if preset:
-        resolved = load_config(preset, overrides)
-        if config not in (DistillConfig(), resolved, deployed):
-            raise ConfigError(f"preset '{preset}' and edited config fields given together; clear preset to run the "
-                              "config fields (change a key through overrides, e.g. {\"train.epochs\": 2}), or leave "
-                              "the config fields as they were")
-        return resolved
-    return build_config(config.model_dump(mode="json"), overrides) if overrides else config
-
-
-def distill_config(config: DistillConfig, preset: str | None, overrides: dict[str, Any] | None) -> DistillConfig:
-    """The config a flow run with these parameters runs (`resolve_config`, knowing its deployment's own config)."""
-    return resolve_config(config, preset, overrides, deployment_config())
 
 
 def run_label(preset: str | None) -> str:
@@ -153,13 +122,13 @@ class TrackedRun:
     def __init__(self, config: DistillConfig, run_id: str, label: str, name: str, run_tags: list[str]):
         self.config, self.run_id, self.label, self.name, self.tags = config, run_id, label, name, run_tags
         self.summary: RunSummary | None = None
-        self.out: BaseModel | None = None
+        self.out: EvaluatePhase | None = None
 
-    def phase(self, flow_, *args):
+    def phase(self, flow_, *args, **kwargs):
         with tags(*self.tags):   # so a long run list ties the phases to their run
-            return flow_.with_options(flow_run_name=f"{self.name}-{flow_.name}")(self.config, *args)
+            return flow_.with_options(flow_run_name=f"{self.name}-{flow_.name}")(self.config, *args, **kwargs)
 
-    def finished(self, out: BaseModel, exported: dict[str, Any] | None = None) -> None:
+    def finished(self, out: EvaluatePhase, exported: dict[str, Any] | None = None) -> None:
         """The run's outputs (and the export stage's, when it ran): recorded as completed in table `runs`."""
         self.out = out
         self.summary = record_run_end(self.config, self.run_id, out, self.label, exported["out_dir"] if exported else None)

@@ -206,14 +206,14 @@ def test_kpod_end_to_end_and_a_curriculum_change_recomputes_only_curriculum_trai
     assert_lineage_is_what_was_hashed(cat, {"ingest", "generate", "student", "steps", "student-warmup", "token-weights",
                                             "difficulty", "curriculum", "train", "evaluate"})
     # the same DAG, resolved from the catalog alone, finds exactly what the flow computed
-    from flows.distill import from_catalog_run
+    from flows.phases import from_catalog_run
     read = from_catalog_run(micro_config(tmp_path / "ws", **base))
     assert read.evaluation.fp == first.eval_fp and read.trained.fp == first.train_fp and read.curriculum
     assert from_catalog_run(micro_config(tmp_path / "ws", **{**base, "curriculum.beta": 5.0})) is None   # not run yet
 
 
 def test_a_preset_with_edited_config_fields_is_refused_not_silently_ignored():
-    from flows.tracking import resolve_config
+    from flows.phases import resolve_config
     from keystep.config import ConfigError, DistillConfig
     from tests.conftest import ROOT
 

@@ -1,0 +1,193 @@
+"""What the flows compose, below them: the phase outputs (`GeneratePhase` ... `EvaluatePhase`), the two ways of
+running a stage (`PrefectStages`: as its cached Prefect task; `CatalogStages`: read from the catalog, nothing runs),
+the DAG written once as four phase functions (`generate_stages` ... `evaluate_stages`; the prepare phase can stop
+after the steps), the export stage after them, and which config a flow run runs (`distill_config`: preset,
+overrides, the deployment's own config). flows/distill.py, flows/tracking.py and flows/export.py import this module;
+it imports none of them.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from prefect import get_client, get_run_logger
+from prefect.context import get_run_context
+from pydantic import BaseModel
+
+from keystep.config import ConfigError, DistillConfig, build_config, load_config
+from tasks.curriculum import Curriculum, curriculum_task
+from tasks.difficulty import Difficulty, difficulty_task
+from tasks.evaluate import Evaluation, evaluate_task, write_summary
+from tasks.export import export_task, push_to_hub
+from tasks.ingest import Dataset, ingest_task
+from tasks.stage import NotCached, from_catalog, workspace_of
+from tasks.steps import Steps, split_steps_task
+from tasks.student import Student, init_student_task
+from tasks.teacher import Generation, finished_generation, teacher_rationales
+from tasks.token_weights import TokenWeights, token_weights_task
+from tasks.train import Trained, train_task
+from tasks.warmup import warm_up_task
+
+
+class GeneratePhase(BaseModel):
+    """The generate phase's outputs: the ingested datasets and the teacher's rationales."""
+    train_dataset: Dataset
+    eval_datasets: list[Dataset]
+    generation: Generation
+
+
+class PreparePhase(GeneratePhase):
+    """... and the prepare phase's: the student before distillation, steps, and for KPOD its inputs."""
+    student: Student
+    steps: Steps
+    token_weights: TokenWeights | None = None
+    difficulty: Difficulty | None = None
+    curriculum: Curriculum | None = None
+
+
+class TrainPhase(PreparePhase):
+    """... and the train stage's output (`Trained`; the loop's own state is tasks/training.py's `LoopState`)."""
+    trained: Trained
+
+
+class EvaluatePhase(TrainPhase):
+    """... and the evaluation, with the run's report."""
+    evaluation: Evaluation
+    report: str
+
+
+class PrefectStages:
+    """How the flows run the DAG: each stage as its Prefect task, cached by the stage's fingerprint."""
+
+    def __call__(self, stage, *args, **kwargs):
+        return stage(*args, **kwargs)
+
+    def teacher(self, config: DistillConfig, dataset: Dataset) -> Generation:
+        return teacher_rationales(config, dataset)       # plan -> shards (or batches) -> finish
+
+    def report(self, config: DistillConfig, evaluation: Evaluation, t: "TrainPhase") -> str:
+        return write_summary(config, evaluation, t.generation, [t.train_dataset, *t.eval_datasets], t.trained,
+                             t.curriculum)
+
+
+class CatalogStages:
+    """The same DAG read from the catalog: nothing runs and no Prefect server starts; `NotCached` where a stage has
+    yet to run with these inputs."""
+
+    def __init__(self, config: DistillConfig):
+        self.config = config
+
+    def __call__(self, stage, *args, **kwargs):
+        return from_catalog(self.config, stage, *args, **kwargs)
+
+    def teacher(self, config: DistillConfig, dataset: Dataset) -> Generation:
+        done = finished_generation(config, dataset)
+        if done is None:
+            raise NotCached("generate")
+        return done
+
+    def report(self, config: DistillConfig, evaluation: Evaluation, t: "TrainPhase") -> str:
+        report = workspace_of(config).report_path(evaluation.fp)
+        if not report.exists():
+            raise NotCached("report")
+        return str(report)
+
+
+PREFECT = PrefectStages()
+
+
+# ---- the DAG, once: each phase's stages, given how to run a stage ----------------------------------------------
+def generate_stages(config: DistillConfig, run=PREFECT) -> GeneratePhase:
+    train_ds = run(ingest_task, config, config.data.train)
+    eval_ds = [run(ingest_task, config, spec, exclude=train_ds) for spec in config.data.eval]
+    generation = run.teacher(config, train_ds)
+    return GeneratePhase(train_dataset=train_ds, eval_datasets=eval_ds, generation=generation)
+
+
+def prepare_stages(config: DistillConfig, generated: GeneratePhase, run=PREFECT,
+                   upto: Literal["steps"] | None = None) -> PreparePhase:
+    """The student before distillation and the steps, then what KPOD reads; `upto="steps"` stops after the steps
+    (what the export reads when no KPOD stage ran)."""
+    gen = generated.generation
+    student = run(init_student_task, config, gen)
+    steps = run(split_steps_task, config, gen, student)
+    out = PreparePhase(**dict(generated), student=student, steps=steps)
+    if upto == "steps":
+        return out
+    if config.needs_token_weights:
+        epochs = config.predictor_warmup_epochs
+        predictor = run(warm_up_task, config, gen, student, epochs) if epochs else student
+        out.token_weights = run(token_weights_task, config, gen, steps, predictor)
+        epochs = config.scorer_warmup_epochs
+        scorer = run(warm_up_task, config, gen, student, epochs) if epochs else student
+        out.difficulty = run(difficulty_task, config, gen, steps, out.token_weights, scorer)
+    if config.needs_curriculum:
+        out.curriculum = run(curriculum_task, config, gen, out.difficulty)
+    return out
+
+
+def train_stages(config: DistillConfig, p: PreparePhase, run=PREFECT) -> TrainPhase:
+    trained = run(train_task, config, p.generation, p.student, p.steps, p.token_weights, p.curriculum)
+    return TrainPhase(**dict(p), trained=trained)
+
+
+def evaluate_stages(config: DistillConfig, t: TrainPhase, run=PREFECT) -> EvaluatePhase:
+    evaluation = run(evaluate_task, config, t.trained, t.student, t.eval_datasets)
+    return EvaluatePhase(**dict(t), evaluation=evaluation, report=run.report(config, evaluation, t))
+
+
+def from_catalog_run(config: DistillConfig) -> EvaluatePhase | None:
+    """The whole run read from the catalog when every stage already ran with these inputs (nothing runs, no Prefect
+    server starts); None when some stage has yet to run."""
+    run = CatalogStages(config)
+    try:
+        return evaluate_stages(config, train_stages(config, prepare_stages(config, generate_stages(config, run), run),
+                                                    run), run)
+    except NotCached:
+        return None
+
+
+# ---- the export stage, after the phases ----------------------------------------------------------
+def prepared_outputs(p: PreparePhase) -> dict[str, Any]:
+    """What the export stage reads of the prepare phase."""
+    return {"student": p.student, "steps": p.steps, "token_weights": p.token_weights, "difficulty": p.difficulty}
+
+
+def export_stages(config: DistillConfig, generation: Generation, prepared: dict[str, Any]) -> dict[str, Any]:
+    """The export stage, then the hub upload when `export.push_to_hub` names a repo (never cached)."""
+    out = export_task(config, generation, **prepared)
+    url = push_to_hub(config, out) if config.export.push_to_hub else None
+    if url:
+        get_run_logger().info("uploaded %s to %s", out.out_dir, url)
+    return {**out.model_dump(), "hub_url": url}
+
+
+# ---- which config a flow run runs ---------------------------------------------------------------------
+def deployment_config() -> DistillConfig | None:
+    """The `config` parameter of the deployment this flow run came from (None outside a deployment)."""
+    ctx = get_run_context()
+    if not ctx.flow_run.deployment_id:
+        return None
+    with get_client(sync_client=True) as client:
+        raw = client.read_deployment(ctx.flow_run.deployment_id).parameters.get("config")
+    return DistillConfig.model_validate(raw) if raw else None
+
+
+def resolve_config(config: DistillConfig, preset: str | None, overrides: dict[str, Any] | None,
+                   deployed: DistillConfig | None = None) -> DistillConfig:
+    """The run's config: `preset` (then `overrides` on it), or the config fields (then `overrides` on them).
+    A preset together with edited config fields is refused: one of them would be silently ignored. Fields left as
+    the deployment (`deployed`) set them, or equal to what the preset resolves to (a rerun of an earlier run), are
+    not edits."""
+    if preset:
+        resolved = load_config(preset, overrides)
+        if config not in (DistillConfig(), resolved, deployed):
+            raise ConfigError(f"preset '{preset}' and edited config fields given together; clear preset to run the "
+                              "config fields (change a key through overrides, e.g. {\"train.epochs\": 2}), or leave "
+                              "the config fields as they were")
+        return resolved
+    return build_config(config.model_dump(mode="json"), overrides) if overrides else config
+
+
+def distill_config(config: DistillConfig, preset: str | None, overrides: dict[str, Any] | None) -> DistillConfig:
+    """The config a flow run with these parameters runs (`resolve_config`, knowing its deployment's own config)."""
+    return resolve_config(config, preset, overrides, deployment_config())
