@@ -280,32 +280,3 @@ def test_the_next_run_marks_a_killed_run_killed_in_the_catalog_and_crashed_in_pr
     assert statuses[str(run.id)] == "killed" and sorted(statuses.values()) == ["completed", "killed"]
     assert flow_run(str(run.id)).state.type.value == "CRASHED"
 
-
-@pytest.mark.slow
-def test_the_student_folder_runs_the_same_in_a_plain_hugging_face_client(prefect_api, tmp_path):
-    """Not keystep's code path: AutoTokenizer + AutoModelForCausalLM.generate with their defaults (one prompt at a
-    time, the tokenizer's own special tokens) on the trained student's folder give exactly keystep's predictions, and
-    the folder's context holds a training-length prompt plus the evaluation's generation."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from flows.distill import distill
-    from storage.workspace import Workspace
-
-    cfg = micro_config(tmp_path / "ws", **{"train.epochs": 3, "eval.include_untrained": False})
-    out = distill(config=cfg)
-    preds = Workspace(tmp_path / "ws").catalog().execute(
-        "select prompt, output from predictions where eval_fp = ? and model_label = 'student'", [out.eval_fp])
-    tok = AutoTokenizer.from_pretrained(out.final_dir)
-    model = AutoModelForCausalLM.from_pretrained(out.final_dir).eval()
-    assert model.config.max_position_embeddings >= cfg.student.max_length + cfg.eval.max_new_tokens
-    assert tok.model_max_length == model.config.max_position_embeddings
-    same = 0
-    for p in preds:
-        enc = tok(p["prompt"], return_tensors="pt")
-        assert enc["input_ids"][0, 0].item() == tok.bos_token_id          # <bos> prompt, as keystep trains on it
-        with torch.no_grad():
-            ids = model.generate(**enc, max_new_tokens=cfg.eval.max_new_tokens)
-        same += tok.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip() == p["output"]
-    print(f"plain client: {same} of {len(preds)} predictions equal to keystep's")
-    assert len(preds) == 16 and same == len(preds)

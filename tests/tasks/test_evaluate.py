@@ -94,3 +94,33 @@ def test_the_accuracy_plot_labels_its_bars_even_at_zero(tmp_path):
     ax = fig.axes[0]
     assert ax.get_title() and [t.get_text() for t in ax.texts] == ["0.0", "0.0"] and fig.get_size_inches()[0] >= 7
     assert (tmp_path / "accuracy.png").is_file() and "accuracy" in paths
+
+
+def test_the_student_folder_runs_the_same_in_a_plain_hugging_face_client(tmp_path):
+    """Not keystep's code path: AutoTokenizer + AutoModelForCausalLM.generate with their defaults (one prompt at a
+    time, the tokenizer's own special tokens) on the trained student's folder give exactly keystep's predictions, and
+    the folder's context holds a training-length prompt plus the evaluation's generation."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tasks.train import TrainInputs, train_student
+
+    ws = Workspace(tmp_path)
+    cfg, cat, gen, st = prepared(ws, n=64, **{"train.epochs": 2, "eval.include_untrained": False,
+                                              "eval.curve_questions": 0})
+    trained = train_student(ws, cfg, TrainInputs(generation=gen, student=st))
+    evaluation = evaluate_student(ws, cfg, trained, st, [ingest(ws, cfg.data.eval[0])])
+    preds = cat.execute("select prompt, output from predictions where eval_fp = ? and model_label = 'student'",
+                        [evaluation.fp])
+    tok = AutoTokenizer.from_pretrained(trained.final_dir)
+    model = AutoModelForCausalLM.from_pretrained(trained.final_dir).eval()
+    assert model.config.max_position_embeddings >= cfg.student.max_length + cfg.eval.max_new_tokens
+    assert tok.model_max_length == model.config.max_position_embeddings
+    same = 0
+    for p in preds:
+        enc = tok(p["prompt"], return_tensors="pt")
+        assert enc["input_ids"][0, 0].item() == tok.bos_token_id          # <bos> prompt, as keystep trains on it
+        with torch.no_grad():
+            ids = model.generate(**enc, max_new_tokens=cfg.eval.max_new_tokens)
+        same += tok.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip() == p["output"]
+    assert len(preds) == 16 and same == len(preds)
