@@ -118,7 +118,9 @@ def evaluate_student(ws: Workspace, config: DistillConfig, trained: Trained, stu
                           "gold": ex["answer"],
                           "correct": is_correct(extracted, ex["answer"], ex["answer_type"], cfg.tolerance)})
     results = accuracy_rows(preds)
-    curve, curve_set = epoch_curve(catalog, config, trained, examples, prompts, max_new_tokens, device, label_first)
+    final = [p["correct"] for p in preds if p["model_label"] == "student"]     # in `examples` order
+    curve, curve_set = epoch_curve(catalog, config, trained, examples, prompts, max_new_tokens, device, label_first,
+                                   final)
     out = Evaluation(fp=fp, n_predictions=len(preds), device=device, engine=decoder,
                      accuracy={f"{r['model_label']}/{r['dataset']}/{r['split']}": r["accuracy"]
                                for r in results if r["group_key"] == "all"}, curve=curve, curve_set=curve_set)
@@ -128,15 +130,20 @@ def evaluate_student(ws: Workspace, config: DistillConfig, trained: Trained, stu
 
 
 def epoch_curve(catalog, config: DistillConfig, trained: Trained, examples: list[dict], prompts: list[str],
-                max_new_tokens: int, device: str, label_first: bool) -> tuple[dict[int, float], str | None]:
+                max_new_tokens: int, device: str, label_first: bool,
+                final: list[bool]) -> tuple[dict[int, float], str | None]:
     """The learning curve's evaluation metric: each epoch checkpoint's accuracy on the first `eval.curve_questions`
-    questions of the first evaluation set, decoded as the final evaluation decodes them (HF generate)."""
+    questions of the first evaluation set, decoded as the final evaluation decodes them (HF generate). The last epoch
+    is the trained student: its point comes from the final evaluation's own answers (`final`, per example)."""
     n = config.eval.curve_questions
     first = [i for i, ex in enumerate(examples) if ex["dataset"] == examples[0]["dataset"]][:n] if examples else []
     if not n or not first:
         return {}, None
     curve = {}
     for ckpt in trained_checkpoints(catalog, trained):
+        if ckpt["epoch"] == trained.epochs:
+            curve[ckpt["epoch"]] = sum(final[i] for i in first) / len(first)
+            continue
         model, tokenizer = load_student(ckpt["path"], device=device)
         outputs = greedy_generate(model, tokenizer, [prompts[i] for i in first], max_new_tokens,
                                   config.eval.batch_size, device)
