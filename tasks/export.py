@@ -37,7 +37,7 @@ from tasks.student import Student
 from tasks.teacher import Generation
 from tasks.token_weights import TokenWeights
 
-CODE_VERSION = "1"
+CODE_VERSION = "2"   # 2: the card as the hub reads it, LICENSE.md, one column schema, no local path in export.json
 KEYSTEP_VERSION = "0.1.0"
 
 
