@@ -24,7 +24,9 @@ PACKAGES = ("keystep", "storage", "tasks", "flows")
 
 
 def functions() -> dict[str, tuple[str, ast.FunctionDef, dict[str, str]]]:
-    """qualified name -> (module, node, the module's imported names -> their qualified names)."""
+    """qualified name -> (module, node, the module's imported names -> their qualified names). A stage declared as
+    `NAME = Stage(name, Inputs, Output, lineage, body, ...)` (tasks/stage.py) is a function of its own, `NAME`, that
+    calls its lineage, its body and the function its `@NAME.in_prefect` decorates."""
     out = {}
     for package in PACKAGES:
         for path in sorted((ROOT / package).glob("*.py")):
@@ -38,6 +40,15 @@ def functions() -> dict[str, tuple[str, ast.FunctionDef, dict[str, str]]]:
             for node in ast.walk(tree):
                 if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                     out.setdefault(f"{module}.{node.name}", (module, node, imported))
+            for node in tree.body:
+                if (isinstance(node, ast.Assign) and isinstance(node.value, ast.Call)
+                        and isinstance(node.value.func, ast.Name) and node.value.func.id == "Stage"):
+                    name = node.targets[0].id
+                    around = [f.name for f in tree.body if isinstance(f, ast.FunctionDef)
+                              and any(ast.unparse(d) == f"{name}.in_prefect" for d in f.decorator_list)]
+                    calls = ", ".join(["config", *(ast.unparse(a) for a in node.value.args[3:5]), *around])
+                    stage = ast.parse(f"def {name}(config):\n    run({calls})").body[0]
+                    out[f"{module}.{name}"] = (module, stage, imported)
     return out
 
 

@@ -32,9 +32,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         ws = Workspace(tmp)
         gen = teacher.generate_rationales(ws, cfg, ingest.ingest(ws, cfg.data.train))
-        st = student.init_student(ws, cfg, gen)
+        st = student.STUDENT.run(ws, cfg, student.StudentInputs(generation=gen))
         model, tok = student.load_student(st.model_dir)
-        _, items = token_weights.load_encoded(ws, cfg, tok, gen, steps.split_rationales(ws, cfg, gen, st))
+        _, items = token_weights.load_encoded(ws, cfg, tok, gen, steps.STEPS.run(ws, cfg, steps.StepsInputs(
+            generation=gen, student=st)))
         real = sum(len(it.ids) for it in items)
         torch.set_num_threads(2)
         token_nll(model, items[:64], 4096, "cpu")  # warm-up

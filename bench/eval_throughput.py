@@ -27,9 +27,9 @@ from storage.workspace import Workspace  # noqa: E402
 from tasks import eval_vllm, ingest, teacher  # noqa: E402
 from tasks.evaluate import greedy_generate  # noqa: E402
 from tasks.formats import format_prompt  # noqa: E402
-from tasks.student import init_student, load_student, pick_device  # noqa: E402
+from tasks.student import STUDENT, StudentInputs, load_student, pick_device  # noqa: E402
 from tasks.teacher_backends import vllm_importable, vllm_server  # noqa: E402
-from tasks.train import TrainInputs, train_student  # noqa: E402
+from tasks.train import TrainInputs, TRAIN  # noqa: E402
 
 VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
 
@@ -66,8 +66,8 @@ def main() -> None:
         ws = Workspace(tmp)
         cfg = load_config(ROOT / config, {**overrides, "storage.workspace": tmp})
         gen = teacher.generate_rationales(ws, cfg, ingest.ingest(ws, cfg.data.train))
-        st = init_student(ws, cfg, gen)
-        trained = train_student(ws, cfg, TrainInputs(generation=gen, student=st))
+        st = STUDENT.run(ws, cfg, StudentInputs(generation=gen))
+        trained = TRAIN.run(ws, cfg, TrainInputs(generation=gen, student=st))
         questions = [e["question"] for spec in cfg.data.eval
                      for e in ws.catalog().query("examples_of_dataset", dataset_fp=ingest.ingest(ws, spec).fp)]
         prompts = [format_prompt(cfg.teacher, q) for q in questions]

@@ -79,11 +79,14 @@ def main() -> None:
                                                             **overrides})
         train_ds = ingest.ingest(ws, cfg.data.train)
         gen = teacher.generate_rationales(ws, cfg, train_ds)
-        st = student.init_student(ws, cfg, gen)
-        stp = steps.split_rationales(ws, cfg, gen, st)
-        tw = token_weights.learn_token_weights(ws, cfg, gen, stp, warm_up_student(ws, cfg, gen, st, cfg.predictor_warmup_epochs))
-        dif = difficulty.score_difficulty(ws, cfg, gen, stp, tw, warm_up_student(ws, cfg, gen, st, cfg.scorer_warmup_epochs))
-        cur = curriculum.build_curriculum(ws, cfg, gen, dif)
+        st = student.STUDENT.run(ws, cfg, student.StudentInputs(generation=gen))
+        stp = steps.STEPS.run(ws, cfg, steps.StepsInputs(generation=gen, student=st))
+        tw = token_weights.TOKEN_WEIGHTS.run(ws, cfg, token_weights.TokenWeightsInputs(
+            generation=gen, steps=stp, predictor=warm_up_student(ws, cfg, gen, st, cfg.predictor_warmup_epochs)))
+        dif = difficulty.DIFFICULTY.run(ws, cfg, difficulty.DifficultyInputs(
+            generation=gen, steps=stp, token_weights=tw,
+            scorer=warm_up_student(ws, cfg, gen, st, cfg.scorer_warmup_epochs)))
+        cur = curriculum.CURRICULUM.run(ws, cfg, curriculum.CurriculumInputs(generation=gen, difficulty=dif))
         cat = ws.catalog()
         _, tok = student.load_student(st.model_dir)
         rows = cat.query("kept_rationales", dataset_fp=gen.dataset_fp, teacher_fp=gen.teacher_fp, only_correct=True)

@@ -95,13 +95,15 @@ def main() -> None:
         train_ds, gen = generated(ws, cfg, cfg.data.train)
         # held out: a validation set (its own generator seed), not the test set the studies report on
         test_ds, tgen = generated(ws, cfg, cfg.data.eval[0].model_copy(update={"seed": VALIDATION_SEED}))
-        st = student.init_student(ws, cfg, gen)
+        st = student.STUDENT.run(ws, cfg, student.StudentInputs(generation=gen))
         _, tok = student.load_student(st.model_dir)
-        train_steps, test_steps = steps.split_rationales(ws, cfg, gen, st), steps.split_rationales(ws, cfg, tgen, st)
+        train_steps, test_steps = steps.STEPS.run(ws, cfg, steps.StepsInputs(
+            generation=gen, student=st)), steps.STEPS.run(ws, cfg, steps.StepsInputs(generation=tgen, student=st))
         _, train_items = token_weights.load_encoded(ws, cfg, tok, gen, train_steps)
         test_rows, test_items = token_weights.load_encoded(ws, cfg, tok, tgen, test_steps)
         predictor = warm_up_student(ws, cfg, gen, st, cfg.token_weights.predictor_warmup_epochs)
-        tw = token_weights.learn_token_weights(ws, cfg, gen, train_steps, predictor)   # trained once, by the stage
+        tw = token_weights.TOKEN_WEIGHTS.run(ws, cfg, token_weights.TokenWeightsInputs(
+            generation=gen, steps=train_steps, predictor=predictor))   # trained once, by the stage
         history = tw.history
         weighter = token_weights.load_weighter(ws, cfg, tw, predictor)
         weights = token_weights.infer_weights(weighter, test_items, tok.pad_token_id)
@@ -122,7 +124,8 @@ def main() -> None:
 
         # step difficulty on the training rationales, through the stages themselves
         scorer = warm_up_student(ws, cfg, gen, st, cfg.difficulty.warmup_epochs)
-        dif = difficulty.score_difficulty(ws, cfg, gen, train_steps, tw, scorer)
+        dif = difficulty.DIFFICULTY.run(ws, cfg, difficulty.DifficultyInputs(
+            generation=gen, steps=train_steps, token_weights=tw, scorer=scorer))
         train_meta = {r["example_id"]: json.loads(r["meta_json"]) for r in cat.query("examples_of_dataset", dataset_fp=train_ds.fp)}
         rid_to_ex = {r["rationale_id"]: r["example_id"] for r in cat.query("kept_rationales", dataset_fp=train_ds.fp,
                                                                            teacher_fp=gen.teacher_fp, only_correct=True)}

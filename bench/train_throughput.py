@@ -22,7 +22,7 @@ from keystep.config import load_config, parse_value  # noqa: E402
 from storage.fingerprint import Lineage  # noqa: E402
 from storage.workspace import Workspace  # noqa: E402
 from tasks import ingest, teacher  # noqa: E402
-from tasks.student import init_student, load_student, pick_device  # noqa: E402
+from tasks.student import STUDENT, StudentInputs, load_student, pick_device  # noqa: E402
 from tasks.training import TrainInputs, run_epoch, setup  # noqa: E402
 
 SMOKE = "--smoke" in sys.argv   # tiny sizes, seconds: what the test suite runs (tests/test_bench_smoke.py)
@@ -86,7 +86,7 @@ def main() -> None:
         ws = Workspace(tmp)
         cfg = load_config(ROOT / config, {**overrides, "storage.workspace": tmp})
         gen = teacher.generate_rationales(ws, cfg, ingest.ingest(ws, cfg.data.train))
-        st = init_student(ws, cfg, gen)
+        st = STUDENT.run(ws, cfg, StudentInputs(generation=gen))
         device = pick_device(cfg.train.device)
         packed, tokens = keystep_epoch(ws, cfg, gen, st)
         padded, _ = keystep_epoch(ws, cfg, gen, st, packing=False)

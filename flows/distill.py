@@ -12,18 +12,16 @@ from typing import Any
 from prefect import flow
 
 from flows.phases import (EvaluatePhase, GeneratePhase, PreparePhase, TrainPhase, distill_config, evaluate_stages,
-                          export_stages, generate_stages, prepare_stages, prepared_outputs, train_stages)
+                          export_inputs, export_stages, generate_stages, prepare_stages, train_stages)
 from flows.tracking import RunSummary, tracked_run
 from keystep.config import DistillConfig
 from tasks.evaluate import publish_results
-from tasks.stage import use_workspace
 
 
 # ---- the flows ----------------------------------------------------------------------------------------
 @flow(name="generate", log_prints=True)
 def generate(config: DistillConfig = DistillConfig()) -> GeneratePhase:
     """Ingest the training and evaluation sets and generate teacher rationales for the training set."""
-    use_workspace(config)
     return generate_stages(config)
 
 
@@ -32,7 +30,6 @@ def prepare(config: DistillConfig = DistillConfig(), generated: GeneratePhase | 
     """Build the student before distillation (tokenizer + model) and split the rationales into steps; for KPOD
     also the warm-ups, token weights (§4.1), step difficulty (§4.2) and the curriculum (§4.3)."""
     generated = generated or generate(config)
-    use_workspace(config)
     return prepare_stages(config, generated)
 
 
@@ -40,7 +37,6 @@ def prepare(config: DistillConfig = DistillConfig(), generated: GeneratePhase | 
 def train(config: DistillConfig = DistillConfig(), prepared: PreparePhase | None = None) -> TrainPhase:
     """Train the student on the prepared rationales; resumes from the last whole epoch."""
     prepared = prepared or prepare(config)
-    use_workspace(config)
     return train_stages(config, prepared)
 
 
@@ -54,7 +50,6 @@ def evaluate(config: DistillConfig = DistillConfig(), trained: TrainPhase | None
             publishes them on the run the user started, with the run's header).
     """
     trained = trained or train(config)
-    use_workspace(config)
     out = evaluate_stages(config, trained)
     if publish:
         publish_results(config, out.evaluation, out.report)
@@ -77,6 +72,6 @@ def distill(preset: str | None = None, overrides: dict[str, Any] | None = None,
     config = distill_config(config, preset, overrides)
     with tracked_run(config, preset, overrides) as run:
         out = run.phase(evaluate, run.phase(train, run.phase(prepare, run.phase(generate))), publish=False)
-        exported = export_stages(config, out.generation, prepared_outputs(out)) if config.export.enabled else None
+        exported = export_stages(config, export_inputs(out)) if config.export.enabled else None
         run.finished(out, exported)
     return run.summary

@@ -12,22 +12,22 @@ from typing import Any
 from prefect import flow
 
 from flows.distill import generate
-from flows.phases import CatalogStages, GeneratePhase, distill_config, export_stages, prepare_stages, prepared_outputs
+from flows.phases import CatalogStages, GeneratePhase, distill_config, export_inputs, export_stages, prepare_stages
 from keystep.config import DistillConfig
-from tasks.export import check_export
-from tasks.stage import NotCached, use_workspace
+from tasks.export import ExportInputs, check_export
+from tasks.stage import NotCached
 
 
-def prepared_in_catalog(config: DistillConfig, generated: GeneratePhase) -> dict[str, Any]:
+def prepared_in_catalog(config: DistillConfig, generated: GeneratePhase) -> ExportInputs:
     """The prepare phase's outputs for this generation as far as they are in the catalog (nothing runs): the whole
-    phase, else its student and steps, else nothing."""
+    phase, else its student and steps, else only the rationales."""
     lookup = CatalogStages(config)
     for upto in (None, "steps"):
         try:
-            return prepared_outputs(prepare_stages(config, generated, lookup, upto=upto))
+            return export_inputs(prepare_stages(config, generated, lookup, upto=upto))
         except NotCached:
             pass
-    return {}
+    return ExportInputs(generation=generated.generation)
 
 
 @flow(name="export", log_prints=True)
@@ -42,6 +42,5 @@ def export(preset: str | None = None, overrides: dict[str, Any] | None = None,
     """
     config = distill_config(config, preset, overrides)
     check_export(config)
-    use_workspace(config)
     generated = generate(config)
-    return export_stages(config, generated.generation, prepared_in_catalog(config, generated))
+    return export_stages(config, prepared_in_catalog(config, generated))

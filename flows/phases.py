@@ -14,18 +14,18 @@ from prefect.context import get_run_context
 from pydantic import BaseModel
 
 from keystep.config import ConfigError, DistillConfig, build_config, load_config
-from tasks.curriculum import Curriculum, curriculum_task
-from tasks.difficulty import Difficulty, difficulty_task
-from tasks.evaluate import Evaluation, evaluate_task, write_summary
-from tasks.export import export_task, push_to_hub
-from tasks.ingest import Dataset, ingest_task
-from tasks.stage import NotCached, from_catalog, workspace_of
-from tasks.steps import Steps, split_steps_task
-from tasks.student import Student, init_student_task
-from tasks.teacher import Generation, finished_generation, teacher_rationales
-from tasks.token_weights import TokenWeights, token_weights_task
-from tasks.train import Trained, train_task
-from tasks.warmup import warm_up_task
+from tasks.curriculum import CURRICULUM, Curriculum, CurriculumInputs
+from tasks.difficulty import DIFFICULTY, Difficulty, DifficultyInputs
+from tasks.evaluate import EVALUATE, EvaluateInputs, Evaluation, write_summary
+from tasks.export import EXPORT, ExportInputs, push_to_hub
+from tasks.ingest import INGEST, Dataset, IngestInputs
+from tasks.stage import NotCached, Stage, StageInputs, StageOutput, workspace_of
+from tasks.steps import STEPS, Steps, StepsInputs
+from tasks.student import STUDENT, Student, StudentInputs
+from tasks.teacher import GENERATE, GenerateInputs, Generation, teacher_rationales
+from tasks.token_weights import TOKEN_WEIGHTS, TokenWeights, TokenWeightsInputs
+from tasks.train import TRAIN, TrainInputs, Trained
+from tasks.warmup import WARMUP, WarmupInputs
 
 
 class GeneratePhase(BaseModel):
@@ -58,8 +58,8 @@ class EvaluatePhase(TrainPhase):
 class PrefectStages:
     """How the flows run the DAG: each stage as its Prefect task, cached by the stage's fingerprint."""
 
-    def __call__(self, stage, *args, **kwargs):
-        return stage(*args, **kwargs)
+    def __call__(self, stage: Stage, config: DistillConfig, inputs: StageInputs) -> StageOutput:
+        return stage(config, inputs)
 
     def teacher(self, config: DistillConfig, dataset: Dataset) -> Generation:
         return teacher_rationales(config, dataset)       # plan -> shards (or batches) -> finish
@@ -76,14 +76,11 @@ class CatalogStages:
     def __init__(self, config: DistillConfig):
         self.config = config
 
-    def __call__(self, stage, *args, **kwargs):
-        return from_catalog(self.config, stage, *args, **kwargs)
+    def __call__(self, stage: Stage, config: DistillConfig, inputs: StageInputs) -> StageOutput:
+        return stage.from_catalog(config, inputs)
 
     def teacher(self, config: DistillConfig, dataset: Dataset) -> Generation:
-        done = finished_generation(config, dataset)
-        if done is None:
-            raise NotCached("generate")
-        return done
+        return GENERATE.from_catalog(config, GenerateInputs(dataset=dataset))
 
     def report(self, config: DistillConfig, evaluation: Evaluation, t: "TrainPhase") -> str:
         report = workspace_of(config).report_path(evaluation.fp)
@@ -97,8 +94,8 @@ PREFECT = PrefectStages()
 
 # ---- the DAG, once: each phase's stages, given how to run a stage ----------------------------------------------
 def generate_stages(config: DistillConfig, run=PREFECT) -> GeneratePhase:
-    train_ds = run(ingest_task, config, config.data.train)
-    eval_ds = [run(ingest_task, config, spec, exclude=train_ds) for spec in config.data.eval]
+    train_ds = run(INGEST, config, IngestInputs(spec=config.data.train))
+    eval_ds = [run(INGEST, config, IngestInputs(spec=spec, exclude=train_ds)) for spec in config.data.eval]
     generation = run.teacher(config, train_ds)
     return GeneratePhase(train_dataset=train_ds, eval_datasets=eval_ds, generation=generation)
 
@@ -108,30 +105,33 @@ def prepare_stages(config: DistillConfig, generated: GeneratePhase, run=PREFECT,
     """The student before distillation and the steps, then what KPOD reads; `upto="steps"` stops after the steps
     (what the export reads when no KPOD stage ran)."""
     gen = generated.generation
-    student = run(init_student_task, config, gen)
-    steps = run(split_steps_task, config, gen, student)
+    student = run(STUDENT, config, StudentInputs(generation=gen))
+    steps = run(STEPS, config, StepsInputs(generation=gen, student=student))
     out = PreparePhase(**dict(generated), student=student, steps=steps)
     if upto == "steps":
         return out
     if config.needs_token_weights:
-        epochs = config.predictor_warmup_epochs
-        predictor = run(warm_up_task, config, gen, student, epochs) if epochs else student
-        out.token_weights = run(token_weights_task, config, gen, steps, predictor)
-        epochs = config.scorer_warmup_epochs
-        scorer = run(warm_up_task, config, gen, student, epochs) if epochs else student
-        out.difficulty = run(difficulty_task, config, gen, steps, out.token_weights, scorer)
+        def warmed_up(epochs: int) -> Student:   # KPOD's student before distillation (tasks/warmup.py)
+            return run(WARMUP, config, WarmupInputs(
+                generation=gen, student=student, epochs=epochs)) if epochs else student
+
+        out.token_weights = run(TOKEN_WEIGHTS, config, TokenWeightsInputs(
+            generation=gen, steps=steps, predictor=warmed_up(config.predictor_warmup_epochs)))
+        out.difficulty = run(DIFFICULTY, config, DifficultyInputs(
+            generation=gen, steps=steps, token_weights=out.token_weights, scorer=warmed_up(config.scorer_warmup_epochs)))
     if config.needs_curriculum:
-        out.curriculum = run(curriculum_task, config, gen, out.difficulty)
+        out.curriculum = run(CURRICULUM, config, CurriculumInputs(generation=gen, difficulty=out.difficulty))
     return out
 
 
 def train_stages(config: DistillConfig, p: PreparePhase, run=PREFECT) -> TrainPhase:
-    trained = run(train_task, config, p.generation, p.student, p.steps, p.token_weights, p.curriculum)
+    trained = run(TRAIN, config, TrainInputs(generation=p.generation, student=p.student, steps=p.steps,
+                                             token_weights=p.token_weights, curriculum=p.curriculum))
     return TrainPhase(**dict(p), trained=trained)
 
 
 def evaluate_stages(config: DistillConfig, t: TrainPhase, run=PREFECT) -> EvaluatePhase:
-    evaluation = run(evaluate_task, config, t.trained, t.student, t.eval_datasets)
+    evaluation = run(EVALUATE, config, EvaluateInputs(trained=t.trained, student=t.student, datasets=t.eval_datasets))
     return EvaluatePhase(**dict(t), evaluation=evaluation, report=run.report(config, evaluation, t))
 
 
@@ -147,14 +147,15 @@ def from_catalog_run(config: DistillConfig) -> EvaluatePhase | None:
 
 
 # ---- the export stage, after the phases ----------------------------------------------------------
-def prepared_outputs(p: PreparePhase) -> dict[str, Any]:
+def export_inputs(p: PreparePhase) -> ExportInputs:
     """What the export stage reads of the prepare phase."""
-    return {"student": p.student, "steps": p.steps, "token_weights": p.token_weights, "difficulty": p.difficulty}
+    return ExportInputs(generation=p.generation, student=p.student, steps=p.steps, token_weights=p.token_weights,
+                        difficulty=p.difficulty)
 
 
-def export_stages(config: DistillConfig, generation: Generation, prepared: dict[str, Any]) -> dict[str, Any]:
+def export_stages(config: DistillConfig, inputs: ExportInputs) -> dict[str, Any]:
     """The export stage, then the hub upload when `export.push_to_hub` names a repo (never cached)."""
-    out = export_task(config, generation, **prepared)
+    out = EXPORT(config, inputs)
     url = push_to_hub(config, out) if config.export.push_to_hub else None
     if url:
         get_run_logger().info("uploaded %s to %s", out.out_dir, url)

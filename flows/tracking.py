@@ -21,7 +21,7 @@ from flows.preflight import preflight
 from keystep.config import DistillConfig
 from storage.runs import Heartbeat, reconcile, run_lock, start_run
 from tasks.evaluate import publish_results, run_header, teacher_usage
-from tasks.stage import use_workspace, workspace_of
+from tasks.stage import workspace_of
 
 class RunSummary(BaseModel):
     """What a `distill` run returns; table `runs` keeps it as the run's summary_json."""
@@ -142,7 +142,6 @@ def tracked_run(config: DistillConfig, preset: str | None, overrides: dict[str, 
     preflight(config, check_teacher_endpoint=False)
     t0 = time.perf_counter()
     label, name, run_tags = label_run(config, preset, overrides)
-    use_workspace(config)
     logger = get_run_logger()
     run = TrackedRun(config, str(get_run_context().flow_run.id), label, name, run_tags)
     with run_lock(workspace_of(config).root, on_wait=logger.warning):   # one run at a time on a workspace

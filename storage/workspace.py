@@ -5,7 +5,7 @@
     <workspace>/checkpoints/<fp>/epoch-N/  per-epoch training checkpoints (HF dir + optimizer state)
     <workspace>/curricula/<fp>/stage=N/  curriculum Parquet shards (KPOD §4.3)
     <workspace>/reports/<fp>.md         markdown reports
-    <workspace>/prefect-results/        Prefect's persisted task results (the task cache)
+    <workspace>/prefect-results/        Prefect's persisted stage task results (tasks/stage.py)
 """
 from __future__ import annotations
 

@@ -37,7 +37,8 @@ from keystep.config import CurriculumConfig, DistillConfig
 from storage.fingerprint import Lineage
 from storage.workspace import Workspace, publish_dir, temp_dir_for
 from tasks.difficulty import Difficulty
-from tasks.stage import StageOutput, cached_output, kept_rationales, publish_stage, pyplot, save_figure
+from tasks.stage import (Made, Stage, StageInputs, StageOutput, artifact_markdown, kept_rationales, pyplot, save_figure,
+                         workspace_of)
 from tasks.teacher import Generation
 
 CODE_VERSION = "2"   # 2: curriculum.start
@@ -262,9 +263,15 @@ class Curriculum(StageOutput):
     markdown: str
 
 
-def curriculum_lineage(config: DistillConfig, generation: Generation, difficulty: Difficulty) -> Lineage:
+class CurriculumInputs(StageInputs):
+    """The kept rationales and their steps' difficulties."""
+    generation: Generation
+    difficulty: Difficulty
+
+
+def curriculum_lineage(config: DistillConfig, inputs: CurriculumInputs) -> Lineage:
     return Lineage("curriculum", {"curriculum": config.curriculum, "stages": n_stages(config.train.epochs)},
-                   (generation.fp, difficulty.fp), CODE_VERSION)
+                   (inputs.generation.fp, inputs.difficulty.fp), CODE_VERSION)
 
 
 # ---- report -------------------------------------------------------------------------------------------
@@ -332,15 +339,12 @@ def schedule_markdown(sched: Schedule, plots: dict[str, str], relative_to: Path 
 
 
 # ---- stage --------------------------------------------------------------------------------------------
-def build_curriculum(ws: Workspace, config: DistillConfig, generation: Generation, difficulty: Difficulty) -> Curriculum:
-    catalog, cfg, lineage = ws.catalog(), config.curriculum, curriculum_lineage(config, generation, difficulty)
-    done = cached_output(catalog, lineage, Curriculum)
-    if done and Path(done.shards_dir).exists():
-        return done
+def build_curriculum(ws: Workspace, config: DistillConfig, inputs: CurriculumInputs, lineage: Lineage) -> Made:
+    catalog, cfg = ws.catalog(), config.curriculum
     fp, shards_dir, report_dir = lineage.fp, ws.curriculum_dir(lineage.fp), ws.root / "reports"
-    rows = kept_rationales(catalog, config, generation)
+    rows = kept_rationales(catalog, config, inputs.generation)
     by_rationale: dict[str, list[float]] = {}
-    for r in catalog.query("difficulty_of", difficulty_fp=difficulty.fp):
+    for r in catalog.query("difficulty_of", difficulty_fp=inputs.difficulty.fp):
         by_rationale.setdefault(r["rationale_id"], []).append(r["difficulty"])
     scored = [r for r in rows if r["rationale_id"] in by_rationale]
     if not scored:
@@ -369,10 +373,9 @@ def build_curriculum(ws: Workspace, config: DistillConfig, generation: Generatio
     def shards(con) -> None:   # stage=N/ folders, by DuckDB, published by rename inside the transaction
         catalog.copy_to(con, "curriculum_shards", tmp / "shards", fp=fp)
         publish_dir(tmp / "shards", shards_dir)
+        tmp.rmdir()
 
-    publish_stage(catalog, lineage, out, {"curriculum": table}, within=shards)
-    tmp.rmdir()
-    return out
+    return Made(out, {"curriculum": table}, within=shards)
 
 
 def curriculum_shard(shards_dir: str | Path, stage: int) -> dict[str, int]:
@@ -383,15 +386,15 @@ def curriculum_shard(shards_dir: str | Path, stage: int) -> dict[str, int]:
     return dict(zip(tbl.column("rationale_id").to_pylist(), tbl.column("prefix_steps").to_pylist()))
 
 
-# ---- Prefect wrapper ----------------------------------------------------------------------------------
-from tasks.stage import artifact_markdown, stage_task, workspace_of  # noqa: E402
+CURRICULUM = Stage("curriculum", CurriculumInputs, Curriculum, curriculum_lineage, build_curriculum,
+                   still_valid=lambda config, done: Path(done.shards_dir).exists())
 
 
-@stage_task("curriculum", curriculum_lineage)
-def curriculum_task(config: DistillConfig, generation: Generation, difficulty: Difficulty) -> Curriculum:
+@CURRICULUM.in_prefect
+def _curriculum_in_prefect(run, config: DistillConfig, inputs: CurriculumInputs, lineage: Lineage) -> Curriculum:
     from prefect.artifacts import create_markdown_artifact
 
-    out = build_curriculum(workspace_of(config), config, generation, difficulty)
+    out = run()
     create_markdown_artifact(key="curriculum", markdown=artifact_markdown(out.markdown, workspace_of(config).root / "reports"),
                              description=f"curriculum {out.fp}; Parquet shards per stage: {out.shards_dir}")
     return out

@@ -24,7 +24,7 @@ from storage.fingerprint import Lineage
 from storage.workspace import Workspace
 from tasks.formats import EncodedRationale
 from tasks.packing import pad_stack
-from tasks.stage import StageOutput, cached_output, publish_stage
+from tasks.stage import Made, Stage, StageInputs, StageOutput
 from tasks.steps import Steps
 from tasks.student import Student, load_student, pick_device
 from tasks.teacher import Generation
@@ -110,23 +110,27 @@ def step_difficulties(item: EncodedRationale, nll: list[float], weights: list[fl
     return out
 
 
-def difficulty_lineage(config: DistillConfig, generation: Generation, steps: Steps, token_weights: TokenWeights,
-                       scorer: Student) -> Lineage:
-    """`scorer`: the student before distillation (warmed up, for a scratch student)."""
+class DifficultyInputs(StageInputs):
+    """The rationales, their steps and token weights, and `scorer`: the student before distillation (warmed up, for
+    a scratch student)."""
+    generation: Generation
+    steps: Steps
+    token_weights: TokenWeights
+    scorer: Student
+
+
+def difficulty_lineage(config: DistillConfig, inputs: DifficultyInputs) -> Lineage:
+    i = inputs
     return Lineage("difficulty", {"difficulty": config.difficulty, "device": config.train.device},
-                   (generation.fp, steps.fp, token_weights.fp, scorer.fp), CODE_VERSION)
+                   (i.generation.fp, i.steps.fp, i.token_weights.fp, i.scorer.fp), CODE_VERSION)
 
 
-def score_difficulty(ws: Workspace, config: DistillConfig, generation: Generation, steps: Steps,
-                     token_weights: TokenWeights, scorer: Student) -> Difficulty:
-    catalog, cfg = ws.catalog(), config.difficulty
-    lineage = difficulty_lineage(config, generation, steps, token_weights, scorer)
-    if done := cached_output(catalog, lineage, Difficulty):
-        return done
+def score_difficulty(ws: Workspace, config: DistillConfig, inputs: DifficultyInputs, lineage: Lineage) -> Made:
+    catalog, cfg, scorer = ws.catalog(), config.difficulty, inputs.scorer
     device = pick_device(config.train.device)
     model, tokenizer = load_student(scorer.model_dir, device=device)
-    _, items = load_encoded(ws, config, tokenizer, generation, steps)
-    weights = load_weights(catalog, token_weights)
+    _, items = load_encoded(ws, config, tokenizer, inputs.generation, inputs.steps)
+    weights = load_weights(catalog, inputs.token_weights)
     nll = token_nll(model, items, cfg.batch_tokens, device)
     table = []
     for it, losses in zip(items, nll):
@@ -137,14 +141,7 @@ def score_difficulty(ws: Workspace, config: DistillConfig, generation: Generatio
     values = [r["difficulty"] for r in table]
     out = Difficulty(fp=lineage.fp, n_rationales=len(items), n_steps=len(table), scoring_model=scorer.model_dir,
                      device=device, mean=sum(values) / max(len(values), 1), max=max(values, default=0.0))
-    return publish_stage(catalog, lineage, out, {"step_difficulty": table})
+    return Made(out, {"step_difficulty": table})
 
 
-# ---- Prefect wrapper ------------------------------------------------------------------------------
-from tasks.stage import stage_task, workspace_of  # noqa: E402
-
-
-@stage_task("difficulty", difficulty_lineage, tags=["gpu"])
-def difficulty_task(config: DistillConfig, generation: Generation, steps: Steps, token_weights: TokenWeights,
-                    scorer: Student) -> Difficulty:
-    return score_difficulty(workspace_of(config), config, generation, steps, token_weights, scorer)
+DIFFICULTY = Stage("difficulty", DifficultyInputs, Difficulty, difficulty_lineage, score_difficulty, tags=["gpu"])

@@ -21,7 +21,8 @@ from tasks.curriculum import Curriculum
 from tasks.eval_vllm import engine, vllm_generate
 from tasks.formats import format_prompt, generation_prompt
 from tasks.ingest import Dataset
-from tasks.stage import StageOutput, cached_output, publish_stage, pyplot, save_figure, workspace_of
+from tasks.stage import (Made, Stage, StageInputs, StageOutput, artifact_markdown, pyplot, save_figure,
+                         workspace_of)
 from tasks.student import Student, load_student, pick_device
 from tasks.teacher import Generation
 from tasks.training import TRUNCATION_WARN, Trained
@@ -75,24 +76,32 @@ def accuracy_rows(preds: list[dict], group_keys=("n_steps",)) -> list[dict]:
              "n_correct": sum(c), "accuracy": sum(c) / len(c)} for (m, d, s, k, v), c in groups.items()]
 
 
-def eval_lineage(config: DistillConfig, trained: Trained, student: Student, datasets: list[Dataset]) -> Lineage:
+class EvaluateInputs(StageInputs):
+    """The trained student, the untrained one (`eval.include_untrained`) and the evaluation sets."""
+    trained: Trained
+    student: Student
+    datasets: list[Dataset]
+
+
+def eval_lineage(config: DistillConfig, inputs: EvaluateInputs) -> Lineage:
     what = {"eval": config.eval.fingerprinted(), "engine": engine(config.eval),
             "prompt": config.teacher.prompt_template, "target_format": config.train.target_format,
             "device": config.train.device}
-    return Lineage("evaluate", what, (trained.fp, student.fp, *[d.fp for d in datasets]), CODE_VERSION)
+    return Lineage("evaluate", what, (inputs.trained.fp, inputs.student.fp, *[d.fp for d in inputs.datasets]),
+                   CODE_VERSION)
 
 
-def evaluate_student(ws: Workspace, config: DistillConfig, trained: Trained, student: Student, datasets: list[Dataset],
-                     on_progress: Callable[[str, int, int], None] | None = None) -> Evaluation:
+def evaluate_student(ws: Workspace, config: DistillConfig, inputs: EvaluateInputs, lineage: Lineage,
+                     on_progress: Callable[[str, int, int], None] | None = None) -> Made:
     """The trained student (and, with `eval.include_untrained`, the untrained one) on every evaluation set.
     Label-first target formats decode only the answer sentence (`label_max_new_tokens`) and read its first answer."""
-    catalog, cfg, lineage = ws.catalog(), config.eval, eval_lineage(config, trained, student, datasets)
-    if done := cached_output(catalog, lineage, Evaluation):
-        return done
+    catalog, cfg, trained = ws.catalog(), config.eval, inputs.trained
     fp, device = lineage.fp, pick_device(config.train.device)
-    models = {"student": trained.final_dir, **({"untrained": student.model_dir} if cfg.include_untrained else {})}
+    models = {"student": trained.final_dir}
+    if cfg.include_untrained:
+        models["untrained"] = inputs.student.model_dir
     examples = []
-    for ds in datasets:
+    for ds in inputs.datasets:
         for ex in catalog.query("examples_of_dataset", dataset_fp=ds.fp):
             examples.append({**ex, "dataset": ds.name, "meta": json.loads(ex["meta_json"] or "{}")})
     prompts = [format_prompt(config.teacher, ex["question"]) for ex in examples]
@@ -124,7 +133,7 @@ def evaluate_student(ws: Workspace, config: DistillConfig, trained: Trained, stu
     out = Evaluation(fp=fp, n_predictions=len(preds), device=device, engine=decoder,
                      accuracy={f"{r['model_label']}/{r['dataset']}/{r['split']}": r["accuracy"]
                                for r in results if r["group_key"] == "all"}, curve=curve, curve_set=curve_set)
-    return publish_stage(catalog, lineage, out, {
+    return Made(out, {
         "eval_results": [{"eval_fp": fp, **r} for r in results],
         "predictions": [{"eval_fp": fp, **{k: v for k, v in p.items() if k not in ("meta", "split")}} for p in preds]})
 
@@ -316,23 +325,20 @@ def write_summary(config: DistillConfig, evaluation: Evaluation, generation: Gen
     return str(path)
 
 
-# ---- Prefect wrapper ------------------------------------------------------------------------------
-from tasks.stage import artifact_markdown, stage_task  # noqa: E402
+EVALUATE = Stage("evaluate", EvaluateInputs, Evaluation, eval_lineage, evaluate_student, tags=["gpu"])
 
 
-@stage_task("evaluate", eval_lineage, tags=["gpu"])
-def evaluate_task(config: DistillConfig, trained: Trained, student: Student, datasets: list[Dataset]) -> Evaluation:
+@EVALUATE.in_prefect
+def _evaluate_in_prefect(run, config: DistillConfig, inputs: EvaluateInputs, lineage: Lineage) -> Evaluation:
     from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
-    ws = workspace_of(config)
-    lineage = eval_lineage(config, trained, student, datasets)
     progress = create_progress_artifact(0.0, key="eval-progress", description=f"evaluating {lineage.fp}")
     labels = ["student", "untrained"] if config.eval.include_untrained else ["student"]
 
     def on_progress(label: str, done: int, total: int) -> None:
         update_progress_artifact(progress, 100.0 * (labels.index(label) + done / total) / len(labels))
 
-    out = evaluate_student(ws, config, trained, student, datasets, on_progress)
+    out = run(on_progress=on_progress)
     update_progress_artifact(progress, 100.0)
     return out
 

@@ -31,7 +31,7 @@ from storage.fingerprint import Lineage
 from storage.workspace import Workspace, publish_dir, temp_dir_for
 from tasks.difficulty import Difficulty
 from tasks.formats import NO_CUT, encode_rationale, format_prompt, format_target, keytoken_text
-from tasks.stage import StageOutput, cached_output, publish_stage
+from tasks.stage import Stage, StageInputs, StageOutput, workspace_of
 from tasks.steps import Steps
 from tasks.student import Student
 from tasks.teacher import Generation
@@ -53,12 +53,30 @@ class Exported(StageOutput):
     with_difficulty: bool
 
 
-def export_lineage(config: DistillConfig, generation: Generation, student: Student | None = None,
-                   steps: Steps | None = None, token_weights: TokenWeights | None = None,
-                   difficulty: Difficulty | None = None) -> Lineage:
-    upstream = [generation.fp, *(x.fp for x in (student, steps, token_weights, difficulty) if x)]
-    return Lineage("export", config.export.fingerprinted(), tuple(upstream),
-                   CODE_VERSION)
+class ExportInputs(StageInputs):
+    """The rationales, and what the prepare phase made of them (each column's source, when present)."""
+    generation: Generation
+    student: Student | None = None
+    steps: Steps | None = None
+    token_weights: TokenWeights | None = None
+    difficulty: Difficulty | None = None
+
+
+def export_lineage(config: DistillConfig, inputs: ExportInputs) -> Lineage:
+    i = inputs
+    upstream = [i.generation.fp, *(x.fp for x in (i.student, i.steps, i.token_weights, i.difficulty) if x)]
+    return Lineage("export", config.export.fingerprinted(), tuple(upstream), CODE_VERSION)
+
+
+def export_dir(ws: Workspace, config: DistillConfig, fp: str) -> Path:
+    """`export.out`, or <workspace>/exports/<fp>."""
+    return Path(config.export.out).expanduser().resolve() if config.export.out else ws.root / "exports" / fp
+
+
+def still_exported(config: DistillConfig, done: "Exported") -> bool:
+    """A cached export counts only where this config writes it, and while its folder is there."""
+    out_dir = export_dir(workspace_of(config), config, done.fp)
+    return Path(done.out_dir) == out_dir and (out_dir / "export.json").exists()
 
 
 def check_export(config: DistillConfig, token_weights: TokenWeights | None = "unknown") -> None:
@@ -265,17 +283,13 @@ def license_note(config: DistillConfig) -> str:
             "apply to them.\n")
 
 
-def export_dataset(ws: Workspace, config: DistillConfig, generation: Generation, student: Student | None = None,
-                   steps: Steps | None = None, token_weights: TokenWeights | None = None,
-                   difficulty: Difficulty | None = None) -> Exported:
+def export_dataset(ws: Workspace, config: DistillConfig, inputs: ExportInputs, lineage: Lineage) -> Exported:
     import datasets
 
     datasets.disable_progress_bars()
-    lineage = export_lineage(config, generation, student, steps, token_weights, difficulty)
-    out_dir = Path(config.export.out).expanduser().resolve() if config.export.out else ws.root / "exports" / lineage.fp
-    done = cached_output(ws.catalog(), lineage, Exported)
-    if done and Path(done.out_dir) == out_dir and (out_dir / "export.json").exists():
-        return done
+    generation, student, steps, token_weights, difficulty = (inputs.generation, inputs.student, inputs.steps,
+                                                             inputs.token_weights, inputs.difficulty)
+    out_dir = export_dir(ws, config, lineage.fp)
     check_export(config, token_weights)
     tokenizer = None
     if token_weights and student:
@@ -303,7 +317,10 @@ def export_dataset(ws: Workspace, config: DistillConfig, generation: Generation,
                    with_difficulty=difficulty is not None)
     (tmp / "export.json").write_text(out.model_dump_json(indent=2, exclude={"out_dir"}))   # no local path: it is pushed
     publish_dir(tmp, out_dir)
-    return publish_stage(ws.catalog(), lineage, out)
+    return out
+
+
+EXPORT = Stage("export", ExportInputs, Exported, export_lineage, export_dataset, still_valid=still_exported)
 
 
 def push_to_hub(config: DistillConfig, exported: Exported) -> str:
@@ -320,18 +337,13 @@ def push_to_hub(config: DistillConfig, exported: Exported) -> str:
     return f"https://huggingface.co/datasets/{cfg.push_to_hub}"
 
 
-# ---- Prefect wrapper ----------------------------------------------------------------------------------
-from tasks.stage import stage_task, workspace_of  # noqa: E402
-
-
-@stage_task("export", export_lineage)
-def export_task(config: DistillConfig, generation: Generation, student: Student | None = None,
-                steps: Steps | None = None, token_weights: TokenWeights | None = None,
-                difficulty: Difficulty | None = None) -> Exported:
+# ---- in Prefect: the log line and the card as an artifact ------------------------------------------------------
+@EXPORT.in_prefect
+def _export_in_prefect(run, config: DistillConfig, inputs: ExportInputs, lineage: Lineage) -> Exported:
     from prefect import get_run_logger
     from prefect.artifacts import create_markdown_artifact
 
-    out = export_dataset(workspace_of(config), config, generation, student, steps, token_weights, difficulty)
+    out = run()
     get_run_logger().info("exported %d rationales (%d SFT rows in %s) to %s", out.n_rows, out.n_sft,
                           ", ".join(out.formats) or "no format", out.out_dir)
     create_markdown_artifact(key="dataset-export", markdown=Path(out.out_dir, "README.md").read_text().split("---", 2)[-1],

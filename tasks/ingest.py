@@ -19,7 +19,7 @@ from typing import Any, Iterator
 from keystep.config import ConfigError, DatasetSpec, DistillConfig
 from storage.fingerprint import Lineage, content_hash, file_hash
 from storage.workspace import Workspace
-from tasks.stage import StageOutput, cached_output, publish_stage
+from tasks.stage import Made, Stage, StageInputs, StageOutput
 from tasks.answers import normalise
 
 CODE_VERSION = "1"
@@ -318,22 +318,26 @@ class Dataset(StageOutput):
     bad_reasons: dict[str, int]
 
 
-def dataset_lineage(spec: DatasetSpec, exclude: Dataset | None = None) -> Lineage:
+class IngestInputs(StageInputs):
+    """A dataset spec (one of the config's `data` entries) and, for an evaluation set, the training set it must not
+    overlap."""
+    spec: DatasetSpec
+    exclude: Dataset | None = None
+
+
+def dataset_lineage(config: DistillConfig | None, inputs: IngestInputs) -> Lineage:
     """Includes the file's content hash, so an edited file is a new dataset version; an evaluation set depends on
     the training set it must not overlap (`exclude`)."""
-    extra: dict[str, Any] = {}
+    spec, extra = inputs.spec, {}
     if spec.source in ("gsm8k", "svamp", "file", "hub") and spec.path and Path(spec.path).exists():
         extra["content"] = file_hash(spec.path)
-    return Lineage("ingest", spec.fingerprinted(), (exclude.fp,) if exclude else (), CODE_VERSION, extra)
+    return Lineage("ingest", spec.fingerprinted(), (inputs.exclude.fp,) if inputs.exclude else (), CODE_VERSION, extra)
 
 
-def ingest(ws: Workspace, spec: DatasetSpec, exclude: Dataset | None = None) -> Dataset:
-    """Load `spec` and write it to the catalog; examples of `exclude` (the training set, for an evaluation set)
+def ingest_spec(ws: Workspace, config: DistillConfig | None, inputs: IngestInputs, lineage: Lineage) -> Made:
+    """Load the spec and write it to the catalog; examples of `exclude` (the training set, for an evaluation set)
     are reported as 'overlaps training set' rather than silently evaluated on."""
-    catalog, lineage = ws.catalog(), dataset_lineage(spec, exclude)
-    if done := cached_output(catalog, lineage, Dataset):
-        return done
-    fp = lineage.fp
+    catalog, fp, spec, exclude = ws.catalog(), lineage.fp, inputs.spec, inputs.exclude
     examples, bad = load_examples(spec)
     if exclude:
         exclude_ids = {r["example_id"] for r in catalog.query("examples_of_dataset", dataset_fp=exclude.fp)}
@@ -353,7 +357,7 @@ def ingest(ws: Workspace, spec: DatasetSpec, exclude: Dataset | None = None) -> 
              "meta_json": json.dumps(ex.meta)} for i, ex in enumerate(examples)]
     out = Dataset(fp=fp, name=spec.name, split=spec.split, n_examples=len(rows), n_bad=len(bad),
                   bad_reasons=dict(reasons))
-    return publish_stage(catalog, lineage, out, {
+    return Made(out, {
         "examples": rows, "bad_rows": [{"dataset_fp": fp, **b} for b in bad],
         "datasets": [{"dataset_fp": fp, "name": spec.name, "source": spec.source, "path": getattr(spec, "path", None),
                       "split": spec.split,
@@ -361,15 +365,19 @@ def ingest(ws: Workspace, spec: DatasetSpec, exclude: Dataset | None = None) -> 
                       "n_examples": len(rows), "n_bad": len(bad), "bad_reasons_json": json.dumps(dict(reasons))}]})
 
 
-# ---- Prefect wrapper ------------------------------------------------------------------------------
-from tasks.stage import stage_task, workspace_of  # noqa: E402
+INGEST = Stage("ingest", IngestInputs, Dataset, dataset_lineage, ingest_spec)
 
 
-@stage_task("ingest", dataset_lineage)
-def ingest_task(config: DistillConfig, spec: DatasetSpec, exclude: Dataset | None = None) -> Dataset:
+def ingest(ws: Workspace, spec: DatasetSpec, exclude: Dataset | None = None) -> Dataset:
+    """The ingest stage outside a flow (it reads no config beyond the spec)."""
+    return INGEST.run(ws, None, IngestInputs(spec=spec, exclude=exclude))
+
+
+@INGEST.in_prefect
+def _ingest_in_prefect(run, config: DistillConfig, inputs: IngestInputs, lineage: Lineage) -> Dataset:
     from prefect import get_run_logger
 
-    out = ingest(workspace_of(config), spec, exclude)
+    out, spec = run(), inputs.spec
     logger = get_run_logger()
     logger.info("dataset %s/%s: %d examples", spec.name, spec.split, out.n_examples)
     if out.n_bad:

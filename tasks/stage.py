@@ -1,27 +1,29 @@
-"""What every stage shares: its typed output, its cached result, and how it becomes a Prefect task.
+"""What every stage shares: its declaration, its typed inputs and output, its one cache, and its Prefect task.
 
-* `StageOutput` — what a stage hands downstream: a small pydantic model (fingerprint, paths, counts), never data
-  frames, tensors or models. Prefect persists it; flows and later stages read attributes.
-* `cached_output` — a stage's output already in the catalog (a rerun, or a second arm of an experiment): how every
-  stage starts; `publish_stage` — its rows, lineage and output in one transaction: how every stage ends.
+* `Stage(name, Inputs, Output, lineage, body, still_valid=None, **task_options)` — a stage, declared once at the end
+  of its module. `lineage(config, inputs)` is what its output is made of (storage/fingerprint.py);
+  `body(ws, config, inputs, lineage, **hooks)` does the work and returns the output (or `Made`: output, rows,
+  files); `still_valid(config, output)` is an extra rule for a cached output (its folder still exists).
+  - `STAGE.run(ws, config, inputs)` — the one place a cache is read: the catalog's output when present and still
+    valid, else the body runs and the output is published (`publish_stage`), all or nothing.
+  - `STAGE.from_catalog(config, inputs)` — the same with running switched off (`NotCached` when it has not run):
+    a cached rerun answered without Prefect.
+  - `STAGE(config, inputs)` — in a flow: the stage as its Prefect task, cached by Prefect under the same lineage
+    fingerprint (`lineage_key`), its result stored under the workspace (`<workspace>/prefect-results`), so a
+    rerun shows the task as Cached in the UI and deleting the workspace forgets both caches.
+    `@STAGE.in_prefect` adds what the task does around the run (logs, artifacts, progress).
+* `StageInputs` — base of each stage's inputs model (one object per stage); `StageOutput` — base of each output: a
+  small pydantic model (fingerprint, paths, counts), never data frames, tensors or models.
 * `kept_rationales` — the rationales the student trains on, for every stage that reads them.
-* `stage_task(name, lineage)` — the Prefect task of a stage. Its cache key is `lineage(*the task's arguments).fp`:
-  the same function the stage calls to record its lineage in the catalog, so the cache key and the recorded
-  lineage cannot disagree.
-* `use_workspace(config)` — called once at the top of each flow: this flow run's task results (the cache) are
-  stored under the workspace (`<workspace>/prefect-results`), and every task and subflow it calls inherits that,
-  as they would inherit a flow's `result_storage`. Deleting the workspace also forgets the cache, so a cache hit
-  never points at a missing catalog.
 """
 from __future__ import annotations
 
 import base64
 import functools
-import inspect
 import re
-import typing
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Callable, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
@@ -104,7 +106,131 @@ def artifact_markdown(markdown: str, base_dir: Path) -> str:
     return _IMAGE.sub(embed, markdown)
 
 
-# ---- Prefect --------------------------------------------------------------------------------------
+# ---- one stage, declared once ---------------------------------------------------------------------------------
+class StageInputs(BaseModel):
+    """Base of every stage's inputs model: what one run of the stage reads — upstream outputs, and plain values
+    such as a dataset spec. A flow passes one such object per stage; the stage's lineage hashes it."""
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+Inputs = TypeVar("Inputs", bound=StageInputs)
+
+
+@dataclass
+class Made:
+    """What a stage body returns when it has more to publish than its output: its rows (table -> rows) and
+    `within(con)` (moving its files into place), all in the one publishing transaction."""
+    output: StageOutput
+    rows: dict[str, list | dict] | None = None
+    within: Callable[[object], None] | None = None
+
+
+class NotCached(LookupError):
+    """A stage output that is not in the catalog yet: the stage must run."""
+
+
+class Stage(Generic[Inputs, Output]):
+    """A stage: its `name`, its `inputs` model, its `output` kind, `lineage(config, inputs)`, the `body(ws, config,
+    inputs, lineage, **hooks)` that does its work (returning the output, or `Made`), and an optional
+    `still_valid(config, output)` rule (a folder that must still exist; teacher items to ask again).
+
+    `run` is the one place a stage's cache is read: the catalog's output when present and still valid, else the body
+    runs and its output is published. `from_catalog` is the same with running switched off. Calling the stage (in a
+    flow) runs it as its Prefect task; `in_prefect` adds what that task does around the run (logs, artifacts)."""
+
+    def __init__(self, name: str, inputs: type[Inputs], output: type[Output],
+                 lineage: Callable[[DistillConfig, Inputs], Lineage], body: Callable[..., Output | Made],
+                 still_valid: Callable[[DistillConfig, Output], bool] | None = None, **task_options):
+        self.name, self.inputs, self.output, self.lineage, self.body = name, inputs, output, lineage, body
+        self.still_valid, self.task_options = still_valid, task_options
+        self.around: Callable[..., Output] | None = None
+        self._task = None
+
+    def cached(self, ws: Workspace, config: DistillConfig, lineage: Lineage) -> Output | None:
+        done = cached_output(ws.catalog(), lineage, self.output)
+        return done if done is not None and (self.still_valid is None or self.still_valid(config, done)) else None
+
+    def run(self, ws: Workspace, config: DistillConfig, inputs: Inputs, lineage: Lineage | None = None,
+            **hooks) -> Output:
+        """The stage's output: from the catalog, or made now and published (`hooks` go to the body: progress
+        callbacks and the like, never inputs — they are not in the lineage)."""
+        lineage = lineage or self.lineage(config, inputs)
+        if (done := self.cached(ws, config, lineage)) is not None:
+            return done
+        made = self.body(ws, config, inputs, lineage, **hooks)
+        made = made if isinstance(made, Made) else Made(made)
+        return publish_stage(ws.catalog(), lineage, made.output, made.rows, made.within)
+
+    def from_catalog(self, config: DistillConfig, inputs: Inputs) -> Output:
+        """What running the stage would return, read from the catalog without running anything (no Prefect server
+        either); `NotCached` when the stage has not run with these inputs."""
+        done = self.cached(workspace_of(config), config, self.lineage(config, inputs))
+        if done is None:
+            raise NotCached(self.name)
+        return done
+
+    def in_prefect(self, around: Callable[..., Output]) -> Callable[..., Output]:
+        """Decorator: `around(run, config, inputs, lineage)` is the stage's Prefect task; it calls `run(**hooks)`
+        once and adds logs and artifacts."""
+        self.around = around
+        return around
+
+    @property
+    def task(self):
+        """The Prefect task (built on first use: importing a stage never imports Prefect)."""
+        if self._task is None:
+            from prefect import task
+
+            def run_stage(config: DistillConfig, inputs: StageInputs, lineage: Lineage, hooks: dict | None = None):
+                def run(**more):
+                    return self.run(workspace_of(config), config, inputs, lineage, **(hooks or {}), **more)
+                return self.around(run, config, inputs, lineage) if self.around else run()
+
+            run_stage.__name__ = run_stage.__qualname__ = self.name.replace("-", "_")
+            self._task = task(name=self.name, cache_policy=lineage_key(), persist_result=True,
+                              **self.task_options)(run_stage)
+        return self._task
+
+    def __call__(self, config: DistillConfig, inputs: Inputs, **hooks) -> Output:
+        """The stage as its Prefect task: the lineage computed once, here; the task cached by its fingerprint, its
+        result stored under the workspace (deleting the workspace forgets it). A catalog output that is no longer
+        valid makes the task run afresh rather than return Prefect's copy."""
+        ws, lineage = workspace_of(config), self.lineage(config, inputs)
+        done = cached_output(ws.catalog(), lineage, self.output) if self.still_valid else None
+        stale = done is not None and not self.still_valid(config, done)
+        task = self.task.with_options(result_storage=results_block(ws), refresh_cache=True if stale else None)
+        return task(config, inputs, lineage, hooks or None)
+
+
+_SAVED: set[tuple[str, str]] = set()
+
+
+def results_block(ws: Workspace) -> str:
+    """The slug of the LocalFileSystem block holding the workspace's stage task results (`<workspace>/prefect-
+    results`): Prefect requires a saved block, so it is saved once per server and process."""
+    from prefect.filesystems import LocalFileSystem
+    from prefect.settings import PREFECT_API_URL
+
+    key = (str(PREFECT_API_URL.value()), ws.block_name)
+    if key not in _SAVED:
+        LocalFileSystem(basepath=str(ws.results_dir)).save(ws.block_name, overwrite=True)
+        _SAVED.add(key)
+    return f"local-file-system/{ws.block_name}"
+
+
+def lineage_key():
+    """Prefect's cache policy for a stage task: the key is the lineage fingerprint the task is given — the same
+    object the catalog records, so Prefect's cache and the catalog cannot disagree."""
+    from prefect.cache_policies import CachePolicy
+
+    class LineageKey(CachePolicy):
+        def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs) -> str:
+            return inputs["lineage"].fp
+
+    return LineageKey()
+
+
+# ---- plain Prefect tasks (no stage of their own) --------------------------------------------------------------
 class PrefectTask:
     """`prefect.task(**options)(fn)`, built the first time it is called, mapped, submitted or given options — so
     importing a stage module never imports Prefect (a torchrun rank, a bench script and a test run the plain
@@ -135,65 +261,3 @@ class PrefectTask:
 def prefect_task(**options):
     """`@prefect.task(**options)`, built on first use (see `PrefectTask`)."""
     return lambda fn: PrefectTask(fn, **options)
-
-
-def stage_task(name: str, lineage: Callable[..., Lineage], **options):
-    """A stage's Prefect task, cached by its fingerprint. The task's parameters are `lineage`'s parameters (and the
-    config); `stage_lineage(task, ...)` gives the lineage of a call without running it."""
-    def by_fingerprint(context, arguments) -> str:
-        return lineage_of(lineage, arguments).fp
-
-    def decorate(fn):
-        stage = PrefectTask(fn, name=name, cache_key_fn=by_fingerprint, persist_result=True, **options)
-        stage.lineage = lineage
-        return stage
-
-    return decorate
-
-
-class NotCached(LookupError):
-    """A stage output that is not in the catalog yet: the stage must run."""
-
-
-def lineage_of(lineage: Callable[..., Lineage], arguments: dict) -> Lineage:
-    """`lineage` applied to the arguments of a task call (a task may take more, e.g. the whole config)."""
-    return lineage(**{k: arguments[k] for k in inspect.signature(lineage).parameters if k in arguments})
-
-
-def stage_lineage(stage, *args, **kwargs) -> Lineage:
-    """The lineage of calling the stage task `stage` with these arguments."""
-    bound = inspect.signature(stage.fn).bind(*args, **kwargs)
-    bound.apply_defaults()
-    return lineage_of(stage.lineage, bound.arguments)
-
-
-def from_catalog(config: DistillConfig, stage, *args, **kwargs):
-    """What calling the stage task would return, read from the catalog without running anything (no Prefect
-    server either); `NotCached` when the stage has not run with these inputs."""
-    kind = typing.get_type_hints(stage.fn)["return"]
-    done = cached_output(workspace_of(config).catalog(), stage_lineage(stage, *args, **kwargs), kind)
-    if done is None:
-        raise NotCached(stage.name)
-    return done
-
-
-_SAVED: set[tuple[str, str]] = set()
-
-
-def use_workspace(config: DistillConfig) -> Workspace:
-    """Store this flow run's task results under the config's workspace (see the module docstring)."""
-    from prefect.context import FlowRunContext
-    from prefect.filesystems import LocalFileSystem
-    from prefect.results import resolve_result_storage
-    from prefect.settings import PREFECT_API_URL
-
-    ws = workspace_of(config)
-    key = (str(PREFECT_API_URL.value()), ws.block_name)  # a saved block, as Prefect requires; one save per server
-    if key not in _SAVED:
-        LocalFileSystem(basepath=str(ws.results_dir)).save(ws.block_name, overwrite=True)
-        _SAVED.add(key)
-    run = FlowRunContext.get()
-    if run is not None:
-        storage = resolve_result_storage(f"local-file-system/{ws.block_name}", _sync=True)
-        run.result_store = run.result_store.model_copy(update={"result_storage": storage})
-    return ws

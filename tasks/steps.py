@@ -16,7 +16,7 @@ from keystep.config import DistillConfig
 from storage.fingerprint import Lineage
 from storage.workspace import Workspace
 from tasks.formats import NO_CUT, encode_rationale, token_spans, training_target
-from tasks.stage import StageOutput, cached_output, kept_rationales, publish_stage
+from tasks.stage import Made, Stage, StageInputs, StageOutput, kept_rationales
 from tasks.student import Student
 from tasks.teacher import Generation
 
@@ -80,18 +80,22 @@ class Steps(StageOutput):
     mean_steps: float
 
 
-def steps_lineage(config: DistillConfig, generation: Generation, student: Student) -> Lineage:
-    return Lineage("steps", config.steps, (generation.fp, student.fp), CODE_VERSION)
+class StepsInputs(StageInputs):
+    """The kept rationales to split, and the student whose tokens the spans count."""
+    generation: Generation
+    student: Student
 
 
-def split_rationales(ws: Workspace, config: DistillConfig, generation: Generation, student: Student) -> Steps:
+def steps_lineage(config: DistillConfig, inputs: StepsInputs) -> Lineage:
+    return Lineage("steps", config.steps, (inputs.generation.fp, inputs.student.fp), CODE_VERSION)
+
+
+def split_rationales(ws: Workspace, config: DistillConfig, inputs: StepsInputs, lineage: Lineage) -> Made:
     from transformers import AutoTokenizer
 
-    catalog, cfg, lineage = ws.catalog(), config.steps, steps_lineage(config, generation, student)
-    if done := cached_output(catalog, lineage, Steps):
-        return done
-    tok = AutoTokenizer.from_pretrained(student.model_dir)
-    rationales = kept_rationales(catalog, config, generation)
+    catalog, cfg = ws.catalog(), config.steps
+    tok = AutoTokenizer.from_pretrained(inputs.student.model_dir)
+    rationales = kept_rationales(catalog, config, inputs.generation)
     rows, n_steps = [], []
     for r in rationales:
         target = training_target(r["text"], r["answer"], config.teacher)
@@ -103,13 +107,7 @@ def split_rationales(ws: Workspace, config: DistillConfig, generation: Generatio
                          "char_start": a, "char_end": b, "token_start": ta, "token_end": tb})
     out = Steps(fp=lineage.fp, n_rationales=len(rationales), n_steps=len(rows),
                 mean_steps=sum(n_steps) / len(n_steps) if n_steps else 0.0)
-    return publish_stage(catalog, lineage, out, {"steps": rows})
+    return Made(out, {"steps": rows})
 
 
-# ---- Prefect wrapper ------------------------------------------------------------------------------
-from tasks.stage import stage_task, workspace_of  # noqa: E402
-
-
-@stage_task("steps", steps_lineage)
-def split_steps_task(config: DistillConfig, generation: Generation, student: Student) -> Steps:
-    return split_rationales(workspace_of(config), config, generation, student)
+STEPS = Stage("steps", StepsInputs, Steps, steps_lineage, split_rationales)

@@ -21,7 +21,7 @@ from keystep.config import DistillConfig, LoraConfig, StudentConfig, TrainConfig
 from storage.fingerprint import Lineage
 from storage.workspace import Workspace, publish_dir, temp_dir_for
 from tasks.formats import standalone_tokenizer
-from tasks.stage import StageOutput, cached_output, kept_rationales, publish_stage
+from tasks.stage import Stage, StageInputs, StageOutput, kept_rationales
 from tasks.teacher import Generation
 
 CODE_VERSION = "2"   # 2: the folder's tokenizer adds <bos> itself; a scratch model's context is 2 x max_length
@@ -204,11 +204,16 @@ def merge_adapter(adapter_dir: Path, out_dir: Path) -> None:
     publish_dir(tmp, out_dir)
 
 
-def student_lineage(config: DistillConfig, generation: Generation) -> Lineage:
+class StudentInputs(StageInputs):
+    """The teacher's rationales: a scratch student's tokenizer is trained on them."""
+    generation: Generation
+
+
+def student_lineage(config: DistillConfig, inputs: StudentInputs) -> Lineage:
     # a scratch tokenizer is trained on the corpus, so it depends on the generation output; a pretrained
     # model does not
     cfg = config.student.model_copy(update={"lora": None})   # adapters are the training stage's business
-    return Lineage("student", cfg, (generation.fp,) if cfg.model == "scratch" else (), CODE_VERSION)
+    return Lineage("student", cfg, (inputs.generation.fp,) if cfg.model == "scratch" else (), CODE_VERSION)
 
 
 def training_corpus(ws: Workspace, config: DistillConfig, generation: Generation) -> list[str]:
@@ -216,13 +221,10 @@ def training_corpus(ws: Workspace, config: DistillConfig, generation: Generation
     return [f"{r['question']} {r['text']}" for r in kept_rationales(ws.catalog(), config, generation)]
 
 
-def init_student(ws: Workspace, config: DistillConfig, generation: Generation) -> Student:
-    catalog, cfg, lineage = ws.catalog(), config.student, student_lineage(config, generation)
-    done = cached_output(catalog, lineage, Student)
-    if done and Path(done.model_dir).exists():
-        return done
+def init_student(ws: Workspace, config: DistillConfig, inputs: StudentInputs, lineage: Lineage) -> Student:
+    cfg = config.student
     if cfg.model == "scratch":
-        corpus = training_corpus(ws, config, generation)
+        corpus = training_corpus(ws, config, inputs.generation)
         if not corpus:
             raise ValueError("student.model 'scratch' needs a corpus to train its tokenizer, but no rationale was "
                              "kept; check teacher.keep_only_correct and the teacher's correctness rate")
@@ -238,14 +240,8 @@ def init_student(ws: Workspace, config: DistillConfig, generation: Generation) -
     else:
         model, _ = load_student(cfg.model)
         model_dir, n_params = cfg.model, sum(p.numel() for p in model.parameters())
-    out = Student(fp=lineage.fp, model_dir=model_dir, n_params=n_params)
-    return publish_stage(catalog, lineage, out)
+    return Student(fp=lineage.fp, model_dir=model_dir, n_params=n_params)
 
 
-# ---- Prefect wrapper ------------------------------------------------------------------------------
-from tasks.stage import stage_task, workspace_of  # noqa: E402
-
-
-@stage_task("student", student_lineage)
-def init_student_task(config: DistillConfig, generation: Generation) -> Student:
-    return init_student(workspace_of(config), config, generation)
+STUDENT = Stage("student", StudentInputs, Student, student_lineage, init_student,
+                still_valid=lambda config, done: Path(done.model_dir).exists())

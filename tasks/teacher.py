@@ -32,7 +32,7 @@ from storage.workspace import Workspace
 from tasks.answers import extract_answer, is_correct
 from tasks.formats import format_prompt
 from tasks.ingest import Dataset
-from tasks.stage import StageOutput, cached_output, publish_stage
+from tasks.stage import Stage, StageInputs, StageOutput
 from tasks.teacher_backends import (PROTOCOL_FAULTS, GenerationRequest, GenerationResult, TeacherUnavailable,
                                     make_backend, open_endpoint, resolve_api_key)
 
@@ -80,9 +80,14 @@ class GenerationPlan(BaseModel):
     recovered: int
 
 
-def generation_lineage(config: DistillConfig, dataset: Dataset) -> Lineage:
+class GenerateInputs(StageInputs):
+    """The ingested dataset the teacher answers."""
+    dataset: Dataset
+
+
+def generation_lineage(config: DistillConfig, inputs: GenerateInputs) -> Lineage:
     """What changes the generated text (and keep_only_correct, which changes what is kept); not how requests are sent."""
-    return Lineage("generate", teacher_identity(config.teacher), (dataset.fp,), CODE_VERSION)
+    return Lineage("generate", teacher_identity(config.teacher), (inputs.dataset.fp,), CODE_VERSION)
 
 
 def rationale_id(teacher_fp: str, example_id: str, sample_index: int) -> str:
@@ -231,12 +236,11 @@ def retryable_failures(config: DistillConfig, done: Generation | None) -> bool:
                 and any(r.startswith(PROTOCOL_FAULTS) for r in done.failure_reasons))
 
 
-def finish_generation(ws: Workspace, config: DistillConfig, dataset: Dataset, wall_s: float | None = None,
-                      refresh: bool = False) -> Generation:
-    """`refresh`: recount after a rerun retried failed items (the stage's output changes, its fingerprint not)."""
-    catalog, cfg, lineage = ws.catalog(), config.teacher, generation_lineage(config, dataset)
-    if not refresh and (done := cached_output(catalog, lineage, Generation)):
-        return done
+def finish_generation(ws: Workspace, config: DistillConfig, inputs: GenerateInputs, lineage: Lineage,
+                      wall_s: float | None = None) -> Generation:
+    """The stage's body, after plan and shards: the spool into the catalog, then the counts. A generation with items
+    to ask again is not `still_valid`, so a rerun recounts it (its output changes, its fingerprint not)."""
+    catalog, cfg, dataset = ws.catalog(), config.teacher, inputs.dataset
     spool = spool_dir(catalog, cfg)
     ingest_spool(catalog, spool)
     leftover = list(spool.glob("requests-*.parquet")) if spool.exists() else []
@@ -258,14 +262,19 @@ def finish_generation(ws: Workspace, config: DistillConfig, dataset: Dataset, wa
                      mean_latency_s=s["mean_latency_s"] or 0.0, wall_s=wall_s or None,
                      completion_tokens_per_s=(s["completion_tokens"] or 0) / wall_s if wall_s else None,
                      cost_estimate=cost)
-    return publish_stage(catalog, lineage, out)
+    return out
+
+
+GENERATE = Stage("generate", GenerateInputs, Generation, generation_lineage, finish_generation,
+                 still_valid=lambda config, done: not retryable_failures(config, done))
 
 
 def generate_rationales(ws: Workspace, config: DistillConfig, dataset: Dataset, backend=None,
                         endpoint: str | None = None) -> Generation:
     """plan -> shards -> finish in this process (what the generate flow does, without Prefect)."""
-    done = cached_output(ws.catalog(), generation_lineage(config, dataset), Generation)
-    if done and not retryable_failures(config, done):
+    inputs = GenerateInputs(dataset=dataset)
+    lineage = generation_lineage(config, inputs)
+    if done := GENERATE.cached(ws, config, lineage):
         return done
     t0 = time.perf_counter()
     plan = plan_generation(ws.catalog(), config.teacher, dataset.fp)
@@ -274,7 +283,7 @@ def generate_rationales(ws: Workspace, config: DistillConfig, dataset: Dataset, 
     else:
         for path in plan.shards:
             run_shard(config.teacher, path, endpoint, backend=backend)
-    return finish_generation(ws, config, dataset, wall_s=time.perf_counter() - t0, refresh=done is not None)
+    return GENERATE.run(ws, config, inputs, lineage, wall_s=time.perf_counter() - t0)
 
 
 def usage_table(cfg: TeacherConfig, out: Generation) -> list[dict]:
@@ -300,7 +309,7 @@ def usage_description(cfg: TeacherConfig, out: Generation) -> str:
 
 
 # ---- Prefect wrappers -----------------------------------------------------------------------------
-from tasks.stage import prefect_task, stage_task, workspace_of  # noqa: E402
+from tasks.stage import prefect_task, workspace_of  # noqa: E402
 
 
 @prefect_task(name="teacher-plan")
@@ -347,12 +356,12 @@ def shard_task(cfg: TeacherConfig, requests_path: str, endpoint: str | None) -> 
     return finished
 
 
-@stage_task("generate", generation_lineage)
-def finish_task(config: DistillConfig, dataset: Dataset, wall_s: float | None = None, refresh: bool = False) -> Generation:
+@GENERATE.in_prefect
+def _finish_in_prefect(run, config: DistillConfig, inputs: GenerateInputs, lineage: Lineage) -> Generation:
     from prefect import get_run_logger
     from prefect.artifacts import create_table_artifact
 
-    out = finish_generation(workspace_of(config), config, dataset, wall_s, refresh)
+    out = run()
     get_run_logger().info("teacher %s: %d rationales, %d failed %s, correct rate %.1f%%", config.teacher.backend, out.n,
                           out.n_failed, out.failure_reasons or "", 100 * out.correct_rate)
     create_table_artifact(key="teacher-usage", description=usage_description(config.teacher, out),
@@ -360,21 +369,14 @@ def finish_task(config: DistillConfig, dataset: Dataset, wall_s: float | None = 
     return out
 
 
-def finished_generation(config: DistillConfig, dataset: Dataset) -> Generation | None:
-    """The generation as the catalog has it, when it needs no more teacher calls (no item left to ask again)."""
-    done = cached_output(workspace_of(config).catalog(), generation_lineage(config, dataset), Generation)
-    return done if done and not retryable_failures(config, done) else None
-
-
 def teacher_rationales(config: DistillConfig, dataset: Dataset) -> Generation:
     """The teacher stage in a flow: plan (here) -> shards (mapped over the flow's task runner: threads, Dask or Ray)
     or batches (here: their ledger is in the catalog) -> finish (here, cached by the generation's fingerprint)."""
     from prefect import unmapped
 
-    ws = workspace_of(config)
-    done = cached_output(ws.catalog(), generation_lineage(config, dataset), Generation)
-    if done and not retryable_failures(config, done):   # done: only the cached finish runs
-        return finish_task(config, dataset)
+    ws, inputs = workspace_of(config), GenerateInputs(dataset=dataset)
+    if GENERATE.cached(ws, config, generation_lineage(config, inputs)):   # done: only the cached finish runs
+        return GENERATE(config, inputs)
     t0 = time.perf_counter()
     plan = plan_task(config, dataset)
     if plan.shards and config.teacher.batched:
@@ -386,6 +388,5 @@ def teacher_rationales(config: DistillConfig, dataset: Dataset) -> Generation:
             failed = [f for f in futures if f.state.is_failed()]
             if failed:
                 failed[0].result()  # re-raise the first shard's error (finished parts stay in the spool)
-    if done:   # a rerun that asked again for failed items: count them anew under the same fingerprint
-        return finish_task.with_options(refresh_cache=True)(config, dataset, time.perf_counter() - t0, refresh=True)
-    return finish_task(config, dataset, time.perf_counter() - t0)
+    # a rerun that asked again for failed items counts them anew under the same fingerprint (GENERATE's still_valid)
+    return GENERATE(config, inputs, wall_s=time.perf_counter() - t0)

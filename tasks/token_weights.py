@@ -37,7 +37,7 @@ from storage.fingerprint import Lineage
 from storage.workspace import Workspace
 from tasks.formats import EncodedRationale, keypoints, rationale_positions
 from tasks.packing import pad_stack
-from tasks.stage import StageOutput, cached_output, kept_rationales, publish_stage
+from tasks.stage import Made, Stage, StageInputs, StageOutput, kept_rationales
 from tasks.token_weights_report import shaded_html, shaded_markdown
 from tasks.steps import Steps
 from tasks.student import Student, load_student, pick_device
@@ -273,20 +273,25 @@ def infer_weights(weighter, items: list[EncodedRationale], pad_id: int, batch_si
     return out
 
 
-def token_weights_lineage(config: DistillConfig, generation: Generation, steps: Steps, predictor: Student) -> Lineage:
-    """`predictor`: the student whose embeddings the module reads (and, for `predictor: student`, the predictor)."""
+class TokenWeightsInputs(StageInputs):
+    """The rationales and their steps, and `predictor`: the student whose embeddings the module reads (and, for
+    `predictor: student`, the answer predictor)."""
+    generation: Generation
+    steps: Steps
+    predictor: Student
+
+
+def token_weights_lineage(config: DistillConfig, inputs: TokenWeightsInputs) -> Lineage:
     return Lineage("token-weights", {"token_weights": config.token_weights, "device": config.train.device},
-                   (generation.fp, steps.fp, predictor.fp), CODE_VERSION)
+                   (inputs.generation.fp, inputs.steps.fp, inputs.predictor.fp), CODE_VERSION)
 
 
-def learn_token_weights(ws: Workspace, config: DistillConfig, generation: Generation, steps: Steps, predictor: Student,
-                        on_epoch: Callable[[int, dict], None] | None = None) -> TokenWeights:
-    catalog, cfg, lineage = ws.catalog(), config.token_weights, token_weights_lineage(config, generation, steps, predictor)
-    if done := cached_output(catalog, lineage, TokenWeights):
-        return done
+def learn_token_weights(ws: Workspace, config: DistillConfig, inputs: TokenWeightsInputs, lineage: Lineage,
+                        on_epoch: Callable[[int, dict], None] | None = None) -> Made:
+    cfg, predictor = config.token_weights, inputs.predictor
     fp, device = lineage.fp, pick_device(config.train.device)
     model, tokenizer = load_student(predictor.model_dir, device=device)
-    rows, items = load_encoded(ws, config, tokenizer, generation, steps)
+    rows, items = load_encoded(ws, config, tokenizer, inputs.generation, inputs.steps)
     history: list[dict] = []
     if cfg.uniform:  # ablation: no token weighting
         weights = [[1.0] * (it.rationale_end - it.rationale_start) for it in items]
@@ -310,7 +315,7 @@ def learn_token_weights(ws: Workspace, config: DistillConfig, generation: Genera
                        # collapsed masks leave the KPOD loss almost nothing to train on in the rationale: say so
                        collapsed=not cfg.uniform and kept < 0.05 * max(total, 1))
     report.with_suffix(".md").write_text(shaded_markdown(tokenizer, items, weights, cfg.top_k))
-    return publish_stage(catalog, lineage, out, {"token_weights": table})
+    return Made(out, {"token_weights": table})
 
 
 def weighter_path(ws: Workspace, fp: str) -> Path:
@@ -334,19 +339,18 @@ def load_weights(catalog, token_weights: TokenWeights) -> dict[str, tuple[int, l
             for r in catalog.query("token_weights_of", token_weights_fp=token_weights.fp)}
 
 
-# ---- Prefect wrapper ------------------------------------------------------------------------------
-from tasks.stage import stage_task, workspace_of  # noqa: E402
+TOKEN_WEIGHTS = Stage("token-weights", TokenWeightsInputs, TokenWeights, token_weights_lineage, learn_token_weights,
+                      tags=["gpu"])
 
 
-@stage_task("token-weights", token_weights_lineage, tags=["gpu"])
-def token_weights_task(config: DistillConfig, generation: Generation, steps: Steps, predictor: Student) -> TokenWeights:
+@TOKEN_WEIGHTS.in_prefect
+def _token_weights_in_prefect(run, config: DistillConfig, inputs: TokenWeightsInputs, lineage: Lineage) -> TokenWeights:
     from prefect import get_run_logger
     from prefect.artifacts import create_markdown_artifact
 
     logger = get_run_logger()
-    out = learn_token_weights(
-        workspace_of(config), config, generation, steps, predictor,
-        on_epoch=lambda e, m: logger.info("masks epoch %d: L %.3f Lp %.3f Lm %.3f", e, m["loss"], m["lp"], m["lm"]))
+    out = run(on_epoch=lambda e, m: logger.info("masks epoch %d: L %.3f Lp %.3f Lm %.3f", e, m["loss"], m["lp"],
+                                                m["lm"]))
     if out.collapsed:
         logger.warning("token weights collapsed: %.1f%% of rationale tokens have weight >= 0.5, so the KPOD loss "
                        "barely trains on rationales; lower token_weights.weighter_lr or token_weights.alpha",

@@ -16,47 +16,41 @@ from typing import Callable
 from keystep.config import DistillConfig
 from storage.fingerprint import Lineage
 from storage.workspace import Workspace
-from tasks.curriculum import Curriculum
 from tasks.parallel import launch
-from tasks.stage import cached_output, publish_stage
-from tasks.steps import Steps
-from tasks.student import Student, pick_device
-from tasks.teacher import Generation
-from tasks.token_weights import TokenWeights
+from tasks.stage import Stage
+from tasks.student import pick_device
 from tasks.training import TRUNCATION_WARN, TrainInputs, Trained, run_training
 
 CODE_VERSION = "2"   # 2: packed batches, loss normalised per optimizer step
 
-__all__ = ["TRUNCATION_WARN", "TrainInputs", "Trained", "train_lineage", "train_student", "train_task"]
+__all__ = ["TRAIN", "TRUNCATION_WARN", "TrainInputs", "Trained", "train_lineage", "train_student"]
 
 
 # ---- the stage ------------------------------------------------------------------------------------------
-def train_lineage(config: DistillConfig, generation: Generation, student: Student, steps: Steps | None = None,
-                  token_weights: TokenWeights | None = None, curriculum: Curriculum | None = None) -> Lineage:
+def train_lineage(config: DistillConfig, inputs: TrainInputs) -> Lineage:
     """Upstream: what training reads — the rationales and the student, for KPOD also steps, token weights and the
     curriculum, for the key-token format the token weights."""
-    upstream = [generation.fp, student.fp]
+    i = inputs
+    upstream = [i.generation.fp, i.student.fp]
     if config.train.loss == "kpod":
-        upstream += [steps.fp, token_weights.fp, curriculum.fp]
+        upstream += [i.steps.fp, i.token_weights.fp, i.curriculum.fp]
     elif config.train.target_format == "label_then_keytokens":
-        upstream += [token_weights.fp]
+        upstream += [i.token_weights.fp]
     # LoRA adapters are trained here, so their settings belong to this stage (not to the student's)
     what = config.train if config.student.lora is None else {"train": config.train, "lora": config.student.lora}
     return Lineage("train", what, tuple(upstream), CODE_VERSION)
 
 
-def train_student(ws: Workspace, config: DistillConfig, inputs: TrainInputs,
+def train_student(ws: Workspace, config: DistillConfig, inputs: TrainInputs, lineage: Lineage,
                   on_epoch: Callable[[int, int, dict], None] | None = None,
                   log: Callable[[str], None] = print) -> Trained:
-    lineage = train_lineage(config, **dict(inputs))
-    done = cached_output(ws.catalog(), lineage, Trained)
-    if done and Path(done.final_dir).exists():
-        return done
     if config.train.num_processes > 1:
-        out = launch_training(ws, config, inputs, lineage, on_epoch, log)
-    else:
-        out = run_training(ws, lineage, config, inputs, on_epoch)
-    return publish_stage(ws.catalog(), lineage, out)
+        return launch_training(ws, config, inputs, lineage, on_epoch, log)
+    return run_training(ws, lineage, config, inputs, on_epoch)
+
+
+TRAIN = Stage("train", TrainInputs, Trained, train_lineage, train_student,
+              still_valid=lambda config, done: Path(done.final_dir).exists(), tags=["gpu"])
 
 
 # ---- several processes (tasks/parallel.py) ---------------------------------------------------------------
@@ -83,27 +77,20 @@ def launch_training(ws: Workspace, config: DistillConfig, inputs: TrainInputs, l
     return Trained.model_validate(out)
 
 
-# ---- Prefect wrapper ------------------------------------------------------------------------------
-from tasks.stage import stage_task, workspace_of  # noqa: E402
-
-
-@stage_task("train", train_lineage, tags=["gpu"])
-def train_task(config: DistillConfig, generation: Generation, student: Student, steps: Steps | None = None,
-               token_weights: TokenWeights | None = None, curriculum: Curriculum | None = None) -> Trained:
+# ---- in Prefect: progress and the truncation warning ---------------------------------------------------------
+@TRAIN.in_prefect
+def _train_in_prefect(run, config: DistillConfig, inputs: TrainInputs, lineage: Lineage) -> Trained:
     from prefect import get_run_logger
     from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
     logger = get_run_logger()
-    lineage = train_lineage(config, generation, student, steps, token_weights, curriculum)
     progress = create_progress_artifact(0.0, key="train-progress", description=f"training {lineage.fp}")
 
     def on_epoch(epoch: int, total: int, metrics: dict) -> None:
         update_progress_artifact(progress, 100.0 * epoch / total)
         logger.info("epoch %d/%d loss %.4f (%.0f tokens/s)", epoch, total, metrics["loss"], metrics["tokens_per_s"])
 
-    inputs = TrainInputs(generation=generation, student=student, steps=steps, token_weights=token_weights,
-                         curriculum=curriculum)
-    out = train_student(workspace_of(config), config, inputs, on_epoch, log=logger.info)
+    out = run(on_epoch=on_epoch, log=logger.info)
     update_progress_artifact(progress, 100.0)
     if out.n_truncated > TRUNCATION_WARN * out.n_examples:
         logger.warning("%d of %d training sequences (%.0f%%) were cut at student.max_length=%d: their answers are lost "

@@ -26,8 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from pydantic import BaseModel
-
 from keystep.config import DistillConfig, TeacherConfig, TrainConfig
 from storage.fingerprint import Lineage
 from storage.workspace import Workspace, publish_dir, temp_dir_for
@@ -36,7 +34,7 @@ from tasks.formats import (IGNORE, Sequence, encode_rationale, format_target, ke
                            standalone_tokenizer)
 from tasks.packing import collate, collate_packed, model_inputs
 from tasks.parallel import Dist, full_state, load_optimizer, no_grad_sync, resync, unwrap, wrap
-from tasks.stage import StageOutput, kept_rationales
+from tasks.stage import StageInputs, StageOutput, kept_rationales
 from tasks.steps import Steps
 from tasks.student import Student, build_model, merge_adapter, pick_device, resolve_precision
 from tasks.teacher import Generation
@@ -61,7 +59,7 @@ class Trained(StageOutput):
     history: list[dict]
 
 
-class TrainInputs(BaseModel):
+class TrainInputs(StageInputs):
     """What training reads: the kept rationales and the student; for KPOD also the steps, token weights and the
     curriculum; for the key-token format the token weights."""
     generation: Generation

@@ -12,10 +12,12 @@ checkpoint); with `epochs` 0 the untrained student itself.
 """
 from __future__ import annotations
 
+from pydantic import Field
+
 from keystep.config import DistillConfig, TrainConfig
 from storage.fingerprint import Lineage
 from storage.workspace import Workspace
-from tasks.stage import cached_output, publish_stage
+from tasks.stage import Stage, StageInputs
 from tasks.student import Student
 from tasks.teacher import Generation
 from tasks.training import TrainInputs, run_training
@@ -26,32 +28,32 @@ CODE_VERSION = "2"
 INHERITED = ("device", "precision", "compile", "gradient_checkpointing", "packing", "pack_length", "allow_truncation")
 
 
-def warmup_lineage(config: DistillConfig, generation: Generation, student: Student, epochs: int) -> Lineage:
-    return Lineage("student-warmup", {"epochs": epochs, "device": config.train.device,
+class WarmupInputs(StageInputs):
+    """The untrained student, the rationales it warms up on, and for how many epochs."""
+    generation: Generation
+    student: Student
+    epochs: int = Field(ge=1, description="epochs of Std-CoT (0 is the untrained student itself: no stage runs)")
+
+
+def warmup_lineage(config: DistillConfig, inputs: WarmupInputs) -> Lineage:
+    return Lineage("student-warmup", {"epochs": inputs.epochs, "device": config.train.device,
                                       "precision": config.train.precision, "lora": config.student.lora},
-                   (generation.fp, student.fp), CODE_VERSION)
+                   (inputs.generation.fp, inputs.student.fp), CODE_VERSION)
+
+
+def warm_up(ws: Workspace, config: DistillConfig, inputs: WarmupInputs, lineage: Lineage) -> Student:
+    # its own train section (how it runs inherited from the user's), so `config.train` means one thing everywhere
+    warm = config.model_copy(update={"train": TrainConfig(epochs=inputs.epochs, seed=1,
+                                                          **{k: getattr(config.train, k) for k in INHERITED})})
+    trained = run_training(ws, lineage, warm, TrainInputs(generation=inputs.generation, student=inputs.student))
+    return Student(fp=lineage.fp, model_dir=trained.final_dir, n_params=inputs.student.n_params, device=trained.device)
+
+
+WARMUP = Stage("student-warmup", WarmupInputs, Student, warmup_lineage, warm_up, tags=["gpu"])
 
 
 def warm_up_student(ws: Workspace, config: DistillConfig, generation: Generation, student: Student,
                     epochs: int) -> Student:
-    if not epochs:
-        return student
-    lineage = warmup_lineage(config, generation, student, epochs)
-    done = cached_output(ws.catalog(), lineage, Student)
-    if done:
-        return done
-    # its own train section (how it runs inherited from the user's), so `config.train` means one thing everywhere
-    warm = config.model_copy(update={"train": TrainConfig(epochs=epochs, seed=1,
-                                                          **{k: getattr(config.train, k) for k in INHERITED})})
-    trained = run_training(ws, lineage, warm, TrainInputs(generation=generation, student=student))
-    out = Student(fp=lineage.fp, model_dir=trained.final_dir, n_params=student.n_params, device=trained.device)
-    return publish_stage(ws.catalog(), lineage, out)
-
-
-# ---- Prefect wrapper ------------------------------------------------------------------------------
-from tasks.stage import stage_task, workspace_of  # noqa: E402
-
-
-@stage_task("student-warmup", warmup_lineage, tags=["gpu"])
-def warm_up_task(config: DistillConfig, generation: Generation, student: Student, epochs: int) -> Student:
-    return warm_up_student(workspace_of(config), config, generation, student, epochs)
+    """The student KPOD's predictor or scorer reads, outside a flow: warmed up for `epochs`, or itself when 0."""
+    return WARMUP.run(ws, config, WarmupInputs(
+        generation=generation, student=student, epochs=epochs)) if epochs else student

@@ -119,18 +119,18 @@ def test_the_unions_changed_no_fingerprint():
     """Values computed before the unions (c3bcab8's flat models): the demo's teacher, its datasets, an openai chat
     teacher, a gsm8k file spec."""
     from keystep.config import build_config
-    from tasks.ingest import dataset_lineage
+    from tasks.ingest import IngestInputs, dataset_lineage
     from tasks.teacher import teacher_fingerprint
 
     demo = load_config(ROOT / "configs" / "demo.yaml")
     assert teacher_fingerprint(demo.teacher) == "teacher-974dca191da568f8"
-    assert [dataset_lineage(s).fp for s in [demo.data.train, *demo.data.eval]] == \
+    assert [dataset_lineage(demo, IngestInputs(spec=s)).fp for s in [demo.data.train, *demo.data.eval]] == \
         ["ingest-aab36277e65ea786", "ingest-1aede267e5466e0a"]
     openai = build_config({"teacher": {"backend": "openai", "base_url": "http://x/v1", "model": "m", "api": "chat",
                                        "temperature": 0.7, "n_samples": 3, "system_prompt": "s"}})
     assert teacher_fingerprint(openai.teacher) == "teacher-2c7ec5208a901ae2"
     files = build_config({"data": {"train": {"name": "g", "source": "gsm8k", "path": "/nonexistent/g.jsonl", "limit": 5}}})
-    assert dataset_lineage(files.data.train).fp == "ingest-e0c39591c62a322e"
+    assert dataset_lineage(files, IngestInputs(spec=files.data.train)).fp == "ingest-e0c39591c62a322e"
 
 
 def test_the_deployment_form_offers_each_source_and_backend():

@@ -72,3 +72,23 @@ def test_following_distills_config_climbs_back_up_at_most_5_times():
     edges, reached = walk.climbs()
     assert reached > 50, "the walk no longer follows the config into the stages"
     assert len(edges) <= 5, edges
+
+
+def test_one_place_reads_a_stage_cache_and_every_stage_is_declared_once():
+    """Stage bodies start at their work: the catalog's cache is read only by tasks/stage.py's `Stage` (and its
+    `cached_output`), and each stage is declared once, as a `Stage(...)` with a frozen inputs model."""
+    import importlib
+
+    readers = sorted(p.name for p in (ROOT / "tasks").glob("*.py")
+                     if "cached_output(" in p.read_text() and p.name != "stage.py")
+    assert readers == []
+    from tasks.stage import Stage
+
+    stages = {}
+    for path in (ROOT / "tasks").glob("*.py"):
+        module = importlib.import_module(f"tasks.{path.stem}")
+        stages |= {s.name: s for s in vars(module).values() if isinstance(s, Stage)}
+    assert sorted(stages) == ["curriculum", "difficulty", "evaluate", "export", "generate", "ingest", "steps",
+                              "student", "student-warmup", "token-weights", "train"]
+    assert all(s.inputs.model_config.get("frozen") and s.inputs.model_config.get("extra") == "forbid"
+               for s in stages.values())

@@ -13,7 +13,7 @@ def prepared(ws, n=48, **overrides):
     cfg = load_config(ROOT / "configs" / "micro.yaml", {"storage.workspace": str(ws.root), "data.train.n": n, **overrides})
     dataset = ingest.ingest(ws, cfg.data.train)
     gen = teacher.generate_rationales(ws, cfg, dataset)
-    st = student.init_student(ws, cfg, gen)
+    st = student.STUDENT.run(ws, cfg, student.StudentInputs(generation=gen))
     return cfg, ws.catalog(), gen, st
 
 
@@ -29,10 +29,12 @@ def kpod_prepared(ws, n=32, epochs=4, **overrides):
 
     cfg, cat, gen, st = prepared(ws, n=n, **{"train.loss": "kpod", "train.epochs": epochs, "student.max_length": 256,
                                              **MICRO_MASKS, **overrides})
-    stp = steps.split_rationales(ws, cfg, gen, st)
-    tw = token_weights.learn_token_weights(ws, cfg, gen, stp, predictor_of(ws, cfg, gen, st))
-    dif = difficulty.score_difficulty(ws, cfg, gen, stp, tw, st)
-    cur = curriculum.build_curriculum(ws, cfg, gen, dif)
+    stp = steps.STEPS.run(ws, cfg, steps.StepsInputs(generation=gen, student=st))
+    tw = token_weights.TOKEN_WEIGHTS.run(ws, cfg, token_weights.TokenWeightsInputs(
+        generation=gen, steps=stp, predictor=predictor_of(ws, cfg, gen, st)))
+    dif = difficulty.DIFFICULTY.run(ws, cfg, difficulty.DifficultyInputs(
+        generation=gen, steps=stp, token_weights=tw, scorer=st))
+    cur = curriculum.CURRICULUM.run(ws, cfg, curriculum.CurriculumInputs(generation=gen, difficulty=dif))
     return cfg, cat, gen, st, {"steps": stp, "token_weights": tw, "curriculum": cur}
 
 

@@ -157,7 +157,7 @@ def test_sentence_model_embeddings_cluster_questions(tmp_path):
 
 def test_stage_writes_the_table_and_one_parquet_shard_per_stage(tmp_path):
     from storage.workspace import Workspace
-    from tasks.curriculum import build_curriculum
+    from tasks.curriculum import CURRICULUM, CurriculumInputs
     from tasks.difficulty import Difficulty
     from tests.tasks.helpers import prepared
 
@@ -170,7 +170,7 @@ def test_stage_writes_the_table_and_one_parquet_shard_per_stage(tmp_path):
                                              "difficulty": 1.0 + k, "n_tokens": 5}
                                             for i, r in enumerate(rows) for k in range(1 + i % 3)])
     d0 = Difficulty(fp="d0", n_rationales=len(rows), n_steps=0, scoring_model="", device="cpu", mean=0.0, max=0.0)
-    s = build_curriculum(ws, cfg, gen, d0)
+    s = CURRICULUM.run(ws, cfg, CurriculumInputs(generation=gen, difficulty=d0))
     fp = s.fp
     assert s.stages == 3 and s.n_rationales == len(rows)
     table = cat.query("curriculum_of", fp=fp)

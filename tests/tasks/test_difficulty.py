@@ -2,9 +2,9 @@ import math
 
 import pytest
 
-from tasks.difficulty import buckets, score_difficulty, step_difficulties, token_nll
+from tasks.difficulty import buckets, DIFFICULTY, DifficultyInputs, step_difficulties, token_nll
 from tasks.formats import EncodedRationale
-from tasks.token_weights import learn_token_weights
+from tasks.token_weights import TOKEN_WEIGHTS, TokenWeightsInputs
 from tasks.warmup import warm_up_student
 from tests.tasks.helpers import predictor_of
 from tests.tasks.test_token_weights import encoded_pipeline
@@ -42,8 +42,10 @@ def test_bucketed_scoring_equals_fixed_padding(tmp_path):
 
 def test_stage_scores_every_rationale_step(tmp_path):
     ws, cfg, cat, gen, st, stp, model, tok, items = encoded_pipeline(tmp_path)
-    tw = learn_token_weights(ws, cfg, gen, stp, predictor_of(ws, cfg, gen, st))
-    s = score_difficulty(ws, cfg, gen, stp, tw, warm_up_student(ws, cfg, gen, st, epochs=1))
+    tw = TOKEN_WEIGHTS.run(ws, cfg, TokenWeightsInputs(
+        generation=gen, steps=stp, predictor=predictor_of(ws, cfg, gen, st)))
+    s = DIFFICULTY.run(ws, cfg, DifficultyInputs(
+        generation=gen, steps=stp, token_weights=tw, scorer=warm_up_student(ws, cfg, gen, st, epochs=1)))
     rows = cat.query("difficulty_of", difficulty_fp=s.fp)
     assert s.n_steps == len(rows) == sum(len([e for e in it.step_ends if e > it.rationale_start]) for it in items)
     assert all(r["difficulty"] > 0 for r in rows)

@@ -1,5 +1,5 @@
 from storage.workspace import Workspace
-from tasks.evaluate import accuracy_rows, evaluate_student, results_table
+from tasks.evaluate import accuracy_rows, EVALUATE, EvaluateInputs, results_table
 from tasks.ingest import ingest
 from tasks.train import Trained
 from tests.tasks.helpers import prepared
@@ -21,7 +21,7 @@ def test_evaluate_stores_results_and_predictions(tmp_path):
                         loss="std_cot", n_examples=0, n_truncated=0, n_unweighted=None, resumed_from_epoch=0,
                         device="cpu", history=[])
     only_student = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"include_untrained": False})})
-    s = evaluate_student(ws, only_student, untrained, st, [ds])
+    s = EVALUATE.run(ws, only_student, EvaluateInputs(trained=untrained, student=st, datasets=[ds]))
     fp = s.fp
     n = ds.n_examples
     assert s.n_predictions == n
@@ -103,13 +103,14 @@ def test_the_student_folder_runs_the_same_in_a_plain_hugging_face_client(tmp_pat
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tasks.train import TrainInputs, train_student
+    from tasks.train import TrainInputs, TRAIN
 
     ws = Workspace(tmp_path)
     cfg, cat, gen, st = prepared(ws, n=64, **{"train.epochs": 2, "eval.include_untrained": False,
                                               "eval.curve_questions": 0})
-    trained = train_student(ws, cfg, TrainInputs(generation=gen, student=st))
-    evaluation = evaluate_student(ws, cfg, trained, st, [ingest(ws, cfg.data.eval[0])])
+    trained = TRAIN.run(ws, cfg, TrainInputs(generation=gen, student=st))
+    evaluation = EVALUATE.run(ws, cfg, EvaluateInputs(
+        trained=trained, student=st, datasets=[ingest(ws, cfg.data.eval[0])]))
     preds = cat.execute("select prompt, output from predictions where eval_fp = ? and model_label = 'student'",
                         [evaluation.fp])
     tok = AutoTokenizer.from_pretrained(trained.final_dir)

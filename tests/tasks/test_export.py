@@ -6,7 +6,7 @@ import sys
 
 
 from storage.workspace import Workspace
-from tasks.export import export_dataset, training_text
+from tasks.export import EXPORT, ExportInputs, training_text
 from tasks.formats import NO_CUT, encode_rationale, format_target
 from tests.conftest import ROOT
 from tests.tasks.helpers import kpod_prepared, prepared
@@ -20,9 +20,11 @@ def test_export_loads_back_and_its_sft_rows_are_the_training_text(tmp_path):
 
     ws = Workspace(tmp_path / "ws")
     cfg, cat, gen, st, kpod = kpod_prepared(ws, n=16, **{"export.formats": FORMATS, "export.license": "cc-by-4.0"})
-    from tasks.difficulty import score_difficulty
-    dif = score_difficulty(ws, cfg, gen, kpod["steps"], kpod["token_weights"], st)   # the helper's (cached) stage
-    out = export_dataset(ws, cfg, gen, st, kpod["steps"], kpod["token_weights"], dif)
+    from tasks.difficulty import DIFFICULTY, DifficultyInputs
+    dif = DIFFICULTY.run(ws, cfg, DifficultyInputs(
+        generation=gen, steps=kpod["steps"], token_weights=kpod["token_weights"], scorer=st))   # the helper's stage
+    out = EXPORT.run(ws, cfg, ExportInputs(
+        generation=gen, student=st, steps=kpod["steps"], token_weights=kpod["token_weights"], difficulty=dif))
     kept = cat.query("kept_rationales", dataset_fp=gen.dataset_fp, teacher_fp=gen.teacher_fp, only_correct=True)
 
     rows = datasets.load_from_disk(f"{out.out_dir}/hf/rationales")
@@ -78,9 +80,9 @@ def test_all_rows_keep_failed_ones_with_their_reason_and_the_stage_is_cached(tmp
     victim = cat.execute("select rationale_id from rationales limit 1")[0]["rationale_id"]
     cat.execute("update rationales set status = 'failed', reason = 'malformed response (KeyError)', correct = false "
                 "where rationale_id = ?", [victim])
-    kept_only = export_dataset(ws, cfg.model_copy(update={"export": cfg.export.model_copy(
-        update={"rows": "kept", "out": str(tmp_path / "kept")})}), gen, st)
-    out = export_dataset(ws, cfg, gen, st)
+    kept_only = EXPORT.run(ws, cfg.model_copy(update={"export": cfg.export.model_copy(
+        update={"rows": "kept", "out": str(tmp_path / "kept")})}), ExportInputs(generation=gen, student=st))
+    out = EXPORT.run(ws, cfg, ExportInputs(generation=gen, student=st))
     rows = {r["rationale_id"]: r for r in __import__("datasets").load_from_disk(f"{out.out_dir}/hf/rationales")}
     # one schema whatever the rows: `reason` is a string column even when every kept row's is null
     features = [__import__("datasets").load_from_disk(f"{o.out_dir}/hf/rationales").features for o in (kept_only, out)]
@@ -91,7 +93,7 @@ def test_all_rows_keep_failed_ones_with_their_reason_and_the_stage_is_cached(tmp
     assert len(rows) == 16 and rows[victim]["status"] == "failed" and rows[victim]["reason"].startswith("malformed")
     assert out.n_sft == 2 * 15                                          # SFT layouts hold what training reads
     stamp = (tmp_path / "out" / "export.json").stat().st_mtime_ns
-    again = export_dataset(ws, cfg, gen, st)
+    again = EXPORT.run(ws, cfg, ExportInputs(generation=gen, student=st))
     assert again == out and (tmp_path / "out" / "export.json").stat().st_mtime_ns == stamp   # cached
     assert not list(tmp_path.glob(".tmp-*"))                            # published by rename
 

@@ -4,7 +4,7 @@ import pytest
 
 from keystep.config import ConfigError, SyntheticDatasetSpec, FileDatasetSpec
 from storage.workspace import Workspace
-from tasks.ingest import dataset_lineage, generate_arith, ingest, load_examples
+from tasks.ingest import IngestInputs, dataset_lineage, generate_arith, ingest, load_examples
 from tests.conftest import SHARED_DATA
 
 
@@ -103,7 +103,7 @@ def test_ingest_stores_examples_and_bad_rows(catalog, tmp_path):
     assert catalog.execute("select count(*) as n from bad_rows where dataset_fp = ?", [fp])[0]["n"] == 1
     # an edited file is a new dataset version
     path.write_text('{"question": "a?", "answer": "2"}\n')
-    assert dataset_lineage(spec).fp != fp
+    assert dataset_lineage(None, IngestInputs(spec=spec)).fp != fp
 
 
 def test_eval_overlap_with_train_is_reported_not_silent(catalog):

@@ -6,7 +6,7 @@ import torch
 
 from storage.workspace import Workspace
 from tasks.student import load_student
-from tasks.train import train_lineage, train_student
+from tasks.train import train_lineage, TRAIN
 from tasks.training import TrainInputs, last_whole_epoch
 from tests.tasks.helpers import prepared
 from tests.tasks.test_train import Killed, train_killable
@@ -17,7 +17,7 @@ LORA = {"student.lora": {"r": 4, "alpha": 8, "dropout": 0.1}, "train.lr": 0.01}
 def test_lora_trains_adapters_only_and_writes_a_merged_student(tmp_path):
     ws = Workspace(tmp_path)
     cfg, cat, gen, st = prepared(ws, n=32, **{"train.epochs": 2, **LORA})
-    out = train_student(ws, cfg, TrainInputs(generation=gen, student=st))
+    out = TRAIN.run(ws, cfg, TrainInputs(generation=gen, student=st))
     epoch = ws.checkpoints_root(out.fp) / "epoch-2"
     adapter = json.loads((epoch / "adapter_config.json").read_text())
     assert adapter["r"] == 4 and adapter["base_model_name_or_path"] == st.model_dir
@@ -43,7 +43,8 @@ def test_lora_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path):
         if kill:
             with pytest.raises(Killed):
                 train_killable(ws, cfg, cat, gen, st, kill_after=kill)
-            assert last_whole_epoch(ws.checkpoints_root(train_lineage(cfg, gen, st).fp)) == 1
+            assert last_whole_epoch(ws.checkpoints_root(train_lineage(cfg, TrainInputs(
+                generation=gen, student=st)).fp)) == 1
         runs[name] = train_killable(ws, cfg, cat, gen, st)
     full, resumed = runs["full"], runs["killed"]
     assert resumed.resumed_from_epoch == 1
@@ -57,7 +58,7 @@ def test_qlora_trains_on_a_4bit_base(tmp_path):
     ws = Workspace(tmp_path)
     cfg, cat, gen, st = prepared(ws, n=32, **{"train.epochs": 2, "student.lora": {"r": 4, "quantize": "4bit"},
                                               "train.lr": 0.01})
-    out = train_student(ws, cfg, TrainInputs(generation=gen, student=st))
+    out = TRAIN.run(ws, cfg, TrainInputs(generation=gen, student=st))
     assert all(h["loss"] == h["loss"] for h in out.history)       # finite
     merged, tok = load_student(out.final_dir)
     assert merged.dtype in (torch.float32, torch.bfloat16) and not hasattr(merged, "peft_config")
@@ -70,8 +71,8 @@ def test_the_7b_preset_runs_its_settings_on_a_tiny_llama(tmp_path):
 
     from keystep.config import load_config
     from tasks import ingest, teacher
-    from tasks.evaluate import evaluate_student
-    from tasks.student import init_student, training_memory_gib
+    from tasks.evaluate import EVALUATE, EvaluateInputs
+    from tasks.student import STUDENT, StudentInputs, training_memory_gib
     from tests.conftest import ROOT
     from tests.vllm_model import build_tiny_llama
 
@@ -84,12 +85,13 @@ def test_the_7b_preset_runs_its_settings_on_a_tiny_llama(tmp_path):
     assert cfg.student.lora and cfg.train.precision == "bf16" and cfg.train.gradient_checkpointing and cfg.train.packing
     ws = Workspace(tmp_path / "ws")
     gen = teacher.generate_rationales(ws, cfg, ingest.ingest(ws, cfg.data.train))
-    st = init_student(ws, cfg, gen)
-    out = train_student(ws, cfg, TrainInputs(generation=gen, student=st))
+    st = STUDENT.run(ws, cfg, StudentInputs(generation=gen))
+    out = TRAIN.run(ws, cfg, TrainInputs(generation=gen, student=st))
     assert out.history[0]["loss"] == out.history[0]["loss"] and len(out.history) == 1
     saved = json.loads((ws.checkpoints_root(out.fp) / "epoch-1" / "keystep_config.json").read_text())
     assert saved["train"]["precision"] == "bf16" and saved["student"]["lora"]["r"] == 16
-    ev = evaluate_student(ws, cfg, out, st, [ingest.ingest(ws, spec) for spec in cfg.data.eval])
+    ev = EVALUATE.run(ws, cfg, EvaluateInputs(
+        trained=out, student=st, datasets=[ingest.ingest(ws, spec) for spec in cfg.data.eval]))
     assert ev.engine == "hf" and ev.n_predictions == 16                 # student + untrained, 8 each
 
     llama_7b = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,

@@ -7,7 +7,7 @@ from storage.workspace import Workspace
 from tasks.formats import IGNORE, Sequence
 from tasks.packing import collate, collate_packed, model_inputs, pack_rows
 from tasks.student import load_student
-from tasks.train import train_student
+from tasks.train import TRAIN
 from tasks.training import CurriculumSequences, TrainInputs, micro_batches, optimizer_steps, weighted_nll_sum
 from tests.tasks.helpers import kpod_prepared, prepared
 
@@ -89,5 +89,5 @@ def test_packed_and_padded_training_give_the_same_run(tmp_path):
     for packing in (True, False):
         ws = Workspace(tmp_path / str(packing))
         cfg, cat, gen, st = prepared(ws, n=32, **{"train.epochs": 2, "train.packing": packing})
-        histories[packing] = [h["loss"] for h in train_student(ws, cfg, TrainInputs(generation=gen, student=st)).history]
+        histories[packing] = [h["loss"] for h in TRAIN.run(ws, cfg, TrainInputs(generation=gen, student=st)).history]
     assert histories[True] == pytest.approx(histories[False], rel=1e-4)

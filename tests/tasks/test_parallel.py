@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from storage.workspace import Workspace
-from tasks.train import train_student
+from tasks.train import TRAIN
 from tasks.training import TrainInputs
 from tests.tasks.helpers import prepared
 from tests.tasks.test_train import weights
@@ -18,7 +18,8 @@ def test_two_processes_give_the_one_process_loss_and_weights(tmp_path, strategy)
         cfg, cat, gen, st = prepared(ws, n=36, **{"train.epochs": 2, "train.batch_size": 7, "train.grad_accum": 2,
                                                   "train.num_processes": n, "train.strategy": strategy})
         epochs = []
-        runs[n] = train_student(ws, cfg, TrainInputs(generation=gen, student=st), on_epoch=lambda e, t, m: epochs.append(e), log=logs.append)
+        runs[n] = TRAIN.run(ws, cfg, TrainInputs(
+            generation=gen, student=st), on_epoch=lambda e, t, m: epochs.append(e), log=logs.append)
         assert epochs == [1, 2]
         assert len(cat.execute("select * from checkpoints where train_fp = ?", [runs[n].fp])) == 2
     one, two = runs[1], runs[2]
@@ -34,4 +35,4 @@ def test_a_failing_rank_fails_the_task_with_its_output(tmp_path):
     cfg, cat, gen, st = prepared(ws, n=16, **{"train.num_processes": 2})
     broken = st.model_copy(update={"model_dir": str(tmp_path / "missing")})
     with pytest.raises(RuntimeError, match="2 processes.*failed.*\n.*"):
-        train_student(ws, cfg, TrainInputs(generation=gen, student=broken), log=lambda line: None)
+        TRAIN.run(ws, cfg, TrainInputs(generation=gen, student=broken), log=lambda line: None)

@@ -1,7 +1,7 @@
 import pytest
 
 from storage.workspace import Workspace
-from tasks.student import init_student, load_student, student_lineage
+from tasks.student import STUDENT, StudentInputs, load_student, student_lineage
 from tests.tasks.helpers import prepared
 
 
@@ -27,9 +27,11 @@ def test_any_hf_causal_lm_by_path(tmp_path):
     pretrained = with_student(cfg, model=path)
     other_gen = gen.model_copy(update={"fp": "generate-y"})
     # a pretrained student does not depend on the corpus
-    assert student_lineage(pretrained, gen).fp == student_lineage(pretrained, other_gen).fp
-    assert student_lineage(cfg, gen).fp != student_lineage(cfg, other_gen).fp
-    s = init_student(ws, pretrained, gen)
+    assert student_lineage(pretrained, StudentInputs(
+        generation=gen)).fp == student_lineage(pretrained, StudentInputs(generation=other_gen)).fp
+    assert student_lineage(cfg, StudentInputs(
+        generation=gen)).fp != student_lineage(cfg, StudentInputs(generation=other_gen)).fp
+    s = STUDENT.run(ws, pretrained, StudentInputs(generation=gen))
     assert s.model_dir == path
     model, tok = load_student(path)
     assert tok.pad_token is not None

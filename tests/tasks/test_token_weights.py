@@ -4,16 +4,16 @@ import pytest
 import torch
 
 from storage.workspace import Workspace
-from tasks.steps import split_rationales
-from tasks.token_weights import (_batch_ids, build_modules, gumbel_sigmoid, infer_weights, keypoints, learn_token_weights,
-                                 load_encoded, load_weights, mask_losses)
+from tasks.steps import STEPS, StepsInputs
+from tasks.token_weights import (TOKEN_WEIGHTS, TokenWeightsInputs, _batch_ids, build_modules, gumbel_sigmoid,
+                                 infer_weights, keypoints, load_encoded, load_weights, mask_losses)
 from tests.tasks.helpers import MICRO_MASKS, predictor_of, prepared
 
 
 def encoded_pipeline(tmp_path, n=16):
     ws = Workspace(tmp_path)
     cfg, cat, gen, st = prepared(ws, n=n, **{"student.max_length": 256, **MICRO_MASKS})
-    stp = split_rationales(ws, cfg, gen, st)
+    stp = STEPS.run(ws, cfg, StepsInputs(generation=gen, student=st))
     from tasks.student import load_student
     model, tok = load_student(st.model_dir)
     _, items = load_encoded(ws, cfg, tok, gen, stp)
@@ -64,19 +64,21 @@ def test_keypoints_are_top_k_in_text_order():
 
 def test_stage_stores_one_weight_per_rationale_token_and_uniform_switch(tmp_path):
     ws, cfg, cat, gen, st, stp, model, tok, items = encoded_pipeline(tmp_path)
-    s = learn_token_weights(ws, cfg, gen, stp, predictor_of(ws, cfg, gen, st))
+    s = TOKEN_WEIGHTS.run(ws, cfg, TokenWeightsInputs(
+        generation=gen, steps=stp, predictor=predictor_of(ws, cfg, gen, st)))
     stored = load_weights(cat, s)
     assert s.n_rationales == len(items) == len(stored)
     for it in items:
         start, w = stored[it.rationale_id]
         assert start == it.rationale_start and len(w) == it.rationale_end - it.rationale_start
         assert all(0.0 <= x <= 1.0 for x in w)
-    uniform = learn_token_weights(ws, with_token_weights(cfg, uniform=True), gen, stp, st)   # uniform: no predictor
+    uniform = TOKEN_WEIGHTS.run(ws, with_token_weights(cfg, uniform=True), TokenWeightsInputs(
+        generation=gen, steps=stp, predictor=st))   # uniform: no predictor
     assert uniform.fp != s.fp
     assert all(set(w) == {1.0} for _, w in load_weights(cat, uniform).values())
     assert not s.collapsed     # the weighter's own (low) learning rate keeps masks open
-    collapsed = learn_token_weights(ws, with_token_weights(cfg, alpha=50.0, weighter_lr=0.05, epochs=2), gen, stp,
-                                    predictor_of(ws, cfg, gen, st))
+    collapsed = TOKEN_WEIGHTS.run(ws, with_token_weights(cfg, alpha=50.0, weighter_lr=0.05, epochs=2), TokenWeightsInputs(
+        generation=gen, steps=stp, predictor=predictor_of(ws, cfg, gen, st)))
     assert collapsed.collapsed and collapsed.kept_fraction < 0.05   # reported, not silent
 
 
@@ -89,16 +91,16 @@ def test_inference_is_deterministic(tmp_path):
 
 
 def test_student_predictor_is_the_warmed_up_student_shared_with_difficulty(tmp_path):
-    from tasks.difficulty import score_difficulty
+    from tasks.difficulty import DIFFICULTY, DifficultyInputs
     from tasks.warmup import warm_up_student
 
     ws, cfg, cat, gen, st, stp, model, tok, items = encoded_pipeline(tmp_path)
     cfg = with_token_weights(cfg, predictor_warmup_epochs=2)
     cfg = cfg.model_copy(update={"difficulty": cfg.difficulty.model_copy(update={"warmup_epochs": 2})})
     predictor = warm_up_student(ws, cfg, gen, st, cfg.token_weights.predictor_warmup_epochs)
-    tw = learn_token_weights(ws, cfg, gen, stp, predictor)
+    tw = TOKEN_WEIGHTS.run(ws, cfg, TokenWeightsInputs(generation=gen, steps=stp, predictor=predictor))
     scorer = warm_up_student(ws, cfg, gen, st, cfg.difficulty.warmup_epochs)
-    d = score_difficulty(ws, cfg, gen, stp, tw, scorer)
+    d = DIFFICULTY.run(ws, cfg, DifficultyInputs(generation=gen, steps=stp, token_weights=tw, scorer=scorer))
     warmups = [p for p in ws.root.joinpath("checkpoints").iterdir()]
     assert len(warmups) == 1 and d.scoring_model == str(warmups[0] / "epoch-2")   # trained once, read by both
 
@@ -196,7 +198,7 @@ def test_the_predictor_first_reads_random_masks_and_the_trained_module_is_kept(t
     ws, cfg, cat, gen, st, stp, model, tok, items = encoded_pipeline(tmp_path)
     cfg = with_token_weights(cfg, predictor_mask_epochs=1, epochs=1, estimator="score_function")
     predictor = predictor_of(ws, cfg, gen, st)
-    tw = learn_token_weights(ws, cfg, gen, stp, predictor)
+    tw = TOKEN_WEIGHTS.run(ws, cfg, TokenWeightsInputs(generation=gen, steps=stp, predictor=predictor))
     assert [h["phase"] for h in tw.history] == ["predictor on random masks", "masks"]
     again = infer_weights(load_weighter(ws, cfg, tw, predictor), items, tok.pad_token_id)
     stored = load_weights(cat, tw)

@@ -5,8 +5,8 @@ import torch
 
 from storage.workspace import Workspace
 from tasks.formats import IGNORE, encode, format_prompt, training_target
-from tasks.steps import split_rationales
-from tasks.train import train_student
+from tasks.steps import STEPS, StepsInputs
+from tasks.train import TRAIN
 from tasks.training import CurriculumSequences, TrainInputs, collate, last_whole_epoch, weighted_nll
 from tests.tasks.helpers import kpod_prepared, prepared
 
@@ -25,7 +25,7 @@ def train_killable(ws, cfg, cat, gen, st, kill_after=None, kpod=None):
         if kill_after and epoch == kill_after:
             raise Killed()
 
-    return train_student(ws, cfg, TrainInputs(generation=gen, student=st, **(kpod or {})), on_epoch=on_epoch)
+    return TRAIN.run(ws, cfg, TrainInputs(generation=gen, student=st, **(kpod or {})), on_epoch=on_epoch)
 
 
 def weights(path):
@@ -85,7 +85,7 @@ def test_prompt_tokens_carry_no_loss(tmp_path):
 def test_steps_stage_token_spans_match_training_tokens(tmp_path):
     ws = Workspace(tmp_path)
     cfg, cat, gen, st = prepared(ws, n=16)
-    s = split_rationales(ws, cfg, gen, st)
+    s = STEPS.run(ws, cfg, StepsInputs(generation=gen, student=st))
     assert s.n_rationales == 16 and s.n_steps > 16
     rows = cat.query("steps_of_rationales", steps_fp=s.fp)
     assert all(r["token_start"] is not None and r["token_end"] > r["token_start"] for r in rows)
@@ -172,7 +172,7 @@ def test_label_then_keytokens_trains_on_the_top_weighted_tokens(tmp_path):
         assert all(piece.strip() in r["text"] for piece in tok.batch_decode([[t] for t in key_ids]))
     keytokens = cfg.model_copy(update={"train": cfg.train.model_copy(
         update={"loss": "std_cot", "target_format": "label_then_keytokens", "epochs": 1})})
-    s = train_student(ws, keytokens, TrainInputs(generation=gen, student=st, token_weights=kpod["token_weights"]))
+    s = TRAIN.run(ws, keytokens, TrainInputs(generation=gen, student=st, token_weights=kpod["token_weights"]))
     assert s.target_format == "label_then_keytokens" and s.epochs == 1
 
 
@@ -181,7 +181,7 @@ def test_match_cot_tokens_gives_shorter_targets_more_epochs(tmp_path):
     cfg, cat, gen, st = prepared(ws, n=16, **{"student.max_length": 256})
     label_only = cfg.model_copy(update={"train": cfg.train.model_copy(
         update={"target_format": "label_only", "match_cot_tokens": True, "epochs": 2})})
-    s = train_student(ws, label_only, TrainInputs(generation=gen, student=st))
+    s = TRAIN.run(ws, label_only, TrainInputs(generation=gen, student=st))
     cot_tokens = 2 * sum(len(encode_example(__import__("transformers").AutoTokenizer.from_pretrained(st.model_dir),
                                             f"Q: {r['question']}\nA: Let's think step by step.",
                                             f"{r['text']} Therefore, the answer is {r['answer']}.", 256)[0])
@@ -198,7 +198,7 @@ def test_training_units_each_do_one_thing(tmp_path):
 
     ws = Workspace(tmp_path)
     cfg, cat, gen, st = prepared(ws, n=16, **{"train.epochs": 2, "train.batch_size": 8})
-    lineage = train_lineage(cfg, gen, st)
+    lineage = train_lineage(cfg, TrainInputs(generation=gen, student=st))
     run = setup(ws, lineage, cfg, TrainInputs(generation=gen, student=st))
     assert run.start_epoch == 0 and run.epochs == 2 and len(run.data) == 16 and run.device == "cpu"
     before = {k: v.clone() for k, v in run.model.state_dict().items()}
@@ -220,10 +220,10 @@ def test_too_many_cut_sequences_fail_before_training_unless_allowed(tmp_path):
     ws = Workspace(tmp_path)
     cfg, cat, gen, st = prepared(ws, n=16, **{"student.max_length": 32})   # every micro sequence is longer
     with pytest.raises(ValueError, match=r"student.max_length.*16 of 16.*train.allow_truncation"):
-        train_student(ws, cfg, TrainInputs(generation=gen, student=st))
+        TRAIN.run(ws, cfg, TrainInputs(generation=gen, student=st))
     assert cat.execute("select count(*) as n from checkpoints")[0]["n"] == 0    # failed before any epoch
     allowed = cfg.model_copy(update={"train": cfg.train.model_copy(update={"allow_truncation": True, "epochs": 1})})
-    out = train_student(ws, allowed, TrainInputs(generation=gen, student=st))
+    out = TRAIN.run(ws, allowed, TrainInputs(generation=gen, student=st))
     assert out.n_truncated == out.n_examples == 16                        # counted and reported, not silent
 
 
@@ -234,7 +234,7 @@ def test_throughput_settings_change_the_speed_not_the_run(tmp_path):
                         ("bf16", {"train.precision": "bf16"}), ("by_tokens", {"train.tokens_per_batch": 600})):
         ws = Workspace(tmp_path / name)
         cfg, cat, gen, st = prepared(ws, n=32, **{"train.epochs": 2, "train.lr": 0.01, **extra})
-        runs[name] = train_student(ws, cfg, TrainInputs(generation=gen, student=st))
+        runs[name] = TRAIN.run(ws, cfg, TrainInputs(generation=gen, student=st))
     loss = {k: [h["loss"] for h in r.history] for k, r in runs.items()}
     assert loss["checkpointed"] == pytest.approx(loss["plain"], rel=1e-5)
     assert loss["bf16"][-1] < loss["bf16"][0] and loss["by_tokens"][-1] < loss["by_tokens"][0]
@@ -249,5 +249,5 @@ def test_compiled_model_trains_the_same_run(tmp_path):
     for name, extra in (("eager", {}), ("compiled", {"train.compile": "on"})):
         ws = Workspace(tmp_path / name)
         cfg, cat, gen, st = prepared(ws, n=16, **{"train.epochs": 1, "train.batch_size": 16, **extra})
-        runs[name] = [h["loss"] for h in train_student(ws, cfg, TrainInputs(generation=gen, student=st)).history]
+        runs[name] = [h["loss"] for h in TRAIN.run(ws, cfg, TrainInputs(generation=gen, student=st)).history]
     assert runs["compiled"] == pytest.approx(runs["eager"], rel=1e-4)

@@ -5,9 +5,9 @@ import os
 import pytest
 
 from storage.workspace import Workspace
-from tasks.evaluate import evaluate_student
+from tasks.evaluate import EVALUATE, EvaluateInputs
 from tasks.ingest import ingest
-from tasks.train import TrainInputs, train_student
+from tasks.train import TrainInputs, TRAIN
 from tests.tasks.helpers import prepared
 
 VLLM_PYTHON = os.environ.get("KEYSTEP_VLLM_PYTHON")
@@ -22,13 +22,13 @@ def test_vllm_evaluation_matches_hf_generate(tmp_path, lora):
     ws = Workspace(tmp_path)
     extra = {"student.lora": {"r": 8, "merge": False}} if lora else {}
     cfg, cat, gen, st = prepared(ws, n=64, **{"train.epochs": 10, "train.lr": 0.005, **STUDENT, **extra})
-    trained = train_student(ws, cfg, TrainInputs(generation=gen, student=st))
+    trained = TRAIN.run(ws, cfg, TrainInputs(generation=gen, student=st))
     datasets = [ingest(ws, spec) for spec in cfg.data.eval]
     hf_cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"backend": "hf", "include_untrained": False})})
     vllm_cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={
         "backend": "vllm", "vllm_python": VLLM_PYTHON, "vllm_args": VLLM_ARGS, "include_untrained": False})})
-    hf = evaluate_student(ws, hf_cfg, trained, st, datasets)
-    vl = evaluate_student(ws, vllm_cfg, trained, st, datasets)
+    hf = EVALUATE.run(ws, hf_cfg, EvaluateInputs(trained=trained, student=st, datasets=datasets))
+    vl = EVALUATE.run(ws, vllm_cfg, EvaluateInputs(trained=trained, student=st, datasets=datasets))
     assert vl.engine == "vllm-server" and hf.engine == "hf" and vl.fp != hf.fp
     assert vl.n_predictions == hf.n_predictions == sum(d.n_examples for d in datasets)
     by = {e: {r["example_id"]: r["output"] for r in cat.execute("select * from predictions where eval_fp = ?", [o.fp])}
