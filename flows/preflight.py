@@ -97,7 +97,15 @@ def check_reference_rationales(spec: DatasetSpec, examples: list) -> None:
                           f"'{spec.path}' has none ({hint}); or use a teacher that writes them (backend openai / vllm)")
 
 
-def check_student(model: str) -> None:
+def check_student(model: str, tokenizer: str | None = None) -> None:
+    if tokenizer:
+        from tasks.student import tokenizer_folder
+
+        folder = tokenizer_folder(tokenizer)
+        if not (folder / "tokenizer.json").is_file():
+            made = f" (`keystep run {tokenizer}` makes it)" if tokenizer.endswith((".yaml", ".yml")) else ""
+            raise ConfigError(f"config key 'student.tokenizer': no tokenizer.json in '{folder}'{made}; give a model "
+                              "folder or a preset whose scratch student's tokenizer to share")
     if model == "scratch":
         return
     path = Path(model).expanduser()
@@ -181,7 +189,7 @@ def preflight(config: DistillConfig, check_teacher_endpoint: bool = True) -> Non
         check_overlap(f"data.eval[{i}]", spec, check_dataset(f"data.eval[{i}]", spec), train)
     if config.teacher.backend == "reference":
         check_reference_rationales(config.data.train, train)
-    check_student(config.student.model)
+    check_student(config.student.model, config.student.tokenizer)
     check_training(config)
     if config.export.enabled:
         from tasks.export import check_export

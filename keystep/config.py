@@ -478,6 +478,9 @@ class StudentConfig(Section):
     intermediate_size: int = Field(512, ge=16, description="scratch: MLP width.")
     max_length: int = Field(256, ge=32, description="Longest sequence (prompt + rationale + answer) in tokens.")
     seed: int = Field(0, description="scratch: weight initialisation seed.")
+    tokenizer: str | None = added_later(None, description="scratch: instead of a tokenizer trained on the corpus, the "
+                                        "tokenizer of a model folder, or of the scratch student a preset (`.yaml`) makes "
+                                        "— a teacher built to share its student's vocabulary (logit distillation).")
     lora: LoraConfig | None = Field(None, description="Train LoRA adapters (peft) on a frozen student instead of all "
                                     "its weights; unset: full fine-tuning.")
 
@@ -485,6 +488,8 @@ class StudentConfig(Section):
     def _check(self) -> "StudentConfig":
         if self.hidden_size % self.num_heads:
             raise ValueError("hidden_size must be divisible by num_heads")
+        if self.tokenizer and self.model != "scratch":
+            raise ValueError("student.tokenizer applies to a scratch model (a model folder brings its own); unset it")
         return self
 
 

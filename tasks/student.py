@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 
 from keystep.config import DistillConfig, LoraConfig, StudentConfig, TrainConfig
-from storage.fingerprint import Lineage
+from storage.fingerprint import Lineage, file_hash
 from storage.workspace import Workspace, publish_dir, temp_dir_for
 from tasks.formats import standalone_tokenizer
 from tasks.stage import Stage, StageInputs, StageOutput, kept_rationales
@@ -56,6 +56,22 @@ def train_tokenizer(texts: list[str], vocab_size: int):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(texts, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD)
+
+
+def tokenizer_folder(setting: str) -> Path:
+    """`student.tokenizer`: a model folder, or a preset (`.yaml`) — the folder of the scratch student it makes, found
+    by its fingerprint (its lineage only: nothing runs, so `keystep run <preset>` must have made it)."""
+    if not setting.endswith((".yaml", ".yml")):
+        return Path(setting).expanduser()
+    from keystep.config import load_config
+    from tasks.ingest import Dataset, IngestInputs, dataset_lineage
+    from tasks.teacher import GenerateInputs, generation_lineage
+
+    cfg = load_config(setting)
+    dataset = Dataset.model_construct(fp=dataset_lineage(cfg, IngestInputs(spec=cfg.data.train)).fp)
+    generation = Generation.model_construct(fp=generation_lineage(cfg, GenerateInputs(dataset=dataset)).fp)
+    fp = student_lineage(cfg, StudentInputs(generation=generation)).fp
+    return Path(cfg.storage.workspace).expanduser().resolve() / "models" / fp
 
 
 def build_scratch_model(cfg: StudentConfig, tokenizer):
@@ -213,6 +229,9 @@ def student_lineage(config: DistillConfig, inputs: StudentInputs) -> Lineage:
     # a scratch tokenizer is trained on the corpus, so it depends on the generation output; a pretrained
     # model does not
     cfg = config.student.model_copy(update={"lora": None})   # adapters are the training stage's business
+    if cfg.tokenizer:   # a given tokenizer: what it is, not where it lies, and no corpus
+        return Lineage("student", cfg.model_copy(update={"tokenizer": "given"}), (), CODE_VERSION,
+                       {"tokenizer": file_hash(tokenizer_folder(cfg.tokenizer) / "tokenizer.json")})
     return Lineage("student", cfg, (inputs.generation.fp,) if cfg.model == "scratch" else (), CODE_VERSION)
 
 
@@ -224,11 +243,14 @@ def training_corpus(ws: Workspace, config: DistillConfig, generation: Generation
 def init_student(ws: Workspace, config: DistillConfig, inputs: StudentInputs, lineage: Lineage) -> Student:
     cfg = config.student
     if cfg.model == "scratch":
-        corpus = training_corpus(ws, config, inputs.generation)
-        if not corpus:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_folder(cfg.tokenizer))) if cfg.tokenizer else None
+        corpus = [] if tokenizer else training_corpus(ws, config, inputs.generation)
+        if not tokenizer and not corpus:
             raise ValueError("student.model 'scratch' needs a corpus to train its tokenizer, but no rationale was "
                              "kept; check teacher.keep_only_correct and the teacher's correctness rate")
-        tokenizer = train_tokenizer(corpus, cfg.vocab_size)
+        tokenizer = tokenizer or train_tokenizer(corpus, cfg.vocab_size)
         model = build_scratch_model(cfg, tokenizer)
         out_dir = ws.model_dir(lineage.fp)
         tmp = temp_dir_for(out_dir)

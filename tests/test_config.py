@@ -85,6 +85,29 @@ def test_the_pretrained_students_data_never_meets_the_kpod_studys_test_or_valida
             assert len(questions) >= 500 and not questions & pre, (name, len(questions & pre))
 
 
+def test_r3s_teacher_never_trains_on_a_question_any_preset_tests_or_tunes_on():
+    """configs/teacher-arith.yaml's training problems share no question with any evaluation set of any preset or
+    experiment in configs/ (a teacher that saw the test set would teach it)."""
+    from keystep.config import load_experiment
+    from tasks.ingest import load_examples
+
+    teacher = load_config(ROOT / "configs" / "teacher-arith.yaml")
+    taught = {ex.question for ex in load_examples(teacher.data.train)[0]}
+    assert len(taught) >= 7900
+    specs = []
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        if "variants:" in path.read_text():
+            exp = load_experiment(path)
+            specs += load_config(exp.base, exp.overrides).data.eval
+        elif path.name != "teacher-arith.yaml":
+            specs += load_config(path).data.eval
+    specs += teacher.data.eval
+    synthetic = [s for s in specs if s.source.startswith("synthetic")]
+    assert len(synthetic) >= 8
+    for spec in synthetic:
+        assert not {ex.question for ex in load_examples(spec)[0]} & taught, spec
+
+
 # the dataset source and teacher backend are discriminated unions: each kind has its own fields, and the UI form
 # offers the kinds to pick from; fingerprints are those of the flat models they replaced (no cache invalidated)
 def test_each_source_and_backend_has_only_its_own_keys_and_says_so():
