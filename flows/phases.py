@@ -23,6 +23,7 @@ from tasks.stage import NotCached, Stage, StageInputs, StageOutput, workspace_of
 from tasks.steps import STEPS, Steps, StepsInputs
 from tasks.student import STUDENT, Student, StudentInputs
 from tasks.teacher import GENERATE, GenerateInputs, Generation, teacher_rationales
+from tasks.teacher_scores import TEACHER_SCORES, TeacherScores, TeacherScoresInputs
 from tasks.token_weights import TOKEN_WEIGHTS, TokenWeights, TokenWeightsInputs
 from tasks.train import TRAIN, TrainInputs, Trained
 from tasks.warmup import WARMUP, WarmupInputs
@@ -36,9 +37,11 @@ class GeneratePhase(BaseModel):
 
 
 class PreparePhase(GeneratePhase):
-    """... and the prepare phase's: the student before distillation, steps, and for KPOD its inputs."""
+    """... and the prepare phase's: the student before distillation, steps, the teacher's scores when a scoring
+    teacher is set, and for KPOD its inputs."""
     student: Student
     steps: Steps
+    teacher_scores: TeacherScores | None = None
     token_weights: TokenWeights | None = None
     difficulty: Difficulty | None = None
     curriculum: Curriculum | None = None
@@ -102,12 +105,14 @@ def generate_stages(config: DistillConfig, run=PREFECT) -> GeneratePhase:
 
 def prepare_stages(config: DistillConfig, generated: GeneratePhase, run=PREFECT,
                    upto: Literal["steps"] | None = None) -> PreparePhase:
-    """The student before distillation and the steps, then what KPOD reads; `upto="steps"` stops after the steps
-    (what the export reads when no KPOD stage ran)."""
+    """The student before distillation, the steps and the teacher's scores, then what KPOD reads; `upto="steps"`
+    stops there (what the export reads when no KPOD stage ran)."""
     gen = generated.generation
     student = run(STUDENT, config, StudentInputs(generation=gen))
     steps = run(STEPS, config, StepsInputs(generation=gen, student=student))
     out = PreparePhase(**dict(generated), student=student, steps=steps)
+    if config.teacher_scores.model:
+        out.teacher_scores = run(TEACHER_SCORES, config, TeacherScoresInputs(generation=gen, student=student))
     if upto == "steps":
         return out
     if config.needs_token_weights:
@@ -126,7 +131,8 @@ def prepare_stages(config: DistillConfig, generated: GeneratePhase, run=PREFECT,
 
 def train_stages(config: DistillConfig, p: PreparePhase, run=PREFECT) -> TrainPhase:
     trained = run(TRAIN, config, TrainInputs(generation=p.generation, student=p.student, steps=p.steps,
-                                             token_weights=p.token_weights, curriculum=p.curriculum))
+                                             token_weights=p.token_weights, curriculum=p.curriculum,
+                                             teacher_scores=p.teacher_scores))
     return TrainPhase(**dict(p), trained=trained)
 
 

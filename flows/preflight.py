@@ -14,7 +14,7 @@ import os
 from collections import Counter
 from pathlib import Path
 
-from keystep.config import ConfigError, DatasetSpec, DistillConfig, TeacherConfig
+from keystep.config import ConfigError, DatasetSpec, DistillConfig, StudentConfig, TeacherConfig
 from tasks.ingest import load_examples
 
 
@@ -122,6 +122,25 @@ def check_student(model: str, tokenizer: str | None = None) -> None:
                           f"({type(err).__name__}: {str(err)[:150]})") from None
 
 
+def check_scoring_teacher(model: str, student: StudentConfig) -> None:
+    """A scoring teacher is a model folder sharing the student's tokenizer (checked here when the student's is
+    known before the run: a model folder, or student.tokenizer; else by the teacher-scores stage)."""
+    path = Path(model).expanduser()
+    if not (path / "config.json").is_file() or not (path / "tokenizer.json").is_file():
+        raise ConfigError(f"config key 'teacher_scores.model': '{model}' is no model folder with config.json and "
+                          "tokenizer.json; give the teacher's folder (e.g. the last epoch of configs/teacher-arith.yaml)")
+    from tasks.student import tokenizer_folder
+    from tasks.teacher_scores import check_same_tokenizer
+
+    known = tokenizer_folder(student.tokenizer) if student.tokenizer else (
+        Path(student.model).expanduser() if student.model != "scratch" else None)
+    if known and (known / "tokenizer.json").is_file():
+        try:
+            check_same_tokenizer(str(known), str(path))
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+
+
 def check_teacher(cfg: TeacherConfig) -> None:
     """An OpenAI-compatible endpoint answers `GET /models` (any HTTP answer counts: authentication is its own matter)."""
     if cfg.backend == "openai":
@@ -190,6 +209,8 @@ def preflight(config: DistillConfig, check_teacher_endpoint: bool = True) -> Non
     if config.teacher.backend == "reference":
         check_reference_rationales(config.data.train, train)
     check_student(config.student.model, config.student.tokenizer)
+    if config.teacher_scores.model:
+        check_scoring_teacher(config.teacher_scores.model, config.student)
     check_training(config)
     if config.export.enabled:
         from tasks.export import check_export

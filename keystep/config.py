@@ -499,13 +499,21 @@ TargetFormat = Literal["cot_then_label", "label_only", "label_then_cot", "label_
 LABEL_FIRST = tuple(f for f in get_args(TargetFormat) if f.startswith("label_"))
 
 
+class KDConfig(Section):
+    """Logit distillation (`train.loss: kd`): per token, (1 − α)·NLL + α·τ²·KL(teacher top-k ‖ student)."""
+    alpha: float = Field(0.5, ge=0, le=1, description="α: the KL term's share of the loss (0: plain NLL, Std-CoT).")
+    temperature: float = Field(1.0, gt=0, description="τ: both distributions softened by it; the KL is scaled by τ² "
+                               "so its gradients keep their size (Hinton et al. 2015).")
+
+
 class TrainConfig(Section):
     """Student training, grouped as TRL's SFTConfig is: what to train on, the loss, batching, the optimiser and its
     schedule, precision and kernels, processes."""
     # ---- what to train on and how long -----------------------------------------------------------------------
-    loss: Literal["std_cot", "kpod"] = Field("std_cot", description="'std_cot': plain NLL on rationale + answer. 'kpod': "
-                                             "token-weighted NLL on the rationale + NLL on the answer, stage by stage "
-                                             "through the curriculum (computes token weights and difficulty).")
+    loss: Literal["std_cot", "kpod", "kd"] = Field(
+        "std_cot", description="'std_cot': plain NLL on rationale + answer. 'kpod': token-weighted NLL on the rationale "
+        "+ NLL on the answer, stage by stage through the curriculum (computes token weights and difficulty). 'kd': NLL "
+        "mixed with the KL to the teacher's top-k distribution at every token (train.kd; needs teacher_scores.model).")
     target_format: TargetFormat = Field(
         "cot_then_label", description="Mysteries target format: rationale then answer (standard); the answer only; the "
         "answer then the rationale (at test time only the answer is decoded); the answer then the rationale's words "
@@ -524,6 +532,8 @@ class TrainConfig(Section):
                                       "f + (1 − f)·w_j instead of w_j (f = 0, the paper). Near-0/1 token weights leave a "
                                       "student trained from scratch untaught on the words it must still write between "
                                       "the keypoints (docs/measurements.md); a floor keeps them in the loss.")
+
+    kd: KDConfig = added_later(KDConfig(), description="loss kd: the KL term's weight α and temperature τ.")
 
     # ---- batching --------------------------------------------------------------------------------------------
     batch_size: int = Field(32, ge=1, description="Sequences per micro-batch (when tokens_per_batch is unset).")
@@ -571,9 +581,9 @@ class TrainConfig(Section):
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
-        if self.loss == "kpod" and self.target_format != "cot_then_label":
-            raise ValueError("loss 'kpod' trains on rationale-then-answer targets; set target_format: cot_then_label "
-                             "or loss: std_cot")
+        if self.loss in ("kpod", "kd") and self.target_format != "cot_then_label":
+            raise ValueError(f"loss '{self.loss}' trains on rationale-then-answer targets; set target_format: "
+                             "cot_then_label or loss: std_cot")
         return self
 
 
@@ -602,6 +612,19 @@ class EvalConfig(Section):
                                        "on a validation split); 0: off.")
 
 
+
+
+class TeacherScoresConfig(Section):
+    """A model teacher's token distributions over the student's training sequences (issue 30's `teacher-scores`):
+    its top-k next-token log-probabilities at every position, for logit distillation."""
+    model: str | None = Field(None, description="Teacher model folder that scores the student's training sequences "
+                              "(it must share the student's tokenizer); unset: no scores.")
+    k: int = Field(20, ge=1, le=100, description="Top-k log-probabilities kept per position.")
+    engine: Literal["local"] = Field("local", description="'local': a forward pass of the teacher folder on "
+                                     "train.device (exact; prefill only).")
+    batch_tokens: int = operational(8192, ge=64, description="Tokens per scoring batch (padding included).")
+    commit_every: int = operational(256, ge=1, description="Sequences per Parquet part: a kill loses at most the part "
+                                    "in flight.")
 
 
 class ExportConfig(Section):
@@ -642,6 +665,8 @@ class DistillConfig(Section):
     token_weights: TokenWeightsConfig = Field(default_factory=TokenWeightsConfig, description="KPOD token weighting (train.loss: kpod).")
     difficulty: DifficultyConfig = Field(default_factory=DifficultyConfig, description="KPOD step difficulty (train.loss: kpod).")
     curriculum: CurriculumConfig = Field(default_factory=CurriculumConfig, description="KPOD progressive curriculum (train.loss: kpod).")
+    teacher_scores: TeacherScoresConfig = Field(default_factory=TeacherScoresConfig, description="A model teacher's "
+                                                "top-k token distributions over the training sequences.")
     export: ExportConfig = Field(default_factory=ExportConfig, description="The distilled dataset as files (optional last stage).")
     storage: StorageConfig = Field(default_factory=StorageConfig, description="Where results live.")
 
@@ -671,6 +696,9 @@ class DistillConfig(Section):
     @model_validator(mode="after")
     def _check_sections(self) -> "DistillConfig":
         lora, train = self.student.lora, self.train
+        if train.loss == "kd" and not self.teacher_scores.model:
+            raise ValueError("train.loss 'kd' trains toward a teacher's token distributions: set teacher_scores.model "
+                             "to the teacher's folder (it must share the student's tokenizer)")
         if lora and lora.quantize == "4bit" and train.num_processes > 1 and train.strategy == "fsdp":
             raise ValueError("student.lora.quantize '4bit' cannot be sharded by train.strategy 'fsdp' (FSDP does not "
                              "shard bitsandbytes' 4-bit weights); use train.strategy: ddp, or quantize: none")

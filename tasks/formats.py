@@ -77,6 +77,7 @@ class Sequence:
     offsets  per token, its char span within the *target* (negative for prompt tokens; empty for <bos>, <eos>)
     length   its length before the cut at max_length
     weights  per token, its loss weight (KPOD: the learned token weights on the rationale); None: 1 everywhere
+    teacher_topk  for logit distillation, (ids, logprobs), each (len(ids), k): row j the teacher's top-k for token j
 
     >>> seq = Sequence(ids=[1, 7, 8, 2], labels=[IGNORE, IGNORE, 8, 2], offsets=[(0, 0)] * 4, length=4)
     >>> seq.supervised, seq.truncated
@@ -87,6 +88,7 @@ class Sequence:
     offsets: list[tuple[int, int]]
     length: int
     weights: list[float] | None = None
+    teacher_topk: tuple | None = None
 
     @property
     def truncated(self) -> bool:

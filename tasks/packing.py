@@ -50,7 +50,11 @@ def collate(batch: list[Sequence], pad_id: int) -> dict[str, "torch.Tensor"]:
     ids, mask = pad_stack([s.ids for s in batch], pad_id, dtype=torch.long)
     labels, _ = pad_stack([s.labels for s in batch], IGNORE, dtype=torch.long)
     weights, _ = pad_stack([s.loss_weights() for s in batch], 0.0, dtype=torch.float32)
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask.long(), "weights": weights}
+    out = {"input_ids": ids, "labels": labels, "attention_mask": mask.long(), "weights": weights}
+    if batch[0].teacher_topk is not None:   # logit distillation: the teacher's rows travel with their tokens
+        out["teacher_ids"], _ = pad_stack([torch.from_numpy(s.teacher_topk[0]) for s in batch], 0)
+        out["teacher_logprobs"], _ = pad_stack([torch.from_numpy(s.teacher_topk[1]) for s in batch], 0.0)
+    return out
 
 
 def pack_rows(lengths: list[int], row_length: int) -> list[list[int]]:
@@ -80,6 +84,10 @@ def collate_packed(batch: list[Sequence], pad_id: int, row_length: int) -> dict[
     labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
     positions = torch.zeros((len(rows), width), dtype=torch.long)
     weights = torch.zeros((len(rows), width))
+    topk = batch[0].teacher_topk
+    if topk is not None:   # logit distillation: the teacher's rows travel with their tokens
+        t_ids = torch.zeros((len(rows), width, topk[0].shape[1]), dtype=torch.long)
+        t_lp = torch.zeros((len(rows), width, topk[0].shape[1]))
     for r, row in enumerate(rows):
         at = 0
         for i in row:
@@ -88,10 +96,14 @@ def collate_packed(batch: list[Sequence], pad_id: int, row_length: int) -> dict[
             ids[r, at:at + n] = torch.tensor(seq.ids)
             labels[r, at + 1:at + n] = torch.tensor(seq.labels[1:])   # the first token is never predicted (Sequence.supervised)
             weights[r, at:at + n] = torch.tensor(seq.loss_weights())
+            if topk is not None:
+                t_ids[r, at:at + n] = torch.from_numpy(seq.teacher_topk[0])
+                t_lp[r, at:at + n] = torch.from_numpy(seq.teacher_topk[1])
             positions[r, at:at + n] = torch.arange(n)
             at += n
         positions[r, at:] = torch.arange(width - at)
-    return {"input_ids": ids, "labels": labels, "position_ids": positions, "weights": weights}
+    out = {"input_ids": ids, "labels": labels, "position_ids": positions, "weights": weights}
+    return out if topk is None else {**out, "teacher_ids": t_ids, "teacher_logprobs": t_lp}
 
 
 def model_inputs(batch: dict[str, "torch.Tensor"]) -> dict[str, "torch.Tensor"]:

@@ -36,6 +36,8 @@ def train_lineage(config: DistillConfig, inputs: TrainInputs) -> Lineage:
         upstream += [i.steps.fp, i.token_weights.fp, i.curriculum.fp]
     elif config.train.target_format == "label_then_keytokens":
         upstream += [i.token_weights.fp]
+    if config.train.loss == "kd":
+        upstream += [i.teacher_scores.fp]
     # LoRA adapters are trained here, so their settings belong to this stage (not to the student's)
     what = config.train if config.student.lora is None else {"train": config.train, "lora": config.student.lora}
     return Lineage("train", what, tuple(upstream), CODE_VERSION)

@@ -38,6 +38,7 @@ from tasks.stage import StageInputs, StageOutput, kept_rationales
 from tasks.steps import Steps
 from tasks.student import Student, build_model, merge_adapter, pick_device, resolve_precision
 from tasks.teacher import Generation
+from tasks.teacher_scores import TeacherScores, teacher_topk
 from tasks.token_weights import TokenWeights, load_weights
 
 if TYPE_CHECKING:
@@ -61,12 +62,13 @@ class Trained(StageOutput):
 
 class TrainInputs(StageInputs):
     """What training reads: the kept rationales and the student; for KPOD also the steps, token weights and the
-    curriculum; for the key-token format the token weights."""
+    curriculum; for the key-token format the token weights; for logit distillation the teacher's scores."""
     generation: Generation
     student: Student
     steps: Steps | None = None
     token_weights: TokenWeights | None = None
     curriculum: Curriculum | None = None
+    teacher_scores: TeacherScores | None = None
 
 
 # ---- batches and loss ---------------------------------------------------------------------------------
@@ -78,6 +80,31 @@ def weighted_nll_sum(logits: "torch.Tensor", labels: "torch.Tensor", weights: "t
     nll = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels[:, 1:],
                                             ignore_index=IGNORE, reduction="none")
     return (nll * weights[:, 1:]).sum()
+
+
+def kd_loss_sum(logits: "torch.Tensor", labels: "torch.Tensor", weights: "torch.Tensor", teacher_ids: "torch.Tensor",
+                teacher_logprobs: "torch.Tensor", alpha: float, temperature: float) -> "torch.Tensor":
+    """Σ_j w_j·[(1 − α)·(−log p_S(y_j)) + α·τ²·Σ_{v ∈ top-k} p̃_T(v)·(log p̃_T(v) − log p_S^τ(v))] over labelled
+    tokens j: p̃_T = softmax(teacher top-k log-probabilities / τ), the teacher renormalised over its k tokens (the
+    tail dropped); p_S^τ = softmax(student logits / τ) over the whole vocabulary (README: Logit distillation). With
+    α = 0 it is `weighted_nll_sum`."""
+    import torch
+
+    z, y = logits[:, :-1].float(), labels[:, 1:]
+    nll = torch.nn.functional.cross_entropy(z.transpose(1, 2), y, ignore_index=IGNORE, reduction="none")
+    t_lp = torch.log_softmax(teacher_logprobs[:, 1:].float() / temperature, dim=-1)
+    s_lp = torch.log_softmax(z / temperature, dim=-1).gather(-1, teacher_ids[:, 1:])
+    kl = (t_lp.exp() * (t_lp - s_lp)).sum(-1)
+    per_token = (1 - alpha) * nll + alpha * temperature ** 2 * kl
+    return (per_token * weights[:, 1:] * (y != IGNORE)).sum()
+
+
+def token_loss_sum(logits: "torch.Tensor", batch: dict, cfg: TrainConfig) -> "torch.Tensor":
+    """The step's summed token loss for train.loss: KD's mixture, or the (weighted) NLL."""
+    if cfg.loss == "kd":
+        return kd_loss_sum(logits, batch["labels"], batch["weights"], batch["teacher_ids"], batch["teacher_logprobs"],
+                           cfg.kd.alpha, cfg.kd.temperature)
+    return weighted_nll_sum(logits, batch["labels"], batch["weights"])
 
 
 def weighted_nll(logits: "torch.Tensor", labels: "torch.Tensor", weights: "torch.Tensor") -> "torch.Tensor":
@@ -266,6 +293,9 @@ def setup(ws: Workspace, lineage: Lineage, config: DistillConfig, inputs: TrainI
                          "teacher.keep_only_correct")
     if cfg.loss == "kpod" and not (inputs.steps and inputs.token_weights and inputs.curriculum):
         raise ValueError("train.loss 'kpod' needs token weights and a curriculum (run the distill/prepare flow)")
+    if cfg.loss == "kd" and not inputs.teacher_scores:
+        raise ValueError("train.loss 'kd' needs the teacher's scores (set teacher_scores.model; the prepare phase "
+                         "computes them)")
     if cfg.target_format == "label_then_keytokens" and not inputs.token_weights:
         raise ValueError("train.target_format 'label_then_keytokens' needs token weights (run the distill/prepare flow)")
     dist = Dist.from_env(pick_device(cfg.device))
@@ -275,6 +305,10 @@ def setup(ws: Workspace, lineage: Lineage, config: DistillConfig, inputs: TrainI
                                     ckpt_root / f"epoch-{start_epoch}" if start_epoch else None)
     data, n_truncated, staged, epochs = _setup_data(cfg, config.teacher, config.student.max_length, catalog, tokenizer,
                                                     rows, inputs)
+    if cfg.loss == "kd":   # the teacher's rows, cut where the sequence is
+        topk = teacher_topk(ws, config, tokenizer, rows, inputs.teacher_scores)
+        for seq, r in zip(data, rows):
+            seq.teacher_topk = tuple(a[:len(seq.ids)] for a in topk[r["rationale_id"]])
     model = wrap(model, dist, cfg.strategy)
     if cfg.compile == "on" or (cfg.compile == "auto" and device.startswith("cuda")):
         model = torch.compile(model)
@@ -329,7 +363,7 @@ def run_epoch(run: LoopState, epoch: int) -> dict:
             with no_grad_sync(model, dist, last):
                 with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=autocast):
                     logits = model(**model_inputs(batch)).logits
-                nll = weighted_nll_sum(logits, batch["labels"], batch["weights"])
+                nll = token_loss_sum(logits, batch, cfg)
                 (nll * dist.world / n_labelled).backward()
             step_loss += nll.detach() / n_labelled
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)

@@ -89,6 +89,6 @@ def test_one_place_reads_a_stage_cache_and_every_stage_is_declared_once():
         module = importlib.import_module(f"tasks.{path.stem}")
         stages |= {s.name: s for s in vars(module).values() if isinstance(s, Stage)}
     assert sorted(stages) == ["curriculum", "difficulty", "evaluate", "export", "generate", "ingest", "steps",
-                              "student", "student-warmup", "token-weights", "train"]
+                              "student", "student-warmup", "teacher-scores", "token-weights", "train"]
     assert all(s.inputs.model_config.get("frozen") and s.inputs.model_config.get("extra") == "forbid"
                for s in stages.values())

@@ -280,3 +280,26 @@ def test_the_next_run_marks_a_killed_run_killed_in_the_catalog_and_crashed_in_pr
     assert statuses[str(run.id)] == "killed" and sorted(statuses.values()) == ["completed", "killed"]
     assert flow_run(str(run.id)).state.type.value == "CRASHED"
 
+
+
+def test_teacher_scores_run_in_the_prepare_phase_as_a_cached_task(prefect_api, tmp_path):
+    """With `teacher_scores.model` set, the prepare phase scores the training sequences (a task of its own); its
+    rerun is a cache hit, as every stage's."""
+    from flows.distill import prepare
+    from storage.workspace import Workspace
+    from tasks import ingest, student, teacher
+
+    ws = Workspace(tmp_path / "ws")
+    cfg = micro_config(ws.root)
+    gen = teacher.generate_rationales(ws, cfg, ingest.ingest(ws, cfg.data.train))
+    folder = student.STUDENT.run(ws, cfg, student.StudentInputs(generation=gen)).model_dir   # shares the tokenizer
+    scored = micro_config(ws.root, **{"teacher_scores.model": folder, "teacher_scores.k": 8})
+    _, seen = stage_runs(set())
+    first = prepare(config=scored)
+    counts, seen = stage_runs(seen, {"teacher-scores"})
+    assert "teacher-scores" in counts["executed"]
+    assert first.teacher_scores.n_sequences == first.teacher_scores.n_scored == 64
+    second = prepare(config=scored)
+    counts, seen = stage_runs(seen, {"teacher-scores"})
+    assert "teacher-scores" in counts["cached"] and not counts["executed"]
+    assert second.teacher_scores == first.teacher_scores

@@ -1,0 +1,216 @@
+"""Teacher-scores stage (issue 30): a model teacher's top-k next-token log-probabilities at every position of the
+student's training sequences — the distribution logit distillation trains toward, bought once.
+
+Input: the kept rationales (`Generation`) and the `Student`, whose tokenizer makes the sequences exactly as training
+encodes them (`<bos> prompt " " rationale-then-answer <eos>`, tasks/formats.py), and `teacher_scores.model`, a
+teacher folder with the same tokenizer. Output: `TeacherScores`; the scores themselves are Parquet parts under
+`<workspace>/teacher-scores/<scorer fp>/`, one row per sequence (its hash, its positions, the top-k token ids as
+uint16 — int32 past 65,536 tokens — and their log-probabilities as float16), indexed in the catalog's
+`teacher_scores` by (scorer fingerprint, sequence hash). So a sequence is scored once per teacher and k whatever
+dataset version or run asks for it (+10% data scores 10%), and a killed run loses at most the part in flight.
+
+Engine `local`: the teacher folder's forward pass on train.device — prefill only, no token generated — sequences
+length-bucketed as the difficulty stage's are, log_softmax in float32, then the top k per position.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import uuid
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+
+from keystep.config import DistillConfig, TeacherScoresConfig
+from storage.fingerprint import Lineage, content_hash, file_hash, fingerprint
+from storage.workspace import Workspace
+from tasks.formats import NO_CUT, encode_rationale
+from tasks.stage import Stage, StageInputs, StageOutput, kept_rationales
+from tasks.student import Student, pick_device
+from tasks.teacher import Generation
+
+CODE_VERSION = "1"
+
+
+class TeacherScores(StageOutput):
+    """The teacher's top-k distributions over every training sequence of a generation (rows of `teacher_scores`
+    under `scorer_fp`; Parquet parts in `scores_dir`)."""
+    scorer_fp: str
+    k: int
+    scores_dir: str
+    n_sequences: int
+    n_scored: int              # scored by the run that made this output; the others were scored before
+    n_positions: int
+    bytes_per_position: float  # on disk, Parquet included
+
+
+class TeacherScoresInputs(StageInputs):
+    """The kept rationales, and the student whose tokenizer makes the sequences scored."""
+    generation: Generation
+    student: Student
+
+
+@functools.lru_cache(maxsize=8)
+def _folder_hash(folder: str, newest: float) -> str:   # hashed once per process while no file in it changes
+    return file_hash(folder)
+
+
+def scorer_fingerprint(cfg: TeacherScoresConfig) -> str:
+    """What a score depends on: the teacher folder's content, k, the engine and this code."""
+    folder = Path(cfg.model).expanduser().resolve()
+    newest = max((p.stat().st_mtime for p in folder.rglob("*")), default=0.0)
+    return fingerprint("scorer", {"k": cfg.k, "engine": cfg.engine}, (), CODE_VERSION,
+                       {"model": _folder_hash(str(folder), newest)})
+
+
+def teacher_scores_lineage(config: DistillConfig, inputs: TeacherScoresInputs) -> Lineage:
+    return Lineage("teacher-scores", {"scorer": scorer_fingerprint(config.teacher_scores),
+                                      "device": config.train.device},
+                   (inputs.generation.fp, inputs.student.fp), CODE_VERSION)
+
+
+def sequence_hash(ids: list[int]) -> str:
+    return content_hash(",".join(map(str, ids)))
+
+
+def check_same_tokenizer(student_dir: str, teacher_dir: str) -> None:
+    """Logit distillation compares distributions token by token: one vocabulary, or a clear error naming both."""
+    from transformers import AutoTokenizer
+
+    s, t = AutoTokenizer.from_pretrained(student_dir), AutoTokenizer.from_pretrained(teacher_dir)
+    if s.get_vocab() != t.get_vocab():
+        raise ValueError(f"config key 'teacher_scores.model': the teacher's tokenizer ({teacher_dir}, {len(t)} tokens) "
+                         f"is not the student's ({student_dir}, {len(s)} tokens); teacher and student must share one "
+                         "(cross-tokenizer distillation is out of scope): e.g. build the teacher with student.tokenizer")
+
+
+def top_k_scores(model, seqs: list[list[int]], k: int, batch_tokens: int, device: str) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per sequence, (ids, logprobs), each (len − 1, k): the teacher's k likeliest next tokens at every position
+    but the last, and their log-probabilities (float32 log_softmax)."""
+    import torch
+
+    from tasks.difficulty import buckets
+    from tasks.packing import pad_stack
+
+    model.eval()
+    out: list = [None] * len(seqs)
+    with torch.no_grad():
+        for batch in buckets([SimpleNamespace(ids=s) for s in seqs], batch_tokens):
+            ids, mask = pad_stack([seqs[i] for i in batch], 0, dtype=torch.long)
+            logits = model(input_ids=ids.to(device), attention_mask=mask.long().to(device)).logits.float()
+            top = torch.log_softmax(logits, dim=-1).topk(k, dim=-1)
+            for r, i in enumerate(batch):
+                n = len(seqs[i]) - 1
+                out[i] = (top.indices[r, :n].cpu().numpy(), top.values[r, :n].cpu().numpy())
+    return out
+
+
+def write_part(ws: Workspace, scorer_fp: str, hashes: list[str], scores: list[tuple[np.ndarray, np.ndarray]],
+               vocab_size: int) -> None:
+    """One Parquet part (temp name, then rename) and its index rows, so a part is scored, stored and indexed, or
+    not at all."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    id_type = np.uint16 if vocab_size <= 1 << 16 else np.int32
+    rel = Path("teacher-scores") / scorer_fp / f"part-{uuid.uuid4().hex[:12]}.parquet"
+    path = ws.root / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = pa.table({"sequence_hash": hashes, "n_positions": [len(i) for i, _ in scores],
+                      "id_bytes": [np.dtype(id_type).itemsize] * len(hashes),
+                      "ids": [i.astype(id_type).tobytes() for i, _ in scores],
+                      "logprobs": [lp.astype(np.float16).tobytes() for _, lp in scores]})
+    tmp = path.with_name(f".tmp-{path.name}")
+    pq.write_table(table, tmp, compression="zstd")
+    os.replace(tmp, path)
+    catalog = ws.catalog()
+    with catalog.transaction() as con:
+        catalog.insert(con, "teacher_scores", {"scorer_fp": [scorer_fp] * len(hashes), "sequence_hash": hashes,
+                                               "part": [str(rel)] * len(hashes),
+                                               "n_positions": [len(i) for i, _ in scores]})
+
+
+def load_scores(ws: Workspace, scores: TeacherScores, hashes: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """sequence hash -> (ids, logprobs as float32), each (positions, k), for those of `hashes` that were scored."""
+    import pyarrow.parquet as pq
+
+    wanted = ws.catalog().query("scored_sequences", scorer_fp=scores.scorer_fp, hashes=list(hashes))
+    out = {}
+    for part in sorted({r["part"] for r in wanted}):
+        names = {r["sequence_hash"] for r in wanted if r["part"] == part}
+        for row in pq.read_table(ws.root / part).to_pylist():
+            if row["sequence_hash"] in names:
+                id_type = np.uint16 if row["id_bytes"] == 2 else np.int32
+                ids = np.frombuffer(row["ids"], dtype=id_type).reshape(row["n_positions"], scores.k)
+                lp = np.frombuffer(row["logprobs"], dtype=np.float16).reshape(row["n_positions"], scores.k)
+                out[row["sequence_hash"]] = (ids.astype(np.int64), lp.astype(np.float32))
+    return out
+
+
+def teacher_topk(ws: Workspace, config: DistillConfig, tokenizer, rows: list[dict],
+                 scores: TeacherScores) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """rationale id -> the teacher's (ids, logprobs) aligned with its training sequence (`Sequence.teacher_topk`):
+    row j is the distribution of token j; row 0, which nothing predicts, is zeros."""
+    by_hash: dict[str, list[str]] = {}
+    for r in rows:
+        by_hash.setdefault(sequence_hash(encode_rationale(tokenizer, config.teacher, r, NO_CUT).ids), []).append(
+            r["rationale_id"])
+    loaded = load_scores(ws, scores, list(by_hash))
+    missing = len(set(by_hash) - set(loaded))
+    if missing:
+        raise ValueError(f"{missing} of {len(by_hash)} training sequences have no teacher scores (stage {scores.fp}): "
+                         "train.loss 'kd' needs the prepare phase's teacher-scores stage for this student and data")
+    out = {}
+    for h, rids in by_hash.items():
+        ids, lp = (np.concatenate([np.zeros((1, scores.k), a.dtype), a]) for a in loaded[h])
+        out |= {rid: (ids, lp) for rid in rids}
+    return out
+
+
+def score_sequences(ws: Workspace, config: DistillConfig, inputs: TeacherScoresInputs, lineage: Lineage) -> TeacherScores:
+    from transformers import AutoTokenizer
+
+    from tasks.student import load_student
+
+    cfg, catalog = config.teacher_scores, ws.catalog()
+    check_same_tokenizer(inputs.student.model_dir, cfg.model)
+    tok = AutoTokenizer.from_pretrained(inputs.student.model_dir)
+    seqs = {}
+    for r in kept_rationales(catalog, config, inputs.generation):
+        ids = encode_rationale(tok, config.teacher, r, NO_CUT).ids
+        seqs[sequence_hash(ids)] = ids
+    scorer_fp = scorer_fingerprint(cfg)
+    done = {r["sequence_hash"] for r in catalog.query("scored_sequences", scorer_fp=scorer_fp, hashes=list(seqs))}
+    todo = [h for h in seqs if h not in done]
+    if todo:
+        device = pick_device(config.train.device)
+        model, _ = load_student(cfg.model, device=device)
+        for start in range(0, len(todo), cfg.commit_every):
+            chunk = todo[start:start + cfg.commit_every]
+            write_part(ws, scorer_fp, chunk, top_k_scores(model, [seqs[h] for h in chunk], cfg.k, cfg.batch_tokens,
+                                                          device), len(tok))
+    index = catalog.query("scored_sequences", scorer_fp=scorer_fp, hashes=list(seqs))
+    parts = {r["part"] for r in index}
+    positions_in_parts = sum(r["n_positions"] for r in catalog.query("scorer_parts", scorer_fp=scorer_fp)
+                             if r["part"] in parts)
+    size = sum((ws.root / p).stat().st_size for p in parts)
+    return TeacherScores(fp=lineage.fp, scorer_fp=scorer_fp, k=cfg.k, scores_dir=str(ws.root / "teacher-scores" / scorer_fp),
+                         n_sequences=len(seqs), n_scored=len(todo), n_positions=sum(r["n_positions"] for r in index),
+                         bytes_per_position=size / max(positions_in_parts, 1))
+
+
+TEACHER_SCORES = Stage("teacher-scores", TeacherScoresInputs, TeacherScores, teacher_scores_lineage, score_sequences,
+                       still_valid=lambda config, done: Path(done.scores_dir).exists(), tags=["gpu"])
+
+
+# ---- in Prefect: what it cost -----------------------------------------------------------------------------------
+@TEACHER_SCORES.in_prefect
+def _teacher_scores_in_prefect(run, config: DistillConfig, inputs: TeacherScoresInputs, lineage: Lineage) -> TeacherScores:
+    from prefect import get_run_logger
+
+    out = run()
+    get_run_logger().info("teacher scores (top-%d): %d sequences, %d scored now (the rest stored before), %d positions, "
+                          "%.0f bytes per position", out.k, out.n_sequences, out.n_scored, out.n_positions,
+                          out.bytes_per_position)
+    return out

@@ -1,0 +1,75 @@
+"""Logit distillation (`train.loss: kd`): the loss against a hand computation, its top-k rows travelling with their
+tokens through packing, and a training run on a teacher's stored scores."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from storage.workspace import Workspace
+from tasks.formats import IGNORE, Sequence
+from tasks.packing import collate, collate_packed
+from tasks.teacher_scores import TEACHER_SCORES, TeacherScoresInputs
+from tasks.train import TRAIN, TrainInputs, train_lineage
+from tasks.training import kd_loss_sum, weighted_nll_sum
+from tests.tasks.helpers import prepared
+
+
+def test_kd_loss_is_the_mixture_of_nll_and_the_kl_to_the_renormalised_top_k_by_hand():
+    # one predicted token (position 1), vocabulary 3, teacher top-2 = tokens 0 and 2
+    logits = torch.tensor([[[1.0, 0.0, -1.0], [0.0, 0.0, 0.0]]])
+    labels = torch.tensor([[IGNORE, 0]])
+    weights = torch.ones(1, 2)
+    t_ids = torch.tensor([[[0, 0], [0, 2]]])
+    t_lp = torch.tensor([[[0.0, 0.0], [math.log(0.6), math.log(0.2)]]])
+    alpha, tau = 0.25, 2.0
+    s = [1.0, 0.0, -1.0]
+    log_z = math.log(sum(math.exp(v) for v in s))
+    nll = -(s[0] - log_z)
+    p_t = [0.6 ** (1 / tau) / (0.6 ** (1 / tau) + 0.2 ** (1 / tau)), 0.2 ** (1 / tau) / (0.6 ** (1 / tau) + 0.2 ** (1 / tau))]
+    log_z_tau = math.log(sum(math.exp(v / tau) for v in s))
+    log_q = [s[0] / tau - log_z_tau, s[2] / tau - log_z_tau]
+    kl = sum(p * (math.log(p) - q) for p, q in zip(p_t, log_q))
+    expected = (1 - alpha) * nll + alpha * tau ** 2 * kl
+    got = kd_loss_sum(logits, labels, weights, t_ids, t_lp, alpha, tau)
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+    # α = 0 is the plain NLL, exactly
+    assert kd_loss_sum(logits, labels, weights, t_ids, t_lp, 0.0, tau).item() == \
+        pytest.approx(weighted_nll_sum(logits, labels, weights).item(), rel=1e-6)
+
+
+def test_packed_kd_loss_equals_padded_kd_loss():
+    rng = np.random.default_rng(0)
+    vocab, k = 11, 3
+    seqs = []
+    for n in (5, 3, 7, 4):
+        ids = rng.integers(3, vocab, n).tolist()
+        labels = [IGNORE, IGNORE] + ids[2:]
+        topk = (rng.integers(0, vocab, (n, k)).astype(np.int64), np.log(rng.dirichlet(np.ones(k), n)).astype(np.float32))
+        seqs.append(Sequence(ids, labels, [(0, 0)] * n, n, teacher_topk=topk))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(vocab, 8), torch.nn.Linear(8, vocab))
+
+    def loss(batch):
+        return kd_loss_sum(model(batch["input_ids"]), batch["labels"], batch["weights"], batch["teacher_ids"],
+                           batch["teacher_logprobs"], 0.5, 2.0)
+
+    padded, packed = collate(seqs, 0), collate_packed(seqs, 0, row_length=10)
+    assert packed["input_ids"].shape[0] < len(seqs)      # it did pack
+    assert loss(packed).item() == pytest.approx(loss(padded).item(), rel=1e-5)
+
+
+def test_kd_trains_on_the_teachers_stored_scores_and_its_lineage_names_them(tmp_path):
+    ws = Workspace(tmp_path)
+    cfg, cat, gen, st = prepared(ws, n=24)
+    kd = cfg.model_copy(update={
+        "train": cfg.train.model_copy(update={"loss": "kd", "kd": cfg.train.kd.model_copy(update={"alpha": 0.5})}),
+        "teacher_scores": cfg.teacher_scores.model_copy(update={"model": st.model_dir, "k": 8})})
+    scores = TEACHER_SCORES.run(ws, kd, TeacherScoresInputs(generation=gen, student=st))
+    inputs = TrainInputs(generation=gen, student=st, teacher_scores=scores)
+    out = TRAIN.run(ws, kd, inputs)
+    assert out.loss == "kd" and all(math.isfinite(h["loss"]) for h in out.history)
+    assert scores.fp in train_lineage(kd, inputs).upstream
+    assert scores.fp not in train_lineage(cfg, inputs).upstream     # Std-CoT does not read them
+    with pytest.raises(ValueError, match="teacher_scores.model"):
+        type(kd).model_validate({**kd.model_dump(), "teacher_scores": {"model": None}})

@@ -1,0 +1,87 @@
+"""The teacher-scores stage: exact top-k distributions, stored compactly, each sequence scored once."""
+import numpy as np
+import pytest
+import torch
+
+from storage.workspace import Workspace
+from tasks import ingest, teacher
+from tasks.formats import NO_CUT, encode_rationale
+from tasks.stage import kept_rationales
+from tasks.student import load_student
+from tasks.teacher_scores import (TEACHER_SCORES, TeacherScoresInputs, load_scores, scorer_fingerprint,
+                                  sequence_hash)
+from tests.tasks.helpers import prepared
+
+
+def scoring(cfg, model_dir, **settings):
+    return cfg.model_copy(update={"teacher_scores": cfg.teacher_scores.model_copy(
+        update={"model": model_dir, **settings})})
+
+
+def test_scores_are_the_teachers_exact_top_k_and_cost_under_130_bytes_a_position_at_k_20(tmp_path):
+    ws = Workspace(tmp_path)
+    cfg, cat, gen, st = prepared(ws, n=24)
+    teacher_dir = st.model_dir      # any folder with the student's tokenizer: here the untrained student itself
+    cfg = scoring(cfg, teacher_dir, k=20)
+    out = TEACHER_SCORES.run(ws, cfg, TeacherScoresInputs(generation=gen, student=st))
+    assert out.n_sequences == out.n_scored == 24 and out.k == 20
+    model, tok = load_student(teacher_dir)
+    rows = kept_rationales(cat, cfg, gen)
+    ids = encode_rationale(tok, cfg.teacher, rows[3], NO_CUT).ids
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits.float()[0], dim=-1)
+    top = logp.topk(20, dim=-1)
+    stored_ids, stored_lp = load_scores(ws, out, [sequence_hash(ids)])[sequence_hash(ids)]
+    assert stored_ids.shape == (len(ids) - 1, 20) and out.n_positions == sum(
+        len(encode_rationale(tok, cfg.teacher, r, NO_CUT).ids) - 1 for r in rows)
+    assert (stored_ids == top.indices[:-1].numpy()).all()
+    assert np.allclose(stored_lp, top.values[:-1].numpy(), atol=1e-2)     # float16 on disk
+    assert out.bytes_per_position <= 130, out.bytes_per_position
+
+
+def test_a_rerun_scores_nothing_more_data_scores_only_the_new_and_a_kill_keeps_the_finished_parts(tmp_path, monkeypatch):
+    ws = Workspace(tmp_path)
+    cfg, cat, gen, st = prepared(ws, n=40)
+    cfg = scoring(cfg, st.model_dir, k=4, commit_every=8)
+    first = TEACHER_SCORES.run(ws, cfg, TeacherScoresInputs(generation=gen, student=st))
+    assert first.n_scored == 40
+    assert TEACHER_SCORES.run(ws, cfg, TeacherScoresInputs(generation=gen, student=st)) == first   # cached
+    # +10% data: the same 40 problems and 4 new ones (same generator seed); the student as before
+    bigger = cfg.data.train.model_copy(update={"n": 44})
+    gen44 = teacher.generate_rationales(ws, cfg, ingest.ingest(ws, bigger))
+    more = TEACHER_SCORES.run(ws, cfg, TeacherScoresInputs(generation=gen44, student=st))
+    assert more.n_sequences == 44 and more.n_scored == 4
+    # a kill in the third part: the two finished parts stay, a rerun scores only the rest
+    import tasks.teacher_scores as stage
+    real, calls = stage.top_k_scores, []
+
+    def dies_on_the_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("killed")
+        return real(*args, **kwargs)
+
+    killed = scoring(cfg, st.model_dir, k=5, commit_every=8)
+    monkeypatch.setattr(stage, "top_k_scores", dies_on_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        TEACHER_SCORES.run(ws, killed, TeacherScoresInputs(generation=gen, student=st))
+    monkeypatch.setattr(stage, "top_k_scores", real)
+    resumed = TEACHER_SCORES.run(ws, killed, TeacherScoresInputs(generation=gen, student=st))
+    assert resumed.n_scored == 40 - 16 and resumed.n_sequences == 40
+    assert scorer_fingerprint(killed.teacher_scores) != scorer_fingerprint(cfg.teacher_scores)   # k is in it
+
+
+def test_a_teacher_with_another_tokenizer_is_refused_naming_both(tmp_path):
+    ws = Workspace(tmp_path / "a")
+    cfg, cat, gen, st = prepared(ws, n=16)
+    _, _, _, other = prepared(Workspace(tmp_path / "b"), n=48)    # its BPE trained on another corpus
+    with pytest.raises(ValueError, match=r"teacher_scores.model.*teacher's tokenizer.*student's.*share one"):
+        TEACHER_SCORES.run(ws, scoring(cfg, other.model_dir), TeacherScoresInputs(generation=gen, student=st))
+    # before any work, where the student's tokenizer is known (a student folder): one line naming both
+    from flows.preflight import preflight
+    from keystep.config import ConfigError
+    pretrained = scoring(cfg, other.model_dir).model_copy(update={"student": cfg.student.model_copy(
+        update={"model": st.model_dir})})
+    with pytest.raises(ConfigError, match=f"teacher's tokenizer \\({other.model_dir}.*the student's \\({st.model_dir}"):
+        preflight(pretrained, check_teacher_endpoint=False)
+    preflight(scoring(pretrained, st.model_dir), check_teacher_endpoint=False)     # the same tokenizer: no error
