@@ -4,7 +4,9 @@ Both train one epoch of a config's Std-CoT sequences (default configs/demo.yaml:
 same initial weights: Trainer with padded batches of train.batch_size sequences (DataCollatorForSeq2Seq, its
 default optimizer, bf16 on CUDA), keystep with its defaults (packed rows, fused AdamW, bf16 autocast and
 torch.compile on CUDA) and, for reference, keystep with packing off. Prints tokens/s (real tokens, no padding) of
-each, keystep / Trainer (goal >= 2.0), and on CUDA the MFU (6·N·tokens/s over the GPU's bf16 dense peak).
+each, keystep / Trainer (goal >= 2.0), and on CUDA the MFU (6·N·tokens/s over the GPU's bf16 dense peak). Also
+`train.loss: kd` against Std-CoT on the same sequences (issue 30's goal >= 0.8): the top-20 scores of a teacher the
+size of the student (the untrained student itself: the cost of the loss does not depend on who scored).
 
 Usage: python bench/train_throughput.py [CONFIG] [key=value ...]   e.g. configs/gsm8k.yaml train.device=cuda
        python bench/train_throughput.py --smoke    (configs/micro.yaml on 32 problems: seconds, for the test suite)
@@ -23,6 +25,7 @@ from storage.fingerprint import Lineage  # noqa: E402
 from storage.workspace import Workspace  # noqa: E402
 from tasks import ingest, teacher  # noqa: E402
 from tasks.student import STUDENT, StudentInputs, load_student, pick_device  # noqa: E402
+from tasks.teacher_scores import TEACHER_SCORES, TeacherScoresInputs  # noqa: E402
 from tasks.training import TrainInputs, run_epoch, setup  # noqa: E402
 
 SMOKE = "--smoke" in sys.argv   # tiny sizes, seconds: what the test suite runs (tests/test_bench_smoke.py)
@@ -32,10 +35,10 @@ if SMOKE:
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}   # dense, per GPU
 
 
-def keystep_epoch(ws, cfg, gen, st, **train) -> tuple[float, int]:
+def keystep_epoch(ws, cfg, gen, st, scores=None, **train) -> tuple[float, int]:
     tcfg = cfg.train.model_copy(update={"epochs": 1, **train})
     run = setup(ws, Lineage("bench-train", tcfg, (st.fp, str(time.time())), "0"), cfg.model_copy(update={"train": tcfg}),
-                TrainInputs(generation=gen, student=st))
+                TrainInputs(generation=gen, student=st, teacher_scores=scores))
     run_epoch(run, 1)   # warm-up epoch (compile, allocator); the timed one follows with the same order
     t0 = time.perf_counter()
     metrics = run_epoch(run, 1)
@@ -90,13 +93,18 @@ def main() -> None:
         device = pick_device(cfg.train.device)
         packed, tokens = keystep_epoch(ws, cfg, gen, st)
         padded, _ = keystep_epoch(ws, cfg, gen, st, packing=False)
+        cfg = cfg.model_copy(update={"teacher_scores": cfg.teacher_scores.model_copy(update={"model": st.model_dir})})
+        scores = TEACHER_SCORES.run(ws, cfg, TeacherScoresInputs(generation=gen, student=st))
+        kd, _ = keystep_epoch(ws, cfg, gen, st, scores, loss="kd")
         run = setup(ws, Lineage("bench-data", cfg.train, (st.fp,), "0"), cfg, TrainInputs(generation=gen, student=st))
         hf = trainer_epoch(cfg, st, run.data, device)
         n_params = st.n_params
     details = {"config": config, "overrides": overrides, "device": device, "tokens_per_epoch": tokens,
                "params_m": round(n_params / 1e6, 2), "batch_size": cfg.train.batch_size,
                "keystep_packed_tokens_per_s": round(packed), "keystep_padded_tokens_per_s": round(padded),
-               "hf_trainer_tokens_per_s": round(hf)}
+               "hf_trainer_tokens_per_s": round(hf), "keystep_kd_tokens_per_s": round(kd),
+               "kd_over_std_cot": round(kd / packed, 3), "kd_goal": "kd_over_std_cot >= 0.8",
+               "teacher_scores_bytes_per_position": round(scores.bytes_per_position, 1)}
     if device == "cuda":
         import torch
         name = torch.cuda.get_device_name()
