@@ -148,14 +148,20 @@ def load_scores(ws: Workspace, scores: TeacherScores, hashes: list[str]) -> dict
     return out
 
 
+def sequences_by_hash(tokenizer, config: DistillConfig, rows: list[dict]) -> dict[str, tuple[list[int], list[str]]]:
+    """The rows' training sequences, uncut, by hash: (token ids, the rationale ids that encode to them)."""
+    out: dict[str, tuple[list[int], list[str]]] = {}
+    for r in rows:
+        ids = encode_rationale(tokenizer, config.teacher, r, NO_CUT).ids
+        out.setdefault(sequence_hash(ids), (ids, []))[1].append(r["rationale_id"])
+    return out
+
+
 def teacher_topk(ws: Workspace, config: DistillConfig, tokenizer, rows: list[dict],
                  scores: TeacherScores) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """rationale id -> the teacher's (ids, logprobs) aligned with its training sequence (`Sequence.teacher_topk`):
     row j is the distribution of token j; row 0, which nothing predicts, is zeros."""
-    by_hash: dict[str, list[str]] = {}
-    for r in rows:
-        by_hash.setdefault(sequence_hash(encode_rationale(tokenizer, config.teacher, r, NO_CUT).ids), []).append(
-            r["rationale_id"])
+    by_hash = {h: rids for h, (_, rids) in sequences_by_hash(tokenizer, config, rows).items()}
     loaded = load_scores(ws, scores, list(by_hash))
     missing = len(set(by_hash) - set(loaded))
     if missing:
@@ -176,10 +182,8 @@ def score_sequences(ws: Workspace, config: DistillConfig, inputs: TeacherScoresI
     cfg, catalog = config.teacher_scores, ws.catalog()
     check_same_tokenizer(inputs.student.model_dir, cfg.model)
     tok = AutoTokenizer.from_pretrained(inputs.student.model_dir)
-    seqs = {}
-    for r in kept_rationales(catalog, config, inputs.generation):
-        ids = encode_rationale(tok, config.teacher, r, NO_CUT).ids
-        seqs[sequence_hash(ids)] = ids
+    seqs = {h: ids for h, (ids, _) in sequences_by_hash(tok, config, kept_rationales(catalog, config,
+                                                                                     inputs.generation)).items()}
     scorer_fp = scorer_fingerprint(cfg)
     done = {r["sequence_hash"] for r in catalog.query("scored_sequences", scorer_fp=scorer_fp, hashes=list(seqs))}
     todo = [h for h in seqs if h not in done]
