@@ -156,7 +156,7 @@ def from_catalog_run(config: DistillConfig) -> EvaluatePhase | None:
 def export_inputs(p: PreparePhase) -> ExportInputs:
     """What the export stage reads of the prepare phase."""
     return ExportInputs(generation=p.generation, student=p.student, steps=p.steps, token_weights=p.token_weights,
-                        difficulty=p.difficulty)
+                        difficulty=p.difficulty, teacher_scores=p.teacher_scores)
 
 
 def export_stages(config: DistillConfig, inputs: ExportInputs) -> dict[str, Any]:

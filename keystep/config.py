@@ -510,10 +510,11 @@ class TrainConfig(Section):
     """Student training, grouped as TRL's SFTConfig is: what to train on, the loss, batching, the optimiser and its
     schedule, precision and kernels, processes."""
     # ---- what to train on and how long -----------------------------------------------------------------------
-    loss: Literal["std_cot", "kpod", "kd"] = Field(
+    loss: Literal["std_cot", "kpod", "kd", "kpod_kd"] = Field(
         "std_cot", description="'std_cot': plain NLL on rationale + answer. 'kpod': token-weighted NLL on the rationale "
         "+ NLL on the answer, stage by stage through the curriculum (computes token weights and difficulty). 'kd': NLL "
-        "mixed with the KL to the teacher's top-k distribution at every token (train.kd; needs teacher_scores.model).")
+        "mixed with the KL to the teacher's top-k distribution at every token (train.kd; needs teacher_scores.model). "
+        "'kpod_kd': KPOD's curriculum with kd's loss, each token's NLL and KL multiplied by its learned weight.")
     target_format: TargetFormat = Field(
         "cot_then_label", description="Mysteries target format: rationale then answer (standard); the answer only; the "
         "answer then the rationale (at test time only the answer is decoded); the answer then the rationale's words "
@@ -579,9 +580,19 @@ class TrainConfig(Section):
     strategy: Literal["ddp", "fsdp"] = Field("ddp", description="With num_processes > 1: 'ddp' replicates the model, "
                                              "'fsdp' shards weights, gradients and optimizer state (FSDP2).")
 
+    @property
+    def uses_kpod(self) -> bool:
+        """KPOD's token weights and curriculum shape the loss ('kpod', 'kpod_kd')."""
+        return self.loss in ("kpod", "kpod_kd")
+
+    @property
+    def uses_teacher_scores(self) -> bool:
+        """The loss reads the teacher's top-k distributions ('kd', 'kpod_kd')."""
+        return self.loss in ("kd", "kpod_kd")
+
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
-        if self.loss in ("kpod", "kd") and self.target_format != "cot_then_label":
+        if self.loss != "std_cot" and self.target_format != "cot_then_label":
             raise ValueError(f"loss '{self.loss}' trains on rationale-then-answer targets; set target_format: "
                              "cot_then_label or loss: std_cot")
         return self
@@ -674,13 +685,13 @@ class DistillConfig(Section):
     @property
     def needs_token_weights(self) -> bool:
         """KPOD training and the key-token target format read token weights; `token_weights.compute` asks for them."""
-        return (self.token_weights.compute or self.train.loss == "kpod"
+        return (self.token_weights.compute or self.train.uses_kpod
                 or self.train.target_format == "label_then_keytokens")
 
     @property
     def needs_curriculum(self) -> bool:
         """KPOD training reads its stage's curriculum shard every epoch."""
-        return self.train.loss == "kpod"
+        return self.train.uses_kpod
 
     @property
     def predictor_warmup_epochs(self) -> int:
@@ -696,8 +707,8 @@ class DistillConfig(Section):
     @model_validator(mode="after")
     def _check_sections(self) -> "DistillConfig":
         lora, train = self.student.lora, self.train
-        if train.loss == "kd" and not self.teacher_scores.model:
-            raise ValueError("train.loss 'kd' trains toward a teacher's token distributions: set teacher_scores.model "
+        if train.uses_teacher_scores and not self.teacher_scores.model:
+            raise ValueError(f"train.loss '{train.loss}' trains toward a teacher's token distributions: set teacher_scores.model "
                              "to the teacher's folder (it must share the student's tokenizer)")
         if lora and lora.quantize == "4bit" and train.num_processes > 1 and train.strategy == "fsdp":
             raise ValueError("student.lora.quantize '4bit' cannot be sharded by train.strategy 'fsdp' (FSDP does not "

@@ -35,6 +35,7 @@ from tasks.stage import Stage, StageInputs, StageOutput, workspace_of
 from tasks.steps import Steps
 from tasks.student import Student
 from tasks.teacher import Generation
+from tasks.teacher_scores import TeacherScores, load_scores, sequences_by_hash
 from tasks.token_weights import TokenWeights
 
 CODE_VERSION = "2"   # 2: the card as the hub reads it, LICENSE.md, one column schema, no local path in export.json
@@ -51,6 +52,7 @@ class Exported(StageOutput):
     with_steps: bool
     with_token_weights: bool
     with_difficulty: bool
+    with_teacher_scores: bool = False
 
 
 class ExportInputs(StageInputs):
@@ -60,11 +62,13 @@ class ExportInputs(StageInputs):
     steps: Steps | None = None
     token_weights: TokenWeights | None = None
     difficulty: Difficulty | None = None
+    teacher_scores: TeacherScores | None = None
 
 
 def export_lineage(config: DistillConfig, inputs: ExportInputs) -> Lineage:
     i = inputs
-    upstream = [i.generation.fp, *(x.fp for x in (i.student, i.steps, i.token_weights, i.difficulty) if x)]
+    upstream = [i.generation.fp, *(x.fp for x in (i.student, i.steps, i.token_weights, i.difficulty, i.teacher_scores)
+                                       if x)]
     return Lineage("export", config.export.fingerprinted(), tuple(upstream), CODE_VERSION)
 
 
@@ -97,9 +101,10 @@ def check_export(config: DistillConfig, token_weights: TokenWeights | None = "un
 
 def rationale_rows(ws: Workspace, config: DistillConfig, generation: Generation, tokenizer=None,
                    steps: Steps | None = None, token_weights: TokenWeights | None = None,
-                   difficulty: Difficulty | None = None) -> list[dict]:
+                   difficulty: Difficulty | None = None, teacher_scores: TeacherScores | None = None) -> list[dict]:
     """One row per rationale: question, gold answer, rationale, extracted answer, correctness, status and reason,
-    teacher, prompt, sampling parameters, usage; steps, token weights, keypoints and difficulties where computed."""
+    teacher, prompt, sampling parameters, usage; steps, token weights, keypoints, difficulties and the teacher's
+    top-k distributions where computed."""
     catalog, teacher = ws.catalog(), config.teacher
     rows = catalog.query("export_rationales", dataset_fp=generation.dataset_fp, teacher_fp=generation.teacher_fp,
                          only_kept=config.export.rows == "kept", only_correct=teacher.keep_only_correct)
@@ -112,6 +117,7 @@ def rationale_rows(ws: Workspace, config: DistillConfig, generation: Generation,
     hardness: dict[str, list[float]] = {}
     for d in (catalog.query("difficulty_of", difficulty_fp=difficulty.fp) if difficulty else []):
         hardness.setdefault(d["rationale_id"], []).append(d["difficulty"])
+    scored = scored_sequences(ws, config, tokenizer, rows, teacher_scores) if teacher_scores else {}
     model = teacher.setting("model") or ("reference rationales" if teacher.backend == "reference" else None)
     generated = teacher.backend != "reference"      # reference rationales had no sampling, usage or latency
     out = []
@@ -135,8 +141,22 @@ def rationale_rows(ws: Workspace, config: DistillConfig, generation: Generation,
                                 if w and tokenizer is not None else None)
         if difficulty:
             row["step_difficulty"] = hardness.get(r["rationale_id"])
+        if teacher_scores:
+            ids, topk_ids, topk_lps = scored.get(r["rationale_id"], (None, None, None))
+            row |= {"token_ids": ids, "teacher_topk_ids": topk_ids, "teacher_topk_logprobs": topk_lps}
         out.append(row)
     return out
+
+
+def scored_sequences(ws: Workspace, config: DistillConfig, tokenizer, rows: list[dict],
+                     scores: TeacherScores) -> dict[str, tuple[list[int], list[list[int]], list[list[float]]]]:
+    """rationale id -> (its training sequence's token ids, the teacher's top-k ids and log-probabilities of the
+    token after each position), for the rows the teacher-scores stage scored (the kept ones)."""
+    ok = [r for r in rows if r["status"] == "ok" and r["text"]]
+    seqs = sequences_by_hash(tokenizer, config, ok)
+    loaded = load_scores(ws, scores, list(seqs))
+    return {rid: (ids, loaded[h][0].tolist(), loaded[h][1].tolist())
+            for h, (ids, rids) in seqs.items() if h in loaded for rid in rids}
 
 
 # columns that may be empty in one export and filled in another: one type whatever the rows hold
@@ -164,6 +184,9 @@ COLUMNS = {
     "token_weights": "KPOD's learned weight per rationale token of the student's tokenizer, in [0, 1]",
     "keypoints": "the top-weighted tokens, in text order",
     "step_difficulty": "KPOD's difficulty per reasoning step (the answer sentence has none)",
+    "token_ids": "the student's training sequence, <bos> prompt \" \" rationale answer <eos>, in the student's tokenizer",
+    "teacher_topk_ids": "per position j of token_ids but the last, the teacher's k likeliest tokens at j + 1",
+    "teacher_topk_logprobs": "their log-probabilities (the teacher's full softmax; stored as float16)",
 }
 
 
@@ -287,15 +310,16 @@ def export_dataset(ws: Workspace, config: DistillConfig, inputs: ExportInputs, l
     import datasets
 
     datasets.disable_progress_bars()
-    generation, student, steps, token_weights, difficulty = (inputs.generation, inputs.student, inputs.steps,
-                                                             inputs.token_weights, inputs.difficulty)
+    generation, student, steps, token_weights, difficulty, scores = (
+        inputs.generation, inputs.student, inputs.steps, inputs.token_weights, inputs.difficulty, inputs.teacher_scores)
     out_dir = export_dir(ws, config, lineage.fp)
     check_export(config, token_weights)
     tokenizer = None
-    if token_weights and student:
+    if (token_weights or scores) and student:
         from transformers import AutoTokenizer
         tokenizer = AutoTokenizer.from_pretrained(student.model_dir)
-    rows = rationale_rows(ws, config, generation, tokenizer, steps, token_weights, difficulty)
+    rows = rationale_rows(ws, config, generation, tokenizer, steps, token_weights, difficulty,
+                          scores if student else None)
     formats = list(dict.fromkeys(config.export.formats))
     tmp = temp_dir_for(out_dir)
     files, n_sft = {"rationales": "rationales/train.parquet"}, 0
@@ -314,7 +338,8 @@ def export_dataset(ws: Workspace, config: DistillConfig, inputs: ExportInputs, l
         (tmp / "LICENSE.md").write_text(license_note(config))
     out = Exported(fp=lineage.fp, out_dir=str(out_dir), n_rows=len(rows), n_sft=n_sft, formats=formats, files=files,
                    with_steps=steps is not None, with_token_weights=token_weights is not None,
-                   with_difficulty=difficulty is not None)
+                   with_difficulty=difficulty is not None,
+                   with_teacher_scores=scores is not None and student is not None)
     (tmp / "export.json").write_text(out.model_dump_json(indent=2, exclude={"out_dir"}))   # no local path: it is pushed
     publish_dir(tmp, out_dir)
     return out

@@ -32,11 +32,11 @@ def train_lineage(config: DistillConfig, inputs: TrainInputs) -> Lineage:
     curriculum, for the key-token format the token weights."""
     i = inputs
     upstream = [i.generation.fp, i.student.fp]
-    if config.train.loss == "kpod":
+    if config.train.uses_kpod:
         upstream += [i.steps.fp, i.token_weights.fp, i.curriculum.fp]
     elif config.train.target_format == "label_then_keytokens":
         upstream += [i.token_weights.fp]
-    if config.train.loss == "kd":
+    if config.train.uses_teacher_scores:
         upstream += [i.teacher_scores.fp]
     # LoRA adapters are trained here, so their settings belong to this stage (not to the student's)
     what = config.train if config.student.lora is None else {"train": config.train, "lora": config.student.lora}

@@ -3,8 +3,9 @@
 
 Std-CoT: NLL on rationale + answer. KPOD (§4.3-4.4): epoch e reads curriculum stage min(e, T) from its Parquet
 shard; the input is the question + the first c_i steps (no loss there), the target the remaining steps + the
-answer, and the loss −Σ_j w_j·log P(r_j | ·) − Σ log P(y | ·) with w the learned token weights (§4.1). The
-sequences themselves come from tasks/formats.py (`Sequence`).
+answer, and the loss −Σ_j w_j·log P(r_j | ·) − Σ log P(y | ·) with w the learned token weights (§4.1). kd: each
+token's NLL mixed with the KL to the teacher's stored top-k (`kd_loss_sum`); kpod_kd: KPOD's stages and weights with
+kd's per-token mixture. The sequences themselves come from tasks/formats.py (`Sequence`).
 
 In the style of nanoGPT and torchtune's recipes: `setup` builds everything the loop touches (a `LoopState`) from
 small units, each given one config section — `_setup_model` (train + student), `_setup_data` (train), `_setup_schedule`
@@ -87,7 +88,8 @@ def kd_loss_sum(logits: "torch.Tensor", labels: "torch.Tensor", weights: "torch.
     """Σ_j w_j·[(1 − α)·(−log p_S(y_j)) + α·τ²·Σ_{v ∈ top-k} p̃_T(v)·(log p̃_T(v) − log p_S^τ(v))] over labelled
     tokens j: p̃_T = softmax(teacher top-k log-probabilities / τ), the teacher renormalised over its k tokens (the
     tail dropped); p_S^τ = softmax(student logits / τ) over the whole vocabulary (README: Logit distillation). With
-    α = 0 it is `weighted_nll_sum`."""
+    α = 0 it is `weighted_nll_sum`. w_j: 1 (kd), or KPOD's learned token weight (kpod_kd: KPOD over the teacher's
+    distribution, the weight multiplying the token's KL as it multiplies its NLL)."""
     import torch
 
     z, y = logits[:, :-1].float(), labels[:, 1:]
@@ -101,7 +103,7 @@ def kd_loss_sum(logits: "torch.Tensor", labels: "torch.Tensor", weights: "torch.
 
 def token_loss_sum(logits: "torch.Tensor", batch: dict, cfg: TrainConfig) -> "torch.Tensor":
     """The step's summed token loss for train.loss: KD's mixture, or the (weighted) NLL."""
-    if cfg.loss == "kd":
+    if cfg.uses_teacher_scores:
         return kd_loss_sum(logits, batch["labels"], batch["weights"], batch["teacher_ids"], batch["teacher_logprobs"],
                            cfg.kd.alpha, cfg.kd.temperature)
     return weighted_nll_sum(logits, batch["labels"], batch["weights"])
@@ -149,6 +151,7 @@ class CurriculumSequences:
             self.step_char_ends.setdefault(st["rationale_id"], []).append(st["char_end"])
         self.n_unweighted = sum(r["rationale_id"] not in self.weights for r in rows)
         self._cache: dict[int, list[Sequence]] = {}
+        self.teacher_topk: dict | None = None    # kpod_kd: rationale id -> the teacher's top-k rows
 
     def curriculum_stage(self, epoch: int) -> int:
         """The curriculum stage epoch `epoch` trains on: from stage T on, whole rationales (§4.3)."""
@@ -164,7 +167,15 @@ class CurriculumSequences:
                               self.weights.get(r["rationale_id"]), self.train.token_weight_scale,
                               self.train.token_weight_floor)
                 for r in self.rows]}
+            if self.teacher_topk:
+                with_teacher_topk(self._cache[stage], self.rows, self.teacher_topk)
         return self._cache[stage]
+
+
+def with_teacher_topk(data: list[Sequence], rows: list[dict], topk: dict) -> None:
+    """Each row's sequence given the teacher's top-k rows for its tokens (`Sequence.teacher_topk`), cut as it is."""
+    for seq, r in zip(data, rows):
+        seq.teacher_topk = tuple(a[:len(seq.ids)] for a in topk[r["rationale_id"]])
 
 
 TRUNCATION_WARN, TRUNCATION_FAIL = 0.05, 0.20
@@ -256,7 +267,7 @@ def _setup_data(cfg: TrainConfig, teacher: TeacherConfig, max_length: int, catal
         n_truncated, longest = n_truncated + seq.truncated, max(longest, seq.length)
     check_truncation(n_truncated, len(data), max_length, cfg.allow_truncation, longest)
     staged = (CurriculumSequences(catalog, tokenizer, teacher, cfg, max_length, rows, inputs.steps,
-                                  inputs.token_weights, inputs.curriculum) if cfg.loss == "kpod" else None)
+                                  inputs.token_weights, inputs.curriculum) if cfg.uses_kpod else None)
     epochs = cfg.epochs
     if cfg.match_cot_tokens and cfg.target_format != "cot_then_label":
         # as many training tokens as `epochs` passes over rationale-then-answer sequences (Mysteries, equal budget)
@@ -291,10 +302,10 @@ def setup(ws: Workspace, lineage: Lineage, config: DistillConfig, inputs: TrainI
     if not rows:
         raise ValueError("no kept rationales to train on; check the teacher's correctness rate and "
                          "teacher.keep_only_correct")
-    if cfg.loss == "kpod" and not (inputs.steps and inputs.token_weights and inputs.curriculum):
-        raise ValueError("train.loss 'kpod' needs token weights and a curriculum (run the distill/prepare flow)")
-    if cfg.loss == "kd" and not inputs.teacher_scores:
-        raise ValueError("train.loss 'kd' needs the teacher's scores (set teacher_scores.model; the prepare phase "
+    if cfg.uses_kpod and not (inputs.steps and inputs.token_weights and inputs.curriculum):
+        raise ValueError(f"train.loss '{cfg.loss}' needs token weights and a curriculum (run the distill/prepare flow)")
+    if cfg.uses_teacher_scores and not inputs.teacher_scores:
+        raise ValueError(f"train.loss '{cfg.loss}' needs the teacher's scores (set teacher_scores.model; the prepare phase "
                          "computes them)")
     if cfg.target_format == "label_then_keytokens" and not inputs.token_weights:
         raise ValueError("train.target_format 'label_then_keytokens' needs token weights (run the distill/prepare flow)")
@@ -305,10 +316,11 @@ def setup(ws: Workspace, lineage: Lineage, config: DistillConfig, inputs: TrainI
                                     ckpt_root / f"epoch-{start_epoch}" if start_epoch else None)
     data, n_truncated, staged, epochs = _setup_data(cfg, config.teacher, config.student.max_length, catalog, tokenizer,
                                                     rows, inputs)
-    if cfg.loss == "kd":   # the teacher's rows, cut where the sequence is
+    if cfg.uses_teacher_scores:   # the teacher's rows, cut where the sequence is (a KPOD stage's too: same ids)
         topk = teacher_topk(ws, config, tokenizer, rows, inputs.teacher_scores)
-        for seq, r in zip(data, rows):
-            seq.teacher_topk = tuple(a[:len(seq.ids)] for a in topk[r["rationale_id"]])
+        with_teacher_topk(data, rows, topk)
+        if staged:
+            staged.teacher_topk = topk
     model = wrap(model, dist, cfg.strategy)
     if cfg.compile == "on" or (cfg.compile == "auto" and device.startswith("cuda")):
         model = torch.compile(model)

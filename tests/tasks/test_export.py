@@ -118,3 +118,36 @@ def test_cli_export_and_a_push_without_a_token_is_one_line_before_any_work(tmp_p
     r = keystep("--out", str(tmp_path / "a-file"))
     assert r.returncode == 2 and "Traceback" not in r.stderr and "export.out" in r.stderr, r.stderr[-2000:]
     assert len(r.stderr.strip().splitlines()) == 1 and (tmp_path / "a-file").read_text() == "x"
+
+
+def test_teacher_scores_are_a_column_of_the_rationales_aligned_with_the_training_tokens(tmp_path):
+    """With the teacher-scores stage run, the export carries each kept rationale's training token ids and, per
+    position, the teacher's top-k next tokens and log-probabilities; rows the stage did not score have none."""
+    import datasets
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from tasks.teacher_scores import TEACHER_SCORES, TeacherScoresInputs, top_k_scores
+    from tasks.student import load_student
+
+    ws = Workspace(tmp_path / "ws")
+    cfg, cat, gen, st = prepared(ws, n=16, **{"export.rows": "all"})
+    cfg = cfg.model_copy(update={"teacher_scores": cfg.teacher_scores.model_copy(update={"model": st.model_dir, "k": 5})})
+    scores = TEACHER_SCORES.run(ws, cfg, TeacherScoresInputs(generation=gen, student=st))
+    out = EXPORT.run(ws, cfg, ExportInputs(generation=gen, student=st, teacher_scores=scores))
+    assert out.with_teacher_scores
+    rows = datasets.load_dataset("parquet", data_files=f"{out.out_dir}/rationales/train.parquet", split="train")
+    tok = AutoTokenizer.from_pretrained(st.model_dir)
+    kept = {r["rationale_id"]: r for r in cat.query("kept_rationales", dataset_fp=gen.dataset_fp,
+                                                    teacher_fp=gen.teacher_fp, only_correct=True)}
+    model, _ = load_student(st.model_dir, device="cpu")
+    with_scores = [r for r in rows if r["teacher_topk_ids"] is not None]
+    assert {r["rationale_id"] for r in with_scores} == set(kept)          # the kept rows, and only they
+    for r in with_scores[:4]:
+        ids = encode_rationale(tok, cfg.teacher, kept[r["rationale_id"]], NO_CUT).ids
+        assert r["token_ids"] == ids
+        top_ids, top_lp = top_k_scores(model, [ids], 5, 4096, "cpu")[0]
+        assert np.array_equal(np.array(r["teacher_topk_ids"]), top_ids)
+        assert np.allclose(np.array(r["teacher_topk_logprobs"]), top_lp, atol=2e-2)   # stored as float16
+    card = (tmp_path / out.out_dir / "README.md").read_text()
+    assert "| `teacher_topk_logprobs` |" in card

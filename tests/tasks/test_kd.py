@@ -73,3 +73,49 @@ def test_kd_trains_on_the_teachers_stored_scores_and_its_lineage_names_them(tmp_
     assert scores.fp not in train_lineage(cfg, inputs).upstream     # Std-CoT does not read them
     with pytest.raises(ValueError, match="teacher_scores.model"):
         type(kd).model_validate({**kd.model_dump(), "teacher_scores": {"model": None}})
+
+
+def test_token_weights_multiply_each_tokens_nll_and_kl():
+    """kpod_kd: a token's learned weight scales its whole kd term, the KL to the teacher as well as the NLL."""
+    rng = np.random.default_rng(1)
+    vocab, k, n = 7, 3, 5
+    logits = torch.tensor(rng.normal(size=(1, n, vocab)), dtype=torch.float32)
+    labels = torch.tensor([[IGNORE, *rng.integers(0, vocab, n - 1)]])
+    t_ids = torch.tensor(rng.integers(0, vocab, (1, n, k)))
+    t_lp = torch.tensor(np.log(rng.dirichlet(np.ones(k), (1, n))), dtype=torch.float32)
+    w = torch.tensor([[1.0, 0.2, 0.9, 0.0, 0.5]])
+    alone = []
+    for j in range(1, n):      # each token's term on its own, with weight 1
+        only = torch.full_like(labels, IGNORE)
+        only[0, j] = labels[0, j]
+        alone.append(kd_loss_sum(logits, only, torch.ones_like(w), t_ids, t_lp, 1.0, 1.5).item())
+    # α = 1: the loss is the KL alone, so this checks that the weights reach it
+    assert kd_loss_sum(logits, labels, w, t_ids, t_lp, 1.0, 1.5).item() == \
+        pytest.approx(sum(w[0, j].item() * alone[j - 1] for j in range(1, n)), rel=1e-5)
+
+
+def test_kpod_kd_trains_through_the_curriculum_on_the_teachers_scores(tmp_path):
+    from tests.tasks.helpers import kpod_prepared
+    from tasks.training import setup
+
+    ws = Workspace(tmp_path)
+    cfg, cat, gen, st, kpod = kpod_prepared(ws, n=24, epochs=3)
+    both = cfg.model_copy(update={
+        "train": cfg.train.model_copy(update={"loss": "kpod_kd"}),
+        "teacher_scores": cfg.teacher_scores.model_copy(update={"model": st.model_dir, "k": 8})})
+    both = type(both).model_validate(both.model_dump())      # the config as a user would write it
+    assert both.needs_token_weights and both.needs_curriculum
+    scores = TEACHER_SCORES.run(ws, both, TeacherScoresInputs(generation=gen, student=st))
+    inputs = TrainInputs(generation=gen, student=st, teacher_scores=scores, **kpod)
+    upstream = train_lineage(both, inputs).upstream
+    assert scores.fp in upstream and kpod["token_weights"].fp in upstream and kpod["curriculum"].fp in upstream
+    # every curriculum stage's sequences carry the teacher's rows for their own tokens, and KPOD's weights
+    run = setup(ws, train_lineage(both, inputs), both, inputs)
+    for epoch in (1, run.staged.stages + 1):
+        seqs = run.staged.sequences(epoch)
+        assert all(s.teacher_topk[0].shape == (len(s.ids), 8) and s.weights is not None for s in seqs)
+    assert any(w < 1 for s in run.staged.sequences(1) for w in s.weights)
+    out = TRAIN.run(ws, both, inputs)
+    assert out.loss == "kpod_kd" and all(math.isfinite(h["loss"]) for h in out.history)
+    with pytest.raises(ValueError, match="teacher_scores.model"):
+        type(both).model_validate({**both.model_dump(), "teacher_scores": {"model": None}})
