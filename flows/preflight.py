@@ -14,7 +14,7 @@ import os
 from collections import Counter
 from pathlib import Path
 
-from keystep.config import ConfigError, DatasetSpec, DistillConfig, StudentConfig, TeacherConfig
+from keystep.config import ConfigError, DatasetSpec, DistillConfig, StudentConfig, TeacherConfig, TeacherScoresConfig
 from tasks.ingest import load_examples
 
 
@@ -122,6 +122,19 @@ def check_student(model: str, tokenizer: str | None = None) -> None:
                           f"({type(err).__name__}: {str(err)[:150]})") from None
 
 
+def check_scoring_engine(cfg: TeacherScoresConfig) -> None:
+    """engine vllm needs a vLLM to ask: a server's URL, or a vLLM environment to start one from."""
+    if cfg.engine != "vllm" or cfg.base_url:
+        return
+    if not cfg.vllm_python:
+        raise ConfigError("config key 'teacher_scores.vllm_python': engine vllm needs the Python of a vLLM environment "
+                          "to serve the teacher (e.g. .venv-vllm/bin/python, `make test-vllm` builds it), or "
+                          "teacher_scores.base_url of a running vLLM server; or use engine: local")
+    if not Path(cfg.vllm_python).is_file():
+        raise ConfigError(f"config key 'teacher_scores.vllm_python': '{cfg.vllm_python}' not found (the Python of a "
+                          "vLLM environment, e.g. .venv-vllm/bin/python)")
+
+
 def check_scoring_teacher(model: str, student: StudentConfig) -> None:
     """A scoring teacher is a model folder sharing the student's tokenizer (checked here when the student's is
     known before the run: a model folder, or student.tokenizer; else by the teacher-scores stage)."""
@@ -210,6 +223,7 @@ def preflight(config: DistillConfig, check_teacher_endpoint: bool = True) -> Non
         check_reference_rationales(config.data.train, train)
     check_student(config.student.model, config.student.tokenizer)
     if config.teacher_scores.model:
+        check_scoring_engine(config.teacher_scores)
         check_scoring_teacher(config.teacher_scores.model, config.student)
     check_training(config)
     if config.export.enabled:

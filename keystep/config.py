@@ -631,8 +631,19 @@ class TeacherScoresConfig(Section):
     model: str | None = Field(None, description="Teacher model folder that scores the student's training sequences "
                               "(it must share the student's tokenizer); unset: no scores.")
     k: int = Field(20, ge=1, le=100, description="Top-k log-probabilities kept per position.")
-    engine: Literal["local"] = Field("local", description="'local': a forward pass of the teacher folder on "
-                                     "train.device (exact; prefill only).")
+    engine: Literal["local", "vllm"] = Field("local", description="'local': a forward pass of the teacher folder on "
+                                     "train.device (exact; prefill only). 'vllm': vLLM's `prompt_logprobs` (prefill "
+                                     "only) from a server keystep starts (teacher_scores.vllm_python) or one at "
+                                     "teacher_scores.base_url.")
+    vllm_python: str | None = operational(None, description="engine vllm: Python of a separate vLLM environment "
+                                          "(e.g. .venv-vllm/bin/python); keystep serves teacher_scores.model with it.")
+    vllm_args: list[str] = operational(default_factory=list, description="engine vllm: extra vLLM server arguments "
+                                       "(keystep adds --max-logprobs k unless given).")
+    base_url: str | None = operational(None, description="engine vllm: a vLLM server already serving "
+                                       "teacher_scores.model (its --served-model-name must be that path).")
+    concurrency: int = operational(8, ge=1, description="engine vllm: requests in flight.")
+    max_retries: int = operational(4, ge=0, description="engine vllm: retries of a failed request (429, 5xx, "
+                                   "timeouts) with backoff; then the stage stops, its finished parts kept.")
     batch_tokens: int = operational(8192, ge=64, description="Tokens per scoring batch (padding included).")
     commit_every: int = operational(256, ge=1, description="Sequences per Parquet part: a kill loses at most the part "
                                     "in flight.")

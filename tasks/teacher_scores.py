@@ -11,11 +11,15 @@ dataset version or run asks for it (+10% data scores 10%), and a killed run lose
 
 Engine `local`: the teacher folder's forward pass on train.device — prefill only, no token generated — sequences
 length-bucketed as the difficulty stage's are, log_softmax in float32, then the top k per position.
+Engine `vllm`: the same numbers from a vLLM server's `prompt_logprobs` (a vLLM extension of the completions API:
+the prompt sent as token ids, one token generated and discarded), `concurrency` requests in flight, transport
+faults retried by the `openai` client; the server keystep starts serves the folder with `--max-logprobs k`.
 """
 from __future__ import annotations
 
 import functools
 import os
+from contextlib import contextmanager
 import uuid
 from pathlib import Path
 from types import SimpleNamespace
@@ -106,6 +110,52 @@ def top_k_scores(model, seqs: list[list[int]], k: int, batch_tokens: int, device
     return out
 
 
+def parse_prompt_logprobs(entries: list, n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """vLLM's `prompt_logprobs` for a prompt of n tokens (entry i: {token id: {logprob, rank, ...}} for token i, the
+    first None) -> (ids, logprobs), each (n − 1, k): row j the top k for token j + 1. An entry holds the top k plus
+    the prompt's own token when that one ranks lower, so the k likeliest are kept."""
+    if not isinstance(entries, list) or len(entries) != n or any(e is None for e in entries[1:]):
+        raise ValueError(f"malformed response: prompt_logprobs for {n} tokens expected")
+    ids, lps = np.zeros((n - 1, k), np.int64), np.zeros((n - 1, k), np.float32)
+    for j, entry in enumerate(entries[1:]):
+        top = sorted(((e["logprob"], int(t)) for t, e in entry.items()), key=lambda x: -x[0])[:k]
+        if len(top) < k:
+            raise ValueError(f"malformed response: {len(top)} log-probabilities at position {j + 1}, {k} asked")
+        lps[j], ids[j] = zip(*top)
+    return ids, lps
+
+
+def vllm_top_k_scores(cfg: TeacherScoresConfig, base_url: str, served: str,
+                      seqs: list[list[int]]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per sequence, what `top_k_scores` returns, from a vLLM server's prompt_logprobs."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import openai
+
+    client = openai.OpenAI(base_url=base_url, api_key=os.environ.get("OPENAI_API_KEY", "EMPTY"),
+                           max_retries=cfg.max_retries, timeout=120)
+
+    def one(ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        try:
+            r = client.completions.create(model=served, prompt=ids, max_tokens=1, temperature=0.0,
+                                          extra_body={"prompt_logprobs": cfg.k})
+        except openai.BadRequestError as err:
+            if "max allowed" in str(err):
+                raise ValueError(f"config key 'teacher_scores.k': {cfg.k} log-probabilities per position is above the "
+                                 f"vLLM server's cap at {base_url}; start it with --max-logprobs {cfg.k} or more "
+                                 "(teacher_scores.vllm_args), or lower teacher_scores.k") from None
+            raise
+        entries = getattr(r.choices[0], "prompt_logprobs", None) if r.choices else None
+        if entries is None:
+            raise ValueError(f"config key 'teacher_scores.base_url': the endpoint at {base_url} returned no "
+                             "prompt_logprobs (a vLLM extension of the completions API): point it at a vLLM server, "
+                             "or use teacher_scores.engine: local with the teacher's folder")
+        return parse_prompt_logprobs(entries, len(ids), cfg.k)
+
+    with ThreadPoolExecutor(cfg.concurrency) as pool:
+        return list(pool.map(one, seqs))
+
+
 def write_part(ws: Workspace, scorer_fp: str, hashes: list[str], scores: list[tuple[np.ndarray, np.ndarray]],
                vocab_size: int) -> None:
     """One Parquet part (temp name, then rename) and its index rows, so a part is scored, stored and indexed, or
@@ -174,10 +224,30 @@ def teacher_topk(ws: Workspace, config: DistillConfig, tokenizer, rows: list[dic
     return out
 
 
+@contextmanager
+def scorer(ws: Workspace, cfg: TeacherScoresConfig, device: str, scorer_fp: str):
+    """The engine as one function: token sequences -> their (ids, logprobs); a vLLM server keystep starts lives
+    as long as the stage's scoring does."""
+    from tasks.student import load_student
+    from tasks.teacher_backends import vllm_server
+
+    if cfg.engine == "local":
+        device = pick_device(device)
+        model, _ = load_student(cfg.model, device=device)
+        yield lambda seqs: top_k_scores(model, seqs, cfg.k, cfg.batch_tokens, device)
+    elif cfg.base_url:
+        yield lambda seqs: vllm_top_k_scores(cfg, cfg.base_url, cfg.model, seqs)
+    else:
+        args = list(cfg.vllm_args)
+        if "--max-logprobs" not in args:
+            args += ["--max-logprobs", str(cfg.k)]
+        with vllm_server(cfg.vllm_python, cfg.model, ws.root / "logs" / f"vllm-scorer-{scorer_fp}.log", "teacher", 0,
+                         args, 600, "teacher_scores.vllm_python") as url:
+            yield lambda seqs: vllm_top_k_scores(cfg, url, "teacher", seqs)
+
+
 def score_sequences(ws: Workspace, config: DistillConfig, inputs: TeacherScoresInputs, lineage: Lineage) -> TeacherScores:
     from transformers import AutoTokenizer
-
-    from tasks.student import load_student
 
     cfg, catalog = config.teacher_scores, ws.catalog()
     check_same_tokenizer(inputs.student.model_dir, cfg.model)
@@ -188,12 +258,10 @@ def score_sequences(ws: Workspace, config: DistillConfig, inputs: TeacherScoresI
     done = {r["sequence_hash"] for r in catalog.query("scored_sequences", scorer_fp=scorer_fp, hashes=list(seqs))}
     todo = [h for h in seqs if h not in done]
     if todo:
-        device = pick_device(config.train.device)
-        model, _ = load_student(cfg.model, device=device)
-        for start in range(0, len(todo), cfg.commit_every):
-            chunk = todo[start:start + cfg.commit_every]
-            write_part(ws, scorer_fp, chunk, top_k_scores(model, [seqs[h] for h in chunk], cfg.k, cfg.batch_tokens,
-                                                          device), len(tok))
+        with scorer(ws, cfg, config.train.device, scorer_fp) as score:
+            for start in range(0, len(todo), cfg.commit_every):
+                chunk = todo[start:start + cfg.commit_every]
+                write_part(ws, scorer_fp, chunk, score([seqs[h] for h in chunk]), len(tok))
     index = catalog.query("scored_sequences", scorer_fp=scorer_fp, hashes=list(seqs))
     parts = {r["part"] for r in index}
     positions_in_parts = sum(r["n_positions"] for r in catalog.query("scorer_parts", scorer_fp=scorer_fp)

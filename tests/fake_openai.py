@@ -22,15 +22,30 @@ from collections import Counter
 KINDS = ("429", "500", "503", "timeout", "malformed", "empty", "no_choices", "reset")
 
 
+def fake_prompt_logprobs(ids: list[int], k: int, vocab: int = 1000) -> list:
+    """vLLM's prompt_logprobs shape for a prompt of token ids: None, then per token i its top k ({id: {logprob, rank,
+    decoded_token}}) — deterministic in the previous token — plus token i itself, ranked lower, when not among them."""
+    out = [None]
+    for prev, tok in zip(ids, ids[1:]):
+        top = {str((prev * 7 + r) % vocab): {"logprob": -0.5 * (r + 1), "rank": r + 1, "decoded_token": "t"}
+               for r in range(k)}
+        top.setdefault(str(tok), {"logprob": -40.0, "rank": 500, "decoded_token": "t"})
+        out.append(top)
+    return out
+
+
 class FakeOpenAI:
     def __init__(self, latency_s: float = 0.0, faults: dict[str, float] | None = None, fail_attempts: int = 1,
-                 answers: dict[str, str] | None = None, timeout_sleep_s: float = 5.0, die_after: int | None = None):
+                 answers: dict[str, str] | None = None, timeout_sleep_s: float = 5.0, die_after: int | None = None,
+                 prompt_logprobs: bool = True, max_logprobs: int = 20):
         self.latency_s = latency_s
         self.faults = faults or {}
         self.fail_attempts = fail_attempts
         self.answers = answers or {}
         self.timeout_sleep_s = timeout_sleep_s
         self.die_after = die_after  # after this many successful responses every request gets 503 (endpoint down)
+        self.prompt_logprobs = prompt_logprobs  # False: an OpenAI-compatible endpoint without vLLM's extension
+        self.max_logprobs = max_logprobs        # vLLM's --max-logprobs: above it a request is refused (400)
         self.attempts: Counter[str] = Counter()  # prompt -> requests received
         self.served: Counter[str] = Counter()  # prompt -> successful (200, well-formed) responses delivered: "paid"
         self.auth_headers: set[str] = set()
@@ -70,6 +85,8 @@ class FakeOpenAI:
         async def handle(request, chat: bool):
             body = await request.json()
             prompt = body["messages"][-1]["content"] if chat else body["prompt"]
+            ids = prompt if isinstance(prompt, list) else None      # token ids: a scoring request
+            prompt = ",".join(map(str, ids)) if ids else prompt
             with self._lock:
                 self.requests += 1
                 self.attempts[prompt] += 1
@@ -94,13 +111,19 @@ class FakeOpenAI:
             if kind == "reset":   # announces more body than it sends: the server closes the connection mid-body
                 return Response(b'{"id": "x", "choi', status_code=200, media_type="application/json",
                                 headers={"content-length": "4096"})
-            text = "" if kind == "empty" else self.rationale(prompt)
+            asked = body.get("prompt_logprobs")
+            if asked and asked > self.max_logprobs:   # vLLM's own wording
+                return JSONResponse({"error": {"message": f"Requested prompt logprobs of {asked}, which is greater "
+                                               f"than max allowed: {self.max_logprobs}", "code": 400}}, status_code=400)
+            text = "" if kind == "empty" else (" 0" if ids else self.rationale(prompt))
             if kind != "empty":
                 with self._lock:
                     self.served[prompt] += 1
             n_prompt, n_completion = len(prompt.split()), len(text.split())
             choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"} if chat
                       else {"index": 0, "text": text, "finish_reason": "stop", "logprobs": None})
+            if ids and asked and self.prompt_logprobs:
+                choice["prompt_logprobs"] = fake_prompt_logprobs(ids, asked)
             return JSONResponse({"id": f"cmpl-{self.requests}", "object": "chat.completion" if chat else "text_completion",
                                  "created": int(time.time()), "model": body.get("model", "fake"), "choices": [choice],
                                  "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_completion,

@@ -91,6 +91,11 @@ CASES = [
     ("an evaluation set inside the training set", ["run", MICRO, "--set",
      'data.eval=[{"name": "same", "source": "synthetic:arith", "n": 64, "seed": 0, "max_steps": 2, "max_operand": 9}]'],
      "all 64 rows of evaluation set 'same/train'"),
+    ("logit distillation without teacher scores", ["run", MICRO, "--set", "train.loss=kd"], "teacher_scores.model"),
+    ("KPOD over the teacher without teacher scores", ["run", MICRO, "--set", "train.loss=kpod_kd"],
+     "teacher_scores.model"),
+    ("vLLM scoring with no vLLM to start", ["run", MICRO, "--set", "teacher_scores.model={tmp}/not-a-model", "--set",
+     "teacher_scores.engine=vllm"], "teacher_scores.vllm_python"),
     ("results without a catalog", ["results", "--workspace", "{tmp}/empty-ws"], "no catalog"),
 ]
 

@@ -85,3 +85,46 @@ def test_a_teacher_with_another_tokenizer_is_refused_naming_both(tmp_path):
     with pytest.raises(ConfigError, match=f"teacher's tokenizer \\({other.model_dir}.*the student's \\({st.model_dir}"):
         preflight(pretrained, check_teacher_endpoint=False)
     preflight(scoring(pretrained, st.model_dir), check_teacher_endpoint=False)     # the same tokenizer: no error
+
+
+def test_vllm_engine_scores_through_prompt_logprobs_retrying_faults_and_paying_each_sequence_once(tmp_path):
+    """engine vllm against a real HTTP server speaking vLLM's prompt_logprobs, 20% of whose requests fail once
+    (500): every sequence ends up scored with the server's top k, each paid for once, and a rerun asks nothing."""
+    from tests.fake_openai import FakeOpenAI, fake_prompt_logprobs
+    from tasks.teacher_scores import parse_prompt_logprobs
+
+    ws = Workspace(tmp_path)
+    cfg, cat, gen, st = prepared(ws, n=30)
+    with FakeOpenAI(faults={"500": 0.2}) as server:
+        cfg = scoring(cfg, st.model_dir, k=5, engine="vllm", base_url=server.base_url, commit_every=8)
+        out = TEACHER_SCORES.run(ws, cfg, TeacherScoresInputs(generation=gen, student=st))
+        assert out.n_sequences == out.n_scored == 30
+        assert sum(server.attempts.values()) > 30                 # faults happened and were retried ...
+        assert set(server.served.values()) == {1} and len(server.served) == 30   # ... each sequence paid once
+        requests = server.requests
+        TEACHER_SCORES.run(ws, cfg, TeacherScoresInputs(generation=gen, student=st))
+        assert server.requests == requests                          # a rerun asks nothing
+    _, tok = load_student(st.model_dir)
+    ids = encode_rationale(tok, cfg.teacher, kept_rationales(cat, cfg, gen)[0], NO_CUT).ids
+    want = parse_prompt_logprobs(fake_prompt_logprobs(ids, 5), len(ids), 5)
+    got = load_scores(ws, out, [sequence_hash(ids)])[sequence_hash(ids)]
+    assert (got[0] == want[0]).all() and np.allclose(got[1], want[1])
+    assert (want[0][0] == [(ids[0] * 7 + r) % 1000 for r in range(5)]).all()     # the top k, not the prompt's token
+    assert scorer_fingerprint(cfg.teacher_scores) != scorer_fingerprint(
+        cfg.teacher_scores.model_copy(update={"engine": "local"}))             # another engine: other numbers
+
+
+def test_vllm_engine_bad_endpoints_are_one_line_naming_the_fix(tmp_path):
+    from tests.fake_openai import FakeOpenAI
+
+    ws = Workspace(tmp_path)
+    cfg, cat, gen, st = prepared(ws, n=8)
+    with FakeOpenAI(max_logprobs=4) as capped:
+        with pytest.raises(ValueError, match=r"teacher_scores.k.*--max-logprobs 5"):
+            TEACHER_SCORES.run(ws, scoring(cfg, st.model_dir, k=5, engine="vllm", base_url=capped.base_url),
+                               TeacherScoresInputs(generation=gen, student=st))
+    with FakeOpenAI(prompt_logprobs=False) as plain:
+        with pytest.raises(ValueError, match=r"returned no prompt_logprobs.*engine: local"):
+            TEACHER_SCORES.run(ws, scoring(cfg, st.model_dir, k=3, engine="vllm", base_url=plain.base_url),
+                               TeacherScoresInputs(generation=gen, student=st))
+    assert not ws.catalog().execute("select * from teacher_scores")        # nothing half-stored
