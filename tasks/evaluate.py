@@ -193,6 +193,13 @@ def teacher_usage(generation: Generation, cached: bool) -> str:
     return f"{generation.n} rationales ({generation.n_failed} failed): {spent}{speed}"
 
 
+def teacher_distributions(config: DistillConfig) -> str:
+    """What logit distillation trained toward: the scoring teacher, k, its engine, α and τ."""
+    ts, kd = config.teacher_scores, config.train.kd
+    return (f"top-{ts.k} of {Path(ts.model).name} ({ts.engine} scoring); KL weight α {kd.alpha}, temperature "
+            f"τ {kd.temperature}")
+
+
 def run_header(label: str, config: DistillConfig, results: list[dict], datasets: list[Dataset], trained: Trained,
                n_params: int, wall_s: float, previous: dict | None, teacher: str = "") -> str:
     """The top of a run's summary: what ran (the teacher's usage among it), then the headline — the trained student
@@ -200,6 +207,7 @@ def run_header(label: str, config: DistillConfig, results: list[dict], datasets:
     train_set, evals = datasets[0], datasets[1:]
     rows = [("preset", label), ("loss", config.train.loss), ("target format", config.train.target_format),
             *([("teacher", teacher)] if teacher else []),
+            *([("teacher distributions", teacher_distributions(config))] if config.train.uses_teacher_scores else []),
             ("training set", f"{train_set.name}/{train_set.split}, {train_set.n_examples} examples"),
             ("evaluation", ", ".join(f"{d.name}/{d.split} ({d.n_examples})" for d in evals)),
             ("student", f"{config.student.model}, " + (f"{n_params / 1e6:.1f}M" if n_params >= 1e6 else

@@ -125,3 +125,15 @@ def test_the_student_folder_runs_the_same_in_a_plain_hugging_face_client(tmp_pat
             ids = model.generate(**enc, max_new_tokens=cfg.eval.max_new_tokens)
         same += tok.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip() == p["output"]
     assert len(preds) == 16 and same == len(preds)
+
+
+def test_a_logit_distillation_runs_summary_names_the_teacher_distributions(tmp_path):
+    from keystep.config import load_config
+    from tasks.evaluate import teacher_distributions
+    from tests.conftest import ROOT
+
+    folder = tmp_path / "teacher-epoch-8"
+    cfg = load_config(ROOT / "configs" / "micro.yaml", {"train.loss": "kd", "train.kd.alpha": 0.7,
+                                                        "teacher_scores.model": str(folder), "teacher_scores.k": 8})
+    assert teacher_distributions(cfg) == ("top-8 of teacher-epoch-8 (local scoring); KL weight α 0.7, "
+                                          "temperature τ 1.0")

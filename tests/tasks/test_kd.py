@@ -119,3 +119,32 @@ def test_kpod_kd_trains_through_the_curriculum_on_the_teachers_scores(tmp_path):
     assert out.loss == "kpod_kd" and all(math.isfinite(h["loss"]) for h in out.history)
     with pytest.raises(ValueError, match="teacher_scores.model"):
         type(both).model_validate({**both.model_dump(), "teacher_scores": {"model": None}})
+
+
+def kd_config(cfg, st, k=6, **train):
+    return cfg.model_copy(update={
+        "train": cfg.train.model_copy(update={"loss": "kd", **train}),
+        "teacher_scores": cfg.teacher_scores.model_copy(update={"model": st.model_dir, "k": k})})
+
+
+def test_kd_under_two_processes_gives_the_one_process_loss(tmp_path):
+    """The top-k rows reach every rank with its share of the batch (DDP, gloo on the CPU), as the labels do."""
+    history = {}
+    for n in (1, 2):
+        ws = Workspace(tmp_path / f"p{n}")
+        cfg, cat, gen, st = prepared(ws, n=28, **{"train.epochs": 2, "train.batch_size": 7, "train.num_processes": n})
+        kd = kd_config(cfg, st, num_processes=n)
+        scores = TEACHER_SCORES.run(ws, kd, TeacherScoresInputs(generation=gen, student=st))
+        history[n] = [h["loss"] for h in TRAIN.run(ws, kd, TrainInputs(generation=gen, student=st,
+                                                                       teacher_scores=scores)).history]
+    assert history[2] == pytest.approx(history[1], rel=1e-4)
+
+
+def test_kd_trains_a_lora_student(tmp_path):
+    ws = Workspace(tmp_path)
+    cfg, cat, gen, st = prepared(ws, n=24, **{"train.epochs": 2, "student.lora": {"r": 4, "alpha": 8},
+                                              "train.lr": 0.01})
+    kd = kd_config(cfg, st)
+    scores = TEACHER_SCORES.run(ws, kd, TeacherScoresInputs(generation=gen, student=st))
+    out = TRAIN.run(ws, kd, TrainInputs(generation=gen, student=st, teacher_scores=scores))
+    assert out.final_dir.endswith("merged") and out.history[-1]["loss"] < out.history[0]["loss"]
