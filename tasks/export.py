@@ -35,7 +35,7 @@ from tasks.stage import Stage, StageInputs, StageOutput, workspace_of
 from tasks.steps import Steps
 from tasks.student import Student
 from tasks.teacher import Generation
-from tasks.teacher_scores import TeacherScores, load_scores, sequences_by_hash
+from tasks.teacher_scores import TeacherScores, scores_by_rationale
 from tasks.token_weights import TokenWeights
 
 CODE_VERSION = "2"   # 2: the card as the hub reads it, LICENSE.md, one column schema, no local path in export.json
@@ -117,7 +117,8 @@ def rationale_rows(ws: Workspace, config: DistillConfig, generation: Generation,
     hardness: dict[str, list[float]] = {}
     for d in (catalog.query("difficulty_of", difficulty_fp=difficulty.fp) if difficulty else []):
         hardness.setdefault(d["rationale_id"], []).append(d["difficulty"])
-    scored = scored_sequences(ws, config, tokenizer, rows, teacher_scores) if teacher_scores else {}
+    scored = scores_by_rationale(ws, config, tokenizer, [r for r in rows if r["status"] == "ok" and r["text"]],
+                                 teacher_scores) if teacher_scores else {}
     model = teacher.setting("model") or ("reference rationales" if teacher.backend == "reference" else None)
     generated = teacher.backend != "reference"      # reference rationales had no sampling, usage or latency
     out = []
@@ -143,20 +144,10 @@ def rationale_rows(ws: Workspace, config: DistillConfig, generation: Generation,
             row["step_difficulty"] = hardness.get(r["rationale_id"])
         if teacher_scores:
             ids, topk_ids, topk_lps = scored.get(r["rationale_id"], (None, None, None))
-            row |= {"token_ids": ids, "teacher_topk_ids": topk_ids, "teacher_topk_logprobs": topk_lps}
+            row |= {"token_ids": ids, "teacher_topk_ids": None if topk_ids is None else topk_ids.tolist(),
+                    "teacher_topk_logprobs": None if topk_lps is None else topk_lps.tolist()}
         out.append(row)
     return out
-
-
-def scored_sequences(ws: Workspace, config: DistillConfig, tokenizer, rows: list[dict],
-                     scores: TeacherScores) -> dict[str, tuple[list[int], list[list[int]], list[list[float]]]]:
-    """rationale id -> (its training sequence's token ids, the teacher's top-k ids and log-probabilities of the
-    token after each position), for the rows the teacher-scores stage scored (the kept ones)."""
-    ok = [r for r in rows if r["status"] == "ok" and r["text"]]
-    seqs = sequences_by_hash(tokenizer, config, ok)
-    loaded = load_scores(ws, scores, list(seqs))
-    return {rid: (ids, loaded[h][0].tolist(), loaded[h][1].tolist())
-            for h, (ids, rids) in seqs.items() if h in loaded for rid in rids}
 
 
 # columns that may be empty in one export and filled in another: one type whatever the rows hold

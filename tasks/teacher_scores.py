@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import functools
 import os
-from contextlib import contextmanager
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -207,21 +207,26 @@ def sequences_by_hash(tokenizer, config: DistillConfig, rows: list[dict]) -> dic
     return out
 
 
+def scores_by_rationale(ws: Workspace, config: DistillConfig, tokenizer, rows: list[dict],
+                        scores: TeacherScores) -> dict[str, tuple[list[int], np.ndarray, np.ndarray]]:
+    """rationale id -> (its training sequence's token ids, the teacher's top-k ids and log-probabilities of the
+    token after each position, each (len − 1, k)), for the rows whose sequence `scores` holds."""
+    seqs = sequences_by_hash(tokenizer, config, rows)
+    loaded = load_scores(ws, scores, list(seqs))
+    return {rid: (ids, *loaded[h]) for h, (ids, rids) in seqs.items() if h in loaded for rid in rids}
+
+
 def teacher_topk(ws: Workspace, config: DistillConfig, tokenizer, rows: list[dict],
                  scores: TeacherScores) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """rationale id -> the teacher's (ids, logprobs) aligned with its training sequence (`Sequence.teacher_topk`):
     row j is the distribution of token j; row 0, which nothing predicts, is zeros."""
-    by_hash = {h: rids for h, (_, rids) in sequences_by_hash(tokenizer, config, rows).items()}
-    loaded = load_scores(ws, scores, list(by_hash))
-    missing = len(set(by_hash) - set(loaded))
+    found = scores_by_rationale(ws, config, tokenizer, rows, scores)
+    missing = len(rows) - len(found)
     if missing:
-        raise ValueError(f"{missing} of {len(by_hash)} training sequences have no teacher scores (stage {scores.fp}): "
+        raise ValueError(f"{missing} of {len(rows)} training sequences have no teacher scores (stage {scores.fp}): "
                          "train.loss 'kd' needs the prepare phase's teacher-scores stage for this student and data")
-    out = {}
-    for h, rids in by_hash.items():
-        ids, lp = (np.concatenate([np.zeros((1, scores.k), a.dtype), a]) for a in loaded[h])
-        out |= {rid: (ids, lp) for rid in rids}
-    return out
+    return {rid: tuple(np.concatenate([np.zeros((1, scores.k), a.dtype), a]) for a in (ids, lp))
+            for rid, (_, ids, lp) in found.items()}
 
 
 @contextmanager
