@@ -124,12 +124,12 @@ def check_student(model: str, tokenizer: str | None = None) -> None:
 
 def check_scoring_engine(cfg: TeacherScoresConfig) -> None:
     """engine vllm needs a vLLM to ask: a server's URL, or a vLLM environment to start one from."""
-    if cfg.engine != "vllm" or cfg.base_url:
+    if cfg.engine != "vllm" or cfg.server_url:
         return
     if not cfg.vllm_python:
         raise ConfigError("config key 'teacher_scores.vllm_python': engine vllm needs the Python of a vLLM environment "
                           "to serve the teacher (e.g. .venv-vllm/bin/python, `make test-vllm` builds it), or "
-                          "teacher_scores.base_url of a running vLLM server; or use engine: local")
+                          "teacher_scores.server_url of a running vLLM server; or use engine: local")
     if not Path(cfg.vllm_python).is_file():
         raise ConfigError(f"config key 'teacher_scores.vllm_python': '{cfg.vllm_python}' not found (the Python of a "
                           "vLLM environment, e.g. .venv-vllm/bin/python)")

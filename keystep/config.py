@@ -634,12 +634,12 @@ class TeacherScoresConfig(Section):
     engine: Literal["local", "vllm"] = Field("local", description="'local': a forward pass of the teacher folder on "
                                      "train.device (exact; prefill only). 'vllm': vLLM's `prompt_logprobs` (prefill "
                                      "only) from a server keystep starts (teacher_scores.vllm_python) or one at "
-                                     "teacher_scores.base_url.")
+                                     "teacher_scores.server_url (named so in the UI form apart from the teacher's base_url).")
     vllm_python: str | None = operational(None, description="engine vllm: Python of a separate vLLM environment "
                                           "(e.g. .venv-vllm/bin/python); keystep serves teacher_scores.model with it.")
     vllm_args: list[str] = operational(default_factory=list, description="engine vllm: extra vLLM server arguments "
                                        "(keystep adds --max-logprobs k unless given).")
-    base_url: str | None = operational(None, description="engine vllm: a vLLM server already serving "
+    server_url: str | None = operational(None, description="engine vllm: a vLLM server already serving "
                                        "teacher_scores.model (its --served-model-name must be that path).")
     concurrency: int = operational(8, ge=1, description="engine vllm: requests in flight.")
     max_retries: int = operational(4, ge=0, description="engine vllm: retries of a failed request (429, 5xx, "

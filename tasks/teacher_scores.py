@@ -147,7 +147,7 @@ def vllm_top_k_scores(cfg: TeacherScoresConfig, base_url: str, served: str,
             raise
         entries = getattr(r.choices[0], "prompt_logprobs", None) if r.choices else None
         if entries is None:
-            raise ValueError(f"config key 'teacher_scores.base_url': the endpoint at {base_url} returned no "
+            raise ValueError(f"config key 'teacher_scores.server_url': the endpoint at {base_url} returned no "
                              "prompt_logprobs (a vLLM extension of the completions API): point it at a vLLM server, "
                              "or use teacher_scores.engine: local with the teacher's folder")
         return parse_prompt_logprobs(entries, len(ids), cfg.k)
@@ -240,8 +240,8 @@ def scorer(ws: Workspace, cfg: TeacherScoresConfig, device: str, scorer_fp: str)
         device = pick_device(device)
         model, _ = load_student(cfg.model, device=device)
         yield lambda seqs: top_k_scores(model, seqs, cfg.k, cfg.batch_tokens, device)
-    elif cfg.base_url:
-        yield lambda seqs: vllm_top_k_scores(cfg, cfg.base_url, cfg.model, seqs)
+    elif cfg.server_url:
+        yield lambda seqs: vllm_top_k_scores(cfg, cfg.server_url, cfg.model, seqs)
     else:
         args = list(cfg.vllm_args)
         if "--max-logprobs" not in args:

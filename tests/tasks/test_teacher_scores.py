@@ -96,7 +96,7 @@ def test_vllm_engine_scores_through_prompt_logprobs_retrying_faults_and_paying_e
     ws = Workspace(tmp_path)
     cfg, cat, gen, st = prepared(ws, n=30)
     with FakeOpenAI(faults={"500": 0.2}) as server:
-        cfg = scoring(cfg, st.model_dir, k=5, engine="vllm", base_url=server.base_url, commit_every=8)
+        cfg = scoring(cfg, st.model_dir, k=5, engine="vllm", server_url=server.base_url, commit_every=8)
         out = TEACHER_SCORES.run(ws, cfg, TeacherScoresInputs(generation=gen, student=st))
         assert out.n_sequences == out.n_scored == 30
         assert sum(server.attempts.values()) > 30                 # faults happened and were retried ...
@@ -121,10 +121,10 @@ def test_vllm_engine_bad_endpoints_are_one_line_naming_the_fix(tmp_path):
     cfg, cat, gen, st = prepared(ws, n=8)
     with FakeOpenAI(max_logprobs=4) as capped:
         with pytest.raises(ValueError, match=r"teacher_scores.k.*--max-logprobs 5"):
-            TEACHER_SCORES.run(ws, scoring(cfg, st.model_dir, k=5, engine="vllm", base_url=capped.base_url),
+            TEACHER_SCORES.run(ws, scoring(cfg, st.model_dir, k=5, engine="vllm", server_url=capped.base_url),
                                TeacherScoresInputs(generation=gen, student=st))
     with FakeOpenAI(prompt_logprobs=False) as plain:
         with pytest.raises(ValueError, match=r"returned no prompt_logprobs.*engine: local"):
-            TEACHER_SCORES.run(ws, scoring(cfg, st.model_dir, k=3, engine="vllm", base_url=plain.base_url),
+            TEACHER_SCORES.run(ws, scoring(cfg, st.model_dir, k=3, engine="vllm", server_url=plain.base_url),
                                TeacherScoresInputs(generation=gen, student=st))
     assert not ws.catalog().execute("select * from teacher_scores")        # nothing half-stored
