@@ -285,6 +285,19 @@ class _ModelTeacher(_TeacherCommon):
     retry_failed: bool = operational(True, description="A rerun asks again for items whose last attempt ended in a "
                                      "protocol fault (malformed or empty reply after max_retries); items that succeeded "
                                      "are never asked again.")
+    logprobs: int = operational(0, ge=0, le=100, description="Top-k log-probabilities kept for every generated token "
+                                "(0 = off): the teacher's k likeliest tokens and their logprobs, asked as completions "
+                                "`logprobs` or chat `top_logprobs` (OpenAI caps them at 5 and 20; vLLM at its "
+                                "--max-logprobs, which keystep raises to k for a server it starts). Stored beside the "
+                                "catalog; rationales stored before keep none (the teacher-scores stage scores those by "
+                                "prefill) — switching it on never re-pays for text.")
+
+    @model_validator(mode="after")
+    def _check_logprobs(self) -> "_ModelTeacher":
+        if self.logprobs and self.api == "batch":
+            raise ValueError("teacher.logprobs is not kept for api 'batch' (its result lines are read as text only); "
+                             "set teacher.logprobs: 0, or use api completions or chat")
+        return self
 
     @property
     def request_api(self) -> str:

@@ -35,6 +35,7 @@ from tasks.stage import Stage, StageInputs, StageOutput, workspace_of
 from tasks.steps import Steps
 from tasks.student import Student
 from tasks.teacher import Generation
+from tasks.teacher_logprobs import load_captured
 from tasks.teacher_scores import TeacherScores, scores_by_rationale
 from tasks.token_weights import TokenWeights
 
@@ -119,6 +120,7 @@ def rationale_rows(ws: Workspace, config: DistillConfig, generation: Generation,
         hardness.setdefault(d["rationale_id"], []).append(d["difficulty"])
     scored = scores_by_rationale(ws, config, tokenizer, [r for r in rows if r["status"] == "ok" and r["text"]],
                                  teacher_scores) if teacher_scores else {}
+    captured = load_captured(catalog, ws.root, [r["rationale_id"] for r in rows])   # teacher.logprobs
     model = teacher.setting("model") or ("reference rationales" if teacher.backend == "reference" else None)
     generated = teacher.backend != "reference"      # reference rationales had no sampling, usage or latency
     out = []
@@ -146,6 +148,10 @@ def rationale_rows(ws: Workspace, config: DistillConfig, generation: Generation,
             ids, topk_ids, topk_lps = scored.get(r["rationale_id"], (None, None, None))
             row |= {"token_ids": ids, "teacher_topk_ids": None if topk_ids is None else topk_ids.tolist(),
                     "teacher_topk_logprobs": None if topk_lps is None else topk_lps.tolist()}
+        if captured:
+            lp = captured.get(r["rationale_id"])
+            row |= {"generated_tokens": lp and lp.tokens, "generated_topk": lp and lp.top,
+                    "generated_topk_logprobs": lp and lp.top_logprobs}
         out.append(row)
     return out
 
@@ -178,6 +184,9 @@ COLUMNS = {
     "token_ids": "the student's training sequence, <bos> prompt \" \" rationale answer <eos>, in the student's tokenizer",
     "teacher_topk_ids": "per position j of token_ids but the last, the teacher's k likeliest tokens at j + 1",
     "teacher_topk_logprobs": "their log-probabilities (the teacher's full softmax; stored as float16)",
+    "generated_tokens": "teacher.logprobs: the tokens the teacher generated (ids from vLLM, else the endpoint's strings)",
+    "generated_topk": "per generated token, the teacher's k likeliest tokens there, as it sampled",
+    "generated_topk_logprobs": "their log-probabilities (as the endpoint returned them; stored as float16 for ids)",
 }
 
 

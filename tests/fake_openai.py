@@ -34,10 +34,28 @@ def fake_prompt_logprobs(ids: list[int], k: int, vocab: int = 1000) -> list:
     return out
 
 
+def fake_logprobs(text: str, k: int, chat: bool, as_ids: bool, vocab: int = 1000) -> dict:
+    """The logprobs of a generated text, word by word: each word first (logprob −0.1), then k − 1 others. Completions
+    shape ({tokens, token_logprobs, top_logprobs: [{token: logprob}]}) or chat ({content: [{token, logprob,
+    top_logprobs}]}); with `as_ids` (vLLM's return_tokens_as_token_ids) every token as 'token_id:N'."""
+    words = re.findall(r"\s*\S+", text)
+    word_id = lambda w: int(hashlib.sha256(w.encode()).hexdigest()[:6], 16) % vocab   # noqa: E731
+    name = lambda i, w: f"token_id:{i}" if as_ids else w   # noqa: E731
+    tops = [[(name(word_id(w), w), -0.1)] + [(name((word_id(w) + r) % vocab, f"{w}~{r}"), -1.0 - r) for r in range(1, k)]
+            for w in words]
+    tokens = [t[0][0] for t in tops]
+    if chat:
+        return {"content": [{"token": tok, "logprob": -0.1, "bytes": None,
+                             "top_logprobs": [{"token": a, "logprob": v, "bytes": None} for a, v in top]}
+                            for tok, top in zip(tokens, tops)]}
+    return {"tokens": tokens, "token_logprobs": [-0.1] * len(tokens), "top_logprobs": [dict(top) for top in tops],
+            "text_offset": []}
+
+
 class FakeOpenAI:
     def __init__(self, latency_s: float = 0.0, faults: dict[str, float] | None = None, fail_attempts: int = 1,
                  answers: dict[str, str] | None = None, timeout_sleep_s: float = 5.0, die_after: int | None = None,
-                 prompt_logprobs: bool = True, max_logprobs: int = 20):
+                 prompt_logprobs: bool = True, max_logprobs: int = 20, logprobs: bool = True):
         self.latency_s = latency_s
         self.faults = faults or {}
         self.fail_attempts = fail_attempts
@@ -46,6 +64,7 @@ class FakeOpenAI:
         self.die_after = die_after  # after this many successful responses every request gets 503 (endpoint down)
         self.prompt_logprobs = prompt_logprobs  # False: an OpenAI-compatible endpoint without vLLM's extension
         self.max_logprobs = max_logprobs        # vLLM's --max-logprobs: above it a request is refused (400)
+        self.logprobs = logprobs                # False: an endpoint that answers without the logprobs asked
         self.attempts: Counter[str] = Counter()  # prompt -> requests received
         self.served: Counter[str] = Counter()  # prompt -> successful (200, well-formed) responses delivered: "paid"
         self.auth_headers: set[str] = set()
@@ -124,6 +143,9 @@ class FakeOpenAI:
                       else {"index": 0, "text": text, "finish_reason": "stop", "logprobs": None})
             if ids and asked and self.prompt_logprobs:
                 choice["prompt_logprobs"] = fake_prompt_logprobs(ids, asked)
+            top_k = body.get("top_logprobs") if chat and body.get("logprobs") else None if chat else body.get("logprobs")
+            if top_k and self.logprobs and text:
+                choice["logprobs"] = fake_logprobs(text, top_k, chat, bool(body.get("return_tokens_as_token_ids")))
             return JSONResponse({"id": f"cmpl-{self.requests}", "object": "chat.completion" if chat else "text_completion",
                                  "created": int(time.time()), "model": body.get("model", "fake"), "choices": [choice],
                                  "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_completion,

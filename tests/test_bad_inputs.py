@@ -96,6 +96,9 @@ CASES = [
      "teacher_scores.model"),
     ("vLLM scoring with no vLLM to start", ["run", MICRO, "--set", "teacher_scores.model={tmp}/not-a-model", "--set",
      "teacher_scores.engine=vllm"], "teacher_scores.vllm_python"),
+    ("teacher logprobs asked of a batch", ["run", MICRO, "--set", "teacher.backend=openai", "--set", "teacher.model=m",
+     "--set", "teacher.base_url=http://127.0.0.1:9/v1", "--set", "teacher.api=batch", "--set", "teacher.logprobs=5"],
+     "teacher.logprobs"),
     ("results without a catalog", ["results", "--workspace", "{tmp}/empty-ws"], "no catalog"),
 ]
 

@@ -21,7 +21,8 @@ def test_generate_flow_through_a_vllm_server_keystep_starts(prefect_api, tmp_pat
     cfg = micro_config(tmp_path / "ws", **{"data.train.n": 24})
     cfg = cfg.model_copy(update={"teacher": teacher_config(**{
         **cfg.teacher.model_dump(), "backend": "vllm", "model": str(model), "vllm_python": VLLM_PYTHON, "max_tokens": 24,
-        "stop": [], "vllm_args": ["--max-model-len", "512", "--gpu-memory-utilization", "0.1"], "keep_only_correct": False})})
+        "stop": [], "vllm_args": ["--dtype", "float32", "--max-model-len", "512", "--gpu-memory-utilization", "0.1"],
+        "keep_only_correct": False, "logprobs": 5})})
     out = generate(config=cfg)
     gen = out.generation
     assert gen.n == 24 and gen.n_ok + gen.n_failed == 24
@@ -32,6 +33,7 @@ def test_generate_flow_through_a_vllm_server_keystep_starts(prefect_api, tmp_pat
     assert all('"completion_tokens"' in r["usage_json"] for r in rows)
     log = next((tmp_path / "ws" / "logs").glob("vllm-*.log"))
     assert "Starting vLLM" in log.read_text() or "vLLM" in log.read_text()  # the server's log is kept
+    assert_logprobs_are_the_models(model, rows, Workspace(tmp_path / "ws"))
     # the server was stopped afterwards: no vLLM server process is left
     import subprocess
     assert subprocess.run(["pgrep", "-f", "vllm.entrypoints.openai.api_server"], capture_output=True).returncode == 1
@@ -63,3 +65,31 @@ def test_vllm_offline_batch_runner_stores_the_rows_the_server_path_stores(prefec
                                                                 rows["server"][rid]["finish_reason"])
     ledger = Workspace(tmp_path / "batch").catalog().execute("select runner, status, server_status from teacher_batches")
     assert ledger == [{"runner": "vllm", "status": "finished", "server_status": "completed"}]
+
+
+def assert_logprobs_are_the_models(model, rows, ws):
+    """teacher.logprobs through vLLM: every generated token kept as an id, decoding to the stored text, with the top-k
+    that a forward pass of the same model gives at that position (greedy: the token is the top-1)."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tasks.teacher_logprobs import load_captured
+
+    captured = load_captured(ws.catalog(), ws.root, [r["rationale_id"] for r in rows])
+    assert len(captured) == len([r for r in rows if r["status"] == "ok"])
+    tok, lm = AutoTokenizer.from_pretrained(model), AutoModelForCausalLM.from_pretrained(model, torch_dtype=torch.float32)
+    positions = agree = 0
+    for r in rows:
+        lp = captured.get(r["rationale_id"])
+        if lp is None:
+            continue
+        assert lp.ids_known and tok.decode(lp.tokens) == r["text"] and [len(t) for t in lp.top] == [5] * len(lp.tokens)
+        prompt = tok(r["prompt"]).input_ids
+        with torch.no_grad():
+            logprobs = torch.log_softmax(lm(torch.tensor([prompt + lp.tokens])).logits[0].float(), -1)
+        local = logprobs[len(prompt) - 1:-1].topk(5, -1)
+        same = local.indices[:, 0].numpy() == np.array([t[0] for t in lp.top])
+        positions, agree = positions + len(same), agree + int(same.sum())
+        assert np.allclose(np.array(lp.top_logprobs)[same, 0], local.values[same, 0].numpy(), atol=0.05)
+    assert positions and agree / positions >= 0.95, (agree, positions)
