@@ -157,10 +157,14 @@ def cmd_experiment(args) -> int:
     from keystep.config import arm_config, load_experiment
 
     exp = load_experiment(args.file, _overrides(args.set or []))
-    if exp.pretrain:
-        preflight(load_config(exp.pretrain))
+    for preset in (exp.pretrain, exp.teacher_preset):
+        if preset:
+            preflight(load_config(preset))
     for variant in exp.variants:   # a pretrained student's folder is checked once `pretrain` has made it
-        preflight(arm_config(exp, variant, exp.seeds_of(variant)[0]))
+        arm = arm_config(exp, variant, exp.seeds_of(variant)[0])
+        if exp.teacher_preset:     # ... and the model teacher's once `teacher_preset` has
+            arm = arm.model_copy(update={"teacher_scores": arm.teacher_scores.model_copy(update={"model": None})})
+        preflight(arm)
     start_prefect()
     from flows.experiment import experiment
 

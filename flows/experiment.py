@@ -2,7 +2,8 @@
 
 Variants share a workspace, so stages they have in common (ingest, teacher, steps, token weights, difficulty)
 run once: the second arm finds them by fingerprint. With `pretrain`, that preset runs first (in its own workspace)
-and its trained student is every arm's student. Each finished arm writes its result files under the study folder
+and its trained student is every arm's student; with `teacher_preset`, that preset's trained student is every arm's
+model teacher (teacher.model, and teacher_scores.model where the loss reads it). Each finished arm writes its result files under the study folder
 (tasks/study.py); an arm whose files exist is skipped, so a study can be finished over several sessions, and the
 report is built from those files alone. The flow only composes: arm configs come from keystep.config, the files
 from tasks/study.py, the table, plots and markdown from tasks/compare.py.
@@ -41,6 +42,14 @@ def pretrained_student(config: ExperimentConfig) -> str | None:
     return out.final_dir
 
 
+def trained_teacher(config: ExperimentConfig) -> str | None:
+    """The `teacher_preset` preset's trained student folder, every arm's model teacher (trained once)."""
+    if not config.teacher_preset:
+        return None
+    out = distill.with_options(flow_run_name="teacher")(config=load_config(config.teacher_preset))
+    return out.final_dir
+
+
 @flow(name="experiment", log_prints=True)
 def experiment(preset: str | None = None, config: ExperimentConfig | None = None,
                overrides: dict[str, Any] | None = None) -> "ExperimentSummary":
@@ -51,14 +60,16 @@ def experiment(preset: str | None = None, config: ExperimentConfig | None = None
     if config is None:
         raise ValueError("experiment needs `preset` (an experiment YAML such as configs/study-synthetic.yaml) or `config`")
     logger = get_run_logger()
-    student_model = None
+    student_model = teacher_model = None
     for variant, seed in config.plan():
         if finished_run(config, variant, seed):
             logger.info("arm %s, seed %d: done (%s)", variant, seed, config.study_dir)
             continue
         if config.pretrain and student_model is None:
             student_model = pretrained_student(config)
-        cfg = arm_config(config, variant, seed, student_model)
+        if config.teacher_preset and teacher_model is None:
+            teacher_model = trained_teacher(config)
+        cfg = arm_config(config, variant, seed, student_model, teacher_model)
         logger.info("arm %s, seed %d", variant, seed)
         t0 = time.perf_counter()
         out = distill.with_options(flow_run_name=f"{variant}-seed{seed}")(config=cfg)

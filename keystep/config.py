@@ -857,6 +857,11 @@ class ExperimentConfig(Section):
     pretrain: str | None = Field(None, description="A distill preset run first (once, cached in its own workspace) "
                                  "whose trained student is every arm's student.model: a student that already writes "
                                  "steps, fixed across seeds.")
+    teacher_preset: str | None = Field(None, description="A distill preset run first (once, cached in its own "
+                                       "workspace) whose trained student is every arm's model teacher: teacher.model "
+                                       "(the arms' teacher backend must be a model one, e.g. vllm) and, for arms whose "
+                                       "train.loss reads teacher distributions (kd, kpod_kd), teacher_scores.model. "
+                                       "Regime R3: configs/teacher-arith.yaml.")
     gaps: list[tuple[str, str]] = Field(default_factory=list, description="Variant pairs (a, b) whose accuracy gap the "
                                         "report states, and whether it exceeds the seed spread.")
 
@@ -878,7 +883,7 @@ def load_experiment(path: str | Path, overrides: dict[str, Any] | None = None) -
     except ValidationError as err:
         raise ConfigError(f"{p}: {_describe(err)}") from None
     repo = p.resolve().parent.parent            # configs/x.yaml: paths resolve against the experiment file's repo
-    for key in ("base", "pretrain"):
+    for key in ("base", "pretrain", "teacher_preset"):
         value = getattr(exp, key)
         if value and not Path(value).is_absolute() and not Path(value).exists() and (repo / value).exists():
             setattr(exp, key, str((repo / value).resolve()))
@@ -891,8 +896,9 @@ def load_experiment(path: str | Path, overrides: dict[str, Any] | None = None) -
     unknown = sorted(set(exp.variant_seeds) - set(exp.variants))
     if unknown:
         raise ConfigError(f"{p}: variant_seeds names {unknown}, which are not variants ({sorted(exp.variants)})")
-    if exp.pretrain:
-        load_config(exp.pretrain)
+    for preset in (exp.pretrain, exp.teacher_preset):
+        if preset:
+            load_config(preset)
     for variant, seed in exp.plan():
         try:
             arm_config(exp, variant, seed)
@@ -901,11 +907,18 @@ def load_experiment(path: str | Path, overrides: dict[str, Any] | None = None) -
     return exp
 
 
-def arm_config(exp: ExperimentConfig, variant: str, seed: int, student_model: str | None = None) -> DistillConfig:
+def arm_config(exp: ExperimentConfig, variant: str, seed: int, student_model: str | None = None,
+               teacher_model: str | None = None) -> DistillConfig:
     """The distill config of one arm: base preset + shared overrides + the variant's + the seed (+ the pretrained
-    student's folder, once the `pretrain` preset has trained it)."""
+    student's folder, once the `pretrain` preset has trained it; + the model teacher's folder, once `teacher_preset`
+    has trained it — until then the preset's path stands in for it)."""
     pretrained = {"student.model": student_model} if student_model else {}
     arm = dict(exp.variants[variant])
     base = arm.pop("base", exp.base)
-    return load_config(base, {**exp.overrides, **arm, **{k: seed for k in exp.seed_keys}, **pretrained})
+    overrides = {**exp.overrides, **arm, **{k: seed for k in exp.seed_keys}, **pretrained}
+    if not exp.teacher_preset:
+        return load_config(base, overrides)
+    teacher = {"teacher.model": teacher_model or exp.teacher_preset}
+    config = load_config(base, {**overrides, **teacher, "teacher_scores.model": teacher_model or exp.teacher_preset})
+    return config if config.train.uses_teacher_scores else load_config(base, {**overrides, **teacher})
 

@@ -44,8 +44,9 @@ def arm_fp(exp: ExperimentConfig, variant: str, seed: int) -> str:
     base = arm.pop("base", exp.base)
     text = lambda path: Path(path).read_text() if path else None  # noqa: E731
     shared = {k: v for k, v in exp.overrides.items() if not k.startswith("storage.")}
+    teacher = {"teacher_preset": text(exp.teacher_preset)} if exp.teacher_preset else {}   # absent: fps unchanged
     return fingerprint("study-arm", {"base": text(base), "pretrain": text(exp.pretrain), "overrides": shared,
-                                     "arm": arm, "seed": {k: seed for k in exp.seed_keys}})
+                                     "arm": arm, "seed": {k: seed for k in exp.seed_keys}, **teacher})
 
 
 def run_paths(study_dir: str | Path, variant: str, seed: int) -> tuple[Path, Path]:

@@ -8,7 +8,7 @@ import pytest
 
 from tests.conftest import ROOT
 
-NEEDS_VLLM = {"teacher_vllm", "eval_throughput", "teacher_scores"}
+NEEDS_VLLM = {"teacher_vllm", "eval_throughput", "teacher_scores", "teacher_temperature"}
 KEYS = {"bench", "metric", "value", "baseline", "ratio", "goal", "met"}
 BENCHES = sorted(p.stem for p in (ROOT / "bench").glob("*.py"))
 

@@ -73,14 +73,14 @@ def test_experiment_with_a_bad_arm_names_the_variant(tmp_path):
 
 def test_the_pretrained_students_data_never_meets_the_kpod_studys_test_or_validation_questions():
     """R2's pretrained student (configs/pretrain-arith.yaml) must not have seen a question it is tested or tuned on."""
-    from keystep.config import load_experiment
+    from keystep.config import arm_config, load_experiment
     from tasks.ingest import load_examples
 
     pre = {ex.question for ex in load_examples(load_config(ROOT / "configs" / "pretrain-arith.yaml").data.train)[0]}
-    for name in ("study-pretrained.yaml", "tune-pretrained.yaml"):
+    for name in ("study-pretrained.yaml", "tune-pretrained.yaml", "study-teacher.yaml"):
         exp = load_experiment(ROOT / "configs" / name)
         assert exp.pretrain and exp.pretrain.endswith("pretrain-arith.yaml")
-        for spec in load_config(exp.base, exp.overrides).data.eval:
+        for spec in arm_config(exp, next(iter(exp.variants)), exp.seeds[0]).data.eval:
             questions = {ex.question for ex in load_examples(spec)[0]}
             assert len(questions) >= 500 and not questions & pre, (name, len(questions & pre))
 
@@ -88,7 +88,7 @@ def test_the_pretrained_students_data_never_meets_the_kpod_studys_test_or_valida
 def test_r3s_teacher_never_trains_on_a_question_any_preset_tests_or_tunes_on():
     """configs/teacher-arith.yaml's training problems share no question with any evaluation set of any preset or
     experiment in configs/ (a teacher that saw the test set would teach it)."""
-    from keystep.config import load_experiment
+    from keystep.config import arm_config, load_experiment
     from tasks.ingest import load_examples
 
     teacher = load_config(ROOT / "configs" / "teacher-arith.yaml")
@@ -98,7 +98,7 @@ def test_r3s_teacher_never_trains_on_a_question_any_preset_tests_or_tunes_on():
     for path in sorted((ROOT / "configs").glob("*.yaml")):
         if "variants:" in path.read_text():
             exp = load_experiment(path)
-            specs += load_config(exp.base, exp.overrides).data.eval
+            specs += arm_config(exp, next(iter(exp.variants)), exp.seeds[0]).data.eval
         elif path.name != "teacher-arith.yaml":
             specs += load_config(path).data.eval
     specs += teacher.data.eval
@@ -219,3 +219,24 @@ def test_the_form_lists_what_most_runs_change_first():
     assert sections[:5] == ["data", "teacher", "train", "student", "eval"]
     assert sections.index("train") < min(sections.index(k) for k in ("steps", "token_weights", "difficulty", "curriculum"))
     assert list(TrainConfig.model_fields)[:3] == ["loss", "target_format", "epochs"]
+
+
+def test_a_teacher_preset_is_every_arms_teacher_and_the_scorer_of_the_arms_that_read_scores(tmp_path):
+    """`teacher_preset`: its trained folder becomes teacher.model of every arm, and teacher_scores.model of those whose
+    loss reads teacher distributions only (a std_cot arm scores nothing); the preset's path stands in until trained."""
+    from keystep.config import arm_config, load_experiment
+
+    spec = tmp_path / "exp.yaml"
+    spec.write_text(f"""
+name: teacher
+base: {ROOT / 'configs' / 'micro.yaml'}
+teacher_preset: {ROOT / 'configs' / 'micro.yaml'}
+overrides: {{teacher: {{backend: openai, model: x, base_url: "http://127.0.0.1:9/v1"}}}}
+variants: {{std_cot: {{}}, kd: {{train.loss: kd}}}}
+seeds: [0]
+""")
+    exp = load_experiment(spec)
+    for variant, scored in (("std_cot", False), ("kd", True)):
+        before, after = arm_config(exp, variant, 0), arm_config(exp, variant, 0, teacher_model="/m/teacher")
+        assert before.teacher.model == exp.teacher_preset and after.teacher.model == "/m/teacher"
+        assert after.teacher_scores.model == ("/m/teacher" if scored else None)
