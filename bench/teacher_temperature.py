@@ -89,7 +89,7 @@ def main() -> None:
     dataset = ingest.ingest(ws, spec)
     results = []
     with vllm_server(str(VLLM_PYTHON), folder, tmp / "vllm.log", "teacher", 0,
-                     ["--dtype", "float32", "--max-model-len", "512", "--gpu-memory-utilization", "0.1"], 600,
+                     ["--dtype", "float32", "--gpu-memory-utilization", "0.1"], 600,
                      "bench --vllm-python") as url:
         for t in [0.0, *args.temperatures]:
             results.append(sample(ws, folder, url, dataset, t, args.n, max_tokens))

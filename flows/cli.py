@@ -229,7 +229,7 @@ def cmd_report(args) -> int:
 def cmd_results(args) -> int:
     from storage.catalog import Catalog
     from storage.runs import reconcile
-    from tasks.evaluate import results_table
+    from tasks.evaluate import results_table, trained_description
 
     path = Path(args.workspace or ".keystep") / "catalog.duckdb"
     if not path.exists():
@@ -238,9 +238,12 @@ def cmd_results(args) -> int:
     reconcile(catalog, path.parent)          # a run killed without warning shows as killed, never as running
     rows = catalog.query("latest_results", eval_fp=None)
     runs = catalog.query("runs_recent", limit=5)
+    trained = trained_description(catalog)
     if args.format == "json":
-        print(json.dumps({"results": rows, "runs": runs}, indent=2, default=str))
+        print(json.dumps({"results": rows, "trained": trained, "runs": runs}, indent=2, default=str))
     else:
+        if trained:
+            print("evaluated: " + "; ".join(f"{k} {v}" for k, v in trained.items() if k != "final_dir" and v is not None))
         print(results_table(rows))
         print("\nlatest runs:")
         for r in runs:

@@ -200,6 +200,24 @@ def teacher_distributions(config: DistillConfig) -> str:
             f"τ {kd.temperature}")
 
 
+def trained_description(catalog, eval_fp: str | None = None) -> dict | None:
+    """What the latest evaluation (or `eval_fp`'s) evaluated, for `keystep results`: the loss, target format, epochs,
+    teacher and — for kd / kpod_kd — the teacher distributions, from the checkpoint's saved config."""
+    rows = catalog.query("latest_trained", eval_fp=eval_fp)
+    if not rows:
+        return None
+    trained = json.loads(rows[0]["summary_json"] or "{}")
+    saved = Path(trained.get("final_dir", "")) / "keystep_config.json"
+    out = {k: trained.get(k) for k in ("loss", "target_format", "epochs", "final_dir")}
+    if saved.is_file():
+        config = DistillConfig.model_validate_json(saved.read_text())
+        out["teacher"] = (config.teacher.backend if config.teacher.backend == "reference"
+                          else f"{config.teacher.backend}: {config.teacher.setting('model')}")
+        if config.train.uses_teacher_scores:
+            out["teacher distributions"] = teacher_distributions(config)
+    return out
+
+
 def run_header(label: str, config: DistillConfig, results: list[dict], datasets: list[Dataset], trained: Trained,
                n_params: int, wall_s: float, previous: dict | None, teacher: str = "") -> str:
     """The top of a run's summary: what ran (the teacher's usage among it), then the headline — the trained student

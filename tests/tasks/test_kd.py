@@ -71,6 +71,14 @@ def test_kd_trains_on_the_teachers_stored_scores_and_its_lineage_names_them(tmp_
     assert out.loss == "kd" and all(math.isfinite(h["loss"]) for h in out.history)
     assert scores.fp in train_lineage(kd, inputs).upstream
     assert scores.fp not in train_lineage(cfg, inputs).upstream     # Std-CoT does not read them
+    # `keystep results` says what the latest evaluation evaluated: this kd run, with its teacher distributions
+    from storage.fingerprint import Lineage
+    from tasks.evaluate import trained_description
+    with cat.transaction() as con:
+        cat.record_stage(con, Lineage("evaluate", {}, (out.fp, st.fp), "test"))
+    said = trained_description(ws.catalog())
+    assert said["loss"] == "kd" and said["teacher distributions"].startswith("top-8 of ")
+    assert "KL weight α 0.5" in said["teacher distributions"]
     with pytest.raises(ValueError, match="teacher_scores.model"):
         type(kd).model_validate({**kd.model_dump(), "teacher_scores": {"model": None}})
 
