@@ -131,3 +131,18 @@ def test_a_mistake_found_inside_the_flow_ends_with_one_line_and_no_traceback(tmp
     assert "Traceback" not in r.stderr + r.stdout
     errors = [line for line in r.stderr.splitlines() if line.startswith("keystep: error:")]
     assert len(errors) == 1 and errors[0].startswith("keystep: error: config key 'student.max_length'")
+
+
+@pytest.mark.slow
+def test_logprobs_asked_of_an_endpoint_that_returns_none_end_with_one_line_naming_the_setting(tmp_path):
+    """Found only when the endpoint answers: the run stops with one line naming teacher.logprobs, exit 2."""
+    from tests.fake_openai import FakeOpenAI
+
+    with FakeOpenAI(logprobs=False) as server:
+        r = keystep(["run", MICRO, "--set", "teacher.backend=openai", "--set", "teacher.model=m", "--set",
+                     f"teacher.base_url={server.base_url}", "--set", "teacher.logprobs=5", "--set",
+                     "teacher.concurrency=1"], tmp_path)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr + r.stdout
+    errors = [line for line in r.stderr.splitlines() if line.startswith("keystep: error:")]
+    assert len(errors) == 1 and "config key 'teacher.logprobs'" in errors[0], r.stderr[-2000:]
