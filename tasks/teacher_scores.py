@@ -29,7 +29,7 @@ import numpy as np
 from keystep.config import DistillConfig, TeacherScoresConfig
 from storage.fingerprint import Lineage, content_hash, file_hash, fingerprint
 from storage.workspace import Workspace
-from tasks.formats import NO_CUT, encode_rationale
+from tasks.formats import IGNORE, NO_CUT, encode_rationale
 from tasks.stage import Stage, StageInputs, StageOutput, kept_rationales
 from tasks.student import Student, pick_device
 from tasks.teacher import Generation
@@ -47,6 +47,10 @@ class TeacherScores(StageOutput):
     n_scored: int              # scored by the run that made this output; the others were scored before
     n_positions: int
     bytes_per_position: float  # on disk, Parquet included
+    # how sure the teacher is where the loss reads it (rationale, answer sentence, <eos>): the mean entropy (nats) of
+    # its renormalised top-k and the mean probability of its likeliest token (None: outputs made before they existed)
+    mean_entropy: float | None = None
+    mean_top1_prob: float | None = None
 
 
 class TeacherScoresInputs(StageInputs):
@@ -216,6 +220,25 @@ def scores_by_rationale(ws: Workspace, config: DistillConfig, tokenizer, rows: l
     return {rid: (ids, *loaded[h]) for h, (ids, rids) in seqs.items() if h in loaded for rid in rids}
 
 
+def peakedness(tokenizer, config: DistillConfig, rows: list[dict], loaded: dict) -> tuple[float, float] | None:
+    """(mean entropy in nats of the teacher's renormalised top-k, mean probability of its top-1) over the positions that
+    predict a supervised token (the rationale on: what Std-CoT and kd train on) of the scored sequences — the
+    diagnosis of how much a distribution says beyond its sampled token."""
+    entropy = top1 = n = 0.0
+    for r in rows:
+        enc = encode_rationale(tokenizer, config.teacher, r, NO_CUT)
+        scored = loaded.get(sequence_hash(enc.ids))
+        if scored is None:
+            continue
+        first = next(j for j, y in enumerate(enc.labels) if y != IGNORE)    # the first supervised token
+        lp = scored[1][max(first - 1, 0):]
+        p = np.exp(lp - np.logaddexp.reduce(lp, axis=-1, keepdims=True))
+        entropy += float(-(p * np.log(np.clip(p, 1e-30, None))).sum())
+        top1 += float(np.exp(lp[:, 0]).sum())
+        n += len(lp)
+    return (entropy / n, top1 / n) if n else None
+
+
 def teacher_topk(ws: Workspace, config: DistillConfig, tokenizer, rows: list[dict],
                  scores: TeacherScores) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """rationale id -> the teacher's (ids, logprobs) aligned with its training sequence (`Sequence.teacher_topk`):
@@ -257,8 +280,8 @@ def score_sequences(ws: Workspace, config: DistillConfig, inputs: TeacherScoresI
     cfg, catalog = config.teacher_scores, ws.catalog()
     check_same_tokenizer(inputs.student.model_dir, cfg.model)
     tok = AutoTokenizer.from_pretrained(inputs.student.model_dir)
-    seqs = {h: ids for h, (ids, _) in sequences_by_hash(tok, config, kept_rationales(catalog, config,
-                                                                                     inputs.generation)).items()}
+    rows = kept_rationales(catalog, config, inputs.generation)
+    seqs = {h: ids for h, (ids, _) in sequences_by_hash(tok, config, rows).items()}
     scorer_fp = scorer_fingerprint(cfg)
     done = {r["sequence_hash"] for r in catalog.query("scored_sequences", scorer_fp=scorer_fp, hashes=list(seqs))}
     todo = [h for h in seqs if h not in done]
@@ -272,9 +295,11 @@ def score_sequences(ws: Workspace, config: DistillConfig, inputs: TeacherScoresI
     positions_in_parts = sum(r["n_positions"] for r in catalog.query("scorer_parts", scorer_fp=scorer_fp)
                              if r["part"] in parts)
     size = sum((ws.root / p).stat().st_size for p in parts)
-    return TeacherScores(fp=lineage.fp, scorer_fp=scorer_fp, k=cfg.k, scores_dir=str(ws.root / "teacher-scores" / scorer_fp),
-                         n_sequences=len(seqs), n_scored=len(todo), n_positions=sum(r["n_positions"] for r in index),
-                         bytes_per_position=size / max(positions_in_parts, 1))
+    out = TeacherScores(fp=lineage.fp, scorer_fp=scorer_fp, k=cfg.k, scores_dir=str(ws.root / "teacher-scores" / scorer_fp),
+                        n_sequences=len(seqs), n_scored=len(todo), n_positions=sum(r["n_positions"] for r in index),
+                        bytes_per_position=size / max(positions_in_parts, 1))
+    sure = peakedness(tok, config, rows, load_scores(ws, out, list(seqs)))
+    return out.model_copy(update=dict(zip(("mean_entropy", "mean_top1_prob"), sure))) if sure else out
 
 
 TEACHER_SCORES = Stage("teacher-scores", TeacherScoresInputs, TeacherScores, teacher_scores_lineage, score_sequences,
@@ -288,6 +313,7 @@ def _teacher_scores_in_prefect(run, config: DistillConfig, inputs: TeacherScores
 
     out = run()
     get_run_logger().info("teacher scores (top-%d): %d sequences, %d scored now (the rest stored before), %d positions, "
-                          "%.0f bytes per position", out.k, out.n_sequences, out.n_scored, out.n_positions,
-                          out.bytes_per_position)
+                          "%.0f bytes per position; on the supervised tokens mean entropy %.3f nats, top-1 probability "
+                          "%.3f", out.k, out.n_sequences, out.n_scored, out.n_positions, out.bytes_per_position,
+                          out.mean_entropy or 0.0, out.mean_top1_prob or 0.0)
     return out

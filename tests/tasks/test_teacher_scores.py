@@ -37,6 +37,17 @@ def test_scores_are_the_teachers_exact_top_k_and_cost_under_130_bytes_a_position
     assert (stored_ids == top.indices[:-1].numpy()).all()
     assert np.allclose(stored_lp, top.values[:-1].numpy(), atol=1e-2)     # float16 on disk
     assert out.bytes_per_position <= 130, out.bytes_per_position
+    # how sure the teacher is on the supervised tokens, by hand from the full softmax restricted to its top-20
+    ent = top1 = n = 0.0
+    for r in rows:
+        enc = encode_rationale(tok, cfg.teacher, r, NO_CUT)
+        with torch.no_grad():
+            lp = torch.log_softmax(model(input_ids=torch.tensor([enc.ids])).logits.float()[0], dim=-1)
+        first = next(j for j, y in enumerate(enc.labels) if y >= 0)
+        t = lp.topk(20, dim=-1).values[first - 1:-1]
+        p = torch.softmax(t, dim=-1)
+        ent, top1, n = ent + float(-(p * p.log()).sum()), top1 + float(t[:, 0].exp().sum()), n + len(t)
+    assert out.mean_entropy == pytest.approx(ent / n, rel=1e-2) and out.mean_top1_prob == pytest.approx(top1 / n, rel=1e-2)
 
 
 def test_a_rerun_scores_nothing_more_data_scores_only_the_new_and_a_kill_keeps_the_finished_parts(tmp_path, monkeypatch):
