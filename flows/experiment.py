@@ -34,20 +34,10 @@ class ExperimentSummary(BaseModel):
     plots: dict[str, str]
 
 
-def pretrained_student(config: ExperimentConfig) -> str | None:
-    """The `pretrain` preset's trained student folder (trained once; a cache hit afterwards)."""
-    if not config.pretrain:
-        return None
-    out = distill.with_options(flow_run_name="pretrain")(config=load_config(config.pretrain))
-    return out.final_dir
-
-
-def trained_teacher(config: ExperimentConfig) -> str | None:
-    """The `teacher_preset` preset's trained student folder, every arm's model teacher (trained once)."""
-    if not config.teacher_preset:
-        return None
-    out = distill.with_options(flow_run_name="teacher")(config=load_config(config.teacher_preset))
-    return out.final_dir
+def trained_preset(preset: str, run_name: str) -> str:
+    """The trained student folder of a preset run first (`pretrain`: every arm's student; `teacher_preset`: every
+    arm's model teacher) — trained once, a cache hit afterwards."""
+    return distill.with_options(flow_run_name=run_name)(config=load_config(preset)).final_dir
 
 
 @flow(name="experiment", log_prints=True)
@@ -66,9 +56,9 @@ def experiment(preset: str | None = None, config: ExperimentConfig | None = None
             logger.info("arm %s, seed %d: done (%s)", variant, seed, config.study_dir)
             continue
         if config.pretrain and student_model is None:
-            student_model = pretrained_student(config)
+            student_model = trained_preset(config.pretrain, "pretrain")
         if config.teacher_preset and teacher_model is None:
-            teacher_model = trained_teacher(config)
+            teacher_model = trained_preset(config.teacher_preset, "teacher")
         cfg = arm_config(config, variant, seed, student_model, teacher_model)
         logger.info("arm %s, seed %d", variant, seed)
         t0 = time.perf_counter()
