@@ -8,6 +8,10 @@ teacher folder with the same tokenizer. Output: `TeacherScores`; the scores them
 uint16 — int32 past 65,536 tokens — and their log-probabilities as float16), indexed in the catalog's
 `teacher_scores` by (scorer fingerprint, sequence hash). So a sequence is scored once per teacher and k whatever
 dataset version or run asks for it (+10% data scores 10%), and a killed run loses at most the part in flight.
+Never paid twice: a sequence whose rationale the same teacher folder generated through vLLM with `teacher.logprobs`
+≥ k takes the top-k vLLM returned while it sampled (raw log-probabilities of the same weights, at the same positions:
+the generated ids are the sequence's tokens after its prompt), indexed under its own fingerprint (engine
+`captured`); only the others are scored.
 
 Engine `local`: the teacher folder's forward pass on train.device — prefill only, no token generated — sequences
 length-bucketed as the difficulty stage's are, log_softmax in float32, then the top k per position.
@@ -29,7 +33,7 @@ import numpy as np
 from keystep.config import DistillConfig, TeacherScoresConfig
 from storage.fingerprint import Lineage, content_hash, file_hash, fingerprint
 from storage.workspace import Workspace
-from tasks.formats import IGNORE, NO_CUT, encode_rationale
+from tasks.formats import IGNORE, NO_CUT, encode_rationale, format_prompt
 from tasks.stage import Stage, StageInputs, StageOutput, kept_rationales
 from tasks.student import Student, pick_device
 from tasks.teacher import Generation
@@ -51,6 +55,10 @@ class TeacherScores(StageOutput):
     # its renormalised top-k and the mean probability of its likeliest token (None: outputs made before they existed)
     mean_entropy: float | None = None
     mean_top1_prob: float | None = None
+    # sequences whose distributions came from the generation's captured log-probabilities (teacher.logprobs >= k),
+    # indexed under `captured_fp`: not scored again
+    n_reused: int = 0
+    captured_fp: str | None = None
 
 
 class TeacherScoresInputs(StageInputs):
@@ -64,12 +72,17 @@ def _folder_hash(folder: str, newest: float) -> str:   # hashed once per process
     return file_hash(folder)
 
 
-def scorer_fingerprint(cfg: TeacherScoresConfig) -> str:
-    """What a score depends on: the teacher folder's content, k, the engine and this code."""
-    folder = Path(cfg.model).expanduser().resolve()
+def folder_fingerprint(model: str) -> str:
+    folder = Path(model).expanduser().resolve()
     newest = max((p.stat().st_mtime for p in folder.rglob("*")), default=0.0)
-    return fingerprint("scorer", {"k": cfg.k, "engine": cfg.engine}, (), CODE_VERSION,
-                       {"model": _folder_hash(str(folder), newest)})
+    return _folder_hash(str(folder), newest)
+
+
+def scorer_fingerprint(cfg: TeacherScoresConfig, engine: str | None = None) -> str:
+    """What a score depends on: the teacher folder's content, k, the engine (`captured`: the log-probabilities vLLM
+    returned while generating) and this code."""
+    return fingerprint("scorer", {"k": cfg.k, "engine": engine or cfg.engine}, (), CODE_VERSION,
+                       {"model": folder_fingerprint(cfg.model)})
 
 
 def teacher_scores_lineage(config: DistillConfig, inputs: TeacherScoresInputs) -> Lineage:
@@ -161,9 +174,9 @@ def vllm_top_k_scores(cfg: TeacherScoresConfig, base_url: str, served: str,
 
 
 def write_part(ws: Workspace, scorer_fp: str, hashes: list[str], scores: list[tuple[np.ndarray, np.ndarray]],
-               vocab_size: int) -> None:
+               vocab_size: int, first_rows: list[int] | None = None) -> None:
     """One Parquet part (temp name, then rename) and its index rows, so a part is scored, stored and indexed, or
-    not at all."""
+    not at all. `first_rows`: where each sequence's stored rows start (captured ones start at the prompt's end)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -172,6 +185,7 @@ def write_part(ws: Workspace, scorer_fp: str, hashes: list[str], scores: list[tu
     path = ws.root / rel
     path.parent.mkdir(parents=True, exist_ok=True)
     table = pa.table({"sequence_hash": hashes, "n_positions": [len(i) for i, _ in scores],
+                      "first_row": first_rows or [0] * len(hashes),
                       "id_bytes": [np.dtype(id_type).itemsize] * len(hashes),
                       "ids": [i.astype(id_type).tobytes() for i, _ in scores],
                       "logprobs": [lp.astype(np.float16).tobytes() for _, lp in scores]})
@@ -185,20 +199,29 @@ def write_part(ws: Workspace, scorer_fp: str, hashes: list[str], scores: list[tu
                                                "n_positions": [len(i) for i, _ in scores]})
 
 
+def scorer_fps(scores: TeacherScores) -> list[str]:
+    """The fingerprints `scores` reads under: its scorer's, then the captured one's (the scorer's own first)."""
+    return [scores.scorer_fp] + ([scores.captured_fp] if scores.captured_fp else [])
+
+
 def load_scores(ws: Workspace, scores: TeacherScores, hashes: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """sequence hash -> (ids, logprobs as float32), each (positions, k), for those of `hashes` that were scored."""
+    """sequence hash -> (ids, logprobs as float32), each (positions, k), for those of `hashes` that were scored. Rows a
+    part does not hold (a captured sequence's prompt, which the loss never reads) are zeros, as row 0 is in training."""
     import pyarrow.parquet as pq
 
-    wanted = ws.catalog().query("scored_sequences", scorer_fp=scores.scorer_fp, hashes=list(hashes))
+    wanted: dict[str, str] = {}
+    for fp in scorer_fps(scores):
+        for r in ws.catalog().query("scored_sequences", scorer_fp=fp, hashes=list(hashes)):
+            wanted.setdefault(r["sequence_hash"], r["part"])
     out = {}
-    for part in sorted({r["part"] for r in wanted}):
-        names = {r["sequence_hash"] for r in wanted if r["part"] == part}
+    for part in sorted(set(wanted.values())):
         for row in pq.read_table(ws.root / part).to_pylist():
-            if row["sequence_hash"] in names:
+            if wanted.get(row["sequence_hash"]) == part:
                 id_type = np.uint16 if row["id_bytes"] == 2 else np.int32
                 ids = np.frombuffer(row["ids"], dtype=id_type).reshape(row["n_positions"], scores.k)
                 lp = np.frombuffer(row["logprobs"], dtype=np.float16).reshape(row["n_positions"], scores.k)
-                out[row["sequence_hash"]] = (ids.astype(np.int64), lp.astype(np.float32))
+                pad = ((row.get("first_row") or 0, 0), (0, 0))
+                out[row["sequence_hash"]] = (np.pad(ids.astype(np.int64), pad), np.pad(lp.astype(np.float32), pad))
     return out
 
 
@@ -252,6 +275,42 @@ def teacher_topk(ws: Workspace, config: DistillConfig, tokenizer, rows: list[dic
             for rid, (_, ids, lp) in found.items()}
 
 
+def teacher_is_the_scorer(config: DistillConfig) -> bool:
+    """Whether what the generation's teacher captured is what the scorer would compute: vLLM serving a folder with
+    the scorer's content, prompted through completions (so its prompt tokens are the training sequence's), with vLLM's
+    raw log-probabilities (its default `--logprobs-mode`: before temperature and other processing)."""
+    t, cfg = config.teacher, config.teacher_scores
+    return (t.backend == "vllm" and t.request_api == "completions" and Path(t.model).expanduser().is_dir()
+            and not any("processed" in a for a in t.vllm_args)
+            and folder_fingerprint(t.model) == folder_fingerprint(cfg.model))
+
+
+def captured_scores(ws: Workspace, config: DistillConfig, tokenizer, rows: list[dict],
+                    todo: set[str]) -> dict[str, tuple[int, np.ndarray, np.ndarray]]:
+    """sequence hash -> (first row, top-k ids, log-probabilities) from the log-probabilities the teacher returned
+    while generating (teacher.logprobs ≥ k), for the sequences of `todo` whose generated ids are exactly their tokens
+    after the prompt vLLM was sent — so row j + first row is the distribution of token j + first row + 1, as scoring
+    would give. Sequences that do not line up (a rationale the answer sentence was appended to, tokens sampled in a
+    form the tokenizer would not write) are left to the scorer."""
+    from tasks.teacher_logprobs import load_captured
+
+    k, bos = config.teacher_scores.k, [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    captured = load_captured(ws.catalog(), ws.root, [r["rationale_id"] for r in rows])
+    out: dict[str, tuple[int, np.ndarray, np.ndarray]] = {}
+    for r in rows:
+        lp = captured.get(r["rationale_id"])
+        if lp is None or not lp.ids_known or not lp.tokens or len(lp.top[0]) < k:
+            continue
+        enc = encode_rationale(tokenizer, config.teacher, r, NO_CUT)
+        h, start = sequence_hash(enc.ids), len(enc.ids) - len(lp.tokens)
+        prompt = bos + tokenizer(format_prompt(config.teacher, r["question"]), add_special_tokens=False).input_ids
+        if h in todo and h not in out and enc.ids[start:] == lp.tokens and enc.ids[:start] == prompt:
+            top, lps = np.asarray(lp.top), np.asarray(lp.top_logprobs, np.float32)
+            order = np.argsort(-lps, axis=-1, kind="stable")[:, :k]          # the k likeliest, likeliest first
+            out[h] = (start - 1, np.take_along_axis(top, order, -1), np.take_along_axis(lps, order, -1))
+    return out
+
+
 @contextmanager
 def scorer(ws: Workspace, cfg: TeacherScoresConfig, device: str, scorer_fp: str):
     """The engine as one function: token sequences -> their (ids, logprobs); a vLLM server keystep starts lives
@@ -283,27 +342,42 @@ def score_sequences(ws: Workspace, config: DistillConfig, inputs: TeacherScoresI
     rows = kept_rationales(catalog, config, inputs.generation)
     seqs = {h: ids for h, (ids, _) in sequences_by_hash(tok, config, rows).items()}
     scorer_fp = scorer_fingerprint(cfg)
-    done = {r["sequence_hash"] for r in catalog.query("scored_sequences", scorer_fp=scorer_fp, hashes=list(seqs))}
+    captured_fp = scorer_fingerprint(cfg, "captured") if teacher_is_the_scorer(config) else None
+    done = {r["sequence_hash"] for fp in filter(None, (scorer_fp, captured_fp))
+            for r in catalog.query("scored_sequences", scorer_fp=fp, hashes=list(seqs))}
     todo = [h for h in seqs if h not in done]
+    reused = captured_scores(ws, config, tok, rows, set(todo)) if captured_fp and todo else {}
+    for start in range(0, len(reused), cfg.commit_every):      # parts as scoring writes them
+        chunk = list(reused)[start:start + cfg.commit_every]
+        write_part(ws, captured_fp, chunk, [reused[h][1:] for h in chunk], len(tok), [reused[h][0] for h in chunk])
+    todo = [h for h in todo if h not in reused]
     if todo:
         with scorer(ws, cfg, config.train.device, scorer_fp) as score:
             for start in range(0, len(todo), cfg.commit_every):
                 chunk = todo[start:start + cfg.commit_every]
                 write_part(ws, scorer_fp, chunk, score([seqs[h] for h in chunk]), len(tok))
-    index = catalog.query("scored_sequences", scorer_fp=scorer_fp, hashes=list(seqs))
-    parts = {r["part"] for r in index}
-    positions_in_parts = sum(r["n_positions"] for r in catalog.query("scorer_parts", scorer_fp=scorer_fp)
-                             if r["part"] in parts)
+    (ws.root / "teacher-scores" / scorer_fp).mkdir(parents=True, exist_ok=True)
+    index = {r["sequence_hash"]: r for fp in filter(None, (captured_fp, scorer_fp))        # the scorer's own last: kept
+             for r in catalog.query("scored_sequences", scorer_fp=fp, hashes=list(seqs))}
+    parts = {r["part"] for r in index.values()}
+    positions_in_parts = sum(r["n_positions"] for fp in filter(None, (scorer_fp, captured_fp))
+                             for r in catalog.query("scorer_parts", scorer_fp=fp) if r["part"] in parts)
     size = sum((ws.root / p).stat().st_size for p in parts)
+    n_captured = sum(captured_fp is not None and f"/{captured_fp}/" in r["part"] for r in index.values())
     out = TeacherScores(fp=lineage.fp, scorer_fp=scorer_fp, k=cfg.k, scores_dir=str(ws.root / "teacher-scores" / scorer_fp),
-                        n_sequences=len(seqs), n_scored=len(todo), n_positions=sum(r["n_positions"] for r in index),
-                        bytes_per_position=size / max(positions_in_parts, 1))
+                        n_sequences=len(seqs), n_scored=len(todo), n_positions=sum(r["n_positions"] for r in index.values()),
+                        bytes_per_position=size / max(positions_in_parts, 1), n_reused=n_captured,
+                        captured_fp=captured_fp if n_captured else None)
     sure = peakedness(tok, config, rows, load_scores(ws, out, list(seqs)))
     return out.model_copy(update=dict(zip(("mean_entropy", "mean_top1_prob"), sure))) if sure else out
 
 
+def scores_still_there(config: DistillConfig, done: TeacherScores) -> bool:
+    return all((Path(done.scores_dir).parent / fp).exists() for fp in scorer_fps(done))
+
+
 TEACHER_SCORES = Stage("teacher-scores", TeacherScoresInputs, TeacherScores, teacher_scores_lineage, score_sequences,
-                       still_valid=lambda config, done: Path(done.scores_dir).exists(), tags=["gpu"])
+                       still_valid=scores_still_there, tags=["gpu"])
 
 
 # ---- in Prefect: what it cost -----------------------------------------------------------------------------------
@@ -312,8 +386,9 @@ def _teacher_scores_in_prefect(run, config: DistillConfig, inputs: TeacherScores
     from prefect import get_run_logger
 
     out = run()
-    get_run_logger().info("teacher scores (top-%d): %d sequences, %d scored now (the rest stored before), %d positions, "
-                          "%.0f bytes per position; on the supervised tokens mean entropy %.3f nats, top-1 probability "
-                          "%.3f", out.k, out.n_sequences, out.n_scored, out.n_positions, out.bytes_per_position,
-                          out.mean_entropy or 0.0, out.mean_top1_prob or 0.0)
+    get_run_logger().info("teacher scores (top-%d): %d sequences, %d scored now, %d from the log-probabilities captured "
+                          "while generating (the rest stored before), %d positions, %.0f bytes per position; on the "
+                          "supervised tokens mean entropy %.3f nats, top-1 probability %.3f", out.k, out.n_sequences,
+                          out.n_scored, out.n_reused, out.n_positions, out.bytes_per_position, out.mean_entropy or 0.0,
+                          out.mean_top1_prob or 0.0)
     return out

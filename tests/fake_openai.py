@@ -52,10 +52,22 @@ def fake_logprobs(text: str, k: int, chat: bool, as_ids: bool, vocab: int = 1000
             "text_offset": []}
 
 
+def tokenizer_logprobs(tokenizer, prompt: str, text: str, k: int) -> dict:
+    """Completions logprobs as vLLM gives them for a model with `tokenizer`, tokens as 'token_id:N': the ids the
+    prompt and text encode to after the prompt's own, then <eos> (a model that stopped), each first (−0.1), then k − 1
+    other ids."""
+    n = len(tokenizer(prompt, add_special_tokens=False).input_ids)
+    ids = tokenizer(prompt + " " + text.strip(), add_special_tokens=False).input_ids[n:] + [tokenizer.eos_token_id]
+    tops = [[(f"token_id:{t}", -0.1)] + [(f"token_id:{(t + r) % len(tokenizer)}", -1.0 - r) for r in range(1, k)]
+            for t in ids]
+    return {"tokens": [t[0][0] for t in tops], "token_logprobs": [-0.1] * len(ids), "top_logprobs": [dict(t) for t in tops],
+            "text_offset": []}
+
+
 class FakeOpenAI:
     def __init__(self, latency_s: float = 0.0, faults: dict[str, float] | None = None, fail_attempts: int = 1,
                  answers: dict[str, str] | None = None, timeout_sleep_s: float = 5.0, die_after: int | None = None,
-                 prompt_logprobs: bool = True, max_logprobs: int = 20, logprobs: bool = True):
+                 prompt_logprobs: bool = True, max_logprobs: int = 20, logprobs: bool = True, tokenizer=None):
         self.latency_s = latency_s
         self.faults = faults or {}
         self.fail_attempts = fail_attempts
@@ -65,6 +77,7 @@ class FakeOpenAI:
         self.prompt_logprobs = prompt_logprobs  # False: an OpenAI-compatible endpoint without vLLM's extension
         self.max_logprobs = max_logprobs        # vLLM's --max-logprobs: above it a request is refused (400)
         self.logprobs = logprobs                # False: an endpoint that answers without the logprobs asked
+        self.tokenizer = tokenizer              # a model folder's tokenizer: completions logprobs as its token ids
         self.attempts: Counter[str] = Counter()  # prompt -> requests received
         self.served: Counter[str] = Counter()  # prompt -> successful (200, well-formed) responses delivered: "paid"
         self.auth_headers: set[str] = set()
@@ -144,7 +157,9 @@ class FakeOpenAI:
             if ids and asked and self.prompt_logprobs:
                 choice["prompt_logprobs"] = fake_prompt_logprobs(ids, asked)
             top_k = body.get("top_logprobs") if chat and body.get("logprobs") else None if chat else body.get("logprobs")
-            if top_k and self.logprobs and text:
+            if top_k and self.logprobs and text and self.tokenizer is not None and not chat:
+                choice["logprobs"] = tokenizer_logprobs(self.tokenizer, prompt, text, top_k)
+            elif top_k and self.logprobs and text:
                 choice["logprobs"] = fake_logprobs(text, top_k, chat, bool(body.get("return_tokens_as_token_ids")))
             return JSONResponse({"id": f"cmpl-{self.requests}", "object": "chat.completion" if chat else "text_completion",
                                  "created": int(time.time()), "model": body.get("model", "fake"), "choices": [choice],

@@ -1,5 +1,5 @@
 """Benchmarks cannot rot unseen: every bench/ script runs in its smoke mode (`--smoke`: tiny sizes, seconds) and ends
-with the JSON line DESIGN.md fixes. The two that need the vLLM environment run in tests/vllm (`make test-vllm`)."""
+with the JSON line DESIGN.md fixes. Those that need the vLLM environment run in tests/vllm (`make test-vllm`)."""
 import json
 import subprocess
 import sys
@@ -8,7 +8,7 @@ import pytest
 
 from tests.conftest import ROOT
 
-NEEDS_VLLM = {"teacher_vllm", "eval_throughput", "teacher_scores", "teacher_temperature"}
+NEEDS_VLLM = {"teacher_vllm", "eval_throughput", "teacher_scores", "teacher_temperature", "captured_scores"}
 KEYS = {"bench", "metric", "value", "baseline", "ratio", "goal", "met"}
 BENCHES = sorted(p.stem for p in (ROOT / "bench").glob("*.py"))
 

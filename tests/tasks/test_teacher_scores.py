@@ -139,3 +139,52 @@ def test_vllm_engine_bad_endpoints_are_one_line_naming_the_fix(tmp_path):
             TEACHER_SCORES.run(ws, scoring(cfg, st.model_dir, k=3, engine="vllm", server_url=plain.base_url),
                                TeacherScoresInputs(generation=gen, student=st))
     assert not ws.catalog().execute("select * from teacher_scores")        # nothing half-stored
+
+
+def test_sequences_the_same_teacher_generated_with_logprobs_are_not_scored_again(tmp_path, monkeypatch):
+    """Never paid twice: a vLLM teacher serving the scorer's folder with teacher.logprobs ≥ k already gave the top-k
+    at every position the loss reads (its generated ids are the sequence's tokens after the prompt); the stage takes
+    them instead of scoring — the engine never starts — and fills only the prompt rows, which no loss reads, with
+    zeros. With more than it captured (k above teacher.logprobs) it scores as before."""
+    import tasks.teacher_scores as stage
+    from keystep.config import teacher_config
+    from tasks.training import kd_loss_sum
+    from tests.fake_openai import FakeOpenAI
+
+    ws = Workspace(tmp_path)
+    cfg, cat, _, st = prepared(ws, n=24)
+    model, tok = load_student(st.model_dir)
+    dataset = ingest.ingest(ws, cfg.data.train)
+    answers = {e["question"]: e["answer"] for e in cat.query("examples_of_dataset", dataset_fp=dataset.fp)}
+    cfg = cfg.model_copy(update={"teacher": teacher_config(**{
+        **cfg.teacher.model_dump(), "backend": "vllm", "model": st.model_dir, "logprobs": 5, "concurrency": 4})})
+    with FakeOpenAI(answers=answers, tokenizer=tok) as server:
+        gen = teacher.generate_rationales(ws, cfg, dataset, endpoint=server.base_url)
+    assert gen.n_correct == 24 and gen.logprob_tokens > 0
+
+    def no_engine(*args, **kwargs):
+        raise AssertionError("the scorer was started")
+    monkeypatch.setattr(stage, "scorer", no_engine)
+    out = TEACHER_SCORES.run(ws, scoring(cfg, st.model_dir, k=4), TeacherScoresInputs(generation=gen, student=st))
+    assert out.n_reused == out.n_sequences == 24 and out.n_scored == 0 and out.captured_fp
+    assert out.captured_fp != out.scorer_fp and out.mean_entropy is not None
+    rows = kept_rationales(cat, cfg, gen)
+    seq = encode_rationale(tok, cfg.teacher, rows[0], NO_CUT)
+    ids, lp = load_scores(ws, out, [sequence_hash(seq.ids)])[sequence_hash(seq.ids)]
+    first = next(j for j, y in enumerate(seq.labels) if y >= 0)     # the first token the loss reads
+    assert ids.shape == (len(seq.ids) - 1, 4)
+    # row j: the distribution of token j + 1 — the token itself first (−0.1), as the server sent it, then 3 others
+    assert (ids[first - 1:, 0] == seq.ids[first:]).all() and np.allclose(lp[first - 1:], [-0.1, -2, -3, -4], atol=2e-3)
+    assert not ids[:first - 1].any() and not lp[:first - 1].any()   # the prompt's rows: zeros, as row 0 in training
+    # kd trains on them: the prompt's zero rows carry no loss
+    topk = stage.teacher_topk(ws, scoring(cfg, st.model_dir, k=4), tok, rows, out)[rows[0]["rationale_id"]]
+    batch = {"ids": torch.tensor([seq.ids]), "labels": torch.tensor([seq.labels])}
+    logits = model(input_ids=batch["ids"]).logits
+    loss = kd_loss_sum(logits, batch["labels"], torch.ones_like(batch["ids"], dtype=torch.float),
+                       torch.tensor(topk[0])[None], torch.tensor(topk[1])[None], 0.5, 1.0)
+    assert torch.isfinite(loss) and loss > 0
+    assert TEACHER_SCORES.run(ws, scoring(cfg, st.model_dir, k=4), TeacherScoresInputs(generation=gen, student=st)) == out
+    # k = 6 is more than the 5 captured: scored by the engine
+    monkeypatch.undo()
+    more = TEACHER_SCORES.run(ws, scoring(cfg, st.model_dir, k=6), TeacherScoresInputs(generation=gen, student=st))
+    assert more.n_scored == 24 and more.n_reused == 0 and more.captured_fp is None

@@ -7,7 +7,7 @@ import pytest
 from tests.conftest import ROOT
 from tests.test_bench_smoke import run_smoke
 
-BENCHES = ["eval_throughput", "teacher_scores", "teacher_temperature", "teacher_vllm"]
+BENCHES = ["captured_scores", "eval_throughput", "teacher_scores", "teacher_temperature", "teacher_vllm"]
 
 
 @pytest.mark.skipif(not os.environ.get("KEYSTEP_VLLM_PYTHON") or not (ROOT / ".venv-vllm" / "bin" / "python").exists(),
