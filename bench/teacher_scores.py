@@ -2,7 +2,8 @@
 builds it) serving a tiny random Llama built here, on the same sequences: scoring them by `prompt_logprobs` at
 k = 20 (the teacher-scores stage's vllm engine: prefill only) in scored positions/s, against generating with the
 same server in output tokens/s — the cost of asking for a distribution without generating again. Beside it
-(details): generation with `logprobs: 20` against without (issue 30's goal >= 0.8x), the local forward engine's
+(details): generation with `logprobs: 20` against without (issue 30's goal >= 0.8x; tokens as ids, as keystep asks
+a vLLM server, and as strings, vLLM's default), the local forward engine's
 positions/s on this machine, and the bytes per position the stage stores. --smoke: 8 sequences (tests/vllm runs it).
 """
 import asyncio
@@ -23,8 +24,9 @@ SMOKE = "--smoke" in sys.argv   # tiny sizes, seconds: what the test suite runs
 N, CONCURRENCY, MAX_TOKENS, K = (8, 4, 8, 20) if SMOKE else (256, 16, 64, 20)
 
 
-async def generate(base_url: str, prompts: list[str], logprobs: int | None) -> int:
-    """Output tokens generated for `prompts` (a bare httpx client: the server's cost, not a client's)."""
+async def generate(base_url: str, prompts: list[str], logprobs: int | None, as_ids: bool = True) -> int:
+    """Output tokens generated for `prompts` (a bare httpx client: the server's cost, not a client's); with
+    `logprobs`, tokens as ids (`return_tokens_as_token_ids`, what keystep asks a vLLM server) unless not `as_ids`."""
     import httpx
 
     pending, tokens = list(prompts), 0
@@ -33,7 +35,8 @@ async def generate(base_url: str, prompts: list[str], logprobs: int | None) -> i
             nonlocal tokens
             while pending:
                 body = {"model": "teacher", "prompt": pending.pop(), "max_tokens": MAX_TOKENS, "temperature": 0.0,
-                        "ignore_eos": True, **({"logprobs": logprobs} if logprobs else {})}
+                        "ignore_eos": True, **({"logprobs": logprobs} if logprobs else {}),
+                        **({"return_tokens_as_token_ids": True} if logprobs and as_ids else {})}
                 r = await client.post(f"{base_url}/completions", json=body)
                 tokens += r.json()["usage"]["completion_tokens"]
         await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
@@ -65,7 +68,8 @@ def main() -> None:
         positions = sum(len(s) - 1 for s in seqs)
         cfg = TeacherScoresConfig(model=str(model_dir), k=K, engine="vllm", concurrency=CONCURRENCY)
         args = ["--max-model-len", "512", "--gpu-memory-utilization", "0.1", "--max-logprobs", str(K)]
-        runs: dict[str, list[float]] = {"score": [], "generate": [], "generate_logprobs": []}
+        runs: dict[str, list[float]] = {"score": [], "generate": [], "generate_logprobs": [],
+                                        "generate_logprobs_as_strings": []}
         with vllm_server(str(python), str(model_dir), Path(tmp) / "vllm.log", "teacher", 0, args, 600,
                          "bench") as url:
             vllm_top_k_scores(cfg, url, "teacher", seqs[:4])           # warm-up
@@ -77,12 +81,15 @@ def main() -> None:
                 runs["generate"].append(toks / s)
                 toks, s = timed(lambda: asyncio.run(generate(url, prompts, K)))
                 runs["generate_logprobs"].append(toks / s)
+                toks, s = timed(lambda: asyncio.run(generate(url, prompts, K, as_ids=False)))
+                runs["generate_logprobs_as_strings"].append(toks / s)
         _, s = timed(top_k_scores, model, seqs, K, 8192, "cpu")
         local_tps = positions / s
         ws = Workspace(Path(tmp) / "ws")
         write_part(ws, "bench", [str(i) for i in range(len(seqs))], scored, len(tok))
         size = sum(p.stat().st_size for p in (ws.root / "teacher-scores").rglob("*.parquet"))
-    score, gen, gen_lp = (max(runs[k]) for k in ("score", "generate", "generate_logprobs"))
+    score, gen, gen_lp, gen_str = (max(runs[k]) for k in ("score", "generate", "generate_logprobs",
+                                                          "generate_logprobs_as_strings"))
     print(json.dumps({"bench": "teacher_scores", "metric": "positions/s scored by vLLM prompt_logprobs at k = 20",
                       "value": round(score, 1), "baseline": round(gen, 1), "ratio": round(score / gen, 3),
                       "goal": "ratio >= 1 (baseline = output tokens/s generating on the same server): scoring a "
@@ -91,6 +98,7 @@ def main() -> None:
                                   "generate_with_logprobs_tokens_per_s": round(gen_lp, 1),
                                   "generate_logprobs_vs_without": round(gen_lp / gen, 3),
                                   "generate_logprobs_goal": "ratio >= 0.8",
+                                  "generate_logprobs_as_strings_vs_without": round(gen_str / gen, 3),
                                   "local_forward_positions_per_s": round(local_tps, 1),
                                   "bytes_per_position": round(size / positions, 1),
                                   "runs": {key: [round(x, 1) for x in v] for key, v in runs.items()}}}))
