@@ -8,6 +8,7 @@ teacher folder with the same tokenizer. Output: `TeacherScores`; the scores them
 uint16 — int32 past 65,536 tokens — and their log-probabilities as float16), indexed in the catalog's
 `teacher_scores` by (scorer fingerprint, sequence hash). So a sequence is scored once per teacher and k whatever
 dataset version or run asks for it (+10% data scores 10%), and a killed run loses at most the part in flight.
+`score_missing` does the same for any token sequences (the student's own samples, for on-policy distillation).
 Never paid twice: a sequence whose rationale the same teacher folder generated through vLLM with `teacher.logprobs`
 ≥ k takes the top-k vLLM returned while it sampled (raw log-probabilities of the same weights, at the same positions:
 the generated ids are the sequence's tokens after its prompt), indexed under its own fingerprint (engine
@@ -333,6 +334,22 @@ def scorer(ws: Workspace, cfg: TeacherScoresConfig, device: str, scorer_fp: str)
             yield lambda seqs: vllm_top_k_scores(cfg, url, "teacher", seqs)
 
 
+def score_missing(ws: Workspace, cfg: TeacherScoresConfig, device: str, seqs: dict[str, list[int]], vocab_size: int,
+                  skip: set[str] = frozenset()) -> list[str]:
+    """Any token sequences (hash -> ids) through the scorer, each once: those it has not scored yet (and not in
+    `skip`) are scored and stored, `commit_every` to a part; returns the hashes scored now. The stage runs it on the
+    student's training sequences; on-policy distillation can run it on the student's own samples."""
+    scorer_fp = scorer_fingerprint(cfg)
+    done = {r["sequence_hash"] for r in ws.catalog().query("scored_sequences", scorer_fp=scorer_fp, hashes=list(seqs))}
+    todo = [h for h in seqs if h not in done and h not in skip]
+    if todo:
+        with scorer(ws, cfg, device, scorer_fp) as score:
+            for start in range(0, len(todo), cfg.commit_every):
+                chunk = todo[start:start + cfg.commit_every]
+                write_part(ws, scorer_fp, chunk, score([seqs[h] for h in chunk]), vocab_size)
+    return todo
+
+
 def score_sequences(ws: Workspace, config: DistillConfig, inputs: TeacherScoresInputs, lineage: Lineage) -> TeacherScores:
     from transformers import AutoTokenizer
 
@@ -343,19 +360,17 @@ def score_sequences(ws: Workspace, config: DistillConfig, inputs: TeacherScoresI
     seqs = {h: ids for h, (ids, _) in sequences_by_hash(tok, config, rows).items()}
     scorer_fp = scorer_fingerprint(cfg)
     captured_fp = scorer_fingerprint(cfg, "captured") if teacher_is_the_scorer(config) else None
-    done = {r["sequence_hash"] for fp in filter(None, (scorer_fp, captured_fp))
-            for r in catalog.query("scored_sequences", scorer_fp=fp, hashes=list(seqs))}
-    todo = [h for h in seqs if h not in done]
-    reused = captured_scores(ws, config, tok, rows, set(todo)) if captured_fp and todo else {}
-    for start in range(0, len(reused), cfg.commit_every):      # parts as scoring writes them
-        chunk = list(reused)[start:start + cfg.commit_every]
-        write_part(ws, captured_fp, chunk, [reused[h][1:] for h in chunk], len(tok), [reused[h][0] for h in chunk])
-    todo = [h for h in todo if h not in reused]
-    if todo:
-        with scorer(ws, cfg, config.train.device, scorer_fp) as score:
-            for start in range(0, len(todo), cfg.commit_every):
-                chunk = todo[start:start + cfg.commit_every]
-                write_part(ws, scorer_fp, chunk, score([seqs[h] for h in chunk]), len(tok))
+    from_generation: set[str] = set()
+    if captured_fp:    # what the teacher gave while generating, taken first (parts as scoring writes them)
+        done = {r["sequence_hash"] for fp in (scorer_fp, captured_fp)
+                for r in catalog.query("scored_sequences", scorer_fp=fp, hashes=list(seqs))}
+        reused = captured_scores(ws, config, tok, rows, set(seqs) - done)
+        for start in range(0, len(reused), cfg.commit_every):
+            chunk = list(reused)[start:start + cfg.commit_every]
+            write_part(ws, captured_fp, chunk, [reused[h][1:] for h in chunk], len(tok), [reused[h][0] for h in chunk])
+        from_generation = {r["sequence_hash"] for r in catalog.query("scored_sequences", scorer_fp=captured_fp,
+                                                                      hashes=list(seqs))}
+    todo = score_missing(ws, cfg, config.train.device, seqs, len(tok), skip=from_generation)
     (ws.root / "teacher-scores" / scorer_fp).mkdir(parents=True, exist_ok=True)
     index = {r["sequence_hash"]: r for fp in filter(None, (captured_fp, scorer_fp))        # the scorer's own last: kept
              for r in catalog.query("scored_sequences", scorer_fp=fp, hashes=list(seqs))}

@@ -188,3 +188,25 @@ def test_sequences_the_same_teacher_generated_with_logprobs_are_not_scored_again
     monkeypatch.undo()
     more = TEACHER_SCORES.run(ws, scoring(cfg, st.model_dir, k=6), TeacherScoresInputs(generation=gen, student=st))
     assert more.n_scored == 24 and more.n_reused == 0 and more.captured_fp is None
+
+
+def test_any_token_sequences_go_through_the_scorer_once(tmp_path):
+    """`score_missing`: sequences that are no stored rationale (a student's own samples, say) are scored by the same
+    scorer and cache — the forward pass's top-k, each sequence once."""
+    from tasks.teacher_scores import TeacherScores, score_missing
+
+    ws = Workspace(tmp_path)
+    cfg, cat, gen, st = prepared(ws, n=8)
+    cfg = scoring(cfg, st.model_dir, k=3)
+    model, tok = load_student(st.model_dir)
+    rng = np.random.default_rng(0)
+    seqs = {sequence_hash(ids): ids for ids in ([int(x) for x in rng.integers(3, len(tok), size=n)] for n in (5, 9, 17))}
+    assert sorted(score_missing(ws, cfg.teacher_scores, "cpu", seqs, len(tok))) == sorted(seqs)
+    assert score_missing(ws, cfg.teacher_scores, "cpu", seqs, len(tok)) == []          # stored: nothing scored again
+    held = TeacherScores(fp="-", scorer_fp=scorer_fingerprint(cfg.teacher_scores), k=3, scores_dir=str(tmp_path),
+                         n_sequences=3, n_scored=3, n_positions=28, bytes_per_position=0.0)
+    got = load_scores(ws, held, list(seqs))
+    for h, ids in seqs.items():
+        with torch.no_grad():
+            top = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits.float()[0], dim=-1).topk(3, dim=-1)
+        assert (got[h][0] == top.indices[:-1].numpy()).all() and np.allclose(got[h][1], top.values[:-1].numpy(), atol=1e-2)
