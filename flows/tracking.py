@@ -66,7 +66,7 @@ def write_run_header(config: DistillConfig, out: EvaluatePhase, label: str, run_
                                                                  run_id=run_id)[0]["before"])
     header = run_header(label, config, catalog.query("latest_results", eval_fp=out.evaluation.fp),
                         [out.train_dataset, *out.eval_datasets], out.trained, out.student.n_params, wall_s,
-                        previous[0] if previous else None, teacher)
+                        previous[0] if previous else None, teacher, out.teacher_scores)
     report = Path(out.report)
     report.write_text(header + report.read_text())
 

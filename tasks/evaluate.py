@@ -25,6 +25,7 @@ from tasks.stage import (Made, Stage, StageInputs, StageOutput, artifact_markdow
                          workspace_of)
 from tasks.student import Student, load_student, pick_device
 from tasks.teacher import Generation
+from tasks.teacher_scores import TeacherScores
 from tasks.training import TRUNCATION_WARN, Trained
 
 CODE_VERSION = "1"
@@ -193,11 +194,19 @@ def teacher_usage(generation: Generation, cached: bool) -> str:
     return f"{generation.n} rationales ({generation.n_failed} failed): {spent}{speed}"
 
 
-def teacher_distributions(config: DistillConfig) -> str:
-    """What logit distillation trained toward: the scoring teacher, k, its engine, α and τ."""
+def teacher_distributions(config: DistillConfig, scores: TeacherScores | None = None) -> str:
+    """What logit distillation trained toward: the scoring teacher, k, its engine, α and τ; with the stage's output,
+    how many sequences it scored now, took from generation or found stored, and how sure the teacher is."""
     ts, kd = config.teacher_scores, config.train.kd
-    return (f"top-{ts.k} of {Path(ts.model).name} ({ts.engine} scoring); KL weight α {kd.alpha}, temperature "
+    said = (f"top-{ts.k} of {Path(ts.model).name} ({ts.engine} scoring); KL weight α {kd.alpha}, temperature "
             f"τ {kd.temperature}")
+    if scores is not None:
+        said += (f"; {scores.n_sequences} sequences ({scores.n_scored} scored by this run, {scores.n_reused} from the "
+                 f"teacher's logprobs while generating), {scores.bytes_per_position:.0f} B/position")
+        if scores.mean_entropy is not None:
+            said += (f"; on the supervised tokens mean entropy {scores.mean_entropy:.3f} nats, top-1 probability "
+                     f"{scores.mean_top1_prob:.3f}")
+    return said
 
 
 def trained_description(catalog, eval_fp: str | None = None) -> dict | None:
@@ -219,13 +228,16 @@ def trained_description(catalog, eval_fp: str | None = None) -> dict | None:
 
 
 def run_header(label: str, config: DistillConfig, results: list[dict], datasets: list[Dataset], trained: Trained,
-               n_params: int, wall_s: float, previous: dict | None, teacher: str = "") -> str:
-    """The top of a run's summary: what ran (the teacher's usage among it), then the headline — the trained student
-    against the untrained one and against the previous run of the same preset and loss."""
+               n_params: int, wall_s: float, previous: dict | None, teacher: str = "",
+               scores: TeacherScores | None = None) -> str:
+    """The top of a run's summary: what ran (the teacher's usage among it, and the teacher-scores stage's figures for
+    kd), then the headline — the trained student against the untrained one and against the previous run of the same
+    preset and loss."""
     train_set, evals = datasets[0], datasets[1:]
     rows = [("preset", label), ("loss", config.train.loss), ("target format", config.train.target_format),
             *([("teacher", teacher)] if teacher else []),
-            *([("teacher distributions", teacher_distributions(config))] if config.train.uses_teacher_scores else []),
+            *([("teacher distributions", teacher_distributions(config, scores))] if config.train.uses_teacher_scores
+              else []),
             ("training set", f"{train_set.name}/{train_set.split}, {train_set.n_examples} examples"),
             ("evaluation", ", ".join(f"{d.name}/{d.split} ({d.n_examples})" for d in evals)),
             ("student", f"{config.student.model}, " + (f"{n_params / 1e6:.1f}M" if n_params >= 1e6 else

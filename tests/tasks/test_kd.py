@@ -79,6 +79,11 @@ def test_kd_trains_on_the_teachers_stored_scores_and_its_lineage_names_them(tmp_
     said = trained_description(ws.catalog())
     assert said["loss"] == "kd" and said["teacher distributions"].startswith("top-8 of ")
     assert "KL weight α 0.5" in said["teacher distributions"]
+    # the run's summary artifact adds the stage's figures: what was scored, what was reused, how sure the teacher is
+    from tasks.evaluate import teacher_distributions
+    header = teacher_distributions(kd, scores)
+    assert "24 sequences (24 scored by this run, 0 from the teacher's logprobs while generating)" in header
+    assert f"mean entropy {scores.mean_entropy:.3f} nats, top-1 probability {scores.mean_top1_prob:.3f}" in header
     with pytest.raises(ValueError, match="teacher_scores.model"):
         type(kd).model_validate({**kd.model_dump(), "teacher_scores": {"model": None}})
 
