@@ -211,6 +211,11 @@ class OpenAITeacher:
                 else:
                     raw = await client.chat.completions.with_raw_response.create(messages=req.messages, **params)
             except openai.APIStatusError as err:  # 4xx other than 408/409/429, or 5xx/429 after retries
+                if cfg.logprobs and err.status_code == 400 and "greater than max allowed" in str(err.message):
+                    raise LogprobsUnavailable(   # vLLM's cap on k: a setting to fix, not a fault to retry
+                        f"config key 'teacher.logprobs': {cfg.logprobs} log-probabilities per token is above the cap "
+                        f"of the vLLM server at {self.base_url} ({str(err.message)[:200]}); start it with "
+                        f"--max-logprobs {cfg.logprobs} or more, or lower teacher.logprobs") from None
                 raise IOFailure(f"HTTP {err.status_code}: {str(err.message)[:300]}") from None
             except (openai.APITimeoutError, openai.APIConnectionError) as err:
                 raise IOFailure(f"{type(err).__name__}: {err}") from None

@@ -143,6 +143,10 @@ class FakeOpenAI:
             if kind == "reset":   # announces more body than it sends: the server closes the connection mid-body
                 return Response(b'{"id": "x", "choi', status_code=200, media_type="application/json",
                                 headers={"content-length": "4096"})
+            sample_k = body.get("top_logprobs") if chat else body.get("logprobs")
+            if isinstance(sample_k, int) and not isinstance(sample_k, bool) and sample_k > self.max_logprobs:
+                return JSONResponse({"error": {"message": f"Requested sample logprobs of {sample_k}, which is greater "
+                                               f"than max allowed: {self.max_logprobs}", "code": 400}}, status_code=400)
             asked = body.get("prompt_logprobs")
             if asked and asked > self.max_logprobs:   # vLLM's own wording
                 return JSONResponse({"error": {"message": f"Requested prompt logprobs of {asked}, which is greater "

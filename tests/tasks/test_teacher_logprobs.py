@@ -87,6 +87,20 @@ def test_an_endpoint_that_returns_no_logprobs_is_one_line_naming_the_setting_and
     assert catalog.execute("select count(*) as n from generation_logprobs")[0]["n"] == 0
 
 
+def test_k_above_a_vllm_servers_cap_is_one_line_naming_the_flag_and_stores_nothing(catalog):
+    """A vLLM server someone else started, its --max-logprobs below teacher.logprobs: vLLM refuses each request (400);
+    keystep stops at the first refusal with one line naming the setting and the server flag, not after 20 failures."""
+    from keystep.config import teacher_config
+
+    dfp, answers = dataset(catalog, n=8)
+    cfg = teacher_config(backend="vllm", model="teacher-folder", logprobs=5, concurrency=1, max_retries=0)
+    with FakeOpenAI(answers=answers, max_logprobs=4) as server:
+        with pytest.raises(LogprobsUnavailable, match=r"'teacher.logprobs': 5 .*above the cap.*--max-logprobs 5"):
+            run_at(catalog, cfg, dfp, server.base_url)
+        assert server.requests <= 2
+    assert catalog.execute("select count(*) as n from rationales")[0]["n"] == 0
+
+
 def test_logprobs_change_no_fingerprint_and_are_refused_for_batches():
     from pydantic import ValidationError
 
