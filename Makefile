@@ -23,9 +23,10 @@ demo: install
 	$(VENV)/bin/keystep run configs/demo.yaml
 
 # Two test files at a time (pytest-xdist; a file's tests stay together, in order): most of the suite's time is
-# end-to-end runs waiting on Prefect servers, workers and subprocesses, so two at once halve it on 2 cores
+# end-to-end runs waiting on Prefect servers, workers and subprocesses, so two at once halve it on 2 cores; files go
+# out longest first (tests/conftest.py LONGEST_FIRST), not by test count, so no long file starts last
 test: install browser
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 # Headless Chromium for the UI checks (tests/flows/test_deployment.py); without it they are skipped
 browser:

@@ -29,3 +29,17 @@ def prefect_api():
 def micro_config(workspace, **overrides):
     from keystep.config import load_config
     return load_config(ROOT / "configs" / "micro.yaml", {"storage.workspace": str(workspace), **overrides})
+
+
+# The longest test files first (seconds on 2 busy cores, from `--durations`): `make test` hands two workers one file
+# at a time in collection order (--dist loadfile --no-loadscope-reorder), so a long file started last would leave one
+# worker idle at the end; longest first keeps both busy to the end.
+LONGEST_FIRST = ["tests/flows/test_deployment.py", "tests/flows/test_distill.py", "tests/test_cli.py",
+                 "tests/flows/test_chaos.py", "tests/test_bench_smoke.py", "tests/flows/test_experiment.py",
+                 "tests/test_make.py", "tests/test_bad_inputs.py", "tests/flows/test_schedule.py",
+                 "tests/flows/test_rerun.py", "tests/tasks/test_teacher_scores.py", "tests/tasks/test_parallel.py"]
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {path: i for i, path in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))   # stable: a file keeps its order
