@@ -87,7 +87,8 @@ def main() -> None:
 
     # both paths on the same sequences: the captured top-k against the local forward pass (the baseline)
     rows = kept_rationales(ws.catalog(), config, gen)
-    seqs = {sequence_hash(encode_rationale(tok, cfg, r, NO_CUT).ids): encode_rationale(tok, cfg, r, NO_CUT) for r in rows}
+    encoded = [encode_rationale(tok, cfg, r, NO_CUT) for r in rows]
+    seqs = {sequence_hash(e.ids): e for e in encoded}
     t0 = time.perf_counter()
     captured = captured_scores(ws, config, tok, rows, set(seqs))
     captured_s = time.perf_counter() - t0

@@ -25,13 +25,7 @@ from keystep.config import DistillConfig  # noqa: E402
 from storage.workspace import Workspace  # noqa: E402
 from tasks.formats import NO_CUT, encode_rationale  # noqa: E402
 from tasks.stage import kept_rationales  # noqa: E402
-from tasks.teacher_scores import load_scores, sequence_hash  # noqa: E402
-
-
-def entropy_and_top1(row: np.ndarray) -> tuple[float, float]:
-    """Of one position's top-k log-probabilities: the entropy of the renormalised top-k, the top-1 probability."""
-    p = np.exp(row - np.logaddexp.reduce(row))
-    return float(-(p * np.log(np.clip(p, 1e-30, None))).sum()), float(np.exp(row.max()))
+from tasks.teacher_scores import entropy_and_top1, load_scores, sequence_hash  # noqa: E402
 
 
 def by_token_kind(tokenizer, config: DistillConfig, rows: list[dict], loaded: dict) -> dict:
@@ -45,12 +39,12 @@ def by_token_kind(tokenizer, config: DistillConfig, rows: list[dict], loaded: di
             continue
         ids, lp = scored
         first = next(j for j, y in enumerate(enc.labels) if y >= 0)
+        ent, top1 = entropy_and_top1(lp)          # row j - 1: the distribution of token j
         after_eq = False
         for j in range(first, len(enc.ids)):
             piece = tokenizer.decode([enc.ids[j]]).strip()
             kind = "result" if after_eq and piece.isdigit() else "wording"
-            ent, top1 = entropy_and_top1(lp[j - 1])
-            sums[kind] += [1, ent, top1, float(ids[j - 1, 0] == enc.ids[j])]
+            sums[kind] += [1, ent[j - 1], top1[j - 1], float(ids[j - 1, 0] == enc.ids[j])]
             after_eq = "=" in piece or (after_eq and (piece.isdigit() or not piece))
     return {kind: {"positions": int(s[0]), "mean_entropy": s[1] / s[0], "mean_top1_prob": s[2] / s[0],
                    "top1_is_next_token": s[3] / s[0]} for kind, s in sums.items() if s[0]}

@@ -244,6 +244,13 @@ def scores_by_rationale(ws: Workspace, config: DistillConfig, tokenizer, rows: l
     return {rid: (ids, *loaded[h]) for h, (ids, rids) in seqs.items() if h in loaded for rid in rids}
 
 
+def entropy_and_top1(lp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of top-k log-probabilities (likeliest first): the entropy in nats of the renormalised top-k, and the
+    top-1 probability."""
+    p = np.exp(lp - np.logaddexp.reduce(lp, axis=-1, keepdims=True))
+    return -(p * np.log(np.clip(p, 1e-30, None))).sum(-1), np.exp(lp[..., 0])
+
+
 def peakedness(tokenizer, config: DistillConfig, rows: list[dict], loaded: dict) -> tuple[float, float] | None:
     """(mean entropy in nats of the teacher's renormalised top-k, mean probability of its top-1) over the positions that
     predict a supervised token (the rationale on: what Std-CoT and kd train on) of the scored sequences — the
@@ -255,11 +262,8 @@ def peakedness(tokenizer, config: DistillConfig, rows: list[dict], loaded: dict)
         if scored is None:
             continue
         first = next(j for j, y in enumerate(enc.labels) if y != IGNORE)    # the first supervised token
-        lp = scored[1][max(first - 1, 0):]
-        p = np.exp(lp - np.logaddexp.reduce(lp, axis=-1, keepdims=True))
-        entropy += float(-(p * np.log(np.clip(p, 1e-30, None))).sum())
-        top1 += float(np.exp(lp[:, 0]).sum())
-        n += len(lp)
+        ent, top = entropy_and_top1(scored[1][max(first - 1, 0):])
+        entropy, top1, n = entropy + float(ent.sum()), top1 + float(top.sum()), n + len(ent)
     return (entropy / n, top1 / n) if n else None
 
 
