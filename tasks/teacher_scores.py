@@ -297,9 +297,15 @@ def captured_scores(ws: Workspace, config: DistillConfig, tokenizer, rows: list[
     after the prompt vLLM was sent — so row j + first row is the distribution of token j + first row + 1, as scoring
     would give. Sequences that do not line up (a rationale the answer sentence was appended to, tokens sampled in a
     form the tokenizer would not write) are left to the scorer."""
+    from transformers import AutoTokenizer
+
     from tasks.teacher_logprobs import load_captured
 
-    k, bos = config.teacher_scores.k, [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    k = config.teacher_scores.k
+    # the prompt ids vLLM generated after: the text, tokenized by the teacher folder's tokenizer with its special
+    # tokens (completions' default); a folder that does not add <bos> itself gave other distributions than keystep's
+    # `<bos> prompt` sequences get, so none of its sequences line up
+    served = AutoTokenizer.from_pretrained(config.teacher.model)
     captured = load_captured(ws.catalog(), ws.root, [r["rationale_id"] for r in rows])
     out: dict[str, tuple[int, np.ndarray, np.ndarray]] = {}
     for r in rows:
@@ -308,7 +314,7 @@ def captured_scores(ws: Workspace, config: DistillConfig, tokenizer, rows: list[
             continue
         enc = encode_rationale(tokenizer, config.teacher, r, NO_CUT)
         h, start = sequence_hash(enc.ids), len(enc.ids) - len(lp.tokens)
-        prompt = bos + tokenizer(format_prompt(config.teacher, r["question"]), add_special_tokens=False).input_ids
+        prompt = served(format_prompt(config.teacher, r["question"])).input_ids
         if h in todo and h not in out and enc.ids[start:] == lp.tokens and enc.ids[:start] == prompt:
             top, lps = np.asarray(lp.top), np.asarray(lp.top_logprobs, np.float32)
             order = np.argsort(-lps, axis=-1, kind="stable")[:, :k]          # the k likeliest, likeliest first

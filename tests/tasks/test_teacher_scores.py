@@ -147,19 +147,12 @@ def test_sequences_the_same_teacher_generated_with_logprobs_are_not_scored_again
     them instead of scoring — the engine never starts — and fills only the prompt rows, which no loss reads, with
     zeros. With more than it captured (k above teacher.logprobs) it scores as before."""
     import tasks.teacher_scores as stage
-    from keystep.config import teacher_config
     from tasks.training import kd_loss_sum
-    from tests.fake_openai import FakeOpenAI
 
     ws = Workspace(tmp_path)
     cfg, cat, _, st = prepared(ws, n=24)
     model, tok = load_student(st.model_dir)
-    dataset = ingest.ingest(ws, cfg.data.train)
-    answers = {e["question"]: e["answer"] for e in cat.query("examples_of_dataset", dataset_fp=dataset.fp)}
-    cfg = cfg.model_copy(update={"teacher": teacher_config(**{
-        **cfg.teacher.model_dump(), "backend": "vllm", "model": st.model_dir, "logprobs": 5, "concurrency": 4})})
-    with FakeOpenAI(answers=answers, tokenizer=tok) as server:
-        gen = teacher.generate_rationales(ws, cfg, dataset, endpoint=server.base_url)
+    cfg, gen = generated_with_logprobs(ws, cfg, st.model_dir, tok)
     assert gen.n_correct == 24 and gen.logprob_tokens > 0
 
     def no_engine(*args, **kwargs):
@@ -188,6 +181,41 @@ def test_sequences_the_same_teacher_generated_with_logprobs_are_not_scored_again
     monkeypatch.undo()
     more = TEACHER_SCORES.run(ws, scoring(cfg, st.model_dir, k=6), TeacherScoresInputs(generation=gen, student=st))
     assert more.n_scored == 24 and more.n_reused == 0 and more.captured_fp is None
+
+
+def generated_with_logprobs(ws, cfg, teacher_dir, tok):
+    """(config, generation): the dataset's correct rationales from a vLLM-protocol server for the folder `teacher_dir`,
+    with teacher.logprobs 5 (the server's ids: `tok`'s tokens of each answer text)."""
+    from keystep.config import teacher_config
+    from tests.fake_openai import FakeOpenAI
+
+    dataset = ingest.ingest(ws, cfg.data.train)
+    answers = {e["question"]: e["answer"] for e in ws.catalog().query("examples_of_dataset", dataset_fp=dataset.fp)}
+    cfg = cfg.model_copy(update={"teacher": teacher_config(**{
+        **cfg.teacher.model_dump(), "backend": "vllm", "model": teacher_dir, "logprobs": 5, "concurrency": 4})})
+    with FakeOpenAI(answers=answers, tokenizer=tok) as server:
+        return cfg, teacher.generate_rationales(ws, cfg, dataset, endpoint=server.base_url)
+
+
+def test_a_teacher_folder_that_does_not_add_bos_is_scored_not_taken_from_generation(tmp_path):
+    """vLLM tokenizes the prompt text with the teacher folder's tokenizer: one that does not add <bos> itself generated
+    after other tokens than keystep's `<bos> prompt` sequences hold, so its captured distributions are not theirs."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    ws = Workspace(tmp_path / "ws")
+    cfg, cat, _, st = prepared(ws, n=8)
+    no_bos = tmp_path / "no-bos"
+    shutil.copytree(st.model_dir, no_bos)
+    plain = AutoTokenizer.from_pretrained(no_bos)
+    plain.add_bos_token = False
+    plain.save_pretrained(no_bos)
+    assert AutoTokenizer.from_pretrained(no_bos)("0").input_ids[:1] != [plain.bos_token_id]
+    cfg, gen = generated_with_logprobs(ws, cfg, str(no_bos), load_student(st.model_dir)[1])   # the same ids as served
+    assert gen.n_correct == 8
+    out = TEACHER_SCORES.run(ws, scoring(cfg, str(no_bos), k=4), TeacherScoresInputs(generation=gen, student=st))
+    assert out.n_reused == 0 and out.n_scored == out.n_sequences == 8
 
 
 def test_any_token_sequences_go_through_the_scorer_once(tmp_path):
