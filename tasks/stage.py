@@ -187,7 +187,7 @@ class Stage(Generic[Inputs, Output]):
                 return self.around(run, config, inputs, lineage) if self.around else run()
 
             run_stage.__name__ = run_stage.__qualname__ = self.name.replace("-", "_")
-            self._task = task(name=self.name, cache_policy=lineage_key(), persist_result=True,
+            self._task = task(name=self.name, cache_policy=lineage_key(self.output), persist_result=True,
                               **self.task_options)(run_stage)
         return self._task
 
@@ -218,14 +218,21 @@ def results_block(ws: Workspace) -> str:
     return f"local-file-system/{ws.block_name}"
 
 
-def lineage_key():
+def lineage_key(output: type[StageOutput]):
     """Prefect's cache policy for a stage task: the key is the lineage fingerprint the task is given — the same
-    object the catalog records, so Prefect's cache and the catalog cannot disagree."""
+    object the catalog records, so Prefect's cache and the catalog cannot disagree — and the output model's schema:
+    Prefect keeps a pickle, so an output that has since gained a field (given a default in the catalog's JSON copy)
+    must not come back from an older run without it."""
+    import hashlib
+    import json
+
     from prefect.cache_policies import CachePolicy
+
+    schema = hashlib.sha256(json.dumps(output.model_json_schema(), sort_keys=True).encode()).hexdigest()[:12]
 
     class LineageKey(CachePolicy):
         def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs) -> str:
-            return inputs["lineage"].fp
+            return f"{inputs['lineage'].fp}-{schema}"
 
     return LineageKey()
 
