@@ -223,12 +223,13 @@ def lineage_key(output: type[StageOutput]):
     object the catalog records, so Prefect's cache and the catalog cannot disagree — and the output model's schema:
     Prefect keeps a pickle, so an output that has since gained a field (given a default in the catalog's JSON copy)
     must not come back from an older run without it."""
-    import hashlib
     import json
 
     from prefect.cache_policies import CachePolicy
 
-    schema = hashlib.sha256(json.dumps(output.model_json_schema(), sort_keys=True).encode()).hexdigest()[:12]
+    from storage.fingerprint import content_hash
+
+    schema = content_hash(json.dumps(output.model_json_schema(), sort_keys=True))
 
     class LineageKey(CachePolicy):
         def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs) -> str:
