@@ -519,15 +519,37 @@ class KDConfig(Section):
                                "so its gradients keep their size (Hinton et al. 2015).")
 
 
+class OnPolicyConfig(Section):
+    """On-policy distillation (`train.loss: on_policy`; GKD, Agarwal et al. 2024): at each optimiser step, with
+    probability λ the student samples completions for the step's questions and is trained toward the teacher's
+    distribution on every token it wrote; else on the teacher's stored rationales. The loss per token is the
+    generalized Jensen-Shannon divergence over the teacher's top-k plus one tail bucket (README: On-policy
+    distillation)."""
+    lmbda: float = Field(0.5, ge=0, le=1, description="λ: the probability that an optimiser step trains on completions "
+                         "the current student samples (else on the teacher's stored rationales); 0: the same divergence "
+                         "on the teacher's text only. GKD's and TRL's default, 0.5.")
+    beta: float = Field(1.0, ge=0, le=1, description="β of the generalized Jensen-Shannon divergence (GKD §3, TRL's "
+                        "generalized_jsd_loss): 0 the forward KL(teacher ‖ student), 1 the reverse KL(student ‖ teacher), "
+                        "between them JSD(β). 1 (reverse KL), the per-token loss of the on-policy distillation write-ups "
+                        "and the Qwen3 report: mode-seeking, it penalises what the student writes that the teacher "
+                        "would not.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of the student's completions (1: its own "
+                               "distribution, what GKD samples).")
+    max_new_tokens: int = Field(96, ge=1, description="Most tokens a sampled completion has (also capped by "
+                                "student.max_length).")
+
+
 class TrainConfig(Section):
     """Student training, grouped as TRL's SFTConfig is: what to train on, the loss, batching, the optimiser and its
     schedule, precision and kernels, processes."""
     # ---- what to train on and how long -----------------------------------------------------------------------
-    loss: Literal["std_cot", "kpod", "kd", "kpod_kd"] = Field(
+    loss: Literal["std_cot", "kpod", "kd", "kpod_kd", "on_policy"] = Field(
         "std_cot", description="'std_cot': plain NLL on rationale + answer. 'kpod': token-weighted NLL on the rationale "
         "+ NLL on the answer, stage by stage through the curriculum (computes token weights and difficulty). 'kd': NLL "
         "mixed with the KL to the teacher's top-k distribution at every token (train.kd; needs teacher_scores.model). "
-        "'kpod_kd': KPOD's curriculum with kd's loss, each token's NLL and KL multiplied by its learned weight.")
+        "'kpod_kd': KPOD's curriculum with kd's loss, each token's NLL and KL multiplied by its learned weight. "
+        "'on_policy': GKD — a share train.on_policy.lmbda of the steps on the student's own samples, every token scored "
+        "by the teacher (teacher_scores), the loss the divergence to the teacher's top-k (train.on_policy).")
     target_format: TargetFormat = Field(
         "cot_then_label", description="Mysteries target format: rationale then answer (standard); the answer only; the "
         "answer then the rationale (at test time only the answer is decoded); the answer then the rationale's words "
@@ -548,6 +570,8 @@ class TrainConfig(Section):
                                       "the keypoints (docs/measurements.md); a floor keeps them in the loss.")
 
     kd: KDConfig = added_later(KDConfig(), description="loss kd: the KL term's weight α and temperature τ.")
+    on_policy: OnPolicyConfig = added_later(OnPolicyConfig(), description="loss on_policy: the share of steps on the "
+                                            "student's own samples λ, the divergence's β, the sampling temperature.")
 
     # ---- batching --------------------------------------------------------------------------------------------
     batch_size: int = Field(32, ge=1, description="Sequences per micro-batch (when tokens_per_batch is unset).")
@@ -600,14 +624,17 @@ class TrainConfig(Section):
 
     @property
     def uses_teacher_scores(self) -> bool:
-        """The loss reads the teacher's top-k distributions ('kd', 'kpod_kd')."""
-        return self.loss in ("kd", "kpod_kd")
+        """The loss reads the teacher's top-k distributions ('kd', 'kpod_kd', 'on_policy')."""
+        return self.loss in ("kd", "kpod_kd", "on_policy")
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
         if self.loss != "std_cot" and self.target_format != "cot_then_label":
             raise ValueError(f"loss '{self.loss}' trains on rationale-then-answer targets; set target_format: "
                              "cot_then_label or loss: std_cot")
+        if self.loss == "on_policy" and self.num_processes > 1:
+            raise ValueError("train.loss 'on_policy' samples the student in the training process: set "
+                             "train.num_processes: 1 (sampling across several processes is not built)")
         return self
 
 
@@ -733,7 +760,9 @@ class DistillConfig(Section):
         lora, train = self.student.lora, self.train
         if train.uses_teacher_scores and not self.teacher_scores.model:
             raise ValueError(f"train.loss '{train.loss}' trains toward a teacher's token distributions: set teacher_scores.model "
-                             "to the teacher's folder (it must share the student's tokenizer)")
+                             "to the teacher's folder (it must share the student's tokenizer)"
+                             + ("; the reference teacher (an answer key) has none, and on_policy needs a teacher that "
+                                "scores the student's own samples" if train.loss == "on_policy" else ""))
         if lora and lora.quantize == "4bit" and train.num_processes > 1 and train.strategy == "fsdp":
             raise ValueError("student.lora.quantize '4bit' cannot be sharded by train.strategy 'fsdp' (FSDP does not "
                              "shard bitsandbytes' 4-bit weights); use train.strategy: ddp, or quantize: none")

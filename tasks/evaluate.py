@@ -197,9 +197,10 @@ def teacher_usage(generation: Generation, cached: bool) -> str:
 def teacher_distributions(config: DistillConfig, scores: TeacherScores | None = None) -> str:
     """What logit distillation trained toward: the scoring teacher, k, its engine, α and τ; with the stage's output,
     how many sequences it scored now, took from generation or found stored, and how sure the teacher is."""
-    ts, kd = config.teacher_scores, config.train.kd
-    said = (f"top-{ts.k} of {Path(ts.model).name} ({ts.engine} scoring); KL weight α {kd.alpha}, temperature "
-            f"τ {kd.temperature}")
+    ts, kd, op = config.teacher_scores, config.train.kd, config.train.on_policy
+    said = f"top-{ts.k} of {Path(ts.model).name} ({ts.engine} scoring); " + (
+        f"on-policy share λ {op.lmbda}, JSD β {op.beta}, sampling temperature {op.temperature}"
+        if config.train.loss == "on_policy" else f"KL weight α {kd.alpha}, temperature τ {kd.temperature}")
     if scores is not None:
         said += (f"; {scores.n_sequences} sequences ({scores.n_scored} scored by this run, {scores.n_reused} from the "
                  f"teacher's logprobs while generating), {scores.bytes_per_position:.0f} B/position")
@@ -211,7 +212,7 @@ def teacher_distributions(config: DistillConfig, scores: TeacherScores | None = 
 
 def trained_description(catalog, eval_fp: str | None = None) -> dict | None:
     """What the latest evaluation (or `eval_fp`'s) evaluated, for `keystep results`: the loss, target format, epochs,
-    teacher and — for kd / kpod_kd — the teacher distributions, from the checkpoint's saved config."""
+    teacher and — for kd / kpod_kd / on_policy — the teacher distributions, from the checkpoint's saved config."""
     rows = catalog.query("latest_trained", eval_fp=eval_fp)
     if not rows:
         return None

@@ -25,7 +25,7 @@ from __future__ import annotations
 import functools
 import os
 import uuid
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -345,15 +345,16 @@ def scorer(ws: Workspace, cfg: TeacherScoresConfig, device: str, scorer_fp: str)
 
 
 def score_missing(ws: Workspace, cfg: TeacherScoresConfig, device: str, seqs: dict[str, list[int]], vocab_size: int,
-                  skip: set[str] = frozenset()) -> list[str]:
+                  skip: set[str] = frozenset(), score=None) -> list[str]:
     """Any token sequences (hash -> ids) through the scorer, each once: those it has not scored yet (and not in
     `skip`) are scored and stored, `commit_every` to a part; returns the hashes scored now. The stage runs it on the
-    student's training sequences; on-policy distillation can run it on the student's own samples."""
+    student's training sequences; on-policy distillation (tasks/on_policy.py) on the student's own samples, step by
+    step, with the `scorer` it keeps open (`score`)."""
     scorer_fp = scorer_fingerprint(cfg)
     done = {r["sequence_hash"] for r in ws.catalog().query("scored_sequences", scorer_fp=scorer_fp, hashes=list(seqs))}
     todo = [h for h in seqs if h not in done and h not in skip]
     if todo:
-        with scorer(ws, cfg, device, scorer_fp) as score:
+        with nullcontext(score) if score else scorer(ws, cfg, device, scorer_fp) as score:
             for start in range(0, len(todo), cfg.commit_every):
                 chunk = todo[start:start + cfg.commit_every]
                 write_part(ws, scorer_fp, chunk, score([seqs[h] for h in chunk]), vocab_size)

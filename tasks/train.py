@@ -91,12 +91,36 @@ def _train_in_prefect(run, config: DistillConfig, inputs: TrainInputs, lineage: 
     def on_epoch(epoch: int, total: int, metrics: dict) -> None:
         update_progress_artifact(progress, 100.0 * epoch / total)
         logger.info("epoch %d/%d loss %.4f (%.0f tokens/s)", epoch, total, metrics["loss"], metrics["tokens_per_s"])
+        if "on_policy_share" in metrics:
+            logger.info("epoch %d on-policy: %.0f%% of steps, %d samples, %s right, reverse KL %s/token; %.0f s "
+                        "sampling, %.0f s scoring, %.0f s updating", epoch, 100 * metrics["on_policy_share"],
+                        metrics["samples"], "—" if metrics["sample_accuracy"] is None else
+                        f"{metrics['sample_accuracy']:.1%}", "—" if metrics["reverse_kl"] is None else
+                        f"{metrics['reverse_kl']:.3f}", metrics["sample_s"], metrics["score_s"], metrics["update_s"])
 
     out = run(on_epoch=on_epoch, log=logger.info)
     update_progress_artifact(progress, 100.0)
+    if config.train.loss == "on_policy":
+        on_policy_artifacts(config, out)
     if out.n_truncated > TRUNCATION_WARN * out.n_examples:
         logger.warning("%d of %d training sequences (%.0f%%) were cut at student.max_length=%d: their answers are lost "
                        "to the loss; raise student.max_length", out.n_truncated, out.n_examples,
                        100 * out.n_truncated / out.n_examples, config.student.max_length)
     return out
 
+
+
+def on_policy_artifacts(config: DistillConfig, out: Trained) -> None:
+    """on_policy: per epoch, the share of on-policy steps, the sample accuracy, the reverse KL and the time split, as
+    a table and as a report with its plot (the PNG embedded: the UI cannot reach the workspace)."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    from tasks.on_policy import on_policy_markdown, on_policy_table
+    from tasks.stage import artifact_markdown, workspace_of
+
+    create_table_artifact(key="on-policy", table=on_policy_table(out.history),
+                          description=f"on-policy distillation per epoch ({out.fp})")
+    folder = workspace_of(config).root / "reports" / f"on-policy-{out.fp}"
+    create_markdown_artifact(key="on-policy-report", markdown=artifact_markdown(on_policy_markdown(out.history, folder),
+                                                                                folder),
+                             description=f"on-policy distillation ({out.fp}); samples: on-policy/{out.fp}/")

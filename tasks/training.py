@@ -5,7 +5,8 @@ Std-CoT: NLL on rationale + answer. KPOD (§4.3-4.4): epoch e reads curriculum s
 shard; the input is the question + the first c_i steps (no loss there), the target the remaining steps + the
 answer, and the loss −Σ_j w_j·log P(r_j | ·) − Σ log P(y | ·) with w the learned token weights (§4.1). kd: each
 token's NLL mixed with the KL to the teacher's stored top-k (`kd_loss_sum`); kpod_kd: KPOD's stages and weights with
-kd's per-token mixture. The sequences themselves come from tasks/formats.py (`Sequence`).
+kd's per-token mixture. on_policy (GKD): a share λ of the steps trains on the student's own samples, scored by the
+teacher as they are drawn (tasks/on_policy.py), every step on the generalized JSD to the teacher's top-k. The sequences themselves come from tasks/formats.py (`Sequence`).
 
 In the style of nanoGPT and torchtune's recipes: `setup` builds everything the loop touches (a `LoopState`) from
 small units, each given one config section — `_setup_model` (train + student), `_setup_data` (train), `_setup_schedule`
@@ -33,6 +34,7 @@ from storage.workspace import Workspace, publish_dir, temp_dir_for
 from tasks.curriculum import Curriculum, curriculum_shard
 from tasks.formats import (IGNORE, Sequence, encode_rationale, format_target, keytoken_text, kpod_sequence,
                            standalone_tokenizer)
+from tasks.on_policy import OnPolicy, generalized_jsd_sum
 from tasks.packing import collate, collate_packed, model_inputs
 from tasks.parallel import Dist, full_state, load_optimizer, no_grad_sync, resync, unwrap, wrap
 from tasks.stage import StageInputs, StageOutput, kept_rationales
@@ -102,7 +104,10 @@ def kd_loss_sum(logits: "torch.Tensor", labels: "torch.Tensor", weights: "torch.
 
 
 def token_loss_sum(logits: "torch.Tensor", batch: dict, cfg: TrainConfig) -> "torch.Tensor":
-    """The step's summed token loss for train.loss: KD's mixture, or the (weighted) NLL."""
+    """The step's summed token loss for train.loss: GKD's divergence, KD's mixture, or the (weighted) NLL."""
+    if cfg.loss == "on_policy":
+        return generalized_jsd_sum(logits, batch["labels"], batch["weights"], batch["teacher_ids"],
+                                   batch["teacher_logprobs"], cfg.on_policy.beta)
     if cfg.uses_teacher_scores:
         return kd_loss_sum(logits, batch["labels"], batch["weights"], batch["teacher_ids"], batch["teacher_logprobs"],
                            cfg.kd.alpha, cfg.kd.temperature)
@@ -232,6 +237,7 @@ class LoopState:
     start_epoch: int
     n_truncated: int
     history: list[dict]
+    on_policy: OnPolicy | None = None    # on_policy: the student's samples and their teacher scores
 
     @property
     def cfg(self) -> TrainConfig:
@@ -325,6 +331,7 @@ def setup(ws: Workspace, lineage: Lineage, config: DistillConfig, inputs: TrainI
     if cfg.compile == "on" or (cfg.compile == "auto" and device.startswith("cuda")):
         model = torch.compile(model)
     optimizer, scheduler = _setup_schedule(cfg, model, device, data, staged, epochs)
+    on_policy = OnPolicy(ws, config, lineage.fp, tokenizer, rows, device) if cfg.loss == "on_policy" else None
     history = []
     if start_epoch:
         state = torch.load(ckpt_root / f"epoch-{start_epoch}" / "trainer_state.pt", weights_only=False)
@@ -335,7 +342,8 @@ def setup(ws: Workspace, lineage: Lineage, config: DistillConfig, inputs: TrainI
                      init_dir=inputs.student.model_dir, device=device, precision=resolve_precision(cfg.precision, device),
                      pack_length=cfg.pack_length or 2 * config.student.max_length, dist=dist, model=model,
                      tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler, data=data, staged=staged,
-                     epochs=epochs, start_epoch=start_epoch, n_truncated=n_truncated, history=history)
+                     epochs=epochs, start_epoch=start_epoch, n_truncated=n_truncated, history=history,
+                     on_policy=on_policy)
 
 
 def run_epoch(run: LoopState, epoch: int) -> dict:
@@ -354,12 +362,15 @@ def run_epoch(run: LoopState, epoch: int) -> dict:
     totals = torch.zeros(4, dtype=torch.float64)   # tokens, supervised tokens, weighted tokens, Σ step losses
     groups = optimizer_steps(data, cfg, epoch)
     loss_total = torch.zeros((), device=run.device)
-    for group in groups:
-        n_labelled = max(1, sum(data[j].supervised for idx in group for j in idx))   # the same on every rank
+    for step, group in enumerate(groups):
+        # GKD: with probability λ the step's questions answered by the student's own samples, scored by the teacher
+        sampled = run.on_policy is not None and run.on_policy.is_on_policy(epoch, step)
+        seq_of = run.on_policy.sequences(model, group, epoch, step).__getitem__ if sampled else data.__getitem__
+        n_labelled = max(1, sum(seq_of(j).supervised for idx in group for j in idx))   # the same on every rank
         step_loss = torch.zeros((), device=run.device)   # this rank's share of the step's mean loss
         for k, idx in enumerate(group):
             share = idx[dist.rank::dist.world]
-            seqs = [data[j] for j in share or idx[:1]]   # a rank without a share runs one sequence with no loss
+            seqs = [seq_of(j) for j in share or idx[:1]]   # a rank without a share runs one sequence with no loss
             batch = (collate_packed(seqs, run.tokenizer.pad_token_id, run.pack_length) if cfg.packing
                      else collate(seqs, run.tokenizer.pad_token_id))
             if share:
@@ -376,6 +387,8 @@ def run_epoch(run: LoopState, epoch: int) -> dict:
                 with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=autocast):
                     logits = model(**model_inputs(batch)).logits
                 nll = token_loss_sum(logits, batch, cfg)
+                if sampled:
+                    run.on_policy.add_divergence(logits, batch)
                 (nll * dist.world / n_labelled).backward()
             step_loss += nll.detach() / n_labelled
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
@@ -385,7 +398,8 @@ def run_epoch(run: LoopState, epoch: int) -> dict:
         loss_total += step_loss
     totals[3] = float(loss_total)   # one device sync per epoch
     tokens, supervised, weighted, loss_sum = dist.sum(totals.tolist())
-    return {"epoch": epoch, "stage": run.staged.curriculum_stage(epoch) if run.staged else None,
+    figures = run.on_policy.finish_epoch(epoch, time.perf_counter() - t0) if run.on_policy else {}
+    return {**figures, "epoch": epoch, "stage": run.staged.curriculum_stage(epoch) if run.staged else None,
             "loss": loss_sum / max(len(groups), 1), "tokens": int(tokens), "supervised_tokens": int(supervised),
             "weighted_tokens": round(weighted, 1),
             "tokens_per_s": tokens / (time.perf_counter() - t0), "lr": run.scheduler.get_last_lr()[0]}
@@ -431,6 +445,8 @@ def cleanup(run: LoopState) -> Trained:
     import torch
 
     run.model = run.optimizer = None
+    if run.on_policy:
+        run.on_policy.close()
     if run.device.startswith("cuda"):
         torch.cuda.empty_cache()
     final = merged_dir(run)
@@ -448,9 +464,14 @@ def run_training(ws: Workspace, lineage: Lineage, config: DistillConfig, inputs:
                  on_epoch: Callable[[int, int, dict], None] | None = None) -> Trained:
     """setup -> run_epoch / save_checkpoint per epoch (from the last whole one) -> cleanup."""
     run = setup(ws, lineage, config, inputs)
-    for epoch in range(run.start_epoch + 1, run.epochs + 1):
-        metrics = run_epoch(run, epoch)
-        save_checkpoint(run, epoch, metrics)
-        if on_epoch and run.dist.main:
-            on_epoch(epoch, run.epochs, metrics)
+    try:
+        for epoch in range(run.start_epoch + 1, run.epochs + 1):
+            metrics = run_epoch(run, epoch)
+            save_checkpoint(run, epoch, metrics)
+            if on_epoch and run.dist.main:
+                on_epoch(epoch, run.epochs, metrics)
+    except BaseException:
+        if run.on_policy:        # a vLLM scorer keystep started goes down with the run
+            run.on_policy.close()
+        raise
     return cleanup(run)

@@ -67,7 +67,8 @@ def tokenizer_logprobs(tokenizer, prompt: str, text: str, k: int) -> dict:
 class FakeOpenAI:
     def __init__(self, latency_s: float = 0.0, faults: dict[str, float] | None = None, fail_attempts: int = 1,
                  answers: dict[str, str] | None = None, timeout_sleep_s: float = 5.0, die_after: int | None = None,
-                 prompt_logprobs: bool = True, max_logprobs: int = 20, logprobs: bool = True, tokenizer=None):
+                 prompt_logprobs: bool = True, max_logprobs: int = 20, logprobs: bool = True, tokenizer=None,
+                 vocab: int = 1000):
         self.latency_s = latency_s
         self.faults = faults or {}
         self.fail_attempts = fail_attempts
@@ -78,6 +79,7 @@ class FakeOpenAI:
         self.max_logprobs = max_logprobs        # vLLM's --max-logprobs: above it a request is refused (400)
         self.logprobs = logprobs                # False: an endpoint that answers without the logprobs asked
         self.tokenizer = tokenizer              # a model folder's tokenizer: completions logprobs as its token ids
+        self.vocab = vocab                      # prompt_logprobs' token ids are below it (a model's vocabulary)
         self.attempts: Counter[str] = Counter()  # prompt -> requests received
         self.served: Counter[str] = Counter()  # prompt -> successful (200, well-formed) responses delivered: "paid"
         self.auth_headers: set[str] = set()
@@ -159,7 +161,7 @@ class FakeOpenAI:
             choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"} if chat
                       else {"index": 0, "text": text, "finish_reason": "stop", "logprobs": None})
             if ids and asked and self.prompt_logprobs:
-                choice["prompt_logprobs"] = fake_prompt_logprobs(ids, asked)
+                choice["prompt_logprobs"] = fake_prompt_logprobs(ids, asked, self.vocab)
             top_k = body.get("top_logprobs") if chat and body.get("logprobs") else None if chat else body.get("logprobs")
             if top_k and self.logprobs and text and self.tokenizer is not None and not chat:
                 choice["logprobs"] = tokenizer_logprobs(self.tokenizer, prompt, text, top_k)

@@ -99,6 +99,12 @@ CASES = [
     ("teacher logprobs asked of a batch", ["run", MICRO, "--set", "teacher.backend=openai", "--set", "teacher.model=m",
      "--set", "teacher.base_url=http://127.0.0.1:9/v1", "--set", "teacher.api=batch", "--set", "teacher.logprobs=5"],
      "teacher.logprobs"),
+    ("on-policy distillation with the reference teacher", ["run", MICRO, "--set", "train.loss=on_policy"],
+     "the reference teacher (an answer key) has none"),
+    ("on-policy share outside [0, 1]", ["run", MICRO, "--set", "train.loss=on_policy", "--set",
+     "train.on_policy.lmbda=1.5"], "train.on_policy.lmbda"),
+    ("on-policy sampling in several processes", ["run", MICRO, "--set", "train.loss=on_policy", "--set",
+     "teacher_scores.model={tmp}/not-a-model", "--set", "train.num_processes=2"], "train.num_processes"),
     ("results without a catalog", ["results", "--workspace", "{tmp}/empty-ws"], "no catalog"),
 ]
 

@@ -1,5 +1,5 @@
 -- Rationales the student trains on: generated without failure and, unless disabled, with the gold answer.
-select r.rationale_id, r.example_id, r.sample_index, r.text, e.question, e.answer
+select r.rationale_id, r.example_id, r.sample_index, r.text, e.question, e.answer, e.answer_type
 from rationales r
 join examples e on e.example_id = r.example_id and e.dataset_fp = $dataset_fp
 where r.teacher_fp = $teacher_fp

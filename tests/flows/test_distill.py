@@ -303,3 +303,31 @@ def test_teacher_scores_run_in_the_prepare_phase_as_a_cached_task(prefect_api, t
     counts, seen = stage_runs(seen, {"teacher-scores"})
     assert "teacher-scores" in counts["cached"] and not counts["executed"]
     assert second.teacher_scores == first.teacher_scores
+
+
+def test_on_policy_runs_through_the_distill_flow_with_its_per_epoch_table_and_plot_in_the_ui(prefect_api, tmp_path):
+    """train.loss on_policy end to end: the prepare phase scores the teacher's text, training samples and scores the
+    student's own, and the run's artifacts hold the per-epoch table (share, sample accuracy, reverse KL, time split)
+    and its plot, embedded."""
+    from flows.distill import distill
+    from storage.workspace import Workspace
+    from tasks import ingest, student, teacher
+
+    ws = Workspace(tmp_path / "ws")
+    cfg = micro_config(ws.root)
+    gen = teacher.generate_rationales(ws, cfg, ingest.ingest(ws, cfg.data.train))
+    folder = student.STUDENT.run(ws, cfg, student.StudentInputs(generation=gen)).model_dir   # shares the tokenizer
+    op = micro_config(ws.root, **{"teacher_scores.model": folder, "teacher_scores.k": 8, "train.loss": "on_policy",
+                                  "train.on_policy.lmbda": 1.0, "train.on_policy.max_new_tokens": 16})
+    import json
+
+    out = distill(config=op)
+    assert out.loss == "on_policy"
+    own = {a.key: a for a in artifacts_of()}
+    table = own["on-policy"].data
+    rows = json.loads(table) if isinstance(table, str) else table
+    assert [r["epoch"] for r in rows] == [1, 2] and all(r["on_policy_share"] == 1.0 and r["samples"] == 64 for r in rows)
+    assert all(0 <= r["sample_accuracy"] <= 1 and r["reverse_kl"] >= 0 and r["sample_s"] > 0 for r in rows)
+    assert "data:image/png;base64," in str(own["on-policy-report"].data)
+    assert_artifacts_show_no_local_paths([own["on-policy"], own["on-policy-report"]])
+    assert "on-policy share λ 1.0, JSD β 1.0" in str(own["distill-summary"].data)

@@ -60,7 +60,7 @@ def test_canonical_is_recursive_and_refuses_what_it_cannot_hash():
     config = DistillConfig()
     nested = {"outer": [config.train, (config.eval, {"deep": config.steps})]}
     train = {k: v for k, v in config.train.model_dump(mode="json").items()
-             if k not in ("token_weight_floor", "kd")}   # `added_later` fields at their default are not hashed
+             if k not in ("token_weight_floor", "kd", "on_policy")}   # `added_later` fields at their default: not hashed
     evaluation = {k: v for k, v in config.eval.model_dump(mode="json").items() if k != "curve_questions"}   # idem
     assert canonical(nested) == {"outer": [train, [evaluation, {"deep": config.steps.model_dump(mode="json")}]]}
     assert json.dumps(canonical(nested))   # JSON all the way down: nothing is hashed through str()
