@@ -42,8 +42,19 @@ def comparison_rows(runs: list[dict]) -> tuple[list[dict], list[str]]:
                       "values": vals}
         if all("supervised_tokens" in r for r in arm):
             row["supervised_tokens"] = statistics.fmean(r["supervised_tokens"] for r in arm)
+        if arm and all(training_seconds(r) is not None for r in arm):
+            row["train_min"] = statistics.fmean(training_seconds(r) for r in arm) / 60
         rows.append(row)
     return rows, columns
+
+
+def training_seconds(run: dict) -> float | None:
+    """A run's training time, its epochs' tokens over their tokens/s (what compute an arm cost, beside what it
+    reached: on-policy steps sample and score inside the epoch); None for files without them."""
+    epochs = run.get("history") or []
+    if not epochs or not all(h.get("tokens") and h.get("tokens_per_s") for h in epochs):
+        return None
+    return sum(h["tokens"] / h["tokens_per_s"] for h in epochs)
 
 
 def t_interval(diffs: list[float]) -> tuple[float, float]:
@@ -145,14 +156,20 @@ def steps_markdown(runs: list[dict]) -> list[str]:
 def comparison_markdown(title: str, rows: list[dict], columns: list[str], plots: dict[str, str], notes: list[str],
                         relative_to: Path | None = None, runs: list[dict] = (), missing: list = ()) -> str:
     tokens = any("supervised_tokens" in r for r in rows)
-    head = "| variant | seeds | " + " | ".join(columns) + (" | supervised tokens |" if tokens else " |")
+    minutes = any("train_min" in r for r in rows)
+    head = ("| variant | seeds | " + " | ".join(columns) + (" | supervised tokens" if tokens else "")
+            + (" | training min" if minutes else "") + " |")
     lines = [f"# {title}", "", "Trained student accuracy, mean ± std over seeds"
-             + ("; supervised tokens: tokens the loss summed over, all epochs, mean over seeds." if tokens else "."),
-             "", head, "|---|---:|" + "---:|" * (len(columns) + tokens)]
+             + ("; supervised tokens: tokens the loss summed over, all epochs, mean over seeds" if tokens else "")
+             + ("; training min: the train stage's epochs (sampling and scoring included), mean over seeds, on "
+                "whatever machine ran each" if minutes else "") + ".",
+             "", head, "|---|---:|" + "---:|" * (len(columns) + tokens + minutes)]
     for r in rows:
         cells = [f"{r[c]['mean']:.1%} ± {r[c]['std']:.1%}" for c in columns]
         if tokens:
             cells.append(f"{r['supervised_tokens'] / 1e6:.2f}M" if "supervised_tokens" in r else "")
+        if minutes:
+            cells.append(f"{r['train_min']:.1f}" if "train_min" in r else "")
         lines.append(f"| {r['variant']} | {r['n_seeds']} | " + " | ".join(cells) + " |")
     if missing:
         lines += ["", f"Not run yet ({len(missing)}): " + ", ".join(f"{v} seed {s}" for v, s in missing) + "."]

@@ -33,6 +33,8 @@ from keystep.config import ConfigError, ExperimentConfig, arm_config
 from storage.fingerprint import fingerprint
 
 EPOCH_KEYS = ("epoch", "stage", "loss", "tokens", "supervised_tokens", "weighted_tokens", "lr", "tokens_per_s")
+# on_policy's figures, kept where an epoch has them (tasks/on_policy.py)
+ON_POLICY_KEYS = ("on_policy_share", "samples", "sample_accuracy", "reverse_kl", "sample_s", "score_s", "update_s")
 
 
 def arm_fp(exp: ExperimentConfig, variant: str, seed: int) -> str:
@@ -105,7 +107,8 @@ def write_run(exp: ExperimentConfig, variant: str, seed: int, catalog, summary: 
     record = {"variant": variant, "seed": seed, "arm_fp": arm_fp(exp, variant, seed),
               "overrides": _portable(exp.variants[variant]), "config": config.model_dump(mode="json"), "accuracy": summary["accuracy"], "by_steps": by_steps,
               "supervised_tokens": sum(h.get("supervised_tokens", 0) for h in history),
-              "history": [{k: h.get(k) for k in EPOCH_KEYS} for h in history],
+              "history": [{**{k: h.get(k) for k in EPOCH_KEYS}, **{k: h[k] for k in ON_POLICY_KEYS if k in h}}
+                          for h in history],
               "train_fp": summary["train_fp"], "eval_fp": summary["eval_fp"], "wall_s": round(wall_s, 1),
               "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "keystep_commit": _commit()}
     out = io.StringIO()

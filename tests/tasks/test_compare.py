@@ -66,7 +66,8 @@ def test_gap_line_states_the_spread_of_the_paired_difference():
 def test_report_states_each_gap_with_both_intervals(tmp_path):
     runs, preds = arms(0.75, 0.55)
     for r in runs:       # what the study files hold
-        r.update(supervised_tokens=1000, history=[{"epoch": 1, "loss": 2.0}, {"epoch": 2, "loss": 1.0}],
+        r.update(supervised_tokens=1000, history=[{"epoch": 1, "loss": 2.0, "tokens": 6000, "tokens_per_s": 100.0},
+                                                  {"epoch": 2, "loss": 1.0, "tokens": 6000, "tokens_per_s": 50.0}],
                  by_steps={"synthetic/test": {"1": 0.9, "2": 0.5}})
     out = write_report("t", runs, preds, tmp_path / "r.md", [("a", "b")])
     text = (tmp_path / "r.md").read_text()
@@ -74,6 +75,7 @@ def test_report_states_each_gap_with_both_intervals(tmp_path):
     assert "**real**" in text and "seed spread" in text and "| a | 90.0% | 50.0% |" in text
     assert (tmp_path / "r-learning-curves.png").read_bytes()[:4] == b"\x89PNG" and len(out["gaps"]) == 1
     assert out["rows"][0]["supervised_tokens"] == 1000
+    assert out["rows"][0]["train_min"] == 3.0 and "| 1000 |" not in text and "| 0.00M | 3.0 |" in text   # 60 s + 120 s
 
 
 def test_each_gap_says_whether_its_seed_interval_decides_it():
