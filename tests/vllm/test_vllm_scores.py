@@ -42,3 +42,40 @@ def test_vllm_prompt_logprobs_scores_match_the_local_forward_pass(tmp_path):
         assert np.allclose(g_lp[same, 0], w_lp[same, 0], atol=0.05)
     assert agree / positions >= 0.95, (agree, positions)     # near-ties may order differently across kernels
     assert any((ws.root / "logs").glob("vllm-scorer-*.log"))        # the server's log is kept
+
+
+def test_on_policy_training_scores_the_students_samples_through_a_vllm_server_it_starts(tmp_path):
+    """train.loss on_policy with teacher_scores.engine vllm: the server keystep starts stays up for the run, scores every
+    sample the student wrote by prompt_logprobs (as the local forward pass would), and goes down with the run."""
+    import subprocess
+
+    from storage.workspace import Workspace
+    from tasks.teacher_scores import TEACHER_SCORES, TeacherScoresInputs
+    from tasks.train import TRAIN, TrainInputs
+
+    model = build_tiny_llama(tmp_path / "tiny-llama")
+    ws = Workspace(tmp_path / "ws")
+    cfg, cat, gen, st = prepared(ws, n=16, **{"student.model": str(model), "train.batch_size": 8, "train.epochs": 1,
+                                              "student.max_length": 128})
+    op = cfg.model_copy(update={
+        "train": cfg.train.model_copy(update={"loss": "on_policy", "on_policy": cfg.train.on_policy.model_copy(
+            update={"lmbda": 1.0, "max_new_tokens": 12})}),
+        "teacher_scores": cfg.teacher_scores.model_copy(update={
+            "model": str(model), "k": 5, "engine": "vllm", "vllm_python": VLLM_PYTHON,
+            "vllm_args": ["--dtype", "float32", "--max-model-len", "512", "--gpu-memory-utilization", "0.1"]})})
+    scores = TEACHER_SCORES.run(ws, op, TeacherScoresInputs(generation=gen, student=st))
+    out = TRAIN.run(ws, op, TrainInputs(generation=gen, student=st, teacher_scores=scores))
+    (epoch,) = out.history
+    assert epoch["on_policy_share"] == 1.0 and epoch["samples"] == 16 and epoch["score_s"] > 0
+    assert np.isfinite(epoch["loss"]) and epoch["reverse_kl"] >= 0
+    # the samples' scores are in the store under the vLLM scorer, and no vLLM server outlives the run
+    part = ws.catalog().execute("select part from on_policy_samples where train_fp = ?", [out.fp])[0]["part"]
+    import pyarrow.parquet as pq
+
+    from tasks.teacher_scores import sequence_hash
+    hashes = [sequence_hash(np.frombuffer(r["ids"], np.int32).tolist()) for r in pq.read_table(ws.root / part).to_pylist()]
+    stored = {r["sequence_hash"] for r in ws.catalog().query("scored_sequences", scorer_fp=scores.scorer_fp,
+                                                              hashes=hashes)}
+    assert stored == set(hashes)
+    left = subprocess.run(["pgrep", "-f", f"vllm.*{model}"], capture_output=True, text=True).stdout.split()
+    assert not left, left
