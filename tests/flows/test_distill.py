@@ -323,11 +323,12 @@ def test_on_policy_runs_through_the_distill_flow_with_its_per_epoch_table_and_pl
 
     out = distill(config=op)
     assert out.loss == "on_policy"
-    own = {a.key: a for a in artifacts_of()}
+    own = {a.key: a for a in artifacts_of()}      # only on_policy runs make these two keys
     table = own["on-policy"].data
     rows = json.loads(table) if isinstance(table, str) else table
     assert [r["epoch"] for r in rows] == [1, 2] and all(r["on_policy_share"] == 1.0 and r["samples"] == 64 for r in rows)
     assert all(0 <= r["sample_accuracy"] <= 1 and r["reverse_kl"] >= 0 and r["sample_s"] > 0 for r in rows)
     assert "data:image/png;base64," in str(own["on-policy-report"].data)
     assert_artifacts_show_no_local_paths([own["on-policy"], own["on-policy-report"]])
-    assert "on-policy share λ 1.0, JSD β 1.0" in str(own["distill-summary"].data)
+    summary = {a.key: a for a in artifacts_of(out.run_id)}["distill-summary"]     # this run's (others share the server)
+    assert "on-policy share λ 1.0, JSD β 1.0" in str(summary.data)
