@@ -154,14 +154,14 @@ def test_a_teacher_endpoint_failing_20_percent_of_scoring_calls_loses_nothing_an
     from tests.fake_openai import FakeOpenAI
 
     ws = Workspace(tmp_path)
-    cfg, cat, gen, st = prepared(ws, n=16, **{"train.batch_size": 8, "train.epochs": 2})
+    cfg, cat, gen, st = prepared(ws, n=16, **{"train.batch_size": 8, "train.epochs": 1})
     with FakeOpenAI(faults={"500": 0.2}, vocab=len(load_student(st.model_dir)[1])) as server:
         op = on_policy_config(cfg, st.model_dir, lmbda=1.0)
         op = op.model_copy(update={"teacher_scores": op.teacher_scores.model_copy(
             update={"engine": "vllm", "server_url": server.base_url})})
         inputs = scored(ws, op, gen, st)
         out = TRAIN.run(ws, op, inputs)
-        assert [h["samples"] for h in out.history] == [16, 16]
+        assert [h["samples"] for h in out.history] == [16]
         assert sum(server.attempts.values()) > len(server.served)      # faults happened and were retried ...
         assert set(server.served.values()) == {1}                     # ... and every sequence was paid for once
         assert len(server.served) == 16 + len({h for h in _sample_hashes(ws, out.fp)})
