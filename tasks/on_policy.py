@@ -33,7 +33,9 @@ from tasks.answers import extract_answer, is_correct
 from tasks.formats import IGNORE, Sequence, format_prompt
 from tasks.stage import pyplot, save_figure
 from tasks.teacher_backends import TeacherUnavailable
-from tasks.teacher_scores import load_scores, score_missing, scorer, scorer_fingerprint, sequence_hash
+from storage.catalog import sql
+from tasks.teacher_scores import (aligned_with_tokens, load_scores, score_missing, scorer, scorer_fingerprint,
+                                  sequence_hash)
 
 if TYPE_CHECKING:
     import torch
@@ -123,12 +125,11 @@ class OnPolicy:
         ts = config.teacher_scores
         self.held = SimpleNamespace(scorer_fp=scorer_fingerprint(ts), captured_fp=None, k=ts.k)   # what load_scores reads
         self._stack, self._score = ExitStack(), None
-        self.samples: list[dict] = []
         self.reset()
 
     def reset(self) -> None:
-        """The epoch's counters: steps, on-policy steps, samples, right answers, reverse-KL sum and tokens, seconds."""
-        self.samples = []
+        """The epoch's counters: steps, on-policy steps, samples, reverse-KL sum and tokens, seconds."""
+        self.samples: list[dict] = []
         self.n_steps = self.n_on = 0
         self.kl_sum = self.kl_tokens = 0.0
         self.seconds = {"sample": 0.0, "score": 0.0}
@@ -195,8 +196,7 @@ class OnPolicy:
                 "are kept: rerun to resume (the samples scored so far are not paid for again)") from None
         loaded = load_scores(self.ws, self.held, list(by_hash))
         for s in seqs:
-            ids, lp = loaded[sequence_hash(s.ids)]
-            s.teacher_topk = tuple(np.concatenate([np.zeros((1, self.held.k), a.dtype), a]) for a in (ids, lp))
+            s.teacher_topk = aligned_with_tokens(*loaded[sequence_hash(s.ids)])
 
     def add_divergence(self, logits: "torch.Tensor", batch: dict) -> None:
         """The batch's reverse KL to the teacher (β = 1 whatever the loss's β), summed for the epoch's mean."""
@@ -232,7 +232,7 @@ class OnPolicy:
         tmp.replace(path)     # a killed epoch's file is replaced by its rerun's, which sampled the same
         catalog = self.ws.catalog()
         with catalog.transaction() as con:
-            con.execute("delete from on_policy_samples where train_fp = ? and epoch = ?", [self.train_fp, epoch])
+            con.execute(sql("on_policy_forget"), {"train_fp": self.train_fp, "epoch": epoch})
             catalog.insert(con, "on_policy_samples", [{"train_fp": self.train_fp, "epoch": epoch, "part": str(rel),
                                                        "n_samples": len(self.samples),
                                                        "n_correct": sum(s["correct"] for s in self.samples)}])
@@ -242,8 +242,20 @@ class OnPolicy:
         self._score = None
 
 
-# ---- the report: per epoch, a table and a plot ----------------------------------------------------------------
+# ---- the report: per epoch, a log line, a table and a plot -------------------------------------------------------
 FIGURES = ("on_policy_share", "samples", "sample_accuracy", "reverse_kl", "sample_s", "score_s", "update_s")
+
+
+def shown(value: float | None, spec: str = "{:.3f}") -> str:
+    """A figure as the report writes it; an epoch without on-policy steps has none ("—")."""
+    return "—" if value is None else spec.format(value)
+
+
+def epoch_line(m: dict) -> str:
+    """One epoch's on-policy figures, for the task's log."""
+    return (f"{shown(m['on_policy_share'], '{:.0%}')} of steps on-policy, {m['samples']} samples, "
+            f"{shown(m['sample_accuracy'], '{:.1%}')} right, reverse KL {shown(m['reverse_kl'])}/token; "
+            f"{m['sample_s']:.0f} s sampling, {m['score_s']:.0f} s scoring, {m['update_s']:.0f} s updating")
 
 
 def on_policy_table(history: list[dict]) -> list[dict]:
@@ -260,10 +272,9 @@ def on_policy_markdown(history: list[dict], out_dir: Path) -> str:
     lines = ["# On-policy distillation, per epoch", "",
              "| epoch | loss | on-policy share | samples | sample accuracy | reverse KL / token | sampling s | scoring s | update s |",
              "|---|---|---|---|---|---|---|---|---|"]
-    fmt = lambda v, p="{:.3f}": "—" if v is None else p.format(v)   # noqa: E731
     for r in rows:
-        lines.append(f"| {r['epoch']} | {r['loss']:.4f} | {fmt(r['on_policy_share'], '{:.0%}')} | {r['samples']} | "
-                     f"{fmt(r['sample_accuracy'], '{:.1%}')} | {fmt(r['reverse_kl'])} | {r['sample_s']:.1f} | "
+        lines.append(f"| {r['epoch']} | {r['loss']:.4f} | {shown(r['on_policy_share'], '{:.0%}')} | {r['samples']} | "
+                     f"{shown(r['sample_accuracy'], '{:.1%}')} | {shown(r['reverse_kl'])} | {r['sample_s']:.1f} | "
                      f"{r['score_s']:.1f} | {r['update_s']:.1f} |")
     plt = pyplot()
     out_dir.mkdir(parents=True, exist_ok=True)

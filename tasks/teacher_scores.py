@@ -276,8 +276,13 @@ def teacher_topk(ws: Workspace, config: DistillConfig, tokenizer, rows: list[dic
     if missing:
         raise ValueError(f"{missing} of {len(rows)} training sequences have no teacher scores (stage {scores.fp}): "
                          "train.loss 'kd' needs the prepare phase's teacher-scores stage for this student and data")
-    return {rid: tuple(np.concatenate([np.zeros((1, scores.k), a.dtype), a]) for a in (ids, lp))
-            for rid, (_, ids, lp) in found.items()}
+    return {rid: aligned_with_tokens(ids, lp) for rid, (_, ids, lp) in found.items()}
+
+
+def aligned_with_tokens(ids: np.ndarray, lp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Stored rows (row i: the distribution of token i + 1) as `Sequence.teacher_topk` reads them (row j: token j's),
+    row 0, which nothing predicts, zeros."""
+    return tuple(np.concatenate([np.zeros((1, a.shape[1]), a.dtype), a]) for a in (ids, lp))
 
 
 def teacher_is_the_scorer(config: DistillConfig) -> bool:

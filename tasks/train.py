@@ -92,11 +92,8 @@ def _train_in_prefect(run, config: DistillConfig, inputs: TrainInputs, lineage: 
         update_progress_artifact(progress, 100.0 * epoch / total)
         logger.info("epoch %d/%d loss %.4f (%.0f tokens/s)", epoch, total, metrics["loss"], metrics["tokens_per_s"])
         if "on_policy_share" in metrics:
-            logger.info("epoch %d on-policy: %.0f%% of steps, %d samples, %s right, reverse KL %s/token; %.0f s "
-                        "sampling, %.0f s scoring, %.0f s updating", epoch, 100 * metrics["on_policy_share"],
-                        metrics["samples"], "—" if metrics["sample_accuracy"] is None else
-                        f"{metrics['sample_accuracy']:.1%}", "—" if metrics["reverse_kl"] is None else
-                        f"{metrics['reverse_kl']:.3f}", metrics["sample_s"], metrics["score_s"], metrics["update_s"])
+            from tasks.on_policy import epoch_line
+            logger.info("epoch %d: %s", epoch, epoch_line(metrics))
 
     out = run(on_epoch=on_epoch, log=logger.info)
     update_progress_artifact(progress, 100.0)

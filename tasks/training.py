@@ -445,8 +445,6 @@ def cleanup(run: LoopState) -> Trained:
     import torch
 
     run.model = run.optimizer = None
-    if run.on_policy:
-        run.on_policy.close()
     if run.device.startswith("cuda"):
         torch.cuda.empty_cache()
     final = merged_dir(run)
@@ -470,8 +468,7 @@ def run_training(ws: Workspace, lineage: Lineage, config: DistillConfig, inputs:
             save_checkpoint(run, epoch, metrics)
             if on_epoch and run.dist.main:
                 on_epoch(epoch, run.epochs, metrics)
-    except BaseException:
-        if run.on_policy:        # a vLLM scorer keystep started goes down with the run
+        return cleanup(run)
+    finally:
+        if run.on_policy:        # a vLLM scorer keystep started goes down with the run, finished or not
             run.on_policy.close()
-        raise
-    return cleanup(run)

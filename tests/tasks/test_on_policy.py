@@ -206,3 +206,5 @@ def test_the_per_epoch_report_has_the_table_and_its_plot(tmp_path):
     md = on_policy.on_policy_markdown(history, tmp_path)
     assert "| 2 | 0.5000 | 50% | 8 | 50.0% | 0.250 | 2.0 | 1.0 | 3.0 |" in md
     assert (tmp_path / "on-policy.png").stat().st_size > 1000 and "](on-policy.png)" in md
+    assert on_policy.epoch_line(history[1]) == ("50% of steps on-policy, 8 samples, 50.0% right, reverse KL 0.250/token; "
+                                                "2 s sampling, 1 s scoring, 3 s updating")
