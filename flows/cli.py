@@ -6,6 +6,7 @@
     keystep experiment FILE [--set key=value]  run an experiment grid (e.g. configs/study-synthetic.yaml)
     keystep report FILE [--set key=value]      rebuild its report from the study files alone
     keystep export CONFIG --out DIR [--all] [--push-to-hub REPO]   the rationales as a dataset folder
+    keystep pack CONFIG DEST / keystep unpack CONFIG SRC   carry a trained student to another machine
 
 `run` calls the distill flow in this process: against the Prefect server in PREFECT_API_URL if set, else an
 ephemeral one. User mistakes (bad config, unknown key, missing file) exit 2 with one line, no traceback.
@@ -215,6 +216,38 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_pack(args) -> int:
+    """The trained student of the run CONFIG makes, with its lineage, as a folder to copy to another machine."""
+    from flows.phases import planned_run
+    from storage.workspace import Workspace
+    from tasks.carry import pack_trained
+
+    config = _config(args)
+    lineage = planned_run(config).lineages["train"]
+    manifest = pack_trained(Workspace(config.storage.workspace), lineage, Path(args.dest), args.config)
+    size = sum((Path(args.dest) / "model" / rel).stat().st_size for rel in manifest["files"])
+    print(f"packed train stage {lineage.fp} ({len(manifest['files'])} files, {size / 2**20:.1f} MiB) to {args.dest}")
+    return 0
+
+
+def cmd_unpack(args) -> int:
+    """Record a pack as the trained student of the run CONFIG makes here: that run then trains nothing."""
+    from flows.phases import planned_run
+    from storage.workspace import Workspace
+    from tasks.carry import unpack_trained
+    from tasks.student import student_folder
+
+    config = _config(args)
+    preflight(config, check_teacher_endpoint=False)
+    plan = planned_run(config)
+    lineage, student = plan.lineages["train"], plan.lineages["student"]
+    ws = Workspace(config.storage.workspace)
+    trained, recorded = unpack_trained(ws, lineage, student_folder(ws, config, student.fp), Path(args.src), args.config)
+    print(f"{'unpacked' if recorded else 'already in the workspace:'} train stage {lineage.fp} -> {trained.final_dir}"
+          f"\n`keystep run {args.config}` now trains nothing (its other stages and the evaluation still run)")
+    return 0
+
+
 def cmd_report(args) -> int:
     """An experiment's report rebuilt from its committed study files alone (no catalog, no Prefect)."""
     from keystep.config import load_experiment
@@ -281,6 +314,17 @@ def build_parser() -> argparse.ArgumentParser:
     exp_.add_argument("--push-to-hub", metavar="REPO", help="upload to this Hugging Face dataset repo (token in $HF_TOKEN)")
     exp_.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. export.formats=[label_only]")
     exp_.set_defaults(fn=cmd_export)
+    for name, fn, where, what in (
+            ("pack", cmd_pack, "dest", "folder to write the pack to"),
+            ("unpack", cmd_unpack, "src", "pack folder that `keystep pack` wrote")):
+        carry = sub.add_parser(name, help="write the trained student of CONFIG, with its lineage, to a folder to carry "
+                               "to another machine" if name == "pack" else "record a pack as the trained student of "
+                               "CONFIG here, so its run trains nothing")
+        carry.add_argument("config", help="YAML preset, e.g. configs/teacher-arith.yaml")
+        carry.add_argument(where, help=what)
+        carry.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+        carry.add_argument("--workspace", help="workspace folder (default: storage.workspace)")
+        carry.set_defaults(fn=fn)
     rep = sub.add_parser("report", help="rebuild an experiment's report from its study files (docs/studies/...)")
     rep.add_argument("file", help="experiment YAML, e.g. configs/study-scratch.yaml")
     rep.add_argument("--set", action="append", metavar="KEY=VALUE", help="override an experiment key")

@@ -92,6 +92,22 @@ class CatalogStages:
         return str(report)
 
 
+class LineageStages:
+    """The same DAG with nothing read and nothing run: each stage's output is only its fingerprint, computed by its
+    lineage from the config and the upstream fingerprints — a run's fingerprints on a machine where it never ran
+    (`keystep unpack`). `lineages` keeps the last lineage computed for each stage name."""
+
+    def __init__(self):
+        self.lineages: dict[str, Any] = {}
+
+    def __call__(self, stage: Stage, config: DistillConfig, inputs: StageInputs) -> StageOutput:
+        self.lineages[stage.name] = lineage = stage.lineage(config, inputs)
+        return stage.output.model_construct(fp=lineage.fp)
+
+    def teacher(self, config: DistillConfig, dataset: Dataset) -> Generation:
+        return self(GENERATE, config, GenerateInputs(dataset=dataset))
+
+
 PREFECT = PrefectStages()
 
 
@@ -141,11 +157,18 @@ def evaluate_stages(config: DistillConfig, t: TrainPhase, run=PREFECT) -> Evalua
     return EvaluatePhase(**dict(t), evaluation=evaluation, report=run.report(config, evaluation, t))
 
 
+def planned_run(config: DistillConfig) -> LineageStages:
+    """The lineages of a run's stages up to training, computed without running or reading anything."""
+    run = LineageStages()
+    train_stages(config, prepare_stages(config, generate_stages(config, run), run), run)
+    return run
+
+
 def from_catalog_run(config: DistillConfig) -> EvaluatePhase | None:
     """The whole run read from the catalog when every stage already ran with these inputs (nothing runs, no Prefect
     server starts); None when some stage has yet to run."""
-    run = CatalogStages(config)
     try:
+        run = CatalogStages(config)
         return evaluate_stages(config, train_stages(config, prepare_stages(config, generate_stages(config, run), run),
                                                     run), run)
     except NotCached:

@@ -138,7 +138,8 @@ class Catalog:
     # the column that names the stage output a row belongs to, per table a stage writes
     FP_COLUMNS = {"datasets": "dataset_fp", "examples": "dataset_fp", "bad_rows": "dataset_fp", "steps": "steps_fp",
                   "token_weights": "token_weights_fp", "step_difficulty": "difficulty_fp", "curriculum": "fp",
-                  "eval_results": "eval_fp", "predictions": "eval_fp"}
+                  "eval_results": "eval_fp", "predictions": "eval_fp",
+                  "checkpoints": "train_fp"}
 
     def replace_rows(self, con, table: str, fp: str, rows: list[dict[str, Any]] | dict[str, list]) -> int:
         """Inside a transaction: the rows of stage output `fp` in `table` become `rows` (a rerun after a kill that

@@ -240,6 +240,11 @@ def training_corpus(ws: Workspace, config: DistillConfig, generation: Generation
     return [f"{r['question']} {r['text']}" for r in kept_rationales(ws.catalog(), config, generation)]
 
 
+def student_folder(ws: Workspace, config: DistillConfig, fp: str) -> str:
+    """Where the student before distillation lies: a scratch one in the workspace, a pretrained one where given."""
+    return str(ws.model_dir(fp)) if config.student.model == "scratch" else config.student.model
+
+
 def init_student(ws: Workspace, config: DistillConfig, inputs: StudentInputs, lineage: Lineage) -> Student:
     cfg = config.student
     if cfg.model == "scratch":
@@ -252,7 +257,7 @@ def init_student(ws: Workspace, config: DistillConfig, inputs: StudentInputs, li
                              "kept; check teacher.keep_only_correct and the teacher's correctness rate")
         tokenizer = tokenizer or train_tokenizer(corpus, cfg.vocab_size)
         model = build_scratch_model(cfg, tokenizer)
-        out_dir = ws.model_dir(lineage.fp)
+        out_dir = Path(student_folder(ws, config, lineage.fp))
         tmp = temp_dir_for(out_dir)
         model.save_pretrained(tmp)
         standalone_tokenizer(tokenizer, model.config.max_position_embeddings).save_pretrained(tmp)
@@ -261,7 +266,7 @@ def init_student(ws: Workspace, config: DistillConfig, inputs: StudentInputs, li
         model_dir, n_params = str(out_dir), sum(p.numel() for p in model.parameters())
     else:
         model, _ = load_student(cfg.model)
-        model_dir, n_params = cfg.model, sum(p.numel() for p in model.parameters())
+        model_dir, n_params = student_folder(ws, config, lineage.fp), sum(p.numel() for p in model.parameters())
     return Student(fp=lineage.fp, model_dir=model_dir, n_params=n_params)
 
 

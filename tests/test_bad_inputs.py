@@ -106,6 +106,10 @@ CASES = [
     ("on-policy sampling in several processes", ["run", MICRO, "--set", "train.loss=on_policy", "--set",
      "teacher_scores.model={tmp}/not-a-model", "--set", "train.num_processes=2"], "train.num_processes"),
     ("results without a catalog", ["results", "--workspace", "{tmp}/empty-ws"], "no catalog"),
+    ("a pack of a run that has not run", ["pack", MICRO, "{tmp}/pack", "--workspace", "{tmp}/ws"],
+     f"run `keystep run {MICRO}` first"),
+    ("an unpack of a folder that is no pack", ["unpack", MICRO, "{tmp}/not-a-model", "--workspace", "{tmp}/ws"],
+     "not-a-model' is not a keystep pack"),
 ]
 
 
