@@ -57,6 +57,52 @@ def training_seconds(run: dict) -> float | None:
     return sum(h["tokens"] / h["tokens_per_s"] for h in epochs)
 
 
+def accuracy_within(run: dict, budget_s: float) -> float | None:
+    """The learning curve's accuracy of the last epoch a run finished within `budget_s` seconds of training (None:
+    no curve, no timing, or not even one epoch by then)."""
+    epochs, curve = run.get("history") or [], run.get("curve") or {}
+    reached, elapsed = None, 0.0
+    for h in epochs:
+        if not (h.get("tokens") and h.get("tokens_per_s")) or str(h["epoch"]) not in curve:
+            return None
+        elapsed += h["tokens"] / h["tokens_per_s"]
+        if elapsed > budget_s * (1 + 1e-9):
+            break
+        reached = curve[str(h["epoch"])]
+    return reached
+
+
+def equal_time_gap(runs: list[dict], a: str, b: str) -> dict | None:
+    """The gap a − b at equal training time, seed by seed: each arm's learning-curve accuracy at the last epoch it
+    finished within the cheaper arm's whole training time (the literature's claim for on-policy distillation is
+    compute efficiency). Seeds without curves (study files written before they were kept) are left out."""
+    by = {(r["variant"], r["seed"]): r for r in runs}
+    seeds, diffs, budgets = [], [], []
+    for s in sorted({s for v, s in by if v == a} & {s for v, s in by if v == b}):
+        ta, tb = training_seconds(by[(a, s)]), training_seconds(by[(b, s)])
+        if ta is None or tb is None:
+            continue
+        budget = min(ta, tb)
+        acc_a, acc_b = accuracy_within(by[(a, s)], budget), accuracy_within(by[(b, s)], budget)
+        if acc_a is None or acc_b is None:
+            continue
+        seeds.append(s)
+        diffs.append(acc_a - acc_b)
+        budgets.append(budget)
+    if not seeds:
+        return None
+    return {"a": a, "b": b, "seeds": seeds, "diffs": diffs, "mean": statistics.fmean(diffs),
+            "seed_ci": t_interval(diffs), "budget_min": statistics.fmean(budgets) / 60,
+            "curve_set": by[(a, seeds[0])].get("curve_set")}
+
+
+def equal_time_line(g: dict) -> str:
+    lo, hi = g["seed_ci"]
+    return (f"{g['a']} − {g['b']} at equal training time (the cheaper arm's, {g['budget_min']:.0f} min on average; "
+            f"each arm's last epoch within it, on {g['curve_set']}) = {g['mean']:+.1%} over {len(g['seeds'])} "
+            f"seed{'s' * (len(g['seeds']) != 1)}, t interval [{lo:+.1%}, {hi:+.1%}]")
+
+
 def t_interval(diffs: list[float]) -> tuple[float, float]:
     """95% paired t interval of the mean of `diffs` (one difference per seed)."""
     from scipy.stats import t
@@ -240,6 +286,7 @@ def write_report(title: str, runs: list[dict], predictions: dict, results_path: 
     rows, columns = comparison_rows(runs)
     gaps = [g for c in columns for a, b in pairs if (g := paired_gap(runs, predictions, a, b, c))]
     notes = [gap_line(g) for g in gaps]
+    notes += [equal_time_line(g) for a, b in pairs if (g := equal_time_gap(runs, a, b))]
     stem = f"{target.stem}-{study}" if study else target.stem
     plots = {"accuracy by variant": comparison_plot(rows, columns, target.parent / f"{stem}.png")}
     curves = learning_curves_plot(runs, target.parent / f"{stem}-learning-curves.png")

@@ -7,7 +7,7 @@ workspace that made them. After each run the experiment flow writes, under the e
     <variant>/seed-<k>.json            what ran (the arm's overrides and fingerprint, its resolved config, the train
                                        and eval fingerprints, keystep's commit, wall time) and what came out (accuracy per
                                        evaluation set and per step count, the per-epoch training metrics, the tokens
-                                       the loss supervised)
+                                       the loss supervised, each epoch's accuracy on the learning curve's questions)
     <variant>/seed-<k>.predictions.csv per test question: dataset, example_id, correct, extracted answer
 
 Both are written to a temp name and renamed, so a kill never leaves half a run. A run whose files exist with the
@@ -104,11 +104,15 @@ def write_run(exp: ExperimentConfig, variant: str, seed: int, catalog, summary: 
     for r in results:
         if r["model_label"] == "student" and r["group_key"] == "n_steps":
             by_steps.setdefault(f"{r['dataset']}/{r['split']}", {})[r["group_value"]] = r["accuracy"]
+    evaluation = (catalog.stage_output(summary["eval_fp"]) or {}).get("summary", {})
     record = {"variant": variant, "seed": seed, "arm_fp": arm_fp(exp, variant, seed),
               "overrides": _portable(exp.variants[variant]), "config": config.model_dump(mode="json"), "accuracy": summary["accuracy"], "by_steps": by_steps,
               "supervised_tokens": sum(h.get("supervised_tokens", 0) for h in history),
               "history": [{**{k: h.get(k) for k in EPOCH_KEYS}, **{k: h[k] for k in ON_POLICY_KEYS if k in h}}
                           for h in history],
+              # each epoch's accuracy on the first eval.curve_questions questions: accuracy at equal training time
+              "curve": {str(e): acc for e, acc in evaluation.get("curve", {}).items()},
+              "curve_set": evaluation.get("curve_set"),
               "train_fp": summary["train_fp"], "eval_fp": summary["eval_fp"], "wall_s": round(wall_s, 1),
               "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "keystep_commit": _commit()}
     out = io.StringIO()

@@ -4,8 +4,8 @@ import random
 import numpy as np
 import pytest
 
-from tasks.compare import (bootstrap_interval, gap_line, paired_gap, replace_section, seeds_needed, t_interval,
-                           write_report)
+from tasks.compare import (accuracy_within, bootstrap_interval, equal_time_gap, equal_time_line, gap_line, paired_gap,
+                           replace_section, seeds_needed, t_interval, write_report)
 
 
 def arms(p_a: float, p_b: float, n_q: int = 300, seeds=(0, 1, 2, 3, 4), shared: float = 0.0):
@@ -95,3 +95,23 @@ def test_studies_share_one_results_file_each_in_its_own_section(tmp_path):
     text = path.read_text()
     assert "second" in text and "first" not in text and text.index("# one") < text.index("# two")
     assert text.count("<!-- study: one -->") == 1
+
+
+def test_accuracy_at_equal_training_time_takes_each_arm_where_the_cheaper_one_stopped():
+    def run(variant, seed, seconds, curve):
+        return {"variant": variant, "seed": seed, "curve": {str(e): acc for e, acc in curve.items()},
+                "curve_set": "synthetic/test, first 100 questions",
+                "history": [{"epoch": e, "tokens": 100 * t, "tokens_per_s": 100.0} for e, t in enumerate(seconds, 1)]}
+
+    runs = [run("fast", 0, [10] * 4, {1: 0.5, 2: 0.6, 3: 0.7, 4: 0.8}),     # 40 s in all: the budget
+            run("slow", 0, [30, 30], {1: 0.55, 2: 0.9}),                     # within 40 s: epoch 1 only
+            run("fast", 1, [10] * 4, {1: 0.5, 2: 0.6, 3: 0.7, 4: 0.7}),
+            run("slow", 1, [15, 15], {1: 0.6, 2: 0.8}),                      # 30 s: the budget; fast reaches epoch 3
+            {**run("fast", 2, [10], {1: 0.1}), "curve": {}},                 # a file from before curves were kept
+            run("slow", 2, [10], {1: 0.2})]
+    g = equal_time_gap(runs, "slow", "fast")
+    assert g["seeds"] == [0, 1] and g["diffs"] == pytest.approx([0.55 - 0.8, 0.8 - 0.7])
+    assert g["budget_min"] == pytest.approx(35 / 60)
+    assert "slow − fast at equal training time" in equal_time_line(g) and "over 2 seeds" in equal_time_line(g)
+    assert equal_time_gap(runs, "slow", "nobody") is None
+    assert accuracy_within(runs[1], 29) is None                              # not one epoch within the budget
