@@ -244,7 +244,8 @@ def cmd_unpack(args) -> int:
     ws = Workspace(config.storage.workspace)
     trained, recorded = unpack_trained(ws, lineage, student_folder(ws, config, student.fp), Path(args.src), args.config)
     print(f"{'unpacked' if recorded else 'already in the workspace:'} train stage {lineage.fp} -> {trained.final_dir}"
-          f"\n`keystep run {args.config}` now trains nothing (its other stages and the evaluation still run)")
+          f"\n{args.config} with these settings now trains nothing when run here (its other stages and the "
+          "evaluation still run)")
     return 0
 
 

@@ -240,3 +240,24 @@ seeds: [0]
         before, after = arm_config(exp, variant, 0), arm_config(exp, variant, 0, teacher_model="/m/teacher")
         assert before.teacher.model == exp.teacher_preset and after.teacher.model == "/m/teacher"
         assert after.teacher_scores.model == ("/m/teacher" if scored else None)
+
+
+def test_the_committed_packs_are_the_train_stages_their_presets_make():
+    """docs/studies/packs holds the studies' fixed models (R2's pretrained student, R3's teacher) so a fresh machine
+    unpacks them instead of training them; a keystep change that moves their train fingerprint must be seen here."""
+    import json
+
+    from flows.phases import planned_run
+    from storage.fingerprint import canonical
+    from tasks.carry import MANIFEST
+    from tasks.train import CODE_VERSION
+
+    packs = ROOT / "docs" / "studies" / "packs"
+    pretrain = json.loads((packs / "pretrain-arith" / MANIFEST).read_text())
+    assert pretrain["fingerprint"] == planned_run(load_config(ROOT / "configs" / "pretrain-arith.yaml")).lineages["train"].fp
+    for name in sorted(p.name for p in packs.iterdir()):
+        manifest = json.loads((packs / name / MANIFEST).read_text())
+        config = load_config(ROOT / manifest["preset"])
+        # upstream fingerprints aside (the teacher's tokenizer is the pretrained student's, made by running it)
+        assert manifest["lineage"]["config"] == canonical(config.train)
+        assert manifest["lineage"]["code_version"] == CODE_VERSION
