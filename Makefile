@@ -7,7 +7,7 @@ PORT ?= 4200
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export KEYSTEP_ROOT := $(CURDIR)
 
-.PHONY: install demo test test-vllm bench serve deploy clean browser
+.PHONY: install demo test test-vllm bench serve deploy clean browser study-models
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -49,6 +49,14 @@ test-vllm: install $(VLLM_STAMP)
 
 bench: install $(VLLM_STAMP)
 	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+# The studies' fixed models from their committed packs (docs/studies/packs; `keystep pack` made them): R2's pretrained
+# student, its run (which makes the tokenizer R3's teacher shares; the train stage is a cache hit), then R3's teacher.
+# A few minutes, against about two hours of CPU to train them.
+study-models: install
+	$(VENV)/bin/keystep unpack configs/pretrain-arith.yaml docs/studies/packs/pretrain-arith
+	$(VENV)/bin/keystep run configs/pretrain-arith.yaml
+	$(VENV)/bin/keystep unpack configs/teacher-arith.yaml docs/studies/packs/teacher-arith
 
 # A local Prefect server (telemetry off) and a process worker; Ctrl-C stops both. On any PORT: the UI is told its
 # API's address (PREFECT_UI_API_URL), which otherwise stays 4200.
