@@ -162,6 +162,8 @@ def cmd_experiment(args) -> int:
         if preset:
             preflight(load_config(preset))
     for variant in exp.variants:   # a pretrained student's folder is checked once `pretrain` has made it
+        if not exp.seeds_of(variant):   # `variant_seeds: {arm: []}` leaves an arm out of this run
+            continue
         arm = arm_config(exp, variant, exp.seeds_of(variant)[0])
         if exp.teacher_preset:     # ... and the model teacher's once `teacher_preset` has
             arm = arm.model_copy(update={"teacher_scores": arm.teacher_scores.model_copy(update={"model": None})})

@@ -28,6 +28,8 @@ def files(tmp):
     (tmp / "list.yaml").write_text("- train\n- eval\n")
     (tmp / "old.yaml").write_text("masks: {uniform: true}\n")
     (tmp / "exp-no-variants.yaml").write_text(f"name: x\nbase: {MICRO}\n")
+    (tmp / "exp-left-out.yaml").write_text(f"name: x\nbase: {MICRO}\nvariants: {{a: {{}}, b: {{train.device: cuda}}}}\n"
+                                           "seeds: [0]\nvariant_seeds: {a: []}\n")
 
 
 def file_spec(path, **kw):
@@ -84,6 +86,8 @@ CASES = [
     ("QLoRA sharded by FSDP", ["run", MICRO, "--set", 'student.lora={"quantize": "4bit"}', "--set",
      "train.num_processes=2", "--set", "train.strategy=fsdp"], "train.strategy"),
     ("experiment file without variants", ["experiment", "{tmp}/exp-no-variants.yaml"], "variants"),
+    ("an arm with a mistake beside one that variant_seeds leaves out", ["experiment", "{tmp}/exp-left-out.yaml"],
+     "train.device"),
     ("an unknown export format", ["export", MICRO, "--set", "export.formats=[cot_and_label]"], "export.formats"),
     ("an export push without a token", ["run", MICRO, "--set", "export.enabled=true", "--set",
      "export.push_to_hub=me/data"], "export.push_to_hub"),
