@@ -48,14 +48,6 @@ def predictions(ws, eval_fp):
                   for r in ws.catalog().execute("select * from predictions where eval_fp = ?", [eval_fp]))
 
 
-def test_the_planned_fingerprints_are_the_ones_the_run_makes(tmp_path):
-    config, out = run_to_evaluation(tmp_path / "ws")
-    plan = planned_run(config).lineages
-    assert plan["ingest"].fp == out.eval_datasets[-1].fp        # the last dataset ingested: the evaluation set
-    assert plan["generate"].fp == out.generation.fp and plan["student"].fp == out.student.fp
-    assert plan["steps"].fp == out.steps.fp and plan["train"].fp == out.trained.fp
-
-
 @pytest.fixture(scope="module")
 def packed(tmp_path_factory):
     """A micro run trained in one workspace and packed."""
@@ -64,6 +56,14 @@ def packed(tmp_path_factory):
     lineage = planned_run(config).lineages["train"]
     manifest = pack_trained(Workspace(root / "here"), lineage, root / "pack", "micro")
     return root, config, out, manifest
+
+
+def test_the_planned_fingerprints_are_the_ones_the_run_makes(packed):
+    _, config, out, _ = packed
+    plan = planned_run(config).lineages
+    assert plan["ingest"].fp == out.eval_datasets[-1].fp        # the last dataset ingested: the evaluation set
+    assert plan["generate"].fp == out.generation.fp and plan["student"].fp == out.student.fp
+    assert plan["steps"].fp == out.steps.fp and plan["train"].fp == out.trained.fp
 
 
 def unpack_into(ws_root, pack, **overrides):
