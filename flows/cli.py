@@ -244,7 +244,7 @@ def cmd_unpack(args) -> int:
     plan = planned_run(config)
     lineage, student = plan.lineages["train"], plan.lineages["student"]
     ws = Workspace(config.storage.workspace)
-    trained, recorded = unpack_trained(ws, lineage, student_folder(ws, config, student.fp), Path(args.src), args.config)
+    trained, recorded = unpack_trained(ws, config, lineage, student_folder(ws, config, student.fp), Path(args.src), args.config)
     print(f"{'unpacked' if recorded else 'already in the workspace:'} train stage {lineage.fp} -> {trained.final_dir}"
           f"\n{args.config} with these settings now trains nothing when run here (its other stages and the "
           "evaluation still run)")

@@ -167,8 +167,8 @@ def planned_run(config: DistillConfig) -> LineageStages:
 def from_catalog_run(config: DistillConfig) -> EvaluatePhase | None:
     """The whole run read from the catalog when every stage already ran with these inputs (nothing runs, no Prefect
     server starts); None when some stage has yet to run."""
+    run = CatalogStages(config)
     try:
-        run = CatalogStages(config)
         return evaluate_stages(config, train_stages(config, prepare_stages(config, generate_stages(config, run), run),
                                                     run), run)
     except NotCached:

@@ -19,10 +19,11 @@ import json
 import shutil
 from pathlib import Path
 
-from keystep.config import ConfigError
+from keystep.config import ConfigError, DistillConfig
 from storage.fingerprint import Lineage, canonical, file_hash
 from storage.workspace import Workspace, publish_dir, temp_dir_for
 from tasks.stage import publish_stage
+from tasks.train import TRAIN
 from tasks.training import Trained
 
 MANIFEST = "keystep-pack.json"
@@ -109,19 +110,18 @@ def read_manifest(src: Path) -> dict:
     return manifest
 
 
-def unpack_trained(ws: Workspace, lineage: Lineage, init_dir: str, src: Path, name: str) -> tuple[Trained, bool]:
+def unpack_trained(ws: Workspace, config: DistillConfig, lineage: Lineage, init_dir: str, src: Path,
+                   name: str) -> tuple[Trained, bool]:
     """Record the pack at `src` as the train output `lineage.fp` of `ws` (its student before training: `init_dir`);
-    returns the output and whether it was recorded now (False: the workspace already had it)."""
+    returns the output and whether it was recorded now (False: the workspace already had it, still valid)."""
     src = Path(src).expanduser().resolve()
     manifest = read_manifest(src)
     if manifest["fingerprint"] != lineage.fp:
         raise ConfigError(f"'{src}' holds train stage {manifest['fingerprint']} (packed from "
                           f"{manifest.get('preset')}), but {name} makes {lineage.fp} here: "
                           + lineage_difference(manifest["lineage"], lineage_form(lineage)))
-    catalog = ws.catalog()
-    done = catalog.stage_output(lineage.fp)
-    if done is not None and Path(done["summary"]["final_dir"]).is_dir():
-        return Trained.model_validate(done["summary"]), False
+    if (done := TRAIN.cached(ws, config, lineage)) is not None:   # the stage's own cache rule
+        return done, False
     for rel, digest in manifest["files"].items():
         path = src / "model" / rel
         if not path.is_file() or file_hash(path) != digest:
@@ -137,4 +137,4 @@ def unpack_trained(ws: Workspace, lineage: Lineage, init_dir: str, src: Path, na
     row = {"train_fp": lineage.fp, "epoch": trained.epochs, "path": str(folder),
            "config_json": config_file.read_text() if config_file.is_file() else None,
            "metrics_json": json.dumps(trained.history[-1] if trained.history else {})}
-    return publish_stage(catalog, lineage, trained, rows={"checkpoints": [row]}), True
+    return publish_stage(ws.catalog(), lineage, trained, rows={"checkpoints": [row]}), True

@@ -70,7 +70,7 @@ def unpack_into(ws_root, pack, **overrides):
     config = micro_config(ws_root, **{"train.epochs": 1, **overrides})
     plan = planned_run(config).lineages
     ws = Workspace(ws_root)
-    return unpack_trained(ws, plan["train"], student_folder(ws, config, plan["student"].fp), pack, "micro")
+    return unpack_trained(ws, config, plan["train"], student_folder(ws, config, plan["student"].fp), pack, "micro")
 
 
 def test_an_unpacked_student_trains_nothing_and_answers_as_where_it_was_trained(packed, tmp_path, monkeypatch):
