@@ -10,24 +10,22 @@ backoff, and after `max_retries` stored as a failed row with the raw body and th
 `teacher.retry_failed`). What the teacher *says* (a wrong or missing answer, text cut at max_tokens) is data.
 
 * `ReferenceTeacher` — the dataset's own rationales (offline default).
-* `OpenAITeacher` — any OpenAI-compatible endpoint, completions or chat, async with bounded concurrency.
+* `OpenAITeacher` — any OpenAI-compatible endpoint, completions or chat, `concurrency` requests in flight.
 * `InProcessVLLM` — `vllm.LLM` batch generation, when vLLM imports in this environment.
 * `VLLMServer` — starts `python -m vllm.entrypoints.openai.api_server` from a separate vLLM environment on
   a free loopback port, waits for /health, keeps its log, stops it afterwards.
 """
 from __future__ import annotations
 
-import asyncio
 import json
 import os
-import queue
 import random
 import re
 import socket
 import subprocess
-import threading
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cache
@@ -171,32 +169,32 @@ def _parse_response(body: str, api: str, logprobs: int = 0) -> GenerationResult:
     return GenerationResult(text=text, usage=usage, finish_reason=choice.get("finish_reason"), logprobs=captured)
 
 
+def request_params(cfg: TeacherConfig, model: str, req: GenerationRequest) -> dict[str, Any]:
+    """What a request for `req` asks of the endpoint (sampling, stop, per-request seed): the online path's and a batch
+    line's body alike, less the prompt or messages."""
+    params: dict[str, Any] = {"model": model, "max_tokens": cfg.max_tokens, "temperature": cfg.temperature,
+                              "top_p": cfg.top_p, "n": 1}
+    if cfg.stop:
+        params["stop"] = cfg.stop
+    if cfg.seed is not None and cfg.per_request_seed:
+        params["seed"] = cfg.seed + req.sample_index
+    return params
+
+
 class OpenAITeacher:
+    """An OpenAI-compatible endpoint, `concurrency` requests in flight (a thread pool over one client)."""
+
     def __init__(self, cfg: TeacherConfig, api_key: str | None, base_url: str | None = None, model: str | None = None):
         self.cfg = cfg
         self.base_url = base_url or cfg.base_url
         self.model = model or cfg.model
         self._api_key = api_key
 
-    def _client(self):
-        import httpx
-        import openai
-
-        limits = httpx.Limits(max_connections=self.cfg.concurrency, max_keepalive_connections=self.cfg.concurrency)
-        return openai.AsyncOpenAI(base_url=self.base_url, api_key=self._api_key or "no-key", timeout=self.cfg.timeout_s,
-                                  max_retries=self.cfg.max_retries,
-                                  http_client=httpx.AsyncClient(limits=limits, timeout=self.cfg.timeout_s))
-
-    async def _one(self, client, req: GenerationRequest) -> GenerationResult:
+    def _one(self, client, req: GenerationRequest) -> GenerationResult:
         import openai
 
         cfg = self.cfg
-        params: dict[str, Any] = {"model": self.model, "max_tokens": cfg.max_tokens, "temperature": cfg.temperature,
-                                  "top_p": cfg.top_p, "n": 1}
-        if cfg.stop:
-            params["stop"] = cfg.stop
-        if cfg.seed is not None and cfg.per_request_seed:
-            params["seed"] = cfg.seed + req.sample_index
+        params = request_params(cfg, self.model, req)
         if cfg.logprobs:   # completions: top-k per token in `logprobs`; chat: `logprobs` on, k in `top_logprobs`
             params |= {"logprobs": cfg.logprobs} if cfg.request_api == "completions" else \
                 {"logprobs": True, "top_logprobs": cfg.logprobs}
@@ -207,9 +205,9 @@ class OpenAITeacher:
             t0 = time.perf_counter()
             try:
                 if cfg.request_api == "completions":
-                    raw = await client.completions.with_raw_response.create(prompt=req.prompt, **params)
+                    raw = client.completions.with_raw_response.create(prompt=req.prompt, **params)
                 else:
-                    raw = await client.chat.completions.with_raw_response.create(messages=req.messages, **params)
+                    raw = client.chat.completions.with_raw_response.create(messages=req.messages, **params)
             except openai.APIStatusError as err:  # 4xx other than 408/409/429, or 5xx/429 after retries
                 if cfg.logprobs and err.status_code == 400 and "greater than max allowed" in str(err.message):
                     raise LogprobsUnavailable(   # vLLM's cap on k: a setting to fix, not a fault to retry
@@ -223,71 +221,41 @@ class OpenAITeacher:
             result.latency_s = time.perf_counter() - t0
             if result.status == "ok" or attempt >= cfg.max_retries:
                 return result                   # a protocol fault still there after the retries: a failed row
-            await asyncio.sleep(backoff_s(attempt))
+            time.sleep(backoff_s(attempt))
             attempt += 1
 
     def generate(self, requests: list[GenerationRequest]) -> Iterator[tuple[GenerationRequest, GenerationResult]]:
-        """Runs the async client in a background thread and yields results as they complete."""
-        out: queue.Queue = queue.Queue()
-        stop = threading.Event()
-        done = object()
+        """Results as they complete. A request that failed for I/O reasons is not yielded (the next run asks again);
+        after `max_consecutive_failures` of them in a row the requests not yet sent are dropped, those in flight
+        finish and are yielded, then `TeacherUnavailable` names the endpoint and the last error."""
+        import openai
 
-        async def run() -> None:
-            pending: asyncio.Queue = asyncio.Queue()
-            for req in requests:
-                pending.put_nowait(req)
-            state = {"consecutive": 0}
-            client = self._client()
-
-            async def worker() -> None:
-                while not stop.is_set():
-                    try:
-                        req = pending.get_nowait()
-                    except asyncio.QueueEmpty:
-                        return
-                    try:
-                        out.put((req, await self._one(client, req)))
-                        state["consecutive"] = 0
-                    except IOFailure as err:
-                        state["consecutive"] += 1
-                        out.put((req, err))
-                        if state["consecutive"] >= self.cfg.max_consecutive_failures:
-                            stop.set()
-                            out.put(TeacherUnavailable(
-                                f"teacher endpoint {self.base_url} failed {state['consecutive']} requests in a row "
-                                f"after {self.cfg.max_retries} retries each; last error: {err}. Finished rationales "
-                                "are kept; rerun to continue."))
-
-            try:
-                await asyncio.gather(*(worker() for _ in range(min(self.cfg.concurrency, max(len(requests), 1)))))
-            finally:
-                await client.close()
-
-        def thread_main() -> None:
-            try:
-                asyncio.run(run())
-            except BaseException as err:  # noqa: BLE001 - handed to the consumer
-                out.put(err)
-            out.put(done)
-
-        thread = threading.Thread(target=thread_main, daemon=True, name="keystep-teacher")
-        thread.start()
-        error = None
+        cfg, consecutive, error = self.cfg, 0, None
+        client = openai.OpenAI(base_url=self.base_url, api_key=self._api_key or "no-key", timeout=cfg.timeout_s,
+                               max_retries=cfg.max_retries)
+        pool = ThreadPoolExecutor(max(1, min(cfg.concurrency, len(requests))), thread_name_prefix="keystep-teacher")
+        futures = {pool.submit(self._one, client, req): req for req in requests}
         try:
-            while True:
-                item = out.get()
-                if item is done:
-                    break
-                if isinstance(item, BaseException):
-                    error = error or item
+            for done in as_completed(futures):
+                if done.cancelled():
                     continue
-                req, res = item
-                if isinstance(res, IOFailure):
-                    continue  # not stored: the next run asks again
-                yield req, res
+                try:
+                    result = done.result()
+                except IOFailure as err:
+                    consecutive += 1
+                    if consecutive >= cfg.max_consecutive_failures and error is None:
+                        error = TeacherUnavailable(
+                            f"teacher endpoint {self.base_url} failed {consecutive} requests in a row after "
+                            f"{cfg.max_retries} retries each; last error: {err}. Finished rationales are kept; rerun "
+                            "to continue.")
+                        for f in futures:
+                            f.cancel()
+                    continue
+                consecutive = 0
+                yield futures[done], result
         finally:
-            stop.set()
-            thread.join(timeout=60)
+            pool.shutdown(wait=True, cancel_futures=True)
+            client.close()
         if error:
             raise error
 

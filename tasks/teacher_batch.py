@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterator
 
 from keystep.config import TeacherConfig
 from tasks.teacher_backends import (PROTOCOL_FAULTS, GenerationRequest, GenerationResult, TeacherUnavailable,
-                                    _parse_response)
+                                    _parse_response, request_params)
 
 TERMINAL = ("completed", "failed", "expired", "cancelled")
 
@@ -85,12 +85,7 @@ class Ledger:
 
 def request_line(cfg: TeacherConfig, model: str, req: GenerationRequest, custom_id: str) -> dict:
     """One request of a batch: what the online path would send, as a Batch API line."""
-    body: dict[str, Any] = {"model": model, "max_tokens": cfg.max_tokens, "temperature": cfg.temperature,
-                            "top_p": cfg.top_p, "n": 1}
-    if cfg.stop:
-        body["stop"] = cfg.stop
-    if cfg.seed is not None and cfg.per_request_seed:
-        body["seed"] = cfg.seed + req.sample_index
+    body = request_params(cfg, model, req)
     if cfg.batch_endpoint == "chat":
         body["messages"] = req.messages
     else:
