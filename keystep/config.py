@@ -537,6 +537,10 @@ class OnPolicyConfig(Section):
                                "distribution, what GKD samples).")
     max_new_tokens: int = Field(96, ge=1, description="Most tokens a sampled completion has (also capped by "
                                 "student.max_length).")
+    sft_epochs: int = added_later(0, ge=0, description="Epochs of Std-CoT first — the NLL on the teacher's stored "
+                                  "rationales, nothing sampled or scored — then the on-policy ones, in the same run and "
+                                  "learning-rate schedule: GKD and the on-policy distillation recipes start from a "
+                                  "supervised fine-tuned student. 0: on-policy from the first epoch.")
 
 
 class TrainConfig(Section):
@@ -635,6 +639,9 @@ class TrainConfig(Section):
         if self.loss == "on_policy" and self.num_processes > 1:
             raise ValueError("train.loss 'on_policy' samples the student in the training process: set "
                              "train.num_processes: 1 (sampling across several processes is not built)")
+        if self.loss == "on_policy" and self.on_policy.sft_epochs >= self.epochs:
+            raise ValueError(f"train.on_policy.sft_epochs ({self.on_policy.sft_epochs}) leaves no on-policy epoch of "
+                             f"train.epochs ({self.epochs}): set it below train.epochs, or train.loss: std_cot")
         return self
 
 

@@ -134,10 +134,15 @@ class OnPolicy:
         self.kl_sum = self.kl_tokens = 0.0
         self.seconds = {"sample": 0.0, "score": 0.0}
 
+    def supervised_epoch(self, epoch: int) -> bool:
+        """One of the first `sft_epochs`: Std-CoT, the NLL on the teacher's text (the SFT start GKD assumes)."""
+        return epoch <= self.cfg.sft_epochs
+
     def is_on_policy(self, epoch: int, step: int) -> bool:
-        """GKD: with probability λ a step trains on the student's own samples."""
+        """GKD: with probability λ a step trains on the student's own samples (none in a supervised epoch)."""
         self.n_steps += 1
-        on = random.Random(step_seed(self.seed, epoch, step, "on-policy")).random() < self.cfg.lmbda
+        on = (not self.supervised_epoch(epoch)
+              and random.Random(step_seed(self.seed, epoch, step, "on-policy")).random() < self.cfg.lmbda)
         self.n_on += on
         return on
 

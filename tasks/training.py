@@ -5,8 +5,9 @@ Std-CoT: NLL on rationale + answer. KPOD (§4.3-4.4): epoch e reads curriculum s
 shard; the input is the question + the first c_i steps (no loss there), the target the remaining steps + the
 answer, and the loss −Σ_j w_j·log P(r_j | ·) − Σ log P(y | ·) with w the learned token weights (§4.1). kd: each
 token's NLL mixed with the KL to the teacher's stored top-k (`kd_loss_sum`); kpod_kd: KPOD's stages and weights with
-kd's per-token mixture. on_policy (GKD): a share λ of the steps trains on the student's own samples, scored by the
-teacher as they are drawn (tasks/on_policy.py), every step on the generalized JSD to the teacher's top-k. The sequences themselves come from tasks/formats.py (`Sequence`).
+kd's per-token mixture. on_policy (GKD): after `train.on_policy.sft_epochs` epochs of Std-CoT, a share λ of the
+steps trains on the student's own samples, scored by the teacher as they are drawn (tasks/on_policy.py), every step
+on the generalized JSD to the teacher's top-k. The sequences themselves come from tasks/formats.py (`Sequence`).
 
 In the style of nanoGPT and torchtune's recipes: `setup` builds everything the loop touches (a `LoopState`) from
 small units, each given one config section — `_setup_model` (train + student), `_setup_data` (train), `_setup_schedule`
@@ -103,12 +104,13 @@ def kd_loss_sum(logits: "torch.Tensor", labels: "torch.Tensor", weights: "torch.
     return (per_token * weights[:, 1:] * (y != IGNORE)).sum()
 
 
-def token_loss_sum(logits: "torch.Tensor", batch: dict, cfg: TrainConfig) -> "torch.Tensor":
-    """The step's summed token loss for train.loss: GKD's divergence, KD's mixture, or the (weighted) NLL."""
-    if cfg.loss == "on_policy":
+def token_loss_sum(logits: "torch.Tensor", batch: dict, cfg: TrainConfig, supervised: bool = False) -> "torch.Tensor":
+    """The step's summed token loss for train.loss: GKD's divergence, KD's mixture, or the (weighted) NLL — also in
+    on_policy's `supervised` epochs (train.on_policy.sft_epochs)."""
+    if cfg.loss == "on_policy" and not supervised:
         return generalized_jsd_sum(logits, batch["labels"], batch["weights"], batch["teacher_ids"],
                                    batch["teacher_logprobs"], cfg.on_policy.beta)
-    if cfg.uses_teacher_scores:
+    if cfg.uses_teacher_scores and cfg.loss != "on_policy":
         return kd_loss_sum(logits, batch["labels"], batch["weights"], batch["teacher_ids"], batch["teacher_logprobs"],
                            cfg.kd.alpha, cfg.kd.temperature)
     return weighted_nll_sum(logits, batch["labels"], batch["weights"])
@@ -362,6 +364,7 @@ def run_epoch(run: LoopState, epoch: int) -> dict:
     totals = torch.zeros(4, dtype=torch.float64)   # tokens, supervised tokens, weighted tokens, Σ step losses
     groups = optimizer_steps(data, cfg, epoch)
     loss_total = torch.zeros((), device=run.device)
+    supervised = run.on_policy is not None and run.on_policy.supervised_epoch(epoch)   # on_policy's SFT epochs
     for step, group in enumerate(groups):
         # GKD: with probability λ the step's questions answered by the student's own samples, scored by the teacher
         sampled = run.on_policy is not None and run.on_policy.is_on_policy(epoch, step)
@@ -386,7 +389,7 @@ def run_epoch(run: LoopState, epoch: int) -> dict:
             with no_grad_sync(model, dist, last):
                 with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=autocast):
                     logits = model(**model_inputs(batch)).logits
-                nll = token_loss_sum(logits, batch, cfg)
+                nll = token_loss_sum(logits, batch, cfg, supervised)
                 if sampled:
                     run.on_policy.add_divergence(logits, batch)
                 (nll * dist.world / n_labelled).backward()

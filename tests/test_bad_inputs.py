@@ -109,6 +109,8 @@ CASES = [
      "train.on_policy.lmbda=1.5"], "train.on_policy.lmbda"),
     ("on-policy sampling in several processes", ["run", MICRO, "--set", "train.loss=on_policy", "--set",
      "teacher_scores.model={tmp}/not-a-model", "--set", "train.num_processes=2"], "train.num_processes"),
+    ("on-policy with every epoch supervised", ["run", MICRO, "--set", "train.loss=on_policy", "--set",
+     "teacher_scores.model={tmp}/not-a-model", "--set", "train.on_policy.sft_epochs=2"], "train.on_policy.sft_epochs (2)"),
     ("results without a catalog", ["results", "--workspace", "{tmp}/empty-ws"], "no catalog"),
     ("a pack of a run that has not run", ["pack", MICRO, "{tmp}/pack", "--workspace", "{tmp}/ws"],
      f"run `keystep run {MICRO}` first"),

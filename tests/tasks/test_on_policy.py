@@ -99,6 +99,37 @@ def test_lmbda_0_is_the_divergence_on_the_teachers_text_and_samples_nothing(tmp_
     assert want.item() > 0.1 and epoch["loss"] == pytest.approx(want.item(), rel=1e-4)
 
 
+def test_sft_epochs_train_as_std_cot_then_sample(tmp_path, monkeypatch):
+    """train.on_policy.sft_epochs: those epochs are Std-CoT to the weight (the NLL on the teacher's text, nothing
+    sampled or scored), the epochs after them on-policy."""
+    settings = {"train.batch_size": 8, "train.epochs": 2, "train.precision": "fp32"}
+    ws_a, ws_b = Workspace(tmp_path / "a"), Workspace(tmp_path / "b")
+    cfg_a, _, gen_a, st_a = prepared(ws_a, n=16, **settings)
+    op = on_policy_config(cfg_a, teacher_folder(st_a, tmp_path / "teacher"), lmbda=1.0, sft_epochs=1)
+    sampled_in: list[int] = []
+    real_sequences = on_policy.OnPolicy.sequences
+
+    def recording(self, model, group, epoch, step):
+        sampled_in.append(epoch)
+        return real_sequences(self, model, group, epoch, step)
+    monkeypatch.setattr(on_policy.OnPolicy, "sequences", recording)
+    out = TRAIN.run(ws_a, op, scored(ws_a, op, gen_a, st_a))
+    assert set(sampled_in) == {2} and [h["on_policy_share"] for h in out.history] == [0.0, 1.0]
+    cfg_b, _, gen_b, st_b = prepared(ws_b, n=16, **settings)         # the same run with loss std_cot
+    std = TRAIN.run(ws_b, cfg_b, TrainInputs(generation=gen_b, student=st_b))
+    assert out.history[0]["loss"] == pytest.approx(std.history[0]["loss"], rel=1e-6)
+    a, _ = load_student(ws_a.checkpoints_root(out.fp) / "epoch-1")
+    b, _ = load_student(ws_b.checkpoints_root(std.fp) / "epoch-1")
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), name
+
+
+def test_sft_epochs_must_leave_an_on_policy_epoch():
+    from keystep.config import TrainConfig
+    with pytest.raises(ValueError, match=r"train.on_policy.sft_epochs \(3\) leaves no on-policy epoch of train.epochs \(3\)"):
+        TrainConfig(loss="on_policy", epochs=3, on_policy={"sft_epochs": 3})
+
+
 def test_a_kill_mid_epoch_resumes_to_the_weights_of_an_uninterrupted_run_paying_no_sample_twice(tmp_path, monkeypatch):
     settings = {"train.batch_size": 8, "train.epochs": 2, "train.precision": "fp32"}
     ws_a, ws_b = Workspace(tmp_path / "a"), Workspace(tmp_path / "b")
