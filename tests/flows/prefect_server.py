@@ -42,10 +42,13 @@ class PrefectServer:
         return (self.logs / f"{name}.log").read_text(errors="replace")
 
     def server_faults(self) -> list[str]:
-        """The tracebacks in the server's log other than SQLite's transient `database is locked`: on 2 busy cores a
-        write (a worker's heartbeat) can meet another writer, Prefect logs it and the next heartbeat writes again."""
+        """The tracebacks in the server's log other than two transient ones of 2 busy cores: SQLite's `database is
+        locked` (a write, a worker's heartbeat, meets another writer; Prefect logs it and the next heartbeat writes
+        again), and SQLAlchemy's "Exception during reset" of a pooled connection whose request was cancelled while
+        it rolled back (a client that gave up waiting; the pool discards that connection)."""
         chunks = self.log("server").split("Traceback (most recent call last):")[1:]
-        return [c[-1500:] for c in chunks if "database is locked" not in c]
+        return [c[-1500:] for c in chunks if "database is locked" not in c
+                and not ("in _finalize_fairy" in c and c.rstrip().endswith("CancelledError"))]
 
     def get(self, path: str):
         return self._read(urllib.request.Request(f"{self.api}/{path}"))
