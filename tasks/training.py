@@ -104,13 +104,12 @@ def kd_loss_sum(logits: "torch.Tensor", labels: "torch.Tensor", weights: "torch.
     return (per_token * weights[:, 1:] * (y != IGNORE)).sum()
 
 
-def token_loss_sum(logits: "torch.Tensor", batch: dict, cfg: TrainConfig, supervised: bool = False) -> "torch.Tensor":
-    """The step's summed token loss for train.loss: GKD's divergence, KD's mixture, or the (weighted) NLL — also in
-    on_policy's `supervised` epochs (train.on_policy.sft_epochs)."""
-    if cfg.loss == "on_policy" and not supervised:
+def token_loss_sum(logits: "torch.Tensor", batch: dict, cfg: TrainConfig) -> "torch.Tensor":
+    """The step's summed token loss for train.loss: GKD's divergence, KD's mixture, or the (weighted) NLL."""
+    if cfg.loss == "on_policy":
         return generalized_jsd_sum(logits, batch["labels"], batch["weights"], batch["teacher_ids"],
                                    batch["teacher_logprobs"], cfg.on_policy.beta)
-    if cfg.uses_teacher_scores and cfg.loss != "on_policy":
+    if cfg.uses_teacher_scores:
         return kd_loss_sum(logits, batch["labels"], batch["weights"], batch["teacher_ids"], batch["teacher_logprobs"],
                            cfg.kd.alpha, cfg.kd.temperature)
     return weighted_nll_sum(logits, batch["labels"], batch["weights"])
@@ -389,7 +388,8 @@ def run_epoch(run: LoopState, epoch: int) -> dict:
             with no_grad_sync(model, dist, last):
                 with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=autocast):
                     logits = model(**model_inputs(batch)).logits
-                nll = token_loss_sum(logits, batch, cfg, supervised)
+                nll = (weighted_nll_sum(logits, batch["labels"], batch["weights"]) if supervised
+                       else token_loss_sum(logits, batch, cfg))
                 if sampled:
                     run.on_policy.add_divergence(logits, batch)
                 (nll * dist.world / n_labelled).backward()
