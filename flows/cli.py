@@ -16,6 +16,7 @@ console script).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -94,6 +95,46 @@ def start_prefect() -> None:
     check_server()
 
 
+def start_temporary_server() -> None:
+    """With no PREFECT_API_URL: start Prefect's temporary server here — the one its client would start on first use
+    (`SubprocessASGIServer()` is a singleton) — with the server's own output in PREFECT_HOME/temporary-server.log
+    instead of on the terminal. Its error log (SQLite's transient `database is locked` on busy cores, a pooled
+    connection cancelled at shutdown) is Prefect's bookkeeping, and printed among the run's lines it reads as a
+    keystep traceback."""
+    from prefect.settings import PREFECT_HOME, PREFECT_SERVER_ALLOW_EPHEMERAL_MODE
+
+    if server_configured() or not PREFECT_SERVER_ALLOW_EPHEMERAL_MODE.value():
+        return
+    from prefect.logging import get_logger
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()
+    if server.running:
+        return
+    log_path = Path(PREFECT_HOME.value()) / "temporary-server.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        with output_to(log):   # the server process inherits file descriptors 1 and 2 while it starts
+            server.start()
+    get_logger("keystep").info(f"Started temporary server on {server.address} (its log: {log_path}); for one that "
+                               "lasts, with the UI: `make serve` and PREFECT_API_URL=http://127.0.0.1:4200/api")
+
+
+@contextlib.contextmanager
+def output_to(file):
+    """This process's stdout and stderr, at the file-descriptor level, go to `file` inside the block."""
+    sys.stdout.flush(), sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    try:
+        os.dup2(file.fileno(), 1), os.dup2(file.fileno(), 2)
+        yield
+    finally:
+        sys.stdout.flush(), sys.stderr.flush()
+        os.dup2(saved[0], 1), os.dup2(saved[1], 2)
+        for fd in saved:
+            os.close(fd)
+
+
 def server_configured() -> bool:
     from prefect.settings import PREFECT_API_URL
 
@@ -122,7 +163,8 @@ def prefect_start_failure(err: BaseException) -> PrefectUnavailable | None:
         return PrefectUnavailable(
             "Prefect's temporary server did not start within "
             f"{os.environ.get('PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS')} s (the first start creates its "
-            "database under PREFECT_HOME, slow on busy cores); run the command again, raise "
+            "database under PREFECT_HOME, slow on busy cores; its log: PREFECT_HOME/temporary-server.log); run the "
+            "command again, raise "
             "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, or start a server with `make serve` and set "
             "PREFECT_API_URL=http://127.0.0.1:4200/api")
     return None
@@ -146,6 +188,7 @@ def cmd_run(args) -> int:
         record_run_start(config, run_id, flow_run_id=None).stop()
         summary = record_run_end(config, run_id, cached)
     else:
+        start_temporary_server()
         # the preset and the overrides, not the resolved config, are the run's parameters: the UI shows what was asked
         summary = distill(preset=args.config, overrides=_run_overrides(args))
     rows = Workspace(config.storage.workspace).catalog().query("latest_results", eval_fp=summary.eval_fp)
@@ -169,6 +212,7 @@ def cmd_experiment(args) -> int:
             arm = arm.model_copy(update={"teacher_scores": arm.teacher_scores.model_copy(update={"model": None})})
         preflight(arm)
     start_prefect()
+    start_temporary_server()
     from flows.experiment import experiment
 
     out = experiment(config=exp)
@@ -211,6 +255,7 @@ def cmd_export(args) -> int:
                               **prepared_in_catalog(config, generated))
         out = {**done.model_dump(), "hub_url": push_to_hub(config, done) if config.export.push_to_hub else None}
     else:
+        start_temporary_server()
         from flows.export import export
         out = export(preset=args.config, overrides=overrides)
     print(f"exported {out['n_rows']} rationales and {out['n_sft']} SFT rows ({', '.join(out['formats'])}) to "

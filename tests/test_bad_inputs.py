@@ -1,6 +1,7 @@
 """A table of user mistakes, each run as a user would (`keystep run ...` in a subprocess): exit status 2 and one
 line that names the config key or path, no traceback — and for all but the last, before any work starts."""
 import json
+import os
 import subprocess
 import sys
 
@@ -119,13 +120,13 @@ CASES = [
 ]
 
 
-def keystep(args, tmp):
+def keystep(args, tmp, **env):
     args = [a.replace("{tmp}", str(tmp)) for a in args]
     if args[0] in ("run", "export") and "--workspace" not in args:
         args += ["--workspace", str(tmp / "ws")]
     return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=tmp, capture_output=True, text=True,
-                          timeout=300, env={**{k: v for k, v in __import__("os").environ.items() if k != "HF_TOKEN"},
-                                            "PYTHONPATH": str(ROOT)})
+                          timeout=300, env={**{k: v for k, v in os.environ.items() if k != "HF_TOKEN"},
+                                            "PYTHONPATH": str(ROOT), **env})
 
 
 @pytest.mark.parametrize("case,args,named", CASES, ids=[c[0] for c in CASES])
@@ -141,12 +142,19 @@ def test_a_user_mistake_exits_2_with_one_line_before_any_work(tmp_path, case, ar
 
 @pytest.mark.slow
 def test_a_mistake_found_inside_the_flow_ends_with_one_line_and_no_traceback(tmp_path):
-    """Sequences longer than student.max_length are only known once the student's tokenizer exists."""
-    r = keystep(["run", MICRO, "--set", "student.max_length=32"], tmp_path)
+    """Sequences longer than student.max_length are only known once the student's tokenizer exists. Prefect's
+    temporary server, here made to log everything, keeps its own output in its log file, off the terminal (its
+    transient errors on busy cores, e.g. SQLite's `database is locked`, once printed tracebacks among the run's lines)."""
+    home = tmp_path / "prefect-home"
+    r = keystep(["run", MICRO, "--set", "student.max_length=32"], tmp_path, PREFECT_HOME=str(home),
+                PREFECT_SERVER_LOGGING_LEVEL="DEBUG")
     assert r.returncode == 2
     assert "Traceback" not in r.stderr + r.stdout
     errors = [line for line in r.stderr.splitlines() if line.startswith("keystep: error:")]
     assert len(errors) == 1 and errors[0].startswith("keystep: error: config key 'student.max_length'")
+    server_log = (home / "temporary-server.log").read_text()
+    assert "prefect.server" in server_log and "prefect.server" not in r.stderr + r.stdout
+    assert f"its log: {home / 'temporary-server.log'}" in r.stderr
 
 
 @pytest.mark.slow
