@@ -13,6 +13,7 @@ import hashlib
 import os
 import shutil
 import threading
+import uuid
 from pathlib import Path
 
 from storage.catalog import Catalog
@@ -72,6 +73,21 @@ def publish_dir(tmp: Path, final: Path) -> None:
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
+
+
+def write_atomic(path: Path, content) -> Path:
+    """Write one file whole or not at all (a temp name beside it, then a rename): `content` is text, or a pyarrow
+    table written as Parquet (zstd). The temp name ends in neither the file's suffix nor a glob's pattern."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    if isinstance(content, str):
+        tmp.write_text(content)
+    else:
+        import pyarrow.parquet as pq
+
+        pq.write_table(content, tmp, compression="zstd")
+    os.replace(tmp, path)
+    return path
 
 
 def temp_dir_for(final: Path) -> Path:

@@ -355,13 +355,10 @@ def build_curriculum(ws: Workspace, config: DistillConfig, inputs: CurriculumInp
     clusters = np.array([labels[r["example_id"]] for r in scored], dtype=np.int64)
     stages = n_stages(config.train.epochs)
     sched = build_schedule([np.array(by_rationale[r["rationale_id"]]) for r in scored], clusters, stages, cfg)
-    table = {"fp": [], "stage": [], "example_id": [], "rationale_id": [], "prefix_steps": []}
-    for t in range(stages):
-        table["fp"] += [fp] * len(scored)
-        table["stage"] += [t + 1] * len(scored)
-        table["example_id"] += [r["example_id"] for r in scored]
-        table["rationale_id"] += [r["rationale_id"] for r in scored]
-        table["prefix_steps"] += sched.prefix[t].tolist()
+    table = {"fp": [fp] * (stages * len(scored)), "stage": [t for t in range(1, stages + 1) for _ in scored],
+             "example_id": [r["example_id"] for _ in range(stages) for r in scored],
+             "rationale_id": [r["rationale_id"] for _ in range(stages) for r in scored],
+             "prefix_steps": sched.prefix.ravel().tolist()}       # stage by stage, as `scored`
     plots = plot_schedule(sched, report_dir / f"curriculum-{fp}")
     out = Curriculum(fp=fp, stages=stages, shards_dir=str(shards_dir), n_rationales=len(scored),
                      n_unscored=len(rows) - len(scored), budget=sched.budget, achieved=sched.achieved,

@@ -12,8 +12,6 @@ budget, so a batch wastes little padding (bench/difficulty_throughput.py measure
 θ_s for a scratch student is the student after `difficulty.warmup_epochs` of Std-CoT (tasks/warmup.py): a
 randomly initialised model gives every token about log(V) nats, which says nothing about difficulty. The warm-up
 model scores only; distillation still starts from the untrained student.
-
-Input: the `Generation`, its `Steps`, the `TokenWeights` and the scoring `Student`. Output: `Difficulty`.
 """
 from __future__ import annotations
 
@@ -68,9 +66,7 @@ def buckets(items: list[EncodedRationale], batch_tokens: int, bucketed: bool = T
             cur, w = [], len(items[i].ids)
         cur.append(i)
         width = w
-    if cur:
-        out.append(cur)
-    return out
+    return out + [cur] if cur else out
 
 
 def token_nll(model, items: list[EncodedRationale], batch_tokens: int, device: str, bucketed: bool = True,
@@ -126,14 +122,11 @@ def difficulty_lineage(config: DistillConfig, inputs: DifficultyInputs) -> Linea
 
 
 def score_difficulty(ws: Workspace, config: DistillConfig, inputs: DifficultyInputs, lineage: Lineage) -> Made:
-    catalog, cfg, scorer = ws.catalog(), config.difficulty, inputs.scorer
-    device = pick_device(config.train.device)
+    cfg, scorer, device = config.difficulty, inputs.scorer, pick_device(config.train.device)
     model, tokenizer = load_student(scorer.model_dir, device=device)
     _, items = load_encoded(ws, config, tokenizer, inputs.generation, inputs.steps)
-    weights = load_weights(catalog, inputs.token_weights)
-    nll = token_nll(model, items, cfg.batch_tokens, device)
-    table = []
-    for it, losses in zip(items, nll):
+    weights, table = load_weights(ws.catalog(), inputs.token_weights), []
+    for it, losses in zip(items, token_nll(model, items, cfg.batch_tokens, device)):
         w = weights.get(it.rationale_id, (None, None))[1]
         for k, (d, n) in enumerate(step_difficulties(it, losses, w, cfg.weighted, cfg.temperature)):
             table.append({"difficulty_fp": lineage.fp, "rationale_id": it.rationale_id, "step_index": k,

@@ -101,10 +101,8 @@ def evaluate_student(ws: Workspace, config: DistillConfig, inputs: EvaluateInput
     models = {"student": trained.final_dir}
     if cfg.include_untrained:
         models["untrained"] = inputs.student.model_dir
-    examples = []
-    for ds in inputs.datasets:
-        for ex in catalog.query("examples_of_dataset", dataset_fp=ds.fp):
-            examples.append({**ex, "dataset": ds.name, "meta": json.loads(ex["meta_json"] or "{}")})
+    examples = [{**ex, "dataset": ds.name, "meta": json.loads(ex["meta_json"] or "{}")}
+                for ds in inputs.datasets for ex in catalog.query("examples_of_dataset", dataset_fp=ds.fp)]
     prompts = [format_prompt(config.teacher, ex["question"]) for ex in examples]
     label_first = config.train.target_format in LABEL_FIRST
     preds, decoder = [], engine(cfg)
@@ -150,7 +148,8 @@ def epoch_curve(catalog, config: DistillConfig, trained: Trained, examples: list
     if not n or not first:
         return {}, None
     curve = {}
-    for ckpt in trained_checkpoints(catalog, trained):
+    # the run's epoch checkpoints that still exist (a cached training run may have had old ones removed)
+    for ckpt in [c for c in catalog.query("checkpoints_of", train_fp=trained.fp) if Path(c["path"]).is_dir()]:
         if ckpt["epoch"] == trained.epochs:
             curve[ckpt["epoch"]] = sum(final[i] for i in first) / len(first)
             continue
@@ -162,11 +161,6 @@ def epoch_curve(catalog, config: DistillConfig, trained: Trained, examples: list
                             examples[i]["answer_type"], config.eval.tolerance) for i, out in zip(first, outputs)]
         curve[ckpt["epoch"]] = sum(right) / len(right)
     return curve, f"{examples[0]['dataset']}/{examples[0]['split']}, first {len(first)} questions"
-
-
-def trained_checkpoints(catalog, trained: Trained) -> list[dict]:
-    """The run's epoch checkpoints that still exist (a cached training run may have had old ones removed)."""
-    return [c for c in catalog.query("checkpoints_of", train_fp=trained.fp) if Path(c["path"]).is_dir()]
 
 
 def results_table(rows: list[dict]) -> str:

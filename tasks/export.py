@@ -100,13 +100,13 @@ def check_export(config: DistillConfig, token_weights: TokenWeights | None = "un
                           "prepare phase has not computed (set token_weights.compute: true and run it), or drop it")
 
 
-def rationale_rows(ws: Workspace, config: DistillConfig, generation: Generation, tokenizer=None,
-                   steps: Steps | None = None, token_weights: TokenWeights | None = None,
-                   difficulty: Difficulty | None = None, teacher_scores: TeacherScores | None = None) -> list[dict]:
+def rationale_rows(ws: Workspace, config: DistillConfig, inputs: ExportInputs, tokenizer=None) -> list[dict]:
     """One row per rationale: question, gold answer, rationale, extracted answer, correctness, status and reason,
-    teacher, prompt, sampling parameters, usage; steps, token weights, keypoints, difficulties and the teacher's
-    top-k distributions where computed."""
-    catalog, teacher = ws.catalog(), config.teacher
+    teacher, prompt, sampling parameters, usage; steps, token weights, keypoints, difficulties and — with the
+    student's `tokenizer`, whose token ids they index — the teacher's top-k distributions, where computed."""
+    catalog, teacher, generation, steps = ws.catalog(), config.teacher, inputs.generation, inputs.steps
+    token_weights, difficulty = inputs.token_weights, inputs.difficulty
+    teacher_scores = inputs.teacher_scores if tokenizer is not None else None
     rows = catalog.query("export_rationales", dataset_fp=generation.dataset_fp, teacher_fp=generation.teacher_fp,
                          only_kept=config.export.rows == "kept", only_correct=teacher.keep_only_correct)
     by = lambda q, key, **kw: {r["rationale_id"]: r for r in catalog.query(q, **kw)} if key else {}  # noqa: E731
@@ -310,16 +310,13 @@ def export_dataset(ws: Workspace, config: DistillConfig, inputs: ExportInputs, l
     import datasets
 
     datasets.disable_progress_bars()
-    generation, student, steps, token_weights, difficulty, scores = (
-        inputs.generation, inputs.student, inputs.steps, inputs.token_weights, inputs.difficulty, inputs.teacher_scores)
-    out_dir = export_dir(ws, config, lineage.fp)
-    check_export(config, token_weights)
+    out_dir, student = export_dir(ws, config, lineage.fp), inputs.student
+    check_export(config, inputs.token_weights)
     tokenizer = None
-    if (token_weights or scores) and student:
+    if (inputs.token_weights or inputs.teacher_scores) and student:
         from transformers import AutoTokenizer
         tokenizer = AutoTokenizer.from_pretrained(student.model_dir)
-    rows = rationale_rows(ws, config, generation, tokenizer, steps, token_weights, difficulty,
-                          scores if student else None)
+    rows = rationale_rows(ws, config, inputs, tokenizer)
     formats = list(dict.fromkeys(config.export.formats))
     tmp = temp_dir_for(out_dir)
     files, n_sft = {"rationales": "rationales/train.parquet"}, 0
@@ -333,13 +330,13 @@ def export_dataset(ws: Workspace, config: DistillConfig, inputs: ExportInputs, l
         (tmp / files[key]).parent.mkdir(parents=True, exist_ok=True)
         table.to_parquet(str(tmp / files[key]))
         table.save_to_disk(str(tmp / "hf" / key))
-    (tmp / "README.md").write_text(dataset_card(config, generation, lineage, rows, formats, files))
+    (tmp / "README.md").write_text(dataset_card(config, inputs.generation, lineage, rows, formats, files))
     if not config.export.license:
         (tmp / "LICENSE.md").write_text(license_note(config))
     out = Exported(fp=lineage.fp, out_dir=str(out_dir), n_rows=len(rows), n_sft=n_sft, formats=formats, files=files,
-                   with_steps=steps is not None, with_token_weights=token_weights is not None,
-                   with_difficulty=difficulty is not None,
-                   with_teacher_scores=scores is not None and student is not None)
+                   with_steps=inputs.steps is not None, with_token_weights=inputs.token_weights is not None,
+                   with_difficulty=inputs.difficulty is not None,
+                   with_teacher_scores=inputs.teacher_scores is not None and tokenizer is not None)
     (tmp / "export.json").write_text(out.model_dump_json(indent=2, exclude={"out_dir"}))   # no local path: it is pushed
     publish_dir(tmp, out_dir)
     return out

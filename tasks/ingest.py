@@ -111,8 +111,7 @@ def _one_problem(rng: random.Random, n_steps: int, max_operand: int) -> Example:
 def generate_arith(n: int, seed: int, min_steps: int = 1, max_steps: int = 5, max_operand: int = 20) -> list[Example]:
     """Deterministic: the same arguments give the same problems in the same order."""
     rng = random.Random(f"arith-{seed}")
-    seen, out = set(), []
-    attempts = 0
+    seen, out, attempts = set(), [], 0
     while len(out) < n and attempts < 50 * n:
         attempts += 1
         ex = _one_problem(rng, rng.randint(min_steps, max_steps), max_operand)
@@ -249,52 +248,48 @@ def canonicalise(spec: DatasetSpec, records) -> tuple[list[Example], list[dict]]
     """Turn raw records into Examples; every rejected row becomes a bad-row record with its reason."""
     examples, bad, seen = [], [], set()
     for idx, raw in records:
-        if isinstance(raw, _BadRecord):
-            bad.append({"row_index": idx, "reason": raw.reason, "raw": raw.raw[:2000]})
-            continue
-        if spec.limit is not None and len(examples) >= spec.limit:
+        if not isinstance(raw, _BadRecord) and spec.limit is not None and len(examples) >= spec.limit:
             break
-        if not isinstance(raw, dict):
-            bad.append({"row_index": idx, "reason": "not a record", "raw": str(raw)[:2000]})
-            continue
-        raw_text = json.dumps(raw, default=str)[:2000]
-        try:
-            row = {"gsm8k": _gsm8k_row, "svamp": _svamp_row}.get(spec.source, lambda r: _mapped_row(spec, r))(raw)
-        except _MissingColumn as err:
-            bad.append({"row_index": idx, "reason": f"missing column {err.args[0]!r} (question_template)", "raw": raw_text})
-            continue
-        question = str(row.get("question") or "").strip()
-        if not question:
-            bad.append({"row_index": idx, "reason": "empty question", "raw": raw_text})
-            continue
-        if row.get("answer") is None or str(row.get("answer")).strip() == "":
-            bad.append({"row_index": idx, "reason": "missing answer", "raw": raw_text})
-            continue
-        answer_type = "number" if spec.source in ("gsm8k", "svamp") else spec.answer_type
-        try:
-            answer, value = normalise(row["answer"], answer_type)
-        except ValueError as err:
-            bad.append({"row_index": idx, "reason": f"unparseable answer ({err})", "raw": raw_text})
-            continue
-        choices = row.get("choices")
-        if spec.choices_field and not choices:
-            bad.append({"row_index": idx, "reason": f"no choices in '{spec.choices_field}'", "raw": raw_text})
-            continue
-        if choices:
-            if answer not in {label.upper() for label, _ in choices}:
-                bad.append({"row_index": idx, "reason": f"answer {answer!r} is not a choice label", "raw": raw_text})
-                continue
-            question = with_choices(question, choices)
-        ex = Example(question=question, answer=answer, answer_value=value, answer_type=answer_type,
-                     reference_rationale=(str(row["rationale"]).strip() or None) if row.get("rationale") else None,
-                     choices=[[label, text] for label, text in choices] if choices else None,
-                     meta={"row_index": idx})
-        if ex.example_id in seen:
-            bad.append({"row_index": idx, "reason": "duplicate", "raw": raw_text})
-            continue
-        seen.add(ex.example_id)
-        examples.append(ex)
+        judged = raw if isinstance(raw, _BadRecord) else _example(spec, idx, raw)
+        if isinstance(judged, Example) and judged.example_id in seen:
+            judged = _BadRecord("duplicate", json.dumps(raw, default=str))
+        if isinstance(judged, _BadRecord):
+            bad.append({"row_index": idx, "reason": judged.reason, "raw": judged.raw[:2000]})
+        else:
+            seen.add(judged.example_id)
+            examples.append(judged)
     return examples, bad
+
+
+def _example(spec: DatasetSpec, idx: int, raw) -> Example | _BadRecord:
+    """One record as an Example, or why it is rejected (with its raw text)."""
+    if not isinstance(raw, dict):
+        return _BadRecord("not a record", str(raw))
+    raw_text = json.dumps(raw, default=str)
+    try:
+        row = {"gsm8k": _gsm8k_row, "svamp": _svamp_row}.get(spec.source, lambda r: _mapped_row(spec, r))(raw)
+    except _MissingColumn as err:
+        return _BadRecord(f"missing column {err.args[0]!r} (question_template)", raw_text)
+    question = str(row.get("question") or "").strip()
+    if not question:
+        return _BadRecord("empty question", raw_text)
+    if row.get("answer") is None or str(row.get("answer")).strip() == "":
+        return _BadRecord("missing answer", raw_text)
+    answer_type = "number" if spec.source in ("gsm8k", "svamp") else spec.answer_type
+    try:
+        answer, value = normalise(row["answer"], answer_type)
+    except ValueError as err:
+        return _BadRecord(f"unparseable answer ({err})", raw_text)
+    choices = row.get("choices")
+    if spec.choices_field and not choices:
+        return _BadRecord(f"no choices in '{spec.choices_field}'", raw_text)
+    if choices:
+        if answer not in {label.upper() for label, _ in choices}:
+            return _BadRecord(f"answer {answer!r} is not a choice label", raw_text)
+        question = with_choices(question, choices)
+    return Example(question=question, answer=answer, answer_value=value, answer_type=answer_type,
+                   reference_rationale=(str(row["rationale"]).strip() or None) if row.get("rationale") else None,
+                   choices=[[label, text] for label, text in choices] if choices else None, meta={"row_index": idx})
 
 
 def load_examples(spec: DatasetSpec) -> tuple[list[Example], list[dict]]:
@@ -341,14 +336,9 @@ def ingest_spec(ws: Workspace, config: DistillConfig | None, inputs: IngestInput
     examples, bad = load_examples(spec)
     if exclude:
         exclude_ids = {r["example_id"] for r in catalog.query("examples_of_dataset", dataset_fp=exclude.fp)}
-        kept = []
-        for ex in examples:
-            if ex.example_id in exclude_ids:
-                bad.append({"row_index": ex.meta.get("row_index", -1), "reason": "overlaps training set",
-                            "raw": ex.question[:2000]})
-            else:
-                kept.append(ex)
-        examples = kept
+        bad += [{"row_index": ex.meta.get("row_index", -1), "reason": "overlaps training set", "raw": ex.question[:2000]}
+                for ex in examples if ex.example_id in exclude_ids]
+        examples = [ex for ex in examples if ex.example_id not in exclude_ids]
     reasons = Counter(b["reason"].split(" (")[0] for b in bad)
     rows = [{"dataset_fp": fp, "example_id": ex.example_id, "row_index": i, "question": ex.question,
              "answer": ex.answer, "answer_value": ex.answer_value, "answer_type": ex.answer_type,

@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 import random
 import time
-import uuid
 from contextlib import ExitStack
 from pathlib import Path
 from types import SimpleNamespace
@@ -28,7 +27,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from keystep.config import DistillConfig
-from storage.workspace import Workspace
+from storage.workspace import Workspace, write_atomic
 from tasks.answers import extract_answer, is_correct
 from tasks.formats import IGNORE, Sequence, format_prompt
 from tasks.stage import pyplot, save_figure
@@ -99,10 +98,7 @@ def sample_completions(model, prompts: list[list[int]], pad_id: int, eos_id: int
                              temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
                              pad_token_id=pad_id, eos_token_id=eos_id)
     model.train(was_training)
-    completions = []
-    for row in out[:, width:].tolist():
-        completions.append(row[:row.index(eos_id) + 1] if eos_id in row else row)
-    return completions
+    return [row[:row.index(eos_id) + 1] if eos_id in row else row for row in out[:, width:].tolist()]
 
 
 def step_seed(seed: int, epoch: int, step: int, what: str) -> int:
@@ -226,15 +222,11 @@ class OnPolicy:
 
     def write_samples(self, epoch: int) -> None:
         import pyarrow as pa
-        import pyarrow.parquet as pq
 
         rel = Path("on-policy") / self.train_fp / f"epoch-{epoch}.parquet"
-        path = self.ws.root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".tmp-{uuid.uuid4().hex[:8]}-{path.name}")
         columns = ("step", "rationale_id", "n_prompt", "ids", "text", "correct")
-        pq.write_table(pa.table({c: [s[c] for s in self.samples] for c in columns}), tmp, compression="zstd")
-        tmp.replace(path)     # a killed epoch's file is replaced by its rerun's, which sampled the same
+        # a killed epoch's file is replaced by its rerun's, which sampled the same
+        write_atomic(self.ws.root / rel, pa.table({c: [s[c] for s in self.samples] for c in columns}))
         catalog = self.ws.catalog()
         with catalog.transaction() as con:
             con.execute(sql("on_policy_forget"), {"train_fp": self.train_fp, "epoch": epoch})

@@ -60,7 +60,8 @@ class Dist:
         import torch
         import torch.distributed as dist
 
-        t = torch.tensor(values, dtype=torch.float64, device=self._comm_device())
+        t = torch.tensor(values, dtype=torch.float64,
+                         device=f"cuda:{self.local_rank}" if dist.get_backend() == "nccl" else "cpu")
         dist.all_reduce(t)
         return t.tolist()
 
@@ -74,10 +75,6 @@ class Dist:
             import torch.distributed as dist
             if dist.is_initialized():
                 dist.destroy_process_group()
-
-    def _comm_device(self) -> str:
-        import torch.distributed as dist
-        return f"cuda:{self.local_rank}" if dist.get_backend() == "nccl" else "cpu"
 
 
 def wrap(model, dist: Dist, strategy: str):

@@ -130,13 +130,8 @@ class NotCached(LookupError):
 
 
 class Stage(Generic[Inputs, Output]):
-    """A stage: its `name`, its `inputs` model, its `output` kind, `lineage(config, inputs)`, the `body(ws, config,
-    inputs, lineage, **hooks)` that does its work (returning the output, or `Made`), and an optional
-    `still_valid(config, output)` rule (a folder that must still exist; teacher items to ask again).
-
-    `run` is the one place a stage's cache is read: the catalog's output when present and still valid, else the body
-    runs and its output is published. `from_catalog` is the same with running switched off. Calling the stage (in a
-    flow) runs it as its Prefect task; `in_prefect` adds what that task does around the run (logs, artifacts)."""
+    """A stage, declared once: `Stage(name, Inputs, Output, lineage, body, still_valid=None, **task_options)` (the
+    module docstring: what each part is, and `run`, `from_catalog`, calling it and `in_prefect`)."""
 
     def __init__(self, name: str, inputs: type[Inputs], output: type[Output],
                  lineage: Callable[[DistillConfig, Inputs], Lineage], body: Callable[..., Output | Made],
@@ -144,7 +139,6 @@ class Stage(Generic[Inputs, Output]):
         self.name, self.inputs, self.output, self.lineage, self.body = name, inputs, output, lineage, body
         self.still_valid, self.task_options = still_valid, task_options
         self.around: Callable[..., Output] | None = None
-        self._task = None
 
     def cached(self, ws: Workspace, config: DistillConfig, lineage: Lineage) -> Output | None:
         done = cached_output(ws.catalog(), lineage, self.output)
@@ -175,21 +169,19 @@ class Stage(Generic[Inputs, Output]):
         self.around = around
         return around
 
-    @property
+    @functools.cached_property
     def task(self):
         """The Prefect task (built on first use: importing a stage never imports Prefect)."""
-        if self._task is None:
-            from prefect import task
+        from prefect import task
 
-            def run_stage(config: DistillConfig, inputs: StageInputs, lineage: Lineage, hooks: dict | None = None):
-                def run(**more):
-                    return self.run(workspace_of(config), config, inputs, lineage, **(hooks or {}), **more)
-                return self.around(run, config, inputs, lineage) if self.around else run()
+        def run_stage(config: DistillConfig, inputs: StageInputs, lineage: Lineage, hooks: dict | None = None):
+            def run(**more):
+                return self.run(workspace_of(config), config, inputs, lineage, **(hooks or {}), **more)
+            return self.around(run, config, inputs, lineage) if self.around else run()
 
-            run_stage.__name__ = run_stage.__qualname__ = self.name.replace("-", "_")
-            self._task = task(name=self.name, cache_policy=lineage_key(self.output), persist_result=True,
-                              **self.task_options)(run_stage)
-        return self._task
+        run_stage.__name__ = run_stage.__qualname__ = self.name.replace("-", "_")
+        return task(name=self.name, cache_policy=lineage_key(self.output), persist_result=True,
+                    **self.task_options)(run_stage)
 
     def __call__(self, config: DistillConfig, inputs: Inputs, **hooks) -> Output:
         """The stage as its Prefect task: the lineage computed once, here; the task cached by its fingerprint, its
@@ -247,15 +239,12 @@ class PrefectTask:
     def __init__(self, fn, **options):
         functools.update_wrapper(self, fn)
         self.fn, self.options, self.name = fn, options, options.get("name", fn.__name__)
-        self._task = None
 
-    @property
+    @functools.cached_property
     def task(self):
-        if self._task is None:
-            from prefect import task
+        from prefect import task
 
-            self._task = task(**self.options)(self.fn)
-        return self._task
+        return task(**self.options)(self.fn)
 
     def __call__(self, *args, **kwargs):
         return self.task(*args, **kwargs)

@@ -81,13 +81,11 @@ def build_scratch_model(cfg: StudentConfig, tokenizer):
     torch.manual_seed(cfg.seed)
     # the context holds a prompt as long as a training sequence plus as long a generation (RoPE: no weights depend on
     # it), so clients that size prompt + generation by it (lm-eval) never cut a prompt keystep would not
-    config = LlamaConfig(
+    return LlamaForCausalLM(LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
         num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_heads,
         max_position_embeddings=2 * cfg.max_length, tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
-    return LlamaForCausalLM(config)
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
 
 
 def adapter_config(path: str | Path) -> dict | None:
@@ -235,11 +233,6 @@ def student_lineage(config: DistillConfig, inputs: StudentInputs) -> Lineage:
     return Lineage("student", cfg, (inputs.generation.fp,) if cfg.model == "scratch" else (), CODE_VERSION)
 
 
-def training_corpus(ws: Workspace, config: DistillConfig, generation: Generation) -> list[str]:
-    """Questions + kept rationales: what a scratch student's tokenizer is trained on."""
-    return [f"{r['question']} {r['text']}" for r in kept_rationales(ws.catalog(), config, generation)]
-
-
 def student_folder(ws: Workspace, config: DistillConfig, fp: str) -> str:
     """Where the student before distillation lies: a scratch one in the workspace, a pretrained one where given."""
     return str(ws.model_dir(fp)) if config.student.model == "scratch" else config.student.model
@@ -251,7 +244,8 @@ def init_student(ws: Workspace, config: DistillConfig, inputs: StudentInputs, li
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_folder(cfg.tokenizer))) if cfg.tokenizer else None
-        corpus = [] if tokenizer else training_corpus(ws, config, inputs.generation)
+        corpus = [] if tokenizer else [f"{r['question']} {r['text']}"     # questions + kept rationales
+                                       for r in kept_rationales(ws.catalog(), config, inputs.generation)]
         if not tokenizer and not corpus:
             raise ValueError("student.model 'scratch' needs a corpus to train its tokenizer, but no rationale was "
                              "kept; check teacher.keep_only_correct and the teacher's correctness rate")
@@ -263,11 +257,10 @@ def init_student(ws: Workspace, config: DistillConfig, inputs: StudentInputs, li
         standalone_tokenizer(tokenizer, model.config.max_position_embeddings).save_pretrained(tmp)
         (tmp / "keystep_student.json").write_text(json.dumps(cfg.model_dump(), indent=2))
         publish_dir(tmp, out_dir)
-        model_dir, n_params = str(out_dir), sum(p.numel() for p in model.parameters())
     else:
         model, _ = load_student(cfg.model)
-        model_dir, n_params = student_folder(ws, config, lineage.fp), sum(p.numel() for p in model.parameters())
-    return Student(fp=lineage.fp, model_dir=model_dir, n_params=n_params)
+    return Student(fp=lineage.fp, model_dir=student_folder(ws, config, lineage.fp),
+                   n_params=sum(p.numel() for p in model.parameters()))
 
 
 STUDENT = Stage("student", StudentInputs, Student, student_lineage, init_student,

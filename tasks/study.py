@@ -24,13 +24,13 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import subprocess
 import time
 from pathlib import Path
 
 from keystep.config import ConfigError, ExperimentConfig, arm_config
 from storage.fingerprint import fingerprint
+from storage.workspace import write_atomic
 
 EPOCH_KEYS = ("epoch", "stage", "loss", "tokens", "supervised_tokens", "weighted_tokens", "lr", "tokens_per_s")
 # on_policy's figures, kept where an epoch has them (tasks/on_policy.py)
@@ -86,13 +86,6 @@ def _commit() -> str | None:
         return None
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def write_run(exp: ExperimentConfig, variant: str, seed: int, catalog, summary: dict, wall_s: float,
               config=None) -> dict:
     """The files of a run that just finished (`summary`: the distill flow's; `config`: the arm's resolved config),
@@ -122,8 +115,8 @@ def write_run(exp: ExperimentConfig, variant: str, seed: int, catalog, summary: 
                     key=lambda p: (p["dataset"], p["example_id"])):
         writer.writerow([p["dataset"], p["example_id"], int(bool(p["correct"])), p["extracted"] or ""])
     summary_path, predictions_path = run_paths(exp.study_dir, variant, seed)
-    _write_atomic(predictions_path, out.getvalue())
-    _write_atomic(summary_path, json.dumps(record, indent=1) + "\n")   # last: the summary marks the run finished
+    write_atomic(predictions_path, out.getvalue())
+    write_atomic(summary_path, json.dumps(record, indent=1) + "\n")   # last: the summary marks the run finished
     return record
 
 

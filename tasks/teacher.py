@@ -16,7 +16,6 @@ Bad teacher output is data: failed rows keep the raw text and a reason.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -28,7 +27,7 @@ from pydantic import BaseModel
 
 from keystep.config import DistillConfig, TeacherConfig
 from storage.fingerprint import Lineage, content_hash, fingerprint
-from storage.workspace import Workspace
+from storage.workspace import Workspace, write_atomic
 from tasks.answers import extract_answer, is_correct
 from tasks.formats import format_prompt
 from tasks.ingest import Dataset
@@ -109,12 +108,6 @@ def spool_dir(catalog, cfg: TeacherConfig) -> Path:
     return catalog.path.parent / "spool" / teacher_fingerprint(cfg)
 
 
-def _write_parquet(rows: list[dict], path: Path) -> None:
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    pq.write_table(pa.Table.from_pylist(rows), tmp)
-    os.replace(tmp, path)  # a part file is either whole or absent
-
-
 def ingest_spool(catalog, spool: Path) -> int:
     """Move finished result parts into the catalog (skipping ids already there), then delete them."""
     parts = sorted(spool.glob("results-*.parquet")) if spool.exists() else []
@@ -158,7 +151,7 @@ def plan_generation(catalog, cfg: TeacherConfig, dataset_fp: str, shards: int | 
     paths = []
     for k in range(n):
         path = spool / f"requests-{k:04d}.parquet"
-        _write_parquet(todo[k::n], path)
+        write_atomic(path, pa.Table.from_pylist(todo[k::n]))
         paths.append(str(path))
     return GenerationPlan(teacher_fp=t_fp, n_todo=len(todo), shards=paths, recovered=recovered)
 
@@ -200,7 +193,7 @@ def run_shard(cfg: TeacherConfig, requests_path: str, endpoint: str | None, back
     def flush() -> None:
         nonlocal part, buffer
         if buffer:
-            _write_parquet(buffer, spool / f"{stem}-{part:05d}.parquet")
+            write_atomic(spool / f"{stem}-{part:05d}.parquet", pa.Table.from_pylist(buffer))   # whole or absent
             part, buffer = part + 1, []
 
     try:
@@ -261,14 +254,13 @@ def finish_generation(ws: Workspace, config: DistillConfig, inputs: GenerateInpu
     if prompt_price is not None or completion_price is not None:
         cost = ((s["prompt_tokens"] or 0) * (prompt_price or 0)
                 + (s["completion_tokens"] or 0) * (completion_price or 0)) / 1000
-    out = Generation(fp=lineage.fp, teacher_fp=t_fp, dataset_fp=dataset.fp, n=n, n_ok=s["n_ok"] or 0,
-                     n_failed=n - (s["n_ok"] or 0), n_correct=s["n_correct"] or 0,
-                     correct_rate=s["n_correct"] / n if n else 0.0, failure_reasons=per_reason,
-                     prompt_tokens=s["prompt_tokens"] or 0, completion_tokens=s["completion_tokens"] or 0,
-                     mean_latency_s=s["mean_latency_s"] or 0.0, wall_s=wall_s or None,
-                     completion_tokens_per_s=(s["completion_tokens"] or 0) / wall_s if wall_s else None,
-                     cost_estimate=cost, **captured_summary(catalog, catalog.path.parent, t_fp))
-    return out
+    return Generation(fp=lineage.fp, teacher_fp=t_fp, dataset_fp=dataset.fp, n=n, n_ok=s["n_ok"] or 0,
+                      n_failed=n - (s["n_ok"] or 0), n_correct=s["n_correct"] or 0,
+                      correct_rate=s["n_correct"] / n if n else 0.0, failure_reasons=per_reason,
+                      prompt_tokens=s["prompt_tokens"] or 0, completion_tokens=s["completion_tokens"] or 0,
+                      mean_latency_s=s["mean_latency_s"] or 0.0, wall_s=wall_s or None,
+                      completion_tokens_per_s=(s["completion_tokens"] or 0) / wall_s if wall_s else None,
+                      cost_estimate=cost, **captured_summary(catalog, catalog.path.parent, t_fp))
 
 
 GENERATE = Stage("generate", GenerateInputs, Generation, generation_lineage, finish_generation,

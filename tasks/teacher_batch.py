@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from keystep.config import TeacherConfig
+from storage.workspace import write_atomic
 from tasks.teacher_backends import (PROTOCOL_FAULTS, GenerationRequest, GenerationResult, TeacherUnavailable,
                                     _parse_response, request_params)
 
@@ -188,7 +189,7 @@ class BatchTeacher:
                 for kind, file_id in (("output", remote.output_file_id), ("error", remote.error_file_id)):
                     if file_id:
                         path = self.spool / f"{batch.key}-{kind}.jsonl"
-                        _write_atomic(path, self._call("download", c.files.content, file_id).text)
+                        write_atomic(path, self._call("download", c.files.content, file_id).text)
                         paths[f"{kind}_path"] = str(path)
                 self.ledger.update(batch, status="finished", **paths)
 
@@ -217,7 +218,7 @@ class BatchTeacher:
     def _new_batch(self, lines: list[tuple[str, str]]) -> Batch:
         key = f"kb-{uuid.uuid4().hex[:16]}"
         path = self.spool / f"{key}-requests.jsonl"
-        _write_atomic(path, "".join(line + "\n" for _, line in lines))
+        write_atomic(path, "".join(line + "\n" for _, line in lines))
         batch = Batch(key=key, custom_ids=[cid for cid, _ in lines], request_path=str(path))
         self.ledger.record(batch)   # in the catalog before anything is sent
         return batch
@@ -267,7 +268,3 @@ class BatchTeacher:
             yield todo.pop(cid), faults[cid]
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from storage.catalog import sql
+from storage.workspace import write_atomic
 from tasks.teacher_backends import TokenLogprobs
 
 # the columns a spool part carries for a result with captured log-probabilities (None otherwise)
@@ -43,7 +44,6 @@ def store_captured(con, catalog, root: Path, teacher_fp: str, rows: list[dict]) 
     """Inside the ingest's transaction: the captured columns of `rows` (popped from them) into one Parquet part and
     the catalog's index. Returns how many rationales had them."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     captured = []
     for r in rows:
@@ -53,19 +53,15 @@ def store_captured(con, catalog, root: Path, teacher_fp: str, rows: list[dict]) 
     if not captured:
         return 0
     rel = Path("teacher-logprobs") / teacher_fp / f"part-{uuid.uuid4().hex[:12]}.parquet"
-    path = root / rel
-    path.parent.mkdir(parents=True, exist_ok=True)
     n_tokens = [len(v["lp_top_logprobs"]) // (2 * v["lp_k"]) if v["lp_ids"] is not None else len(v["lp_tokens"])
                 for _, v in captured]
-    table = pa.table({"rationale_id": [rid for rid, _ in captured], "n_tokens": n_tokens,
+    # an orphan part (a crash before the commit) is never indexed, so never read
+    write_atomic(root / rel, pa.table({"rationale_id": [rid for rid, _ in captured], "n_tokens": n_tokens,
                       "k": [v["lp_k"] for _, v in captured],
                       **{c.removeprefix("lp_"): pa.array([v[c] for _, v in captured], type=kind) for c, kind in (
                           ("lp_ids", pa.binary()), ("lp_top_ids", pa.binary()), ("lp_top_logprobs", pa.binary()),
                           ("lp_tokens", pa.list_(pa.string())), ("lp_top_tokens", pa.list_(pa.list_(pa.string()))),
-                          ("lp_top_values", pa.list_(pa.list_(pa.float32()))))}})
-    tmp = path.with_name(f".tmp-{path.name}")
-    pq.write_table(table, tmp, compression="zstd")
-    tmp.replace(path)   # an orphan part (a crash before the commit) is never indexed, so never read
+                          ("lp_top_values", pa.list_(pa.list_(pa.float32()))))}}))
     ids = [rid for rid, _ in captured]
     con.execute(sql("captured_forget"), {"ids": ids})
     catalog.insert(con, "generation_logprobs", {"rationale_id": ids, "teacher_fp": [teacher_fp] * len(ids),

@@ -33,7 +33,7 @@ import numpy as np
 
 from keystep.config import DistillConfig, TeacherScoresConfig
 from storage.fingerprint import Lineage, content_hash, file_hash, fingerprint
-from storage.workspace import Workspace
+from storage.workspace import Workspace, write_atomic
 from tasks.formats import IGNORE, NO_CUT, encode_rationale, format_prompt
 from tasks.stage import Stage, StageInputs, StageOutput, kept_rationales
 from tasks.student import Student, pick_device
@@ -179,20 +179,14 @@ def write_part(ws: Workspace, scorer_fp: str, hashes: list[str], scores: list[tu
     """One Parquet part (temp name, then rename) and its index rows, so a part is scored, stored and indexed, or
     not at all. `first_rows`: where each sequence's stored rows start (captured ones start at the prompt's end)."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     id_type = np.uint16 if vocab_size <= 1 << 16 else np.int32
     rel = Path("teacher-scores") / scorer_fp / f"part-{uuid.uuid4().hex[:12]}.parquet"
-    path = ws.root / rel
-    path.parent.mkdir(parents=True, exist_ok=True)
-    table = pa.table({"sequence_hash": hashes, "n_positions": [len(i) for i, _ in scores],
+    write_atomic(ws.root / rel, pa.table({"sequence_hash": hashes, "n_positions": [len(i) for i, _ in scores],
                       "first_row": first_rows or [0] * len(hashes),
                       "id_bytes": [np.dtype(id_type).itemsize] * len(hashes),
                       "ids": [i.astype(id_type).tobytes() for i, _ in scores],
-                      "logprobs": [lp.astype(np.float16).tobytes() for _, lp in scores]})
-    tmp = path.with_name(f".tmp-{path.name}")
-    pq.write_table(table, tmp, compression="zstd")
-    os.replace(tmp, path)
+                      "logprobs": [lp.astype(np.float16).tobytes() for _, lp in scores]}))
     catalog = ws.catalog()
     with catalog.transaction() as con:
         catalog.insert(con, "teacher_scores", {"scorer_fp": [scorer_fp] * len(hashes), "sequence_hash": hashes,

@@ -22,9 +22,6 @@ Answer predictor (the paper: a pretrained FlanT5). Default `student`: the studen
 (tasks/warmup.py), kept fixed while the masks learn, so the masks must keep what a model that already reads these
 rationales uses (a predictor trained from scratch alongside the masks never learns to read the rationale before
 the penalty wins, and every mask collapses: docs/measurements.md).
-
-Input: the `Generation`, its `Steps`, and the `Student` whose embeddings the module reads (the warmed-up student
-for `predictor: student`, else the untrained one). Output: `TokenWeights`.
 """
 from __future__ import annotations
 
@@ -86,15 +83,6 @@ def gumbel_sigmoid(logits: "torch.Tensor", tau: float, hard: bool = True) -> "to
     return (soft > 0.5).to(soft.dtype) - soft.detach() + soft
 
 
-def build_modules(cfg: TokenWeightsConfig, embedding, tokenizer, predictor_dir: str | None = None,
-                  answer_template: str = "Therefore, the answer is {answer}."):
-    """(weighter, predictor) as torch modules (tasks/token_weighting.py); `embedding` is the student's input embedding
-    (kept frozen), `predictor_dir` the warmed-up student for `predictor: student`."""
-    from tasks.token_weighting import AnswerPredictor, TokenWeighter
-
-    return TokenWeighter(cfg, embedding), AnswerPredictor(cfg, embedding, tokenizer, predictor_dir, answer_template)
-
-
 def _batch_ids(items: list[EncodedRationale], pad_id: int, device=None):
     """(ids, real-token mask, rationale-token mask), right-padded."""
     import torch
@@ -148,17 +136,22 @@ def mask_losses(weighter, predictor, items: list[EncodedRationale], cfg: TokenWe
     else:
         m = gumbel_sigmoid(logits, cfg.gumbel_tau, hard=cfg.estimator == "straight_through")
     masked = m.unsqueeze(-1) * x + (1 - m.unsqueeze(-1)) * weighter.e_mask  # masked embeddings, not masked ids
-    prefixes, answers, lm_terms = [], [], []
-    for i, (it, its_terms) in enumerate(zip(items, terms)):
-        lm_terms.append(m[i, it.rationale_start:it.rationale_end])
-        for cut, target in its_terms:
-            # question unmasked, rationale masked up to the cut point k
-            prefixes.append(torch.cat([x[i, : it.rationale_start], masked[i, it.rationale_start:cut]]))
-            answers.append(target)
-    scale = torch.tensor([x for it, t in zip(items, terms) for x in _term_scales(it, t, cfg)], device=x.device)
+    prefixes, answers, scale = _lp_inputs(x, masked, items, terms, cfg)
     lp = (predictor.answer_nll(prefixes, answers) * scale).sum() / len(items)   # Σ over prefixes k, mean over examples
-    lm = _mask_size(lm_terms, cfg)
+    lm = _mask_size([m[i, it.rationale_start:it.rationale_end] for i, it in enumerate(items)], cfg)
     return (lp, lp, lm) if unmasked else (lp + cfg.alpha * lm, lp, lm)
+
+
+def _lp_inputs(x: "torch.Tensor", masked: "torch.Tensor", items: list[EncodedRationale], terms: list,
+               cfg: TokenWeightsConfig) -> tuple[list, list, "torch.Tensor"]:
+    """Lp's terms for every (example, term): the question unmasked and the rationale masked up to the cut point k,
+    the term's target, and its weight (`_term_scales`)."""
+    import torch
+
+    return ([torch.cat([x[i, :it.rationale_start], masked[i, it.rationale_start:cut]])
+             for i, (it, its_terms) in enumerate(zip(items, terms)) for cut, _ in its_terms],
+            [target for its_terms in terms for _, target in its_terms],
+            torch.tensor([s for it, t in zip(items, terms) for s in _term_scales(it, t, cfg)], device=x.device))
 
 
 def _term_scales(item: EncodedRationale, terms: list, cfg: TokenWeightsConfig) -> list[float]:
@@ -186,16 +179,10 @@ def _score_function_losses(weighter, predictor, items, terms, x, logits, cfg: To
     k = cfg.mask_samples
     w = torch.sigmoid(logits)
     masks = torch.bernoulli(w.detach().unsqueeze(0).expand(k, *w.shape))          # (K, batch, length)
-    with torch.no_grad():
-        prefixes, answers, owner = [], [], []
-        for s in range(k):
-            masked = masks[s].unsqueeze(-1) * x + (1 - masks[s].unsqueeze(-1)) * weighter.e_mask
-            for i, (it, its_terms) in enumerate(zip(items, terms)):
-                for cut, target in its_terms:
-                    prefixes.append(torch.cat([x[i, : it.rationale_start], masked[i, it.rationale_start:cut]]))
-                    answers.append(target)
-                    owner.append(s * len(items) + i)
-        scale = torch.tensor([x for it, t in zip(items, terms) for x in _term_scales(it, t, cfg)] * k, device=x.device)
+    with torch.no_grad():   # the K samples as K copies of the batch, sample-major
+        masked = masks.unsqueeze(-1) * x + (1 - masks.unsqueeze(-1)) * weighter.e_mask
+        prefixes, answers, scale = _lp_inputs(x.repeat(k, 1, 1), masked.flatten(0, 1), items * k, terms * k, cfg)
+        owner = [j for j, its_terms in enumerate(terms * k) for _ in its_terms]
         nll = predictor.answer_nll(prefixes, answers) * scale
         lp = torch.zeros(k * len(items), device=nll.device).index_add_(0, torch.tensor(owner, device=nll.device), nll)
         lp = lp.view(k, len(items))                                              # Σ over an example's prefixes
@@ -218,9 +205,11 @@ def train_masks(cfg: TokenWeightsConfig, embedding, tokenizer, items: list[Encod
                 answer_template: str = "Therefore, the answer is {answer}.", device: str = "cpu"):
     import torch
 
+    from tasks.token_weighting import AnswerPredictor, TokenWeighter
+
     torch.manual_seed(cfg.seed)
-    weighter, predictor = build_modules(cfg, embedding, tokenizer, predictor_dir, answer_template)
-    weighter, predictor = weighter.to(device), predictor.to(device)
+    weighter = TokenWeighter(cfg, embedding).to(device)
+    predictor = AnswerPredictor(cfg, embedding, tokenizer, predictor_dir, answer_template).to(device)
     weighter_params = [p for p in weighter.parameters() if p.requires_grad]
     params = weighter_params + list(predictor.parameters())
     opt = torch.optim.AdamW([{"params": weighter_params, "lr": cfg.weighter_lr},
@@ -237,8 +226,7 @@ def train_masks(cfg: TokenWeightsConfig, embedding, tokenizer, items: list[Encod
             predictor.requires_grad_(False)  # gradients still flow through it to the masked embeddings
         order = list(range(len(items)))
         rng.shuffle(order)
-        sums = {"loss": 0.0, "lp": 0.0, "lm": 0.0}
-        n = 0
+        sums, n = {"loss": 0.0, "lp": 0.0, "lm": 0.0}, 0
         for b in range(0, len(order), cfg.batch_size):
             loss, lp, lm = mask_losses(weighter, predictor, [items[j] for j in order[b:b + cfg.batch_size]], cfg,
                                        tokenizer.pad_token_id, rng, unmasked=unmasked, random_masks=random_masks)
@@ -326,9 +314,10 @@ def load_weighter(ws: Workspace, config: DistillConfig, token_weights: TokenWeig
     """The trained weighting module of `token_weights` (for `infer_weights` on rationales it did not see)."""
     import torch
 
-    model, tokenizer = load_student(predictor.model_dir)
-    weighter, _ = build_modules(config.token_weights, model.get_input_embeddings(), tokenizer, predictor.model_dir,
-                                config.teacher.answer_template)
+    from tasks.token_weighting import TokenWeighter
+
+    model, _ = load_student(predictor.model_dir)
+    weighter = TokenWeighter(config.token_weights, model.get_input_embeddings())
     weighter.load_state_dict(torch.load(weighter_path(ws, token_weights.fp), weights_only=True))
     return weighter
 

@@ -23,9 +23,6 @@ from tasks.training import TRUNCATION_WARN, TrainInputs, Trained, run_training
 
 CODE_VERSION = "2"   # 2: packed batches, loss normalised per optimizer step
 
-__all__ = ["TRAIN", "TRUNCATION_WARN", "TrainInputs", "Trained", "train_lineage", "train_student"]
-
-
 # ---- the stage ------------------------------------------------------------------------------------------
 def train_lineage(config: DistillConfig, inputs: TrainInputs) -> Lineage:
     """Upstream: what training reads — the rationales and the student, for KPOD also steps, token weights and the
@@ -104,7 +101,6 @@ def _train_in_prefect(run, config: DistillConfig, inputs: TrainInputs, lineage: 
                        "to the loss; raise student.max_length", out.n_truncated, out.n_examples,
                        100 * out.n_truncated / out.n_examples, config.student.max_length)
     return out
-
 
 
 def on_policy_artifacts(config: DistillConfig, out: Trained) -> None:

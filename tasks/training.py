@@ -244,9 +244,6 @@ class LoopState:
     def cfg(self) -> TrainConfig:
         return self.config.train
 
-    def epoch_data(self, epoch: int) -> list[Sequence]:
-        return self.staged.sequences(epoch) if self.staged else self.data
-
 
 def _setup_model(config: DistillConfig, student: Student, device: str, resume_dir: Path | None):
     """(model, tokenizer): the student or the epoch to resume, in train.precision, with student.lora's adapters."""
@@ -358,7 +355,8 @@ def run_epoch(run: LoopState, epoch: int) -> dict:
     autocast = run.precision == "bf16-mixed"
     model.train()
     t0 = time.perf_counter()
-    data = run.data = run.epoch_data(epoch)   # KPOD: curriculum stage min(epoch, T): same examples, other prefixes
+    # KPOD: curriculum stage min(epoch, T): the same examples, other prefixes
+    data = run.data = run.staged.sequences(epoch) if run.staged else run.data
     torch.manual_seed(cfg.seed * 1000 + epoch)
     totals = torch.zeros(4, dtype=torch.float64)   # tokens, supervised tokens, weighted tokens, Σ step losses
     groups = optimizer_steps(data, cfg, epoch)
@@ -435,13 +433,6 @@ def save_checkpoint(run: LoopState, epoch: int, metrics: dict) -> Path:
     return final
 
 
-def merged_dir(run: LoopState) -> Path:
-    """What evaluation loads: the last epoch, or with LoRA + merge its adapter merged into the student."""
-    last = run.ckpt_root / f"epoch-{run.epochs}"
-    lora = run.config.student.lora
-    return last / "merged" if lora and lora.merge else last
-
-
 def cleanup(run: LoopState) -> Trained:
     """Free the model and optimizer (and the GPU cache), merge LoRA adapters when asked (rank 0); the output names
     the checkpoint evaluation loads."""
@@ -450,7 +441,10 @@ def cleanup(run: LoopState) -> Trained:
     run.model = run.optimizer = None
     if run.device.startswith("cuda"):
         torch.cuda.empty_cache()
-    final = merged_dir(run)
+    # what evaluation loads: the last epoch, or with LoRA + merge its adapter merged into the student
+    lora, final = run.config.student.lora, run.ckpt_root / f"epoch-{run.epochs}"
+    if lora and lora.merge:
+        final = final / "merged"
     if run.dist.main and final.name == "merged" and not final.exists():
         merge_adapter(final.parent, final)
     run.dist.barrier()

@@ -36,10 +36,11 @@ def test_vllm_server_tokens_come_as_ids_with_their_top_k_likeliest_first(catalog
     # ... and the exported rationales carry them as columns
     from keystep.config import DistillConfig, StorageConfig
     from storage.workspace import Workspace
-    from tasks.export import rationale_rows
+    from tasks.export import ExportInputs, rationale_rows
 
     ws = Workspace(catalog.path.parent)
-    exported = rationale_rows(ws, DistillConfig(teacher=cfg, storage=StorageConfig(workspace=str(ws.root))), s)
+    exported = rationale_rows(ws, DistillConfig(teacher=cfg, storage=StorageConfig(workspace=str(ws.root))),
+                              ExportInputs(generation=s))
     assert len(exported) == 12
     for row in exported:
         lp = captured[row["rationale_id"]]

@@ -5,9 +5,15 @@ import torch
 
 from storage.workspace import Workspace
 from tasks.steps import STEPS, StepsInputs
-from tasks.token_weights import (TOKEN_WEIGHTS, TokenWeightsInputs, _batch_ids, build_modules, gumbel_sigmoid,
+from tasks.token_weights import (TOKEN_WEIGHTS, TokenWeightsInputs, _batch_ids, gumbel_sigmoid,
                                  infer_weights, keypoints, load_encoded, load_weights, mask_losses)
+from tasks.token_weighting import AnswerPredictor, TokenWeighter
 from tests.tasks.helpers import MICRO_MASKS, predictor_of, prepared
+
+
+def build_modules(cfg, embedding, tokenizer, predictor_dir):
+    """The weighter and the answer predictor, as tasks.token_weights.train_masks builds them."""
+    return TokenWeighter(cfg, embedding), AnswerPredictor(cfg, embedding, tokenizer, predictor_dir)
 
 
 def encoded_pipeline(tmp_path, n=16):
@@ -84,7 +90,7 @@ def test_stage_stores_one_weight_per_rationale_token_and_uniform_switch(tmp_path
 
 def test_inference_is_deterministic(tmp_path):
     ws, cfg, cat, gen, st, stp, model, tok, items = encoded_pipeline(tmp_path)
-    weighter, _ = build_modules(cfg.token_weights, model.get_input_embeddings(), tok, predictor_dir=st.model_dir)
+    weighter = TokenWeighter(cfg.token_weights, model.get_input_embeddings())
     a = infer_weights(weighter, items, tok.pad_token_id)
     b = infer_weights(weighter, items, tok.pad_token_id, batch_size=3)  # other padding, same weights
     assert all(x == pytest.approx(y, abs=1e-5) for ra, rb in zip(a, b) for x, y in zip(ra, rb))
@@ -170,8 +176,7 @@ def test_penalty_scale_and_the_weighting_modules_input(tmp_path):
     other.rationale_start, other.rationale_end = 4, 4 + n_tokens
     a, b = infer_weights(weighter, [items[0], other], tok.pad_token_id)
     assert a == pytest.approx(b, abs=1e-5)
-    whole, _ = build_modules(tw.model_copy(update={"weighter_input": "sequence"}), model.get_input_embeddings(), tok,
-                             predictor_dir=st.model_dir)
+    whole = TokenWeighter(tw.model_copy(update={"weighter_input": "sequence"}), model.get_input_embeddings())
     whole.load_state_dict(weighter.state_dict())
     a, b = infer_weights(whole, [items[0], other], tok.pad_token_id)
     assert a != pytest.approx(b, abs=1e-5)                                     # the whole sequence: it does
