@@ -223,3 +223,36 @@ def test_the_keypoints_report_says_when_the_weights_are_nearly_uniform():
     assert "nearly uniform** (0.88–0.92" in flat and "**" in flat
     spread = shaded_markdown(Tok(), [item], [[0.1, 0.9, 0.2, 0.95, 0.3, 0.1, 0.8, 0.2]], top_k=2)
     assert "nearly uniform" not in spread
+
+
+def test_score_function_scores_each_sample_of_each_example_under_its_own_mask(tmp_path):
+    """The K mask samples go through the predictor as K copies of the batch in one call: each (sample, example) Lp,
+    and so each sample's advantage, is what that example's terms give under that sample's mask — the loss equals a
+    loop scoring one prefix at a time over the same draws."""
+    from tasks.token_weights import _term_scales, lp_terms
+
+    ws, cfg, cat, gen, st, stp, model, tok, items = encoded_pipeline(tmp_path)
+    k, batch = 3, items[:4]
+    tw = cfg.token_weights.model_copy(update={"estimator": "score_function", "mask_samples": k})
+    weighter, predictor = build_modules(tw, model.get_input_embeddings(), tok, predictor_dir=st.model_dir)
+    torch.manual_seed(7)
+    loss, lp, lm = mask_losses(weighter, predictor, batch, tw, tok.pad_token_id, random.Random(0))
+    torch.manual_seed(7)
+    with torch.no_grad():
+        x, logits = weighter(*_batch_ids(batch, tok.pad_token_id))
+        rng = random.Random(0)
+        terms = [lp_terms(it, tw, rng) for it in batch]
+        masks = torch.bernoulli(torch.sigmoid(logits).unsqueeze(0).expand(k, *logits.shape))
+        per = torch.zeros(k, len(batch))
+        for s in range(k):
+            masked = masks[s].unsqueeze(-1) * x + (1 - masks[s].unsqueeze(-1)) * weighter.e_mask
+            for i, it in enumerate(batch):
+                for (cut, target), scale in zip(terms[i], _term_scales(it, terms[i], tw)):
+                    prefix = torch.cat([x[i, :it.rationale_start], masked[i, it.rationale_start:cut]])
+                    per[s, i] += scale * predictor.answer_nll([prefix], [target])[0]
+        advantage = per - (per.sum(0, keepdim=True) - per) / (k - 1)
+        log_p = -torch.nn.functional.binary_cross_entropy_with_logits(logits.expand_as(masks), masks, reduction="none")
+        surrogate = sum((advantage[:, i] * log_p[:, i, it.rationale_start:it.rationale_end].sum(-1)).mean()
+                        for i, it in enumerate(batch)) / len(batch)
+    assert float(lp) == pytest.approx(float(per.mean()), rel=1e-3)
+    assert float(loss - tw.alpha * lm) == pytest.approx(float(surrogate), rel=1e-3, abs=1e-4)
